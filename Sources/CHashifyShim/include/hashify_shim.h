@@ -1,0 +1,89 @@
+// hashify_shim.h — the Linux calls Swift's Glibc overlay does not expose.
+// Each wrapper returns what the kernel returns (-1 and errno on failure).
+#ifndef HASHIFY_SHIM_H
+#define HASHIFY_SHIM_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+/// The fields of `struct statx` that hashify uses, flattened for Swift.
+typedef struct {
+    uint64_t dev;        // makedev(stx_dev_major, stx_dev_minor)
+    uint64_t ino;
+    uint64_t size;
+    uint64_t blocks;     // 512-byte units, as du counts them
+    uint64_t mnt_id;     // 0 when the kernel does not report it
+    uint64_t attributes; // STATX_ATTR_* bits
+    int64_t mtime_sec;
+    uint32_t mtime_nsec;
+    int64_t ctime_sec;
+    uint32_t ctime_nsec;
+    uint32_t mode;
+    uint32_t uid;
+    uint32_t gid;
+    uint32_t nlink;
+} hashify_stat;
+
+extern const uint64_t HASHIFY_ATTR_IMMUTABLE;
+extern const uint64_t HASHIFY_ATTR_APPEND;
+extern const int HASHIFY_RENAME_NOREPLACE;
+extern const int HASHIFY_RENAME_EXCHANGE;
+extern const int HASHIFY_AT_EMPTY_PATH;
+extern const int HASHIFY_AT_SYMLINK_NOFOLLOW;
+extern const int HASHIFY_O_PATH;
+extern const int HASHIFY_O_NOATIME;
+extern const int HASHIFY_O_DIRECTORY;
+extern const int HASHIFY_O_NOFOLLOW;
+extern const int HASHIFY_O_CLOEXEC;
+extern const int HASHIFY_O_NONBLOCK;
+extern const int HASHIFY_F_RDLCK;
+extern const int HASHIFY_F_UNLCK;
+extern const long HASHIFY_UTIME_OMIT;
+
+/// statx(dirfd, name, AT_SYMLINK_NOFOLLOW | flags, basic stats + mnt_id).
+int hashify_statx(int dirfd, const char *name, int flags, hashify_stat *out);
+/// fstat of an open descriptor through statx(fd, "", AT_EMPTY_PATH).
+int hashify_fstatx(int fd, hashify_stat *out);
+/// openat(2) with a mode (variadic in C, so not importable as is).
+int hashify_openat(int dirfd, const char *name, int flags, unsigned mode);
+/// renameat2(2).
+int hashify_renameat2(int olddirfd, const char *oldname, int newdirfd, const char *newname, unsigned flags);
+/// fcntl(fd, F_SETLEASE, type) and fcntl(fd, F_GETLEASE).
+int hashify_setlease(int fd, int type);
+int hashify_getlease(int fd);
+/// getdents64(2): fills buf with struct linux_dirent64 records.
+long hashify_getdents64(int fd, void *buf, size_t len);
+/// Walks one linux_dirent64 record at offset; returns next offset, fills name/type/ino.
+size_t hashify_dirent_next(const void *buf, size_t off, const char **name, unsigned char *type, uint64_t *ino);
+/// futimens(fd, {atime omitted, mtime}).
+int hashify_set_mtime(int fd, int64_t sec, uint32_t nsec);
+/// utimensat(dirfd, name, {atime omitted, mtime}, AT_SYMLINK_NOFOLLOW).
+int hashify_set_mtime_at(int dirfd, const char *name, int64_t sec, uint32_t nsec);
+/// Coarse realtime clock: the clock the kernel stamps ctime with.
+void hashify_coarse_now(int64_t *sec, uint32_t *nsec);
+/// flistxattr / fgetxattr / fsetxattr.
+ssize_t hashify_flistxattr(int fd, char *list, size_t size);
+ssize_t hashify_fgetxattr(int fd, const char *name, void *value, size_t size);
+int hashify_fsetxattr(int fd, const char *name, const void *value, size_t size);
+/// lsetxattr / llistxattr / lgetxattr on a path (used on /proc/self/fd/N/name for symlinks).
+ssize_t hashify_llistxattr(const char *path, char *list, size_t size);
+ssize_t hashify_lgetxattr(const char *path, const char *name, void *value, size_t size);
+int hashify_lsetxattr(const char *path, const char *name, const void *value, size_t size);
+/// posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL) / DONTNEED.
+int hashify_fadvise_sequential(int fd);
+/// copy_file_range loop for a whole file; returns 0 or -1.
+int hashify_copy_all(int infd, int outfd, uint64_t size);
+/// Ignores SIGIO (lease breaks) and SIGPIPE.
+void hashify_ignore_lease_signals(void);
+/// Raises RLIMIT_NOFILE's soft limit to its hard limit; returns the new soft limit.
+uint64_t hashify_raise_fd_limit(void);
+/// flock(fd, LOCK_EX | (nonblocking ? LOCK_NB : 0)).
+int hashify_flock_exclusive(int fd, int nonblocking);
+/// mknodat(2) (tests make FIFOs and devices).
+int hashify_mknodat(int dirfd, const char *name, unsigned mode, uint64_t dev);
+
+/// getrandom(2) filling the whole buffer.
+int hashify_random(void *buf, size_t len);
+
+#endif

@@ -1,0 +1,184 @@
+#define _GNU_SOURCE
+#include "hashify_shim.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/file.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/xattr.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/stat.h>
+
+const uint64_t HASHIFY_ATTR_IMMUTABLE = STATX_ATTR_IMMUTABLE;
+const uint64_t HASHIFY_ATTR_APPEND = STATX_ATTR_APPEND;
+const int HASHIFY_RENAME_NOREPLACE = RENAME_NOREPLACE;
+const int HASHIFY_RENAME_EXCHANGE = RENAME_EXCHANGE;
+const int HASHIFY_AT_EMPTY_PATH = AT_EMPTY_PATH;
+const int HASHIFY_AT_SYMLINK_NOFOLLOW = AT_SYMLINK_NOFOLLOW;
+const int HASHIFY_O_PATH = O_PATH;
+const int HASHIFY_O_NOATIME = O_NOATIME;
+const int HASHIFY_O_DIRECTORY = O_DIRECTORY;
+const int HASHIFY_O_NOFOLLOW = O_NOFOLLOW;
+const int HASHIFY_O_CLOEXEC = O_CLOEXEC;
+const int HASHIFY_O_NONBLOCK = O_NONBLOCK;
+const int HASHIFY_F_RDLCK = F_RDLCK;
+const int HASHIFY_F_UNLCK = F_UNLCK;
+const long HASHIFY_UTIME_OMIT = UTIME_OMIT;
+
+#ifndef STATX_MNT_ID
+#define STATX_MNT_ID 0x00001000U
+#endif
+
+static void fill(const struct statx *s, hashify_stat *out) {
+    out->dev = makedev(s->stx_dev_major, s->stx_dev_minor);
+    out->ino = s->stx_ino;
+    out->size = s->stx_size;
+    out->blocks = s->stx_blocks;
+    out->mnt_id = (s->stx_mask & STATX_MNT_ID) ? s->stx_mnt_id : 0;
+    out->attributes = s->stx_attributes & s->stx_attributes_mask;
+    out->mtime_sec = s->stx_mtime.tv_sec;
+    out->mtime_nsec = s->stx_mtime.tv_nsec;
+    out->ctime_sec = s->stx_ctime.tv_sec;
+    out->ctime_nsec = s->stx_ctime.tv_nsec;
+    out->mode = s->stx_mode;
+    out->uid = s->stx_uid;
+    out->gid = s->stx_gid;
+    out->nlink = s->stx_nlink;
+}
+
+int hashify_statx(int dirfd, const char *name, int flags, hashify_stat *out) {
+    struct statx s;
+    int r;
+    do {
+        r = statx(dirfd, name, AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT | flags,
+                  STATX_BASIC_STATS | STATX_MNT_ID, &s);
+    } while (r < 0 && errno == EINTR);
+    if (r == 0) fill(&s, out);
+    return r;
+}
+
+int hashify_fstatx(int fd, hashify_stat *out) {
+    return hashify_statx(fd, "", AT_EMPTY_PATH, out);
+}
+
+int hashify_openat(int dirfd, const char *name, int flags, unsigned mode) {
+    int r;
+    do { r = openat(dirfd, name, flags, (mode_t)mode); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+int hashify_renameat2(int olddirfd, const char *oldname, int newdirfd, const char *newname, unsigned flags) {
+    return renameat2(olddirfd, oldname, newdirfd, newname, flags);
+}
+
+int hashify_setlease(int fd, int type) {
+    int r;
+    do { r = fcntl(fd, F_SETLEASE, type); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+int hashify_getlease(int fd) { return fcntl(fd, F_GETLEASE); }
+
+struct hashify_dirent64 {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+long hashify_getdents64(int fd, void *buf, size_t len) {
+    long r;
+    do { r = syscall(SYS_getdents64, fd, buf, len); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+size_t hashify_dirent_next(const void *buf, size_t off, const char **name, unsigned char *type, uint64_t *ino) {
+    const struct hashify_dirent64 *d = (const struct hashify_dirent64 *)((const char *)buf + off);
+    *name = d->d_name;
+    *type = d->d_type;
+    *ino = d->d_ino;
+    return off + d->d_reclen;
+}
+
+int hashify_set_mtime(int fd, int64_t sec, uint32_t nsec) {
+    struct timespec ts[2] = {{0, UTIME_OMIT}, {(time_t)sec, (long)nsec}};
+    return futimens(fd, ts);
+}
+
+int hashify_set_mtime_at(int dirfd, const char *name, int64_t sec, uint32_t nsec) {
+    struct timespec ts[2] = {{0, UTIME_OMIT}, {(time_t)sec, (long)nsec}};
+    return utimensat(dirfd, name, ts, AT_SYMLINK_NOFOLLOW);
+}
+
+void hashify_coarse_now(int64_t *sec, uint32_t *nsec) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+    *sec = ts.tv_sec;
+    *nsec = (uint32_t)ts.tv_nsec;
+}
+
+ssize_t hashify_flistxattr(int fd, char *list, size_t size) { return flistxattr(fd, list, size); }
+ssize_t hashify_fgetxattr(int fd, const char *name, void *value, size_t size) { return fgetxattr(fd, name, value, size); }
+int hashify_fsetxattr(int fd, const char *name, const void *value, size_t size) { return fsetxattr(fd, name, value, size, 0); }
+ssize_t hashify_llistxattr(const char *path, char *list, size_t size) { return llistxattr(path, list, size); }
+ssize_t hashify_lgetxattr(const char *path, const char *name, void *value, size_t size) { return lgetxattr(path, name, value, size); }
+int hashify_lsetxattr(const char *path, const char *name, const void *value, size_t size) { return lsetxattr(path, name, value, size, 0); }
+
+int hashify_fadvise_sequential(int fd) { return posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL); }
+
+int hashify_copy_all(int infd, int outfd, uint64_t size) {
+    uint64_t done = 0;
+    while (done < size) {
+        ssize_t n = copy_file_range(infd, NULL, outfd, NULL, size - done, 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        if (n == 0) break;
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
+void hashify_ignore_lease_signals(void) {
+    signal(SIGIO, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+uint64_t hashify_raise_fd_limit(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return 1024;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+        getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    return (uint64_t)rl.rlim_cur;
+}
+
+int hashify_flock_exclusive(int fd, int nonblocking) {
+    int r;
+    do { r = flock(fd, LOCK_EX | (nonblocking ? LOCK_NB : 0)); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+int hashify_mknodat(int dirfd, const char *name, unsigned mode, uint64_t dev) {
+    return mknodat(dirfd, name, (mode_t)mode, (dev_t)dev);
+}
+
+#include <sys/random.h>
+int hashify_random(void *buf, size_t len) {
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = getrandom((char *)buf + done, len - done, 0);
+        if (n < 0) { if (errno == EINTR) continue; return -1; }
+        done += (size_t)n;
+    }
+    return 0;
+}

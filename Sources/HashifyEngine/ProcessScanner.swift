@@ -1,0 +1,48 @@
+import HashifySystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A process that still maps a file whose copy was replaced: it keeps the old
+/// copy in memory until it restarts.
+public struct StaleProcess: Sendable, Codable {
+    public var pid: Int
+    public var command: String
+    public var staleFiles: Int
+}
+
+/// Finds processes mapping given inodes, from /proc/PID/maps.
+public enum ProcessScanner {
+    static func major(_ dev: UInt64) -> UInt64 { ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff) }
+    static func minor(_ dev: UInt64) -> UInt64 { ((dev >> 12) & 0xffff_ff00) | (dev & 0xff) }
+
+    public static func processesMapping(_ inodes: Set<InodeKey>) -> [StaleProcess] {
+        if inodes.isEmpty { return [] }
+        var wanted = Set<String>()
+        for k in inodes {
+            wanted.insert(String(major(k.device), radix: 16) + ":" + String(minor(k.device), radix: 16) + " \(k.inode)")
+        }
+        guard let proc = try? Directory.open(path: "/proc") else { return [] }
+        var result: [StaleProcess] = []
+        for name in (try? proc.entryNames()) ?? [] {
+            guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)),
+                  let pdir = try? proc.openDirectory(name),
+                  let maps = try? pdir.openFileForReading(FileName("maps")).readAll() else { continue }
+            var stale = Set<String>()
+            for line in maps.split(separator: 0x0a) {
+                let f = line.split(separator: 0x20, maxSplits: 5, omittingEmptySubsequences: true)
+                guard f.count >= 5 else { continue }
+                let devParts = f[3].split(separator: 0x3a)
+                guard devParts.count == 2,
+                      let ma = UInt64(String(decoding: devParts[0], as: UTF8.self), radix: 16),
+                      let mi = UInt64(String(decoding: devParts[1], as: UTF8.self), radix: 16) else { continue }
+                let key = String(ma, radix: 16) + ":" + String(mi, radix: 16) + " " + String(decoding: f[4], as: UTF8.self)
+                if wanted.contains(key) { stale.insert(key) }
+            }
+            if stale.isEmpty { continue }
+            let comm = (try? pdir.openFileForReading(FileName("comm")).readAll()) ?? []
+            result.append(StaleProcess(pid: pid, command: escapedPath(comm.filter { $0 != 0x0a }), staleFiles: stale.count))
+        }
+        return result.sorted { $0.pid < $1.pid }
+    }
+}

@@ -1,0 +1,67 @@
+import HashifySystem
+import SystemPackage
+
+/// Cleans up after a run that was killed: temporary names and the mtime of
+/// the directory it was changing. A temporary name is removed only when it
+/// is provably redundant: it is a store object, or a file whose content and
+/// identity equal a store object's (the original a killed exchange left).
+/// Anything else is kept and reported: data is never deleted on a guess.
+enum Recovery {
+    static func runID(of name: FileName) -> String? {
+        let rest = name.bytes.dropFirst(Walker.temporaryPrefix.count)
+        guard let tilde = rest.firstIndex(of: 0x7e) else { return nil }
+        return String(decoding: rest[rest.startIndex..<tilde], as: UTF8.self)
+    }
+
+    /// Returns the number of temporary names removed.
+    static func clean(walk: Walker.Result, roots: [GuestRoot], store: Store, objects: [Store.Object], skips: inout [Skip]) -> Int {
+        let unfinished = Set(store.unfinishedRuns())
+        store.clearTemporary()
+        if unfinished.isEmpty { return 0 }
+        let inventory = walk.inventory
+        let opener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
+        let objectInodes = Set(objects.map { InodeKey(device: $0.stat.device, inode: $0.stat.inode) })
+        let objectIdentities = Set(objects.map { $0.digest.hex + "-" + $0.metadataKey })
+        var removed = 0
+        var keptFor = Set<String>()
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        for t in walk.temporaries {
+            guard let id = runID(of: t.name), unfinished.contains(id) else { continue }
+            let path = inventory.directoryPath(t.directory) + [0x2f] + t.name.bytes
+            let guest = Int(inventory.directories[Int(t.directory)].guest)
+            do {
+                let dir = try opener.open(t.directory)
+                let st = try dir.stat(t.name)
+                var redundant = objectInodes.contains(InodeKey(device: st.device, inode: st.inode))
+                if !redundant && st.isRegular {
+                    let f = try dir.openFileForReading(t.name)
+                    let (digest, identity) = try ContentHasher.digest(of: f, buffer: buffer)
+                    redundant = objectIdentities.contains(digest.hex + "-" + identity.key)
+                }
+                if redundant {
+                    try dir.unlink(t.name)
+                    removed += 1
+                } else {
+                    skips.append(Skip(guest: guest, path: path, reason: .unknownTemporary))
+                    keptFor.insert(id)
+                }
+            } catch {
+                skips.append(Skip(guest: guest, path: path, reason: .failed(operation: "clean up", errno: errnoCode(error))))
+                keptFor.insert(id)
+            }
+        }
+        // The directory each killed run was changing gets its mtime back.
+        for id in unfinished {
+            if let open = RunJournal.openDirectory(store: store, runID: id) {
+                for (d, entry) in inventory.directories.enumerated() where entry.inode == open.inode {
+                    guard Array(roots[Int(entry.guest)].path.string.utf8) == open.root,
+                          let dir = try? opener.open(Int32(d)) else { continue }
+                    try? dir.setModificationTime(open.mtime)
+                }
+            }
+            if !keptFor.contains(id) { store.endRun(id) }
+        }
+        return removed
+    }
+}

@@ -1,0 +1,126 @@
+import HashifySystem
+
+/// The result of `unify`, for people (`HumanReport`) and scripts (`--json`).
+/// The JSON schema is documented in docs/json.md; `schema` changes only with
+/// an incompatible change.
+public struct UnifyReport: Sendable, Codable {
+    public struct Totals: Sendable, Codable {
+        public var guests = 0
+        public var directories = 0
+        public var filesScanned = 0
+        public var bytesScanned: UInt64 = 0
+        public var excluded = 0
+        public var conffiles = 0
+        public var belowMinimumSize = 0
+        /// Inodes that share size and known metadata with another (only these are read).
+        public var candidates = 0
+        public var bytesHashed: UInt64 = 0
+        /// Sets of inodes with equal content and identity.
+        public var identityGroups = 0
+        /// Paths replaced by a link to a store object (or that would be, in a dry run).
+        public var pathsLinked = 0
+        /// Inodes whose last name was replaced, so their space is free.
+        public var inodesFreed = 0
+        /// Allocated bytes freed (st_blocks, each inode once: what du shows).
+        public var bytesSaved: UInt64 = 0
+        /// What merging every group would free under the identity rules.
+        public var bytesSavedMaximum: UInt64 = 0
+        public var objectsCreated = 0
+        public var pathsWithOtherModificationTime = 0
+        public var temporariesRemoved = 0
+        public var skipped = 0
+        public var errors = 0
+    }
+
+    public struct Guest: Sendable, Codable {
+        public var root: String
+        public var filesScanned = 0
+        public var bytesScanned: UInt64 = 0
+        public var pathsLinked = 0
+        public var inodesFreed = 0
+        public var bytesSaved: UInt64 = 0
+        public var skipped = 0
+    }
+
+    public struct SkippedPath: Sendable, Codable {
+        public var root: String
+        public var path: String
+        public var reason: String
+        public var detail: String
+        public var error: Bool
+    }
+
+    public var schema = 1
+    public var command = "unify"
+    public var mode = "hardlink"
+    public var dryRun: Bool
+    public var store: String
+    public var seconds: Double = 0
+    public var totals = Totals()
+    public var guests: [Guest] = []
+    public var skipped: [SkippedPath] = []
+    public var processesToRestart: [StaleProcess] = []
+
+    /// 0 done, 1 done with files skipped because of errors.
+    public var exitStatus: Int32 { totals.errors > 0 ? 1 : 0 }
+}
+
+/// Formats byte counts the way df -h and du -h do (binary units).
+public func formatBytes(_ n: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    var v = Double(n)
+    var u = 0
+    while v >= 1024 && u < units.count - 1 { v /= 1024; u += 1 }
+    if u == 0 { return "\(n) B" }
+    let scaled = (v * 10).rounded() / 10
+    return "\(scaled) \(units[u])"
+}
+
+extension UnifyReport {
+    /// The report as a table for a terminal.
+    public func humanReadable(verbose: Bool) -> String {
+        var out = ""
+        let t = totals
+        let verb = dryRun ? "would link" : "linked"
+        out += "hashify unify\(dryRun ? " (dry run: nothing changed)" : "") — store \(store)\n"
+        out += "scanned   \(t.filesScanned) files (\(formatBytes(t.bytesScanned))) in \(t.guests) guests, \(t.directories) directories"
+        out += "; excluded \(t.excluded), conffiles \(t.conffiles), below min size \(t.belowMinimumSize)\n"
+        out += "hashed    \(t.candidates) candidate files, \(formatBytes(t.bytesHashed)) read; \(t.identityGroups) groups of identical files\n"
+        out += "\(verb.padding(toLength: 10, withPad: " ", startingAt: 0))\(t.pathsLinked) paths; \(t.inodesFreed) copies freed, "
+        out += "\(formatBytes(t.bytesSaved)) saved (maximum under the identity rules: \(formatBytes(t.bytesSavedMaximum)))\n"
+        if t.pathsWithOtherModificationTime > 0 {
+            out += "mtime     \(t.pathsWithOtherModificationTime) paths \(dryRun ? "would get" : "got") another mtime (--ignore-mtime)\n"
+        }
+        if t.temporariesRemoved > 0 { out += "cleaned   \(t.temporariesRemoved) temporary names of an interrupted run\n" }
+        out += "\n"
+        let w = max(5, guests.map { $0.root.count }.max() ?? 5)
+        out += "GUEST".padding(toLength: w, withPad: " ", startingAt: 0) + "      FILES     LINKED      FREED      SAVED  SKIPPED\n"
+        for g in guests {
+            out += g.root.padding(toLength: w, withPad: " ", startingAt: 0)
+            out += pad(g.filesScanned, 11) + pad(g.pathsLinked, 11) + pad(g.inodesFreed, 11)
+            out += formatBytes(g.bytesSaved).leftPadded(11) + pad(g.skipped, 9) + "\n"
+        }
+        if !skipped.isEmpty {
+            out += "\nskipped \(skipped.count) paths (\(t.errors) because of errors):\n"
+            let shown = verbose ? skipped : Array(skipped.prefix(20))
+            for s in shown { out += "  \(s.root)\(s.path): \(s.detail)\n" }
+            if shown.count < skipped.count { out += "  … \(skipped.count - shown.count) more (--verbose or --json lists all)\n" }
+        }
+        if !processesToRestart.isEmpty {
+            out += "\nrestart these processes to share memory (they still map replaced copies):\n"
+            for p in processesToRestart { out += "  \(p.pid) \(p.command) (\(p.staleFiles) files)\n" }
+        }
+        out += String(format2(seconds)) + " s\n"
+        return out
+    }
+
+    private func pad(_ n: Int, _ w: Int) -> String { String(n).leftPadded(w) }
+    private func format2(_ d: Double) -> String {
+        let v = (d * 100).rounded() / 100
+        return "done in \(v)"
+    }
+}
+
+extension String {
+    func leftPadded(_ w: Int) -> String { count >= w ? " " + self : String(repeating: " ", count: w - count) + self }
+}

@@ -1,0 +1,103 @@
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Bad input: the run stops before changing anything (exit status 2).
+public struct InputError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ message: String) { description = message }
+}
+
+/// Opens and checks the operator's guest roots and store location.
+public enum RootValidation {
+    static func canonical(_ p: FilePath) -> FilePath? {
+        p.withPlatformString { s -> FilePath? in
+            guard let r = realpath(s, nil) else { return nil }
+            defer { free(r) }
+            return FilePath(platformString: r)
+        }
+    }
+
+    static func isInside(_ inner: FilePath, _ outer: FilePath) -> Bool {
+        inner != outer && inner.starts(with: outer)
+    }
+
+    /// Opens each root; rejects a missing root, a non-directory, a root
+    /// given twice, nested roots and roots on different filesystems.
+    public static func openRoots(_ paths: [FilePath]) throws -> [GuestRoot] {
+        if paths.isEmpty { throw InputError("no guest root given") }
+        var roots: [GuestRoot] = []
+        var canonicals: [FilePath] = []
+        for p in paths {
+            let dir: Directory
+            do {
+                dir = try Directory.open(path: p)
+            } catch Errno.noSuchFileOrDirectory {
+                throw InputError("\(p): no such directory")
+            } catch Errno.notDirectory {
+                throw InputError("\(p): not a directory")
+            } catch {
+                throw InputError("\(p): cannot open: \(error)")
+            }
+            let st = try dir.stat()
+            if let first = roots.first, first.stat.device != st.device {
+                throw InputError("\(p): on another filesystem than \(first.path) (all guests and the store must share one)")
+            }
+            if let other = roots.first(where: { $0.stat.inode == st.inode && $0.stat.device == st.device }) {
+                throw InputError("\(p): the same directory as \(other.path), given twice")
+            }
+            guard let c = canonical(p) else { throw InputError("\(p): cannot resolve path") }
+            for (i, o) in canonicals.enumerated() {
+                if isInside(c, o) || isInside(o, c) {
+                    throw InputError("\(p): nested with \(roots[i].path) (roots must not contain each other)")
+                }
+            }
+            canonicals.append(c)
+            roots.append(GuestRoot(path: p, directory: dir, stat: st))
+        }
+        return roots
+    }
+
+    /// The default store: `.hashify` in the nearest common parent of the roots.
+    public static func defaultStorePath(for paths: [FilePath]) -> FilePath {
+        let canon = paths.map { canonical($0) ?? $0 }
+        var common = canon[0].removingLastComponent()
+        for c in canon.dropFirst() {
+            while !c.starts(with: common) || c == common { common = common.removingLastComponent() }
+        }
+        return common.appending(".hashify")
+    }
+
+    /// Checks the store location: same filesystem as the roots, not inside
+    /// a root, no root inside it.
+    public static func checkStore(_ store: FilePath, roots: [GuestRoot]) throws {
+        let existing: FilePath
+        var probe = store
+        while true {
+            if canonical(probe) != nil { existing = probe; break }
+            let parent = probe.removingLastComponent()
+            if parent == probe || parent.isEmpty { throw InputError("\(store): no existing parent directory") }
+            probe = parent
+        }
+        if existing != store && existing != store.removingLastComponent() {
+            throw InputError("\(store): parent directory \(store.removingLastComponent()) does not exist")
+        }
+        let dir: Directory
+        do { dir = try Directory.open(path: existing) } catch {
+            throw InputError("\(store): not a directory")
+        }
+        let st = try dir.stat()
+        for r in roots where r.stat.device != st.device {
+            throw InputError("\(r.path): not on the filesystem of the store \(store) (hard links need one filesystem; give --store on it)")
+        }
+        guard let cs = canonical(existing) else { throw InputError("\(store): cannot resolve path") }
+        let full = existing == store ? cs : cs.appending(store.lastComponent!)
+        for r in roots {
+            guard let cr = canonical(r.path) else { continue }
+            if full == cr || isInside(full, cr) { throw InputError("\(store): the store must not be inside the guest root \(r.path)") }
+            if isInside(cr, full) { throw InputError("\(r.path): a guest root must not be inside the store \(store)") }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+import CHashifyShim
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The content-addressed store beside the guests.
+///
+/// ```
+/// STORE/lock                 flock(2): one changing run at a time
+/// STORE/objects/ab/DIGEST-KEY[.N]   hardlink mode: a file with its full identity
+/// STORE/data/                content-only objects (reflink/overlay modes)
+/// STORE/tmp/                 names being created
+/// STORE/runs/RUNID           present while a run is changing guests
+/// STORE/index                digests of hashed inodes (see ContentIndex)
+/// ```
+/// An object is an ordinary hard link to a guest inode: its mode, owner,
+/// times and xattrs are the guest file's own.
+public final class Store: @unchecked Sendable {
+    public let path: FilePath
+    public let directory: Directory
+    public let objects: Directory
+    public let temporary: Directory
+    let runs: Directory
+    private var lockFile: OpenFile?
+    private var prefixDirectories: [UInt8: Directory] = [:]
+
+    /// Thrown when --no-wait finds the store locked.
+    public struct Busy: Error {}
+
+    init(path: FilePath, directory: Directory) throws {
+        self.path = path
+        self.directory = directory
+        for sub in ["objects", "data", "tmp", "runs"] {
+            do { try directory.makeDirectory(FileName(sub), mode: 0o700) } catch Errno.fileExists {}
+        }
+        objects = try directory.openDirectory(FileName("objects"))
+        temporary = try directory.openDirectory(FileName("tmp"))
+        runs = try directory.openDirectory(FileName("runs"))
+    }
+
+    /// Opens the store at `path`; creates it (mode 0700) when `create`.
+    /// Returns nil when it does not exist and `create` is false.
+    public static func open(at path: FilePath, create: Bool) throws -> Store? {
+        do {
+            return try Store(path: path, directory: try Directory.open(path: path))
+        } catch Errno.noSuchFileOrDirectory where create {
+            let parent = try Directory.open(path: path.removingLastComponent().isEmpty ? "." : path.removingLastComponent())
+            let name = FileName(bytes: path.lastComponent.map { Array($0.string.utf8) } ?? [])
+            do { try parent.makeDirectory(name, mode: 0o700) } catch Errno.fileExists {}
+            return try Store(path: path, directory: try parent.openDirectory(name))
+        } catch Errno.noSuchFileOrDirectory {
+            return nil
+        }
+    }
+
+    /// Takes the store lock; waits for another run unless `wait` is false.
+    public func lock(wait: Bool) throws {
+        let f = try directory.openOrCreateFile(FileName("lock"), mode: 0o600)
+        do {
+            try lockExclusively(f, wait: wait)
+        } catch Errno.wouldBlock {
+            throw Busy()
+        }
+        lockFile = f
+    }
+
+    // MARK: objects
+
+    /// A store object: a name in objects/ and the inode behind it.
+    public struct Object: Sendable {
+        public var name: FileName
+        public var digest: ContentDigest
+        public var metadataKey: String
+        public var stat: FileStat
+    }
+
+    /// The directory objects/XX for the first byte of a digest.
+    public func prefixDirectory(_ firstByte: UInt8) throws -> Directory {
+        if let d = prefixDirectories[firstByte] { return d }
+        let name = FileName(hexString([firstByte]))
+        do { try objects.makeDirectory(name, mode: 0o700) } catch Errno.fileExists {}
+        let d = try objects.openDirectory(name)
+        prefixDirectories[firstByte] = d
+        return d
+    }
+
+    /// The object name for a digest and identity key, with an overflow suffix.
+    public static func objectName(digest: ContentDigest, key: String, generation: Int) -> FileName {
+        FileName(digest.hex + "-" + key + (generation > 0 ? ".\(generation)" : ""))
+    }
+
+    /// Parses "DIGEST-KEY[.N]".
+    static func parseObjectName(_ n: FileName) -> (ContentDigest, String, Int)? {
+        let b = n.bytes
+        guard b.count >= 64 + 1 + 32, b[64] == 0x2d, let d = bytesFromHex(b[0..<64]), d.count == 32 else { return nil }
+        let key = String(decoding: b[65..<97], as: UTF8.self)
+        var generation = 0
+        if b.count > 97 {
+            guard b[97] == 0x2e, let g = Int(String(decoding: b[98...], as: UTF8.self)) else { return nil }
+            generation = g
+        }
+        return (ContentDigest(bytes: d), key, generation)
+    }
+
+    /// Every object in the store (stat'ed, not read).
+    public func listObjects() throws -> [Object] {
+        var result: [Object] = []
+        for prefix in try objects.entryNames() {
+            guard prefix.bytes.count == 2, let p = bytesFromHex(prefix.bytes), p.count == 1 else { continue }
+            let dir = try prefixDirectory(p[0])
+            for n in try dir.entryNames() {
+                guard let (digest, key, _) = Self.parseObjectName(n), let st = try? dir.stat(n), st.isRegular else { continue }
+                result.append(Object(name: n, digest: digest, metadataKey: key, stat: st))
+            }
+        }
+        return result
+    }
+
+    // MARK: runs
+
+    /// Records that a run with this id is changing guests (fsync'ed), so that
+    /// a later run knows its temporary names if it is killed.
+    public func beginRun(_ id: String) throws {
+        let f = try runs.createFile(FileName(id), mode: 0o600)
+        try f.sync()
+        _ = fsync(runs.fd)
+    }
+
+    /// Removes the record of a run whose temporary names are all gone.
+    public func endRun(_ id: String) {
+        try? runs.unlink(FileName(id))
+    }
+
+    /// Ids of runs that started and did not finish.
+    public func unfinishedRuns() -> [String] {
+        ((try? runs.entryNames()) ?? []).map { String(decoding: $0.bytes, as: UTF8.self) }
+    }
+
+    /// Removes leftovers in STORE/tmp (only hashify writes there).
+    public func clearTemporary() {
+        for n in (try? temporary.entryNames()) ?? [] { try? temporary.unlink(n) }
+    }
+}
+
+/// A random run id (16 hex digits) from the kernel's random source.
+func makeRunID() -> String {
+    var bytes = [UInt8](repeating: 0, count: 8)
+    _ = bytes.withUnsafeMutableBytes { hashify_random($0.baseAddress, 8) }
+    return hexString(bytes)
+}

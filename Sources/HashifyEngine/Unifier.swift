@@ -1,0 +1,185 @@
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Options of a `unify` run.
+public struct UnifyOptions: Sendable {
+    public var roots: [FilePath]
+    public var store: FilePath?
+    public var dryRun = false
+    public var excludes: [[UInt8]] = []
+    public var includes: [[UInt8]] = []
+    public var defaultExcludes = true
+    public var minimumSize: UInt64 = 1
+    public var ignoreModificationTime = false
+    public var threads = 2
+    public var waitForLock = true
+    public init(roots: [FilePath]) { self.roots = roots }
+}
+
+/// The phases a run reports progress for.
+public enum Phase: String, Sendable {
+    case walk = "scanning", hash = "hashing", link = "linking"
+}
+
+/// Receives progress; called from worker threads.
+public protocol ProgressSink: Sendable {
+    func update(phase: Phase, done: Int, total: Int?, bytes: UInt64, totalBytes: UInt64?)
+    func finish()
+}
+
+/// Runs `unify`: walk → plan → hash → link → report.
+public struct Unifier {
+    public var options: UnifyOptions
+    public var progress: (any ProgressSink)?
+
+    public init(options: UnifyOptions, progress: (any ProgressSink)? = nil) {
+        self.options = options
+        self.progress = progress
+    }
+
+    public func run() throws -> UnifyReport {
+        let started = Timestamp.now()
+        _ = prepareProcessForUnification()
+        let roots = try RootValidation.openRoots(options.roots)
+        let storePath = options.store ?? RootValidation.defaultStorePath(for: options.roots)
+        try RootValidation.checkStore(storePath, roots: roots)
+        var store: Store?
+        if options.dryRun {
+            store = try Store.open(at: storePath, create: false)
+        } else {
+            store = try Store.open(at: storePath, create: true)
+            try store!.lock(wait: options.waitForLock)
+        }
+        var report = UnifyReport(dryRun: options.dryRun, store: storePath.string)
+
+        // Walk.
+        let filter = PathFilter(excludes: (options.defaultExcludes ? PathFilter.defaultExcludes.map { Array($0.utf8) } : []) + options.excludes,
+                                includes: options.includes)
+        let conffiles = roots.map { DpkgConffiles.read(guestRoot: $0.directory) }
+        var walker = Walker(filter: filter, minimumSize: max(1, options.minimumSize))
+        let sink = progress
+        walker.onProgress = { n in sink?.update(phase: .walk, done: n, total: nil, bytes: 0, totalBytes: nil) }
+        var walk = walker.walk(roots, conffiles: conffiles)
+        var skips = walk.skips
+
+        // Attach store objects to the inodes guests link.
+        let objects = (try? store?.listObjects()) ?? []
+        for o in objects {
+            if let i = walk.inventory.index(of: InodeKey(device: o.stat.device, inode: o.stat.inode)) {
+                walk.inventory.inodes[Int(i)].storeObject = Int32(0)
+            }
+        }
+
+        // Leftovers of an interrupted run.
+        if let store, !options.dryRun {
+            report.totals.temporariesRemoved = Recovery.clean(walk: walk, roots: roots, store: store, objects: objects, skips: &skips)
+        }
+
+        // Plan and hash.
+        let inventory = walk.inventory
+        let candidates = Planner.candidates(inventory, ignoreModificationTime: options.ignoreModificationTime)
+        for i in candidates.incomplete {
+            let n = inventory.inodes[Int(i)].names[0]
+            skips.append(Skip(guest: Int(inventory.guest(ofName: n)), path: inventory.path(ofName: n), reason: .linksOutsideRoots))
+        }
+        let totalBytes = candidates.inodes.reduce(UInt64(0)) { $0 + inventory.inodes[Int($1)].stat.size }
+        let count = candidates.inodes.count
+        let outcomes = ContentHasher(threads: options.threads).hash(candidates.inodes, inventory: inventory,
+                                                                    roots: roots.map(\.directory)) { files, bytes in
+            sink?.update(phase: .hash, done: files, total: count, bytes: bytes, totalBytes: totalBytes)
+        }
+        var hashed: [Int32: FileStat] = [:]
+        for (slot, o) in outcomes.enumerated() {
+            report.totals.bytesHashed += o.bytesRead
+            let inode = candidates.inodes[slot]
+            if let r = o.skip {
+                let n = inventory.inodes[Int(inode)].names[0]
+                skips.append(Skip(guest: Int(inventory.guest(ofName: n)), path: inventory.path(ofName: n), reason: r))
+            } else if let st = o.stat {
+                hashed[inode] = st
+            }
+        }
+        let groups = Planner.groups(inventory, candidates: candidates.inodes, outcomes: outcomes,
+                                    ignoreModificationTime: options.ignoreModificationTime)
+
+        // Totals the plan promises.
+        report.totals.candidates = count
+        report.totals.identityGroups = groups.count
+        var perGuest = roots.map { UnifyReport.Guest(root: $0.path.string) }
+        for (g, c) in walk.counts.enumerated() {
+            perGuest[g].filesScanned = c.regularFiles
+            perGuest[g].bytesScanned = c.regularBytes
+            report.totals.directories += c.directories + 1
+            report.totals.filesScanned += c.regularFiles
+            report.totals.bytesScanned += c.regularBytes
+            report.totals.excluded += c.excluded
+            report.totals.conffiles += c.conffiles
+            report.totals.belowMinimumSize += c.belowMinimumSize
+        }
+        report.totals.guests = roots.count
+        for group in groups {
+            for v in group.victims {
+                report.totals.bytesSavedMaximum += inventory.inodes[Int(v)].stat.allocatedBytes
+            }
+        }
+
+        if options.dryRun {
+            for group in groups {
+                for v in group.victims {
+                    let e = inventory.inodes[Int(v)]
+                    report.totals.pathsLinked += e.names.count
+                    report.totals.inodesFreed += 1
+                    report.totals.bytesSaved += e.stat.allocatedBytes
+                    perGuest[Int(e.guest)].inodesFreed += 1
+                    perGuest[Int(e.guest)].bytesSaved += e.stat.allocatedBytes
+                    for n in e.names {
+                        perGuest[Int(inventory.guest(ofName: n))].pathsLinked += 1
+                        if e.stat.modificationTime != group.identity.modificationTime { report.totals.pathsWithOtherModificationTime += 1 }
+                    }
+                }
+            }
+        } else if let store {
+            let journal = try RunJournal(store: store, runID: makeRunID())
+            let linker = HardlinkLinker(inventory: inventory, roots: roots, store: store, journal: journal, hashed: hashed)
+            let total = groups.reduce(0) { n, g in n + g.victims.reduce(0) { $0 + inventory.inodes[Int($1)].names.count } }
+            linker.progress = { done, _ in sink?.update(phase: .link, done: done, total: total, bytes: 0, totalBytes: nil) }
+            let linked = linker.run(groups)
+            journal.finish()
+            skips += linked.skips
+            report.totals.pathsLinked = linked.pathsLinked
+            report.totals.inodesFreed = linked.inodesFreed
+            report.totals.bytesSaved = linked.bytesSaved
+            report.totals.objectsCreated = linked.objectsCreated
+            report.totals.pathsWithOtherModificationTime = linked.pathsWithOtherModificationTime
+            for (g, n) in linked.perGuestPaths { perGuest[g].pathsLinked = n }
+            for (g, n) in linked.perGuestInodes { perGuest[g].inodesFreed = n }
+            for (g, n) in linked.perGuestBytes { perGuest[g].bytesSaved = n }
+            report.processesToRestart = ProcessScanner.processesMapping(Set(linked.freed))
+        }
+        sink?.finish()
+
+        for s in skips {
+            perGuest[s.guest].skipped += 1
+            report.skipped.append(UnifyReport.SkippedPath(root: roots[s.guest].path.string, path: escapedPath(s.path),
+                                                          reason: s.reason.code, detail: s.reason.description,
+                                                          error: s.reason.isError))
+            if s.reason.isError { report.totals.errors += 1 }
+        }
+        report.totals.skipped = skips.count
+        report.guests = perGuest
+        report.seconds = Double(Timestamp.now().totalNanoseconds - started.totalNanoseconds) / 1e9
+        return report
+    }
+}
+
+extension Timestamp {
+    /// The realtime clock now.
+    public static func now() -> Timestamp {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Timestamp(seconds: Int64(ts.tv_sec), nanoseconds: UInt32(ts.tv_nsec))
+    }
+}

@@ -1,0 +1,179 @@
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Per-guest counts from the walk.
+public struct GuestCounts: Sendable, Codable {
+    public var directories = 0
+    public var regularFiles = 0
+    public var symlinks = 0
+    public var otherFiles = 0
+    public var excluded = 0
+    public var conffiles = 0
+    public var belowMinimumSize = 0
+    public var regularBytes: UInt64 = 0
+    public init() {}
+}
+
+/// A guest root the walk starts from.
+public struct GuestRoot: @unchecked Sendable {
+    public var path: FilePath
+    public var directory: Directory
+    public var stat: FileStat
+}
+
+/// Walks guest roots into an `Inventory`: `getdents64` + `statx`, every
+/// step relative to a directory descriptor opened with `O_NOFOLLOW`, never
+/// crossing a mount point, never following a symlink.
+public struct Walker {
+    public static let temporaryPrefix: [UInt8] = Array(".hashify~".utf8)
+
+    public var filter: PathFilter
+    public var minimumSize: UInt64
+    /// Called every few thousand entries with (entries seen so far).
+    public var onProgress: ((Int) -> Void)?
+
+    public init(filter: PathFilter, minimumSize: UInt64) {
+        self.filter = filter
+        self.minimumSize = minimumSize
+    }
+
+    /// A temporary name found by the walk (to be cleaned up).
+    public struct TemporaryName: Sendable {
+        public var directory: Int32
+        public var name: FileName
+    }
+
+    public struct Result: Sendable {
+        public var inventory = Inventory()
+        public var counts: [GuestCounts] = []
+        public var skips: [Skip] = []
+        public var temporaries: [TemporaryName] = []
+    }
+
+    struct Pending {
+        var parent: Directory
+        var parentID: Int32
+        var name: [UInt8]
+        var path: [UInt8]
+        var stat: FileStat
+        var verdict: PathFilter.Verdict
+    }
+
+    public func walk(_ roots: [GuestRoot], conffiles: [Set<[UInt8]>]) -> Result {
+        var result = Result()
+        var seen = 0
+        for (g, root) in roots.enumerated() {
+            var counts = GuestCounts()
+            let guest = UInt16(g)
+            let rootID = result.inventory.addDirectory(parent: -1, guest: guest, name: nil, length: 0, stat: root.stat)
+            var stack: [(Directory, Int32, [UInt8], PathFilter.Verdict)] = [(root.directory, rootID, [], .included)]
+            var pending: [Pending] = []
+            let guestConffiles = conffiles.indices.contains(g) ? conffiles[g] : []
+            while true {
+                // Open the next pending subdirectory, or take the next open one.
+                var frame: (Directory, Int32, [UInt8], PathFilter.Verdict)
+                if let f = stack.popLast() {
+                    frame = f
+                } else if let p = pending.popLast() {
+                    let child: Directory
+                    do {
+                        child = try withCName(p.name) { try p.parent.openDirectory(cName: $0) }
+                        let st = try child.stat()
+                        guard st.inode == p.stat.inode, st.device == p.stat.device, st.mountID == p.stat.mountID else {
+                            result.skips.append(Skip(guest: g, path: p.path, reason: .changedDuringRun))
+                            continue
+                        }
+                    } catch Errno.noSuchFileOrDirectory {
+                        continue  // vanished: nothing to do
+                    } catch {
+                        let e = errnoCode(error)
+                        result.skips.append(Skip(guest: g, path: p.path,
+                                                 reason: e == ELOOP || e == ENOTDIR ? .changedDuringRun : .failed(operation: "open", errno: e)))
+                        continue
+                    }
+                    let id = p.name.withUnsafeBufferPointer { b in
+                        b.withMemoryRebound(to: CChar.self) {
+                            result.inventory.addDirectory(parent: p.parentID, guest: guest, name: $0.baseAddress!, length: $0.count, stat: p.stat)
+                        }
+                    }
+                    counts.directories += 1
+                    frame = (child, id, p.path, p.verdict)
+                } else {
+                    break
+                }
+                let (dir, dirID, dirPath, verdict) = frame
+                var subdirs: [Pending] = []
+                do {
+                    try dir.forEachEntry { cName, type, _ in
+                        seen += 1
+                        if seen & 4095 == 0 { onProgress?(seen) }
+                        let len = strlen(cName)
+                        let nameBuf = UnsafeRawPointer(cName).assumingMemoryBound(to: UInt8.self)
+                        let name = UnsafeBufferPointer(start: nameBuf, count: len)
+                        if name.starts(with: Self.temporaryPrefix) {
+                            result.temporaries.append(TemporaryName(directory: dirID, name: FileName(bytes: name)))
+                            return
+                        }
+                        // DT_LNK, DT_CHR, DT_BLK, DT_FIFO, DT_SOCK: no statx needed.
+                        switch type {
+                        case 10: counts.symlinks += 1; return
+                        case 1, 2, 6, 12: counts.otherFiles += 1; return
+                        default: break
+                        }
+                        var path = dirPath
+                        path.append(0x2f)
+                        let nameStart = path.count
+                        path.append(contentsOf: name)
+                        let st: FileStat
+                        do {
+                            st = try dir.stat(cName: cName)
+                        } catch Errno.noSuchFileOrDirectory {
+                            return
+                        } catch {
+                            result.skips.append(Skip(guest: g, path: path, reason: .failed(operation: "stat", errno: errnoCode(error))))
+                            return
+                        }
+                        if st.isDirectory {
+                            if st.mountID != root.stat.mountID || st.device != root.stat.device {
+                                result.skips.append(Skip(guest: g, path: path, reason: .mountPoint))
+                                return
+                            }
+                            let v = filter.isTrivial ? .included : filter.directoryVerdict(path: path, nameStart: nameStart, parent: verdict)
+                            if v == .excluded { counts.excluded += 1; return }
+                            subdirs.append(Pending(parent: dir, parentID: dirID, name: Array(name), path: path, stat: st, verdict: v))
+                        } else if st.isRegular {
+                            if !filter.isTrivial && !filter.fileIncluded(path: path, nameStart: nameStart, parent: verdict) {
+                                counts.excluded += 1
+                                return
+                            }
+                            if guestConffiles.contains(path) { counts.conffiles += 1; return }
+                            counts.regularFiles += 1
+                            counts.regularBytes += st.size
+                            if st.size < minimumSize { counts.belowMinimumSize += 1; return }
+                            if st.isImmutableOrAppendOnly {
+                                result.skips.append(Skip(guest: g, path: path, reason: .immutableOrAppendOnly))
+                                return
+                            }
+                            result.inventory.addFile(directory: dirID, guest: guest, name: cName, length: len, stat: st)
+                        } else if st.isSymlink {
+                            counts.symlinks += 1
+                        } else {
+                            counts.otherFiles += 1
+                        }
+                    }
+                } catch {
+                    result.skips.append(Skip(guest: g, path: dirPath.isEmpty ? [0x2f] : dirPath,
+                                             reason: .failed(operation: "read directory", errno: errnoCode(error))))
+                }
+                // Visit subdirectories in name order for a stable preorder.
+                subdirs.sort { $0.name.lexicographicallyPrecedes($1.name) }
+                pending.append(contentsOf: subdirs.reversed())
+            }
+            result.counts.append(counts)
+        }
+        return result
+    }
+}

@@ -1,0 +1,190 @@
+import CHashifyShim
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An open directory. Every operation is relative to its descriptor and never
+/// follows a symbolic link in the final name (`openat`-family calls with
+/// `O_NOFOLLOW` / `AT_SYMLINK_NOFOLLOW`). The descriptor is closed on deinit.
+public final class Directory: @unchecked Sendable {
+    public let fd: Int32
+
+    public init(adopting fd: Int32) { self.fd = fd }
+    deinit { close(fd) }
+
+    /// Opens a directory named by an operator-supplied path (the one place a
+    /// path is resolved as a whole; guest paths are never resolved this way).
+    /// The corresponding C function is `open()`.
+    public static func open(path: FilePath) throws -> Directory {
+        let fd = try path.withPlatformString { p in
+            try retrying { hashify_openat(AT_FDCWD, p, O_RDONLY | HASHIFY_O_DIRECTORY | HASHIFY_O_CLOEXEC, 0) }
+        }
+        return Directory(adopting: fd)
+    }
+
+    /// Opens the subdirectory `name` without following a symlink.
+    /// The corresponding C function is `openat()` with `O_DIRECTORY | O_NOFOLLOW`.
+    public func openDirectory(_ name: FileName) throws -> Directory {
+        try name.withCString { try openDirectory(cName: $0) }
+    }
+
+    public func openDirectory(cName: UnsafePointer<CChar>) throws -> Directory {
+        let fd = try retrying {
+            hashify_openat(self.fd, cName, O_RDONLY | HASHIFY_O_DIRECTORY | HASHIFY_O_NOFOLLOW | HASHIFY_O_CLOEXEC, 0)
+        }
+        return Directory(adopting: fd)
+    }
+
+    /// Opens the regular file `name` read-only, without following a symlink,
+    /// without blocking on a FIFO and (when permitted) without touching atime.
+    public func openFileForReading(_ name: FileName) throws -> OpenFile {
+        try name.withCString { try openFileForReading(cName: $0) }
+    }
+
+    public func openFileForReading(cName: UnsafePointer<CChar>) throws -> OpenFile {
+        let base = O_RDONLY | HASHIFY_O_NOFOLLOW | HASHIFY_O_NONBLOCK | HASHIFY_O_CLOEXEC
+        do {
+            return OpenFile(adopting: try retrying { hashify_openat(self.fd, cName, base | HASHIFY_O_NOATIME, 0) })
+        } catch Errno.notPermitted {
+            return OpenFile(adopting: try retrying { hashify_openat(self.fd, cName, base, 0) })
+        }
+    }
+
+    /// Creates `name` exclusively for writing. The corresponding C function is `openat()` with `O_CREAT | O_EXCL`.
+    public func createFile(_ name: FileName, mode: UInt32) throws -> OpenFile {
+        let fd = try name.withCString { n in
+            try retrying { hashify_openat(self.fd, n, O_RDWR | O_CREAT | O_EXCL | HASHIFY_O_NOFOLLOW | HASHIFY_O_CLOEXEC, mode) }
+        }
+        return OpenFile(adopting: fd)
+    }
+
+    /// Opens `name` for reading and writing (the store's lock and index files).
+    public func openOrCreateFile(_ name: FileName, mode: UInt32) throws -> OpenFile {
+        let fd = try name.withCString { n in
+            try retrying { hashify_openat(self.fd, n, O_RDWR | O_CREAT | HASHIFY_O_NOFOLLOW | HASHIFY_O_CLOEXEC, mode) }
+        }
+        return OpenFile(adopting: fd)
+    }
+
+    /// The corresponding C function is `fstatat()` (as `statx`, not following symlinks).
+    public func stat(_ name: FileName) throws -> FileStat {
+        try name.withCString { try stat(cName: $0) }
+    }
+
+    public func stat(cName: UnsafePointer<CChar>) throws -> FileStat {
+        var s = hashify_stat()
+        _ = try retrying { hashify_statx(self.fd, cName, 0, &s) }
+        return FileStat(s)
+    }
+
+    /// The directory's own attributes (`statx(fd, "", AT_EMPTY_PATH)`).
+    public func stat() throws -> FileStat {
+        var s = hashify_stat()
+        _ = try retrying { hashify_fstatx(self.fd, &s) }
+        return FileStat(s)
+    }
+
+    /// Links `name` here as `newName` in `target`. The corresponding C function is `linkat()`.
+    public func link(_ name: FileName, to target: Directory, as newName: FileName) throws {
+        _ = try name.withCString { o in
+            try newName.withCString { n in try retrying { linkat(self.fd, o, target.fd, n, 0) } }
+        }
+    }
+
+    /// Renames `name` to `newName` in `target`; `flags` are renameat2's
+    /// (`noReplace`, `exchange`). The corresponding C function is `renameat2()`.
+    public func rename(_ name: FileName, to target: Directory, as newName: FileName, flags: RenameFlags = []) throws {
+        _ = try name.withCString { o in
+            try newName.withCString { n in
+                try retrying { hashify_renameat2(self.fd, o, target.fd, n, flags.rawValue) }
+            }
+        }
+    }
+
+    /// The corresponding C function is `unlinkat()`.
+    public func unlink(_ name: FileName, isDirectory: Bool = false) throws {
+        _ = try name.withCString { n in try retrying { unlinkat(self.fd, n, isDirectory ? AT_REMOVEDIR : 0) } }
+    }
+
+    /// The corresponding C function is `mkdirat()`.
+    public func makeDirectory(_ name: FileName, mode: UInt32) throws {
+        _ = try name.withCString { n in try retrying { mkdirat(self.fd, n, mode_t(mode)) } }
+    }
+
+    /// The corresponding C function is `symlinkat()`.
+    public func makeSymlink(_ name: FileName, target: [UInt8]) throws {
+        _ = try name.withCString { n in try withCName(target) { t in try retrying { symlinkat(t, self.fd, n) } } }
+    }
+
+    /// The corresponding C function is `readlinkat()`.
+    public func readLink(_ name: FileName) throws -> [UInt8] {
+        try name.withCString { n in
+            var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
+            let len = try buf.withUnsafeMutableBytes { b in
+                try retrying { readlinkat(self.fd, n, b.baseAddress!.assumingMemoryBound(to: CChar.self), b.count) }
+            }
+            return Array(buf[0..<len])
+        }
+    }
+
+    /// Sets the modification time of this directory, leaving atime alone.
+    public func setModificationTime(_ t: Timestamp) throws {
+        _ = try retrying { hashify_set_mtime(self.fd, t.seconds, t.nanoseconds) }
+    }
+
+    /// Sets the modification time of `name` (not following a symlink).
+    public func setModificationTime(of name: FileName, _ t: Timestamp) throws {
+        _ = try name.withCString { n in try retrying { hashify_set_mtime_at(self.fd, n, t.seconds, t.nanoseconds) } }
+    }
+
+    /// The corresponding C function is `fchownat()` with `AT_SYMLINK_NOFOLLOW`.
+    public func changeOwner(of name: FileName, uid: UInt32, gid: UInt32) throws {
+        _ = try name.withCString { n in try retrying { fchownat(self.fd, n, uid, gid, AT_SYMLINK_NOFOLLOW) } }
+    }
+
+    /// The corresponding C function is `mknodat()`.
+    public func makeNode(_ name: FileName, mode: UInt32, device: UInt64 = 0) throws {
+        _ = try name.withCString { n in try retrying { hashify_mknodat(self.fd, n, mode, device) } }
+    }
+
+    /// Calls body for each entry but "." and "..", with the raw NUL-terminated
+    /// name, its `d_type` and `d_ino`. Reads with `getdents64(2)`.
+    public func forEachEntry(_ body: (UnsafePointer<CChar>, UInt8, UInt64) throws -> Void) throws {
+        let size = 64 * 1024
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+        defer { buf.deallocate() }
+        _ = lseek(fd, 0, SEEK_SET)
+        while true {
+            let n = try retrying { hashify_getdents64(self.fd, buf, size) }
+            if n == 0 { return }
+            var off = 0
+            while off < n {
+                var namePtr: UnsafePointer<CChar>? = nil
+                var type: UInt8 = 0
+                var ino: UInt64 = 0
+                off = hashify_dirent_next(buf, off, &namePtr, &type, &ino)
+                guard let name = namePtr else { continue }
+                if name[0] == 0x2e && (name[1] == 0 || (name[1] == 0x2e && name[2] == 0)) { continue }
+                try body(name, type, ino)
+            }
+        }
+    }
+
+    /// All entry names (but "." and ".."), unsorted.
+    public func entryNames() throws -> [FileName] {
+        var names: [FileName] = []
+        try forEachEntry { p, _, _ in
+            names.append(FileName(bytes: UnsafeBufferPointer(start: UnsafeRawPointer(p).assumingMemoryBound(to: UInt8.self), count: strlen(p))))
+        }
+        return names
+    }
+}
+
+/// Flags of `renameat2(2)`.
+public struct RenameFlags: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let noReplace = RenameFlags(rawValue: UInt32(HASHIFY_RENAME_NOREPLACE))
+    public static let exchange = RenameFlags(rawValue: UInt32(HASHIFY_RENAME_EXCHANGE))
+}

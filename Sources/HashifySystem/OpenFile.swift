@@ -1,0 +1,187 @@
+import CHashifyShim
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An open regular file. Closed on deinit (which also drops any lease).
+public final class OpenFile: @unchecked Sendable {
+    public let fd: Int32
+
+    public init(adopting fd: Int32) { self.fd = fd }
+    deinit { close(fd) }
+
+    /// The corresponding C function is `fstat()` (as `statx` with `AT_EMPTY_PATH`).
+    public func stat() throws -> FileStat {
+        var s = hashify_stat()
+        _ = try retrying { hashify_fstatx(self.fd, &s) }
+        return FileStat(s)
+    }
+
+    /// Reads up to buffer.count bytes at the current offset; 0 at end of file.
+    public func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try retrying { Glibc.read(self.fd, buffer.baseAddress, buffer.count) }
+    }
+
+    /// Reads up to buffer.count bytes at offset.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        try retrying { pread(self.fd, buffer.baseAddress, buffer.count, off_t(offset)) }
+    }
+
+    /// Writes all of bytes.
+    public func write(_ bytes: UnsafeRawBufferPointer) throws {
+        var done = 0
+        while done < bytes.count {
+            done += try retrying { Glibc.write(self.fd, bytes.baseAddress! + done, bytes.count - done) }
+        }
+    }
+
+    public func write(_ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try write($0) }
+    }
+
+    /// Reads the whole file from offset 0.
+    public func readAll() throws -> [UInt8] {
+        var out: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        var offset: UInt64 = 0
+        while true {
+            let n = try chunk.withUnsafeMutableBytes { try read(into: $0, at: offset) }
+            if n == 0 { return out }
+            out.append(contentsOf: chunk[0..<n])
+            offset += UInt64(n)
+        }
+    }
+
+    /// Hints sequential access (`posix_fadvise(POSIX_FADV_SEQUENTIAL)`).
+    public func adviseSequential() { _ = hashify_fadvise_sequential(fd) }
+
+    /// Takes a read lease (`fcntl(F_SETLEASE, F_RDLCK)`). Fails with EAGAIN
+    /// while anyone has the file open for writing; while held, an open for
+    /// writing or a truncate waits until the lease is released.
+    public func takeReadLease() throws {
+        _ = try retrying { hashify_setlease(self.fd, HASHIFY_F_RDLCK) }
+    }
+
+    /// Releases the lease (`fcntl(F_SETLEASE, F_UNLCK)`).
+    public func releaseLease() {
+        _ = hashify_setlease(fd, HASHIFY_F_UNLCK)
+    }
+
+    /// Links this very inode as `name` in `directory` (`linkat(fd, "", …,
+    /// AT_EMPTY_PATH)`, which needs CAP_DAC_READ_SEARCH): no name is resolved,
+    /// so the link is to the inode that was checked, whatever happened to its names.
+    public func link(into directory: Directory, as name: FileName) throws {
+        _ = try name.withCString { n in
+            try withCName([UInt8]()) { empty in
+                try retrying { linkat(self.fd, empty, directory.fd, n, HASHIFY_AT_EMPTY_PATH) }
+            }
+        }
+    }
+
+    /// Copies the whole content into `target` (`copy_file_range`).
+    public func copyContent(to target: OpenFile, size: UInt64) throws {
+        if hashify_copy_all(fd, target.fd, size) != 0 { throw Errno(rawValue: errno) }
+    }
+
+    /// Sets atime-preserving mtime (`futimens`).
+    public func setModificationTime(_ t: Timestamp) throws {
+        _ = try retrying { hashify_set_mtime(self.fd, t.seconds, t.nanoseconds) }
+    }
+
+    /// The corresponding C functions are `fchown()` and `fchmod()`.
+    public func setOwner(uid: UInt32, gid: UInt32) throws { _ = try retrying { fchown(self.fd, uid, gid) } }
+    public func setMode(_ mode: UInt32) throws { _ = try retrying { fchmod(self.fd, mode_t(mode & 0o7777)) } }
+    public func sync() throws { _ = try retrying { fsync(self.fd) } }
+    public func truncate(_ size: UInt64) throws { _ = try retrying { ftruncate(self.fd, off_t(size)) } }
+
+    /// Every extended attribute, sorted by name (`flistxattr` + `fgetxattr`).
+    public func extendedAttributes() throws -> [ExtendedAttribute] {
+        try readExtendedAttributes(
+            list: { buf, size in hashify_flistxattr(fd, buf, size) },
+            get: { name, buf, size in hashify_fgetxattr(fd, name, buf, size) })
+    }
+
+    /// Sets one extended attribute (`fsetxattr`).
+    public func setExtendedAttribute(_ a: ExtendedAttribute) throws {
+        _ = try withCName(a.name) { n in
+            try a.value.withUnsafeBytes { v in try retrying { hashify_fsetxattr(self.fd, n, v.baseAddress, v.count) } }
+        }
+    }
+}
+
+/// One extended attribute: name and value as raw bytes.
+public struct ExtendedAttribute: Hashable, Sendable {
+    public var name: [UInt8]
+    public var value: [UInt8]
+    public init(name: [UInt8], value: [UInt8]) { self.name = name; self.value = value }
+}
+
+/// Reads every xattr through the given list/get calls, sorted by name.
+func readExtendedAttributes(
+    list: (UnsafeMutablePointer<CChar>?, Int) -> Int,
+    get: (UnsafePointer<CChar>, UnsafeMutableRawPointer?, Int) -> Int
+) throws -> [ExtendedAttribute] {
+    var size = 0
+    var names = [CChar]()
+    while true {
+        size = try retrying { list(nil, 0) }
+        if size == 0 { return [] }
+        names = [CChar](repeating: 0, count: size)
+        let n = names.withUnsafeMutableBufferPointer { list($0.baseAddress, size) }
+        if n >= 0 { size = n; break }
+        if errno != ERANGE && errno != EINTR { throw Errno(rawValue: errno) }
+    }
+    var result: [ExtendedAttribute] = []
+    var start = 0
+    while start < size {
+        var end = start
+        while end < size && names[end] != 0 { end += 1 }
+        let nameBytes = names[start..<end].map { UInt8(bitPattern: $0) }
+        let value: [UInt8] = try names.withUnsafeBufferPointer { nb in
+            let namePtr = nb.baseAddress! + start
+            while true {
+                let vsize = get(namePtr, nil, 0)
+                if vsize < 0 {
+                    if errno == ENODATA { return [] }
+                    if errno == EINTR { continue }
+                    throw Errno(rawValue: errno)
+                }
+                var v = [UInt8](repeating: 0, count: vsize)
+                let got = v.withUnsafeMutableBytes { get(namePtr, $0.baseAddress, vsize) }
+                if got >= 0 { return Array(v[0..<got]) }
+                if errno != ERANGE && errno != EINTR { throw Errno(rawValue: errno) }
+            }
+        }
+        if !nameBytes.isEmpty { result.append(ExtendedAttribute(name: nameBytes, value: value)) }
+        start = end + 1
+    }
+    result.sort { $0.name.lexicographicallyPrecedes($1.name) }
+    return result
+}
+
+/// Extended attributes of a non-regular entry (a symlink, say), read through
+/// `/proc/self/fd/DIRFD/NAME` with the l-variants so the final name is not followed.
+public func extendedAttributes(in directory: Directory, of name: FileName) throws -> [ExtendedAttribute] {
+    let path = Array("/proc/self/fd/\(directory.fd)/".utf8) + name.bytes
+    return try withCName(path) { p in
+        try readExtendedAttributes(
+            list: { buf, size in hashify_llistxattr(p, buf, size) },
+            get: { n, buf, size in hashify_lgetxattr(p, n, buf, size) })
+    }
+}
+
+/// Sets an xattr on a non-regular entry (`lsetxattr` through /proc/self/fd).
+public func setExtendedAttribute(in directory: Directory, of name: FileName, _ a: ExtendedAttribute) throws {
+    let path = Array("/proc/self/fd/\(directory.fd)/".utf8) + name.bytes
+    _ = try withCName(path) { p in
+        try withCName(a.name) { n in
+            try a.value.withUnsafeBytes { v in try retrying { hashify_lsetxattr(p, n, v.baseAddress, v.count) } }
+        }
+    }
+}
+
+/// An exclusive `flock(2)` on an open file; released when the file closes.
+public func lockExclusively(_ file: OpenFile, wait: Bool) throws {
+    _ = try retrying { hashify_flock_exclusive(file.fd, wait ? 0 : 1) }
+}

@@ -1,0 +1,24 @@
+import CHashifyShim
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs a call that returns -1 and sets errno on failure, retrying on EINTR.
+@inline(__always)
+func retrying<T: FixedWidthInteger>(_ call: () -> T) throws -> T {
+    while true {
+        let r = call()
+        if r >= 0 { return r }
+        let e = errno
+        if e == EINTR { continue }
+        throw Errno(rawValue: e)
+    }
+}
+
+/// Raises the open-file limit to its hard limit (deep trees hold one
+/// descriptor per level) and ignores SIGIO (lease breaks) and SIGPIPE.
+public func prepareProcessForUnification() -> UInt64 {
+    hashify_ignore_lease_signals()
+    return hashify_raise_fd_limit()
+}

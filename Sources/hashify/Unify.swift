@@ -1,0 +1,99 @@
+import ArgumentParser
+import Foundation
+import HashifyEngine
+import HashifySystem
+import SystemPackage
+
+struct Unify: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Hard-link identical files of guest roots to shared store objects.",
+        discussion: """
+            Each ROOT is a guest's root directory (for LXC: /var/lib/lxc/NAME/rootfs). \
+            Two files are merged only when their SHA-256 and their whole identity are equal: \
+            type, mode (with setuid/setgid/sticky), owner, group, mtime to the nanosecond and every \
+            extended attribute. Every path is replaced atomically; a file open for writing or \
+            changed during the run is left for the next run.
+
+            By default these trees are excluded: \(PathFilter.defaultExcludes.joined(separator: " ")); \
+            dpkg configuration files are never unified. A PATTERN starting with / is a glob over \
+            guest-absolute paths and covers everything below what it matches; one without / \
+            matches single names. --include wins over --exclude.
+            """
+    )
+
+    @Argument(help: "Guest root directories.")
+    var roots: [String] = []
+
+    @Option(help: "The store (default: .hashify in the nearest common parent of the roots; same filesystem).")
+    var store: String?
+
+    @Flag(name: [.short, .long], help: "Plan and report exactly what would be linked and saved; change nothing.")
+    var dryRun = false
+
+    @Option(name: .long, help: "Exclude matching paths (repeatable).")
+    var exclude: [String] = []
+
+    @Option(name: .long, help: "Include matching paths even when excluded (repeatable).")
+    var include: [String] = []
+
+    @Flag(help: "Do not apply the default exclude list.")
+    var noDefaultExcludes = false
+
+    @Option(help: "Leave files smaller than this many bytes alone (at least 1: empty files are never linked).")
+    var minSize: UInt64 = 1
+
+    @Flag(help: "Merge files that differ only in mtime (each merged path gets the kept file's mtime).")
+    var ignoreMtime = false
+
+    @Option(help: "Hashing threads (default: the number of CPUs).")
+    var threads: Int?
+
+    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
+    var noWait = false
+
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        if roots.isEmpty { throw ValidationError("give at least one guest root") }
+        if minSize < 1 { throw ValidationError("--min-size must be at least 1 (empty files are never linked)") }
+        if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1") }
+    }
+
+    func run() throws {
+        var options = UnifyOptions(roots: roots.map { FilePath($0) })
+        options.store = store.map { FilePath($0) }
+        options.dryRun = dryRun
+        options.excludes = exclude.map(argumentBytes)
+        options.includes = include.map(argumentBytes)
+        options.defaultExcludes = !noDefaultExcludes
+        options.minimumSize = minSize
+        options.ignoreModificationTime = ignoreMtime
+        options.threads = threads ?? ProcessInfo.processInfo.activeProcessorCount
+        options.waitForLock = !noWait
+        let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
+        let report: UnifyReport
+        do {
+            report = try Unifier(options: options, progress: progress).run()
+        } catch let e as InputError {
+            fail(e.description)
+        } catch is Store.Busy {
+            fail("the store is in use by another hashify run (without --no-wait, hashify waits)", status: 3)
+        }
+        emit(report, output: output) { $0.humanReadable(verbose: output.verbose) }
+        if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
+    }
+}
+
+/// Prints a report as JSON or as text, as the output options say.
+func emit<R: Encodable>(_ report: R, output: OutputOptions, human: (R) -> String) {
+    if output.json {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        if let data = try? encoder.encode(report) {
+            FileHandle.standardOutput.write(data)
+            FileHandle.standardOutput.write(Data("\n".utf8))
+        }
+    } else if !output.quiet {
+        print(human(report), terminator: "")
+    }
+}
