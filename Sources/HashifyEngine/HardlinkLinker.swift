@@ -131,7 +131,6 @@ final class HardlinkLinker {
             let name = Store.objectName(digest: group.digest, key: key, generation: generation)
             do {
                 try file.link(into: dir, as: name)
-                _ = fsync(dir.fd)
                 return (name, generation)
             } catch Errno.fileExists {
                 generation += 1

@@ -86,7 +86,7 @@ extension UnifyReport {
         out += "scanned   \(t.filesScanned) files (\(formatBytes(t.bytesScanned))) in \(t.guests) guests, \(t.directories) directories"
         out += "; excluded \(t.excluded), conffiles \(t.conffiles), below min size \(t.belowMinimumSize)\n"
         out += "hashed    \(t.candidates) candidate files, \(formatBytes(t.bytesHashed)) read; \(t.identityGroups) groups of identical files\n"
-        out += "\(verb.padding(toLength: 10, withPad: " ", startingAt: 0))\(t.pathsLinked) paths; \(t.inodesFreed) copies freed, "
+        out += "\(verb.padding(toLength: 11, withPad: " ", startingAt: 0))\(t.pathsLinked) paths; \(t.inodesFreed) copies freed, "
         out += "\(formatBytes(t.bytesSaved)) saved (maximum under the identity rules: \(formatBytes(t.bytesSavedMaximum)))\n"
         if t.pathsWithOtherModificationTime > 0 {
             out += "mtime     \(t.pathsWithOtherModificationTime) paths \(dryRun ? "would get" : "got") another mtime (--ignore-mtime)\n"

@@ -72,9 +72,18 @@ public final class OpenFile: @unchecked Sendable {
     /// AT_EMPTY_PATH)`, which needs CAP_DAC_READ_SEARCH): no name is resolved,
     /// so the link is to the inode that was checked, whatever happened to its names.
     public func link(into directory: Directory, as name: FileName) throws {
-        _ = try name.withCString { n in
-            try withCName([UInt8]()) { empty in
-                try retrying { linkat(self.fd, empty, directory.fd, n, HASHIFY_AT_EMPTY_PATH) }
+        do {
+            _ = try name.withCString { n in
+                try withCName([UInt8]()) { empty in
+                    try retrying { linkat(self.fd, empty, directory.fd, n, HASHIFY_AT_EMPTY_PATH) }
+                }
+            }
+        } catch Errno.noSuchFileOrDirectory {
+            // Without CAP_DAC_READ_SEARCH: the same inode through its /proc magic link.
+            _ = try name.withCString { n in
+                try withCName(Array("/proc/self/fd/\(fd)".utf8)) { p in
+                    try retrying { linkat(AT_FDCWD, p, directory.fd, n, AT_SYMLINK_FOLLOW) }
+                }
             }
         }
     }

@@ -27,7 +27,7 @@ struct Unify: ParsableCommand {
     @Option(help: "The store (default: .hashify in the nearest common parent of the roots; same filesystem).")
     var store: String?
 
-    @Flag(name: [.short, .long], help: "Plan and report exactly what would be linked and saved; change nothing.")
+    @Flag(name: [.customShort("n"), .long], help: "Plan and report exactly what would be linked and saved; change nothing.")
     var dryRun = false
 
     @Option(name: .long, help: "Exclude matching paths (repeatable).")

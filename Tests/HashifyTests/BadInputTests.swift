@@ -1,0 +1,200 @@
+import Foundation
+import HashifyEngine
+import HashifySystem
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("bad input: a clear error or a reported skip, nothing lost", .serialized)
+struct BadInputTests {
+    /// Asserts exit 2, a one-line error naming `mention`, and an unchanged tree.
+    func expectRejected(_ args: [String], mention: String, tree: [String], scratch: Scratch) {
+        let before = manifest(tree)
+        let r = hashify(["unify"] + args)
+        #expect(r.status == 2, "exit status for \(args): \(r.status) \(r.err)")
+        let lines = r.err.split(separator: "\n")
+        #expect(lines.count == 1, "one line: \(r.err)")
+        #expect(r.err.contains(mention), "\(r.err) names \(mention)")
+        #expect(manifest(tree) == before)
+        #expect(access(scratch.sub("guests/.hashify"), F_OK) != 0, "no store created")
+    }
+
+    @Test func nonexistentRoot() {
+        let s = Scratch("bad")
+        let a = s.sub("guests/a")
+        makeGuest(a, index: 0)
+        expectRejected([a, s.sub("guests/missing")], mention: "missing: no such directory", tree: [a], scratch: s)
+    }
+
+    @Test func fileAsRoot() {
+        let s = Scratch("bad")
+        let a = s.sub("guests/a")
+        makeGuest(a, index: 0)
+        writeFile(s.sub("guests/file"), "x")
+        expectRejected([a, s.sub("guests/file")], mention: "not a directory", tree: [a], scratch: s)
+    }
+
+    @Test func sameRootTwice() {
+        let s = Scratch("bad")
+        let a = s.sub("guests/a")
+        makeGuest(a, index: 0)
+        expectRejected([a, s.sub("guests/./a")], mention: "given twice", tree: [a], scratch: s)
+    }
+
+    @Test func nestedRoots() {
+        let s = Scratch("bad")
+        let a = s.sub("guests/a")
+        makeGuest(a, index: 0)
+        expectRejected([a, a + "/usr"], mention: "nested", tree: [a], scratch: s)
+    }
+
+    @Test func noRootsIsUsageError() {
+        let r = hashify(["unify"])
+        #expect(r.status == 2)
+        #expect(r.err.contains("guest root"))
+        let bad = hashify(["unify", "--min-size", "0", "/"])
+        #expect(bad.status == 2)
+    }
+
+    @Test("store on another filesystem (tmpfs): exit 2 naming the root, nothing changed")
+    func storeOnOtherFilesystem() throws {
+        guard isRoot else {
+            print("skipped: mounting a tmpfs needs root")
+            return
+        }
+        let s = Scratch("bad")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        makeGuest(a, index: 0)
+        makeGuest(b, index: 1)
+        let mnt = s.sub("tmpfs")
+        guard mountTmpfs(mnt) else {
+            print("skipped: this machine cannot mount a tmpfs")
+            return
+        }
+        defer { unmount(mnt) }
+        expectRejected(["--store", mnt + "/store", a, b], mention: "guests/a", tree: [a, b], scratch: s)
+        #expect(access(mnt + "/store", F_OK) != 0)
+        // Roots on different filesystems are refused too.
+        makeGuest(mnt + "/c", index: 2)
+        expectRejected([a, mnt + "/c"], mention: "another filesystem", tree: [a], scratch: s)
+    }
+
+    @Test("store inside a guest root is refused")
+    func storeInsideRoot() {
+        let s = Scratch("bad")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        makeGuest(a, index: 0)
+        makeGuest(b, index: 1)
+        let before = manifest([a, b])
+        let r = hashify(["unify", "--store", a + "/store", a, b])
+        #expect(r.status == 2)
+        #expect(r.err.contains("inside the guest root"))
+        #expect(manifest([a, b]) == before)
+    }
+
+    @Test("names with newlines and invalid UTF-8 are unified and reported escaped")
+    func oddNames() throws {
+        let s = Scratch("names")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        for r in [a, b] {
+            mkdirs(r + "/usr")
+            let dir = try Directory.open(path: .init(r + "/usr"))
+            for raw in [Array("new\nline".utf8), [0x66, 0xff, 0xfe, 0x80], Array("sp ace".utf8), Array("tab\tand\\".utf8)] {
+                let name = FileName(raw)
+                let f = try dir.createFile(name, mode: 0o644)
+                try f.write(pseudoRandom(300, seed: UInt64(raw.count)))
+                try f.setModificationTime(Timestamp(seconds: 1_600_000_000, nanoseconds: 0))
+            }
+            // A directory with an invalid name too.
+            try dir.makeDirectory(FileName([0xc3, 0x28]), mode: 0o755)
+            let sub = try dir.openDirectory(FileName([0xc3, 0x28]))
+            let f = try sub.createFile(FileName("inner"), mode: 0o644)
+            try f.write(pseudoRandom(400, seed: 9))
+        }
+        settle()
+        let before = manifest([a, b])
+        let r = hashify(["unify", "--json", a, b])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(totals(r.out)["pathsLinked"] as? Int == 5)
+        #expect(manifest([a, b]) == before)
+        let dirA = try Directory.open(path: .init(a + "/usr")), dirB = try Directory.open(path: .init(b + "/usr"))
+        #expect(try dirA.stat(FileName([0x66, 0xff, 0xfe, 0x80])).inode == (try dirB.stat(FileName([0x66, 0xff, 0xfe, 0x80])).inode))
+        #expect(try dirA.stat(FileName("new\nline")).inode == (try dirB.stat(FileName("new\nline"))).inode)
+    }
+
+    @Test("a tree deeper than PATH_MAX is walked and unified")
+    func deeperThanPathMax() throws {
+        let s = Scratch("deep")
+        let roots = [s.sub("guests/a"), s.sub("guests/b")]
+        let component = FileName(String(repeating: "d", count: 200))
+        var deepest: [Directory] = []
+        for r in roots {
+            mkdirs(r)
+            var dir = try Directory.open(path: .init(r))
+            for _ in 0..<30 {  // 30 × 201 bytes > PATH_MAX (4096)
+                try dir.makeDirectory(component, mode: 0o755)
+                dir = try dir.openDirectory(component)
+            }
+            let f = try dir.createFile(FileName("bottom"), mode: 0o644)
+            try f.write(pseudoRandom(5000, seed: 11))
+            try f.setModificationTime(Timestamp(seconds: 1_600_000_000, nanoseconds: 0))
+            deepest.append(dir)
+        }
+        settle()
+        let before = manifest(roots)
+        let r = hashify(["unify", "--json"] + roots)
+        #expect(r.status == 0, "\(r.err)")
+        #expect(totals(r.out)["pathsLinked"] as? Int == 1)
+        #expect(try deepest[0].stat(FileName("bottom")).inode == (try deepest[1].stat(FileName("bottom"))).inode)
+        #expect(manifest(roots) == before)
+    }
+
+    @Test("an unreadable file is a reported skip (exit 1); everything else is unified")
+    func unreadableFile() throws {
+        guard isRoot else {
+            print("skipped: needs root to run hashify as another user")
+            return
+        }
+        guard access("/usr/bin/setpriv", X_OK) == 0 else {
+            print("skipped: setpriv (util-linux) is not installed")
+            return
+        }
+        let s = Scratch("unreadable")
+        chmod(s.path, 0o755)
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        for r in [a, b] {
+            writeFile("\(r)/usr/ok", pseudoRandom(700, seed: 1), uid: 65534, gid: 65534)
+            writeFile("\(r)/usr/secret", pseudoRandom(700, seed: 2), mode: 0o600)
+            chown("\(r)/usr", 65534, 65534)
+            chown(r, 65534, 65534)
+        }
+        chown(s.sub("guests"), 65534, 65534)
+        settle()
+        let before = manifest([a, b])
+        let r = run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", hashifyBinary, "unify", "--json", a, b])
+        #expect(r.status == 1, "\(r.err)")
+        #expect(manifest([a, b]) == before)
+        #expect(inode("\(a)/usr/ok") == inode("\(b)/usr/ok"))
+        #expect(inode("\(a)/usr/secret") != inode("\(b)/usr/secret"))
+        let skipped = jsonReport(r.out)["skipped"] as? [[String: Any]] ?? []
+        #expect(skipped.contains { ($0["path"] as? String) == "/usr/secret" && ($0["error"] as? Bool) == true })
+    }
+
+    @Test("immutable files are left alone")
+    func immutable() throws {
+        guard isRoot else { return }
+        let s = Scratch("immutable")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        for r in [a, b] { writeFile("\(r)/usr/f", pseudoRandom(700, seed: 1)) }
+        guard run(["/usr/bin/chattr", "+i", "\(a)/usr/f"]).status == 0 else {
+            print("skipped: this filesystem has no immutable flag")
+            return
+        }
+        defer { run(["/usr/bin/chattr", "-i", "\(a)/usr/f"]) }
+        settle()
+        let r = hashify(["unify", "--json", a, b])
+        #expect(r.status == 0)
+        #expect(inode("\(a)/usr/f") != inode("\(b)/usr/f"))
+    }
+}

@@ -1,0 +1,155 @@
+import Foundation
+import CHashifyShim
+import HashifyEngine
+import HashifySystem
+import SystemPackage
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The package root (tests find the built binary and bench/manifest.py from it).
+let packageRoot: URL = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+/// The hashify binary built with the tests.
+let hashifyBinary: String = {
+    let candidates = [
+        Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("hashify").path,
+        packageRoot.appendingPathComponent(".build/debug/hashify").path,
+    ]
+    return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[1]
+}()
+
+let isRoot = getuid() == 0
+
+/// A scratch directory under /var/tmp, removed (with everything in it) on deinit.
+final class Scratch {
+    let path: String
+    init(_ tag: String = "t") {
+        var template = Array("/var/tmp/hashify-test-\(tag).XXXXXX".utf8CString)
+        _ = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+    deinit { _ = run(["/bin/rm", "-rf", "--one-file-system", path]) }
+    func sub(_ p: String) -> String { path + "/" + p }
+}
+
+/// Runs a program; returns (status, stdout, stderr).
+@discardableResult
+func run(_ argv: [String], input: String? = nil) -> (status: Int32, out: String, err: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: argv[0])
+    p.arguments = Array(argv.dropFirst())
+    let o = Pipe(), e = Pipe()
+    p.standardOutput = o
+    p.standardError = e
+    p.standardInput = FileHandle.nullDevice
+    do { try p.run() } catch { return (127, "", "\(error)") }
+    let od = o.fileHandleForReading.readDataToEndOfFile()
+    let ed = e.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: od, as: UTF8.self), String(decoding: ed, as: UTF8.self))
+}
+
+/// Runs the hashify binary.
+@discardableResult
+func hashify(_ args: [String]) -> (status: Int32, out: String, err: String) {
+    run([hashifyBinary] + args)
+}
+
+/// Parses a --json report.
+func jsonReport(_ out: String) -> [String: Any] {
+    (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any] ?? [:]
+}
+
+func totals(_ out: String) -> [String: Any] { jsonReport(out)["totals"] as? [String: Any] ?? [:] }
+
+/// The full manifest of roots from bench/manifest.py: an oracle independent
+/// of the engine (path, type, sha256, mode, uid, gid, mtime ns, xattrs,
+/// symlink target, device numbers; directory mtimes included).
+func manifest(_ roots: [String], inodes: Bool = false) -> String {
+    let r = run(["/usr/bin/python3", packageRoot.appendingPathComponent("bench/manifest.py").path] + (inodes ? ["--inodes"] : []) + roots)
+    precondition(r.status == 0, "manifest.py failed: \(r.err)")
+    return r.out
+}
+
+// MARK: building trees
+
+func mkdirs(_ path: String, mode: mode_t = 0o755) {
+    var cur = ""
+    for comp in path.split(separator: "/") {
+        cur += "/" + comp
+        mkdir(cur, mode)
+    }
+}
+
+/// Writes a file with content and attributes (path-based: test trees only).
+func writeFile(_ path: String, _ content: [UInt8], mode: mode_t = 0o644, uid: uid_t = 0, gid: gid_t = 0,
+               mtime: Int64 = 1_700_000_000, mtimeNsec: Int = 123_456_789, xattrs: [(String, [UInt8])] = []) {
+    mkdirs((path as NSString).deletingLastPathComponent)
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    precondition(fd >= 0, "open \(path): \(errno)")
+    content.withUnsafeBytes { _ = write(fd, $0.baseAddress, $0.count) }
+    if isRoot { fchown(fd, uid, gid) }
+    fchmod(fd, mode)
+    for (n, v) in xattrs { v.withUnsafeBytes { _ = hashify_fsetxattr(fd, n, $0.baseAddress, $0.count) } }
+    var ts = [timespec(tv_sec: 0, tv_nsec: Int(HASHIFY_UTIME_OMIT)), timespec(tv_sec: Int(mtime), tv_nsec: mtimeNsec)]
+    futimens(fd, &ts)
+    close(fd)
+}
+
+func writeFile(_ path: String, _ text: String, mode: mode_t = 0o644, uid: uid_t = 0, gid: gid_t = 0,
+               mtime: Int64 = 1_700_000_000, xattrs: [(String, [UInt8])] = []) {
+    writeFile(path, Array(text.utf8), mode: mode, uid: uid, gid: gid, mtime: mtime, xattrs: xattrs)
+}
+
+/// Deterministic pseudo-random bytes.
+func pseudoRandom(_ count: Int, seed: UInt64) -> [UInt8] {
+    var x = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+    return (0..<count).map { _ in
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17
+        return UInt8(truncatingIfNeeded: x)
+    }
+}
+
+func inode(_ path: String) -> UInt64 {
+    var st = stat()
+    precondition(lstat(path, &st) == 0, "lstat \(path)")
+    return UInt64(st.st_ino)
+}
+
+func linkCount(_ path: String) -> Int {
+    var st = stat()
+    precondition(lstat(path, &st) == 0, "lstat \(path)")
+    return Int(st.st_nlink)
+}
+
+/// Sets directory mtimes of a tree to fixed values (so tests see if they change).
+func settleDirectoryTimes(_ root: String) {
+    _ = run(["/usr/bin/find", root, "-type", "d", "-exec", "touch", "-h", "-d", "@1600000000.5", "{}", "+"])
+}
+
+/// Waits past the coarse clock tick so that fresh files count as settled.
+func settle() { usleep(30_000) }
+
+/// A sample guest of typical content: shared binaries, a private file, a
+/// symlink, a FIFO and (as root) a device node.
+func makeGuest(_ root: String, index: Int, files: Int = 40) {
+    for i in 0..<files {
+        writeFile("\(root)/usr/lib/lib\(i).so", pseudoRandom(1000 + i * 37, seed: UInt64(i)), mode: 0o644)
+    }
+    writeFile("\(root)/usr/bin/tool", pseudoRandom(5000, seed: 99), mode: 0o755)
+    writeFile("\(root)/usr/share/private-\(index)", "guest \(index) only\n")
+    symlink("../lib/lib1.so", "\(root)/usr/bin/link")
+    mkfifo("\(root)/usr/share/fifo", 0o644)
+    if isRoot { mknod("\(root)/usr/share/null", S_IFCHR | 0o666, dev_t((1 << 8) | 3)) }
+    writeFile("\(root)/etc/hostname", "guest\(index)\n")
+}
+
+/// Mounts a tmpfs at path (root only); returns false when it cannot.
+func mountTmpfs(_ path: String) -> Bool {
+    mkdirs(path)
+    return run(["/bin/mount", "-t", "tmpfs", "-o", "size=64m", "hashify-test", path]).status == 0
+}
+
+func unmount(_ path: String) { _ = run(["/bin/umount", path]) }

@@ -1,0 +1,218 @@
+import Foundation
+import CHashifyShim
+import HashifyEngine
+import HashifySystem
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("unify keeps what guests see", .serialized)
+struct UnifyTests {
+    @Test("manifest identical after unify and after a second unify; duplicates share one inode")
+    func manifestInvariant() throws {
+        let s = Scratch("manifest")
+        let roots = (1...3).map { s.sub("guests/g\($0)") }
+        for (i, r) in roots.enumerated() { makeGuest(r, index: i) }
+        // A sparse file: a hole then data.
+        for r in roots {
+            let fd = open("\(r)/usr/lib/sparse.img", O_WRONLY | O_CREAT, 0o644)
+            _ = pwrite(fd, "tail", 4, 8 << 20)
+            var ts = [timespec(tv_sec: 0, tv_nsec: Int(HASHIFY_UTIME_OMIT)), timespec(tv_sec: 1_700_000_000, tv_nsec: 0)]
+            futimens(fd, &ts)
+            close(fd)
+        }
+        // Empty files are never linked.
+        for r in roots { writeFile("\(r)/usr/share/empty", "") }
+        for r in roots { settleDirectoryTimes(r) }
+        settle()
+        let before = manifest(roots)
+        let r1 = hashify(["unify", "--json"] + roots)
+        #expect(r1.status == 0, "\(r1.err)")
+        #expect(manifest(roots) == before)
+        for f in ["usr/lib/lib0.so", "usr/lib/lib39.so", "usr/bin/tool", "usr/lib/sparse.img"] {
+            #expect(inode("\(roots[0])/\(f)") == inode("\(roots[1])/\(f)"))
+            #expect(inode("\(roots[0])/\(f)") == inode("\(roots[2])/\(f)"))
+        }
+        #expect(inode("\(roots[0])/usr/share/empty") != inode("\(roots[1])/usr/share/empty"))
+        #expect(inode("\(roots[0])/etc/hostname") != inode("\(roots[1])/etc/hostname"))
+        // The sparse file stays sparse (it was linked, not copied).
+        var st = stat()
+        lstat("\(roots[0])/usr/lib/sparse.img", &st)
+        #expect(st.st_blocks < 100)
+        let t = totals(r1.out)
+        #expect(t["pathsLinked"] as? Int == 2 * 42)
+        #expect(t["bytesSaved"] as? Int == t["bytesSavedMaximum"] as? Int)
+        // Re-run: nothing to do, nothing changes.
+        let r2 = hashify(["unify", "--json"] + roots)
+        #expect(r2.status == 0)
+        #expect(totals(r2.out)["pathsLinked"] as? Int == 0)
+        #expect(manifest(roots) == before)
+        // No temporary names anywhere.
+        #expect(!run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.contains("hashify~"))
+    }
+
+    enum Attribute: String, CaseIterable, Sendable {
+        case mode, uid, gid, mtime, mtimeNanoseconds, userXattr, capability, trustedXattr
+    }
+
+    @Test("files differing in one identity attribute stay separate", arguments: Attribute.allCases)
+    func identityAttribute(_ attribute: Attribute) throws {
+        if !isRoot && [.uid, .gid, .capability, .trustedXattr].contains(attribute) { return }
+        let s = Scratch("identity")
+        let a = s.sub("guests/a"), b = s.sub("guests/b"), c = s.sub("guests/c")
+        let content = pseudoRandom(3000, seed: 7)
+        let cap: [UInt8] = [0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]  // cap_net_raw+p
+        writeFile("\(a)/usr/bin/f", content, mode: 0o755, xattrs: attribute == .capability ? [("security.capability", cap)] : [])
+        writeFile("\(c)/usr/bin/f", content, mode: 0o755, xattrs: attribute == .capability ? [("security.capability", cap)] : [])
+        switch attribute {
+        case .mode: writeFile("\(b)/usr/bin/f", content, mode: 0o4755)
+        case .uid: writeFile("\(b)/usr/bin/f", content, mode: 0o755, uid: 1000)
+        case .gid: writeFile("\(b)/usr/bin/f", content, mode: 0o755, gid: 1000)
+        case .mtime: writeFile("\(b)/usr/bin/f", content, mode: 0o755, mtime: 1_600_000_000)
+        case .mtimeNanoseconds: writeFile(b + "/usr/bin/f", content, mode: 0o755, mtimeNsec: 1)
+        case .userXattr: writeFile("\(b)/usr/bin/f", content, mode: 0o755, xattrs: [("user.note", Array("x".utf8))])
+        case .capability:
+            var other = cap
+            other[5] = 0x04  // another capability
+            writeFile("\(b)/usr/bin/f", content, mode: 0o755, xattrs: [("security.capability", other)])
+        case .trustedXattr: writeFile("\(b)/usr/bin/f", content, mode: 0o755, xattrs: [("trusted.x", [1])])
+        }
+        settle()
+        let before = manifest([a, b, c])
+        let r = hashify(["unify", a, b, c])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(manifest([a, b, c]) == before)
+        #expect(inode("\(a)/usr/bin/f") == inode("\(c)/usr/bin/f"), "a and c are identical")
+        #expect(inode("\(a)/usr/bin/f") != inode("\(b)/usr/bin/f"), "b differs in \(attribute)")
+    }
+
+    @Test("guest-local hard links move together; links outside the roots keep an inode alone")
+    func guestLocalHardLinks() throws {
+        let s = Scratch("links")
+        let a = s.sub("guests/a"), b = s.sub("guests/b"), outside = s.sub("outside")
+        let content = pseudoRandom(4096, seed: 3)
+        writeFile("\(a)/usr/bin/x", content)
+        link("\(a)/usr/bin/x", "\(a)/usr/bin/x-again")
+        mkdirs("\(a)/usr/sbin")
+        link("\(a)/usr/bin/x", "\(a)/usr/sbin/x")
+        writeFile("\(b)/usr/bin/x", content)
+        // y in b has a link outside the roots: it must be left alone.
+        writeFile("\(a)/usr/bin/y", pseudoRandom(2048, seed: 4))
+        writeFile("\(b)/usr/bin/y", pseudoRandom(2048, seed: 4))
+        mkdirs(outside)
+        link("\(b)/usr/bin/y", "\(outside)/y")
+        settle()
+        let before = manifest([a, b, outside], inodes: false)
+        let r = hashify(["unify", "--json", a, b])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(manifest([a, b, outside]) == before)
+        let ino = inode("\(a)/usr/bin/x")
+        #expect(inode("\(a)/usr/bin/x-again") == ino && inode("\(a)/usr/sbin/x") == ino && inode("\(b)/usr/bin/x") == ino)
+        #expect(inode("\(b)/usr/bin/y") == inode("\(outside)/y"))
+        #expect(inode("\(a)/usr/bin/y") != inode("\(b)/usr/bin/y"))
+        let skipped = jsonReport(r.out)["skipped"] as? [[String: Any]] ?? []
+        #expect(skipped.contains { ($0["reason"] as? String) == "links-outside-roots" && ($0["path"] as? String) == "/usr/bin/y" })
+    }
+
+    @Test("--dry-run changes nothing (not even the store) and predicts the real run")
+    func dryRun() throws {
+        let s = Scratch("dry")
+        let roots = (1...3).map { s.sub("guests/g\($0)") }
+        for (i, r) in roots.enumerated() { makeGuest(r, index: i) }
+        settle()
+        let before = manifest(roots, inodes: true)
+        let dry = hashify(["unify", "-n", "--json"] + roots)
+        #expect(dry.status == 0, "\(dry.err)")
+        #expect(manifest(roots, inodes: true) == before)
+        #expect(access(s.sub("guests/.hashify"), F_OK) != 0, "a dry run creates no store")
+        let real = hashify(["unify", "--json"] + roots)
+        for key in ["pathsLinked", "inodesFreed", "bytesSaved", "bytesSavedMaximum", "identityGroups"] {
+            #expect(totals(dry.out)[key] as? Int == totals(real.out)[key] as? Int, "\(key)")
+        }
+        #expect((totals(real.out)["pathsLinked"] as? Int ?? 0) > 0)
+    }
+
+    @Test("default excludes, dpkg conffiles and --include")
+    func excludesAndConffiles() throws {
+        let s = Scratch("excl")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        for r in [a, b] {
+            writeFile("\(r)/etc/big.conf", pseudoRandom(999, seed: 1))
+            writeFile("\(r)/var/lib/x/data", pseudoRandom(999, seed: 2))
+            writeFile("\(r)/usr/share/conf-in-usr", pseudoRandom(999, seed: 3))
+            writeFile("\(r)/usr/share/plain", pseudoRandom(999, seed: 4))
+            writeFile("\(r)/usr/share/skip.pyc", pseudoRandom(999, seed: 5))
+            writeFile("\(r)/var/lib/dpkg/status", """
+                Package: demo
+                Status: install ok installed
+                Conffiles:
+                 /usr/share/conf-in-usr 0123456789abcdef0123456789abcdef
+                 /etc/big.conf 0123456789abcdef0123456789abcdef obsolete
+                Description: x
+
+                """)
+        }
+        settle()
+        let before = manifest([a, b])
+        var r = hashify(["unify", "--exclude", "*.pyc", a, b])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(manifest([a, b]) == before)
+        #expect(inode("\(a)/usr/share/plain") == inode("\(b)/usr/share/plain"))
+        #expect(inode("\(a)/etc/big.conf") != inode("\(b)/etc/big.conf"))
+        #expect(inode("\(a)/var/lib/x/data") != inode("\(b)/var/lib/x/data"))
+        #expect(inode("\(a)/usr/share/conf-in-usr") != inode("\(b)/usr/share/conf-in-usr"))
+        #expect(inode("\(a)/usr/share/skip.pyc") != inode("\(b)/usr/share/skip.pyc"))
+        r = hashify(["unify", "--include", "/var/lib/x", a, b])
+        #expect(r.status == 0)
+        #expect(inode("\(a)/var/lib/x/data") == inode("\(b)/var/lib/x/data"))
+        #expect(inode("\(a)/usr/share/conf-in-usr") != inode("\(b)/usr/share/conf-in-usr"), "conffiles are never unified")
+        r = hashify(["unify", "--no-default-excludes", a, b])
+        #expect(inode("\(a)/etc/big.conf") != inode("\(b)/etc/big.conf"), "conffiles are never unified")
+        #expect(manifest([a, b]) == before)
+    }
+
+    @Test("parallel hashing gives the same plan as one thread")
+    func parallelEqualsSequential() throws {
+        let s = Scratch("par")
+        let roots = (1...4).map { s.sub("guests/g\($0)") }
+        for (i, r) in roots.enumerated() { makeGuest(r, index: i, files: 120) }
+        settle()
+        let one = totals(hashify(["unify", "-n", "--json", "--threads", "1"] + roots).out)
+        let four = totals(hashify(["unify", "-n", "--json", "--threads", "4"] + roots).out)
+        for key in ["pathsLinked", "inodesFreed", "bytesSaved", "identityGroups", "candidates", "bytesHashed"] {
+            #expect(one[key] as? Int == four[key] as? Int, "\(key)")
+        }
+    }
+
+    @Test("--ignore-mtime merges files that differ only in mtime and says how many paths got another mtime")
+    func ignoreMtime() throws {
+        let s = Scratch("mtime")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        writeFile("\(a)/usr/f", pseudoRandom(500, seed: 1), mtime: 1_600_000_000)
+        writeFile("\(b)/usr/f", pseudoRandom(500, seed: 1), mtime: 1_700_000_000)
+        settle()
+        var r = hashify(["unify", "--json", a, b])
+        #expect(inode("\(a)/usr/f") != inode("\(b)/usr/f"))
+        r = hashify(["unify", "--json", "--ignore-mtime", a, b])
+        #expect(r.status == 0)
+        #expect(inode("\(a)/usr/f") == inode("\(b)/usr/f"))
+        #expect(totals(r.out)["pathsWithOtherModificationTime"] as? Int == 1)
+    }
+
+    @Test("the store is mode 0700 and holds one object per identity")
+    func storeLayout() throws {
+        let s = Scratch("store")
+        let roots = (1...2).map { s.sub("guests/g\($0)") }
+        for (i, r) in roots.enumerated() { makeGuest(r, index: i) }
+        settle()
+        let r = hashify(["unify", "--json"] + roots)
+        #expect(r.status == 0)
+        var st = stat()
+        #expect(lstat(s.sub("guests/.hashify"), &st) == 0)
+        #expect(st.st_mode & 0o777 == 0o700)
+        let objects = run(["/usr/bin/find", s.sub("guests/.hashify/objects"), "-type", "f"]).out.split(separator: "\n")
+        #expect(objects.count == totals(r.out)["identityGroups"] as? Int)
+        #expect(linkCount("\(roots[0])/usr/bin/tool") == 3)
+    }
+}
