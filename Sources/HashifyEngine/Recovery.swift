@@ -14,7 +14,7 @@ enum Recovery {
     }
 
     /// Returns the number of temporary names removed.
-    static func clean(walk: Walker.Result, roots: [GuestRoot], store: Store, objects: [Store.Object], skips: inout [Skip]) -> Int {
+    static func clean(walk: inout Walker.Result, roots: [GuestRoot], store: Store, objects: [Store.Object], skips: inout [Skip]) -> Int {
         let unfinished = Set(store.unfinishedRuns())
         store.clearTemporary()
         if unfinished.isEmpty { return 0 }
@@ -57,7 +57,10 @@ enum Recovery {
                 for (d, entry) in inventory.directories.enumerated() where entry.inode == open.inode {
                     guard Array(roots[Int(entry.guest)].path.string.utf8) == open.root,
                           let dir = try? opener.open(Int32(d)) else { continue }
-                    try? dir.setModificationTime(open.mtime)
+                    if (try? dir.setModificationTime(open.mtime)) != nil {
+                        // This run must restore the original, not what the killed run left.
+                        walk.inventory.directories[d].modificationTime = open.mtime
+                    }
                 }
             }
             if !keptFor.contains(id) { store.endRun(id) }

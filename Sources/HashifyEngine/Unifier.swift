@@ -75,7 +75,7 @@ public struct Unifier {
 
         // Leftovers of an interrupted run.
         if let store, !options.dryRun {
-            report.totals.temporariesRemoved = Recovery.clean(walk: walk, roots: roots, store: store, objects: objects, skips: &skips)
+            report.totals.temporariesRemoved = Recovery.clean(walk: &walk, roots: roots, store: store, objects: objects, skips: &skips)
         }
 
         // Plan and hash.

@@ -1,0 +1,193 @@
+import Foundation
+import HashifyEngine
+import HashifySystem
+import Synchronization
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A flag a background thread polls.
+final class Flag: Sendable {
+    let value = Mutex(false)
+    func set() { value.withLock { $0 = true } }
+    var isSet: Bool { value.withLock { $0 } }
+}
+
+/// Runs body on its own thread until `stop` is set; `join` waits for it.
+final class Background: @unchecked Sendable {
+    let stop = Flag()
+    let done = DispatchSemaphore(value: 0)
+    init(_ body: @escaping @Sendable (Flag) -> Void) {
+        let stop = self.stop, done = self.done
+        Thread.detachNewThread { body(stop); done.signal() }
+    }
+    func join() { stop.set(); done.wait() }
+}
+
+@Suite("live and hostile guests", .serialized)
+struct HostileTests {
+    @Test("a directory swapped for a symlink to outside the roots: nothing outside is changed or linked")
+    func symlinkSwap() throws {
+        let s = Scratch("hostile")
+        let a = s.sub("guests/a"), b = s.sub("guests/b"), outside = s.sub("outside")
+        for r in [a, b, outside + "/d"] {
+            for i in 0..<30 {
+                writeFile("\(r.hasSuffix("/d") ? r : r + "/usr/lib/d")/f\(i)", pseudoRandom(2000 + i, seed: UInt64(i)))
+            }
+        }
+        for r in [a, b] { for i in 0..<200 { writeFile("\(r)/usr/share/x\(i)", pseudoRandom(500 + i, seed: UInt64(1000 + i))) } }
+        settle()
+        let outsideBefore = manifest([outside], inodes: true)
+        let guestsBefore = manifest([a, b])
+        let swapper = Background { stop in
+            let d = "\(a)/usr/lib/d", real = "\(a)/usr/lib/d.real"
+            while !stop.isSet {
+                rename(d, real)
+                symlink("\(outside)/d", d)
+                usleep(200)
+                unlink(d)
+                rename(real, d)
+                usleep(100)
+            }
+        }
+        for _ in 0..<8 {
+            let r = hashify(["unify", "--json", a, b])
+            #expect(r.status == 0 || r.status == 1, "\(r.err)")
+        }
+        swapper.join()
+        #expect(manifest([outside], inodes: true) == outsideBefore, "outside tree untouched")
+        for i in 0..<30 { #expect(linkCount("\(outside)/d/f\(i)") == 1) }
+        // The guests' content is intact (the swapper itself changes directory mtimes).
+        let stripMtimes = { (m: String) in m.split(separator: "\n").filter { !$0.contains(" d ") }.joined(separator: "\n") }
+        #expect(stripMtimes(manifest([a, b])) == stripMtimes(guestsBefore))
+        #expect(!run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.contains("hashify~"))
+    }
+
+    @Test("a file held open for writing is not unified and loses no data")
+    func heldOpenWriter() throws {
+        let s = Scratch("writer")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let initial = pseudoRandom(10_000, seed: 5)
+        for r in [a, b] { writeFile("\(r)/usr/log", initial) }
+        settle()
+        let fd = open("\(a)/usr/log", O_WRONLY | O_APPEND)
+        #expect(fd >= 0)
+        let r = hashify(["unify", "--json", a, b])
+        #expect(r.status == 0, "\(r.err)")
+        let extra = Array("appended after the run\n".utf8)
+        _ = extra.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+        let data = try Data(contentsOf: URL(fileURLWithPath: "\(a)/usr/log"))
+        #expect(Array(data) == initial + extra)
+        let skipped = jsonReport(r.out)["skipped"] as? [[String: Any]] ?? []
+        #expect(skipped.contains { ($0["reason"] as? String) == "open-for-writing" })
+        #expect(inode("\(a)/usr/log") != inode("\(b)/usr/log"))
+    }
+
+    @Test("a file appended to during runs loses no data")
+    func concurrentAppender() throws {
+        let s = Scratch("append")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let initial = pseudoRandom(50_000, seed: 6)
+        for r in [a, b] {
+            writeFile("\(r)/usr/log", initial)
+            for i in 0..<300 { writeFile("\(r)/usr/share/x\(i)", pseudoRandom(3000, seed: UInt64(i))) }
+        }
+        settle()
+        let path = "\(a)/usr/log"
+        let written = Mutex([UInt8]())
+        let appender = Background { stop in
+            var n = 0
+            while !stop.isSet {
+                let chunk = Array("line \(n)\n".utf8)
+                let fd = open(path, O_WRONLY | O_APPEND)
+                if fd >= 0 {
+                    _ = chunk.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                    close(fd)
+                    written.withLock { $0 += chunk }
+                }
+                n += 1
+                usleep(UInt32.random(in: 0...300))
+            }
+        }
+        for _ in 0..<6 {
+            let r = hashify(["unify", a, b])
+            #expect(r.status == 0 || r.status == 1, "\(r.err)")
+        }
+        appender.join()
+        let data = try Data(contentsOf: URL(fileURLWithPath: path))
+        #expect(Array(data) == initial + written.withLock { $0 })
+    }
+
+    @Test("SIGKILL at random moments: invariants hold after each kill; the next run completes and leaves no temporary names")
+    func killAtRandomMoments() throws {
+        let s = Scratch("kill")
+        let roots = (1...3).map { s.sub("guests/g\($0)") }
+        for (g, r) in roots.enumerated() {
+            for d in 0..<12 {
+                for i in 0..<25 {
+                    let size = 200 + (i * 997 + d * 131) % 60_000
+                    // Most files identical across guests, some private.
+                    let seed = (i + d) % 7 == 0 ? UInt64(g * 100_000 + d * 100 + i) : UInt64(d * 100 + i)
+                    writeFile("\(r)/usr/d\(d)/f\(i)", pseudoRandom(size, seed: seed))
+                }
+            }
+            link("\(r)/usr/d0/f1", "\(r)/usr/d1/hard")
+            settleDirectoryTimes(r)
+        }
+        settle()
+        let before = manifest(roots)
+        let clean = { (m: String) in
+            m.split(separator: "\n").filter { !$0.contains(".hashify~") }.map { line -> String in
+                // Directory mtimes may differ while a temporary name is present.
+                let f = line.split(separator: " ", omittingEmptySubsequences: false)
+                return f.count > 6 && f[1] == "d" ? f[0..<6].joined(separator: " ") : String(line)
+            }.joined(separator: "\n")
+        }
+        let cleanBefore = clean(before)
+        // Size the kill window from this machine's speed: a dry run does the
+        // walk and hashing, a real run adds linking (about as long again).
+        let t0 = Date()
+        _ = hashify(["unify", "-n", "-q"] + roots)
+        let window = UInt32(max(0.05, Date().timeIntervalSince(t0)) * 3_000_000)
+        var kills = 0
+        var killedWhileLinking = 0
+        for iteration in 0..<30 {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: hashifyBinary)
+            p.arguments = ["unify", "-q"] + roots
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            usleep(UInt32.random(in: 0...window))
+            if p.isRunning {
+                kill(p.processIdentifier, SIGKILL)
+                kills += 1
+            }
+            p.waitUntilExit()
+            // A run record exists only while a run is changing guests.
+            if !run(["/bin/ls", "-A", s.sub("guests/.hashify/runs")]).out.isEmpty { killedWhileLinking += 1 }
+            #expect(clean(manifest(roots)) == cleanBefore, "after kill \(iteration)")
+            // Undo the sharing now and then so later runs have work to do again.
+            if iteration % 5 == 4 {
+                for r in roots { _ = run(["/bin/sh", "-c", "cd '\(r)' && for f in usr/d*/f*; do cp -p \"$f\" \"$f.x\" && mv \"$f.x\" \"$f\"; done"]) }
+                for r in roots { settleDirectoryTimes(r) }
+                settle()
+            }
+        }
+        let final = hashify(["unify", "--json"] + roots)
+        #expect(final.status == 0, "\(final.err)")
+        #expect(manifest(roots) == manifest(roots))
+        #expect(clean(manifest(roots)) == cleanBefore)
+        let leftovers = run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out
+        #expect(leftovers.isEmpty, "temporary names left: \(leftovers)")
+        #expect(run(["/bin/ls", "-A", s.sub("guests/.hashify/runs")]).out.isEmpty)
+        print("kill test: \(kills) of 30 runs killed, \(killedWhileLinking) while linking")
+        #expect(kills > 5)
+        #expect(killedWhileLinking > 2, "kills must land in the linking phase")
+        // After the final run the tree is fully unified: a dry run finds nothing to do.
+        let dry = totals(hashify(["unify", "-n", "--json"] + roots).out)
+        #expect(dry["pathsLinked"] as? Int == 0)
+    }
+}
