@@ -15,6 +15,10 @@ public struct HashOutcome: Sendable {
     public var bytesRead: UInt64 = 0
     /// The state the file had while it was read (compared again before linking).
     public var stat: FileStat?
+    /// A coarse-clock reading taken before the read (ctime is older).
+    public var verifiedAt: Timestamp?
+    /// True when the digest came from the store's index (nothing was read).
+    public var fromIndex = false
 }
 
 /// Hashes candidate inodes with SHA-256 on a bounded pool of threads, each
@@ -87,7 +91,7 @@ public struct ContentHasher: Sendable {
     static func digestAndIdentity(of file: OpenFile, stat st: FileStat,
                                   buffer: UnsafeMutableRawBufferPointer) throws -> (ContentDigest, MetadataIdentity, UInt64) {
         let xattrs = try file.extendedAttributes()
-        file.adviseSequential()
+        if st.size > 1 << 20 { file.adviseSequential() }
         var sha = SHA256()
         var total: UInt64 = 0
         while true {
@@ -124,6 +128,7 @@ public struct ContentHasher: Sendable {
             }
             outcome.digest = digest
             outcome.identity = identity
+            outcome.verifiedAt = before
             outcome.stat = after
         } catch is DirectoryOpener.DirectoryChanged {
             outcome.skip = .changedDuringRun

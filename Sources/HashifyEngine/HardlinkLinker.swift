@@ -24,30 +24,43 @@ public struct LinkOutcome: Sendable {
 /// inode is replaced by a link to it, one atomic rename per name.
 ///
 /// Before each replacement the victim and the object are opened, leased
-/// (`F_RDLCK`: refused while anyone has them open for writing; holds off
-/// new writers) and compared with the state they had when hashed. The
+/// (`F_RDLCK`: refused while anyone has them open for writing; holds off new
+/// writers) and compared with the state they had when hashed. The
 /// replacement links the object to a temporary name and exchanges it with
 /// the path (`renameat2(RENAME_EXCHANGE)`), then checks that what came out is
 /// the victim; if a guest renamed something else there meanwhile, the
 /// exchange is undone and nothing of the guest's is lost.
+///
+/// Objects stay leased for a short batch; before their leases go, the
+/// coarse clock is let pass their last ctime, so the index entries written
+/// for them cannot miss a write that follows.
 final class HardlinkLinker {
     let inventory: Inventory
     let roots: [GuestRoot]
     let store: Store
     let journal: RunJournal
     let opener: DirectoryOpener
-    var expected: [Int32: FileStat] = [:]
+    let keeperOpener: DirectoryOpener
+    var index: ContentIndex
+    var expected: [Int32: FileStat]
     var temporaryCounter = 0
     var outcome = LinkOutcome()
     var progress: (@Sendable (Int, Int) -> Void)?
+    /// Store objects by inode (for keepers that already are objects).
+    let storeNames: [InodeKey: FileName]
 
-    init(inventory: Inventory, roots: [GuestRoot], store: Store, journal: RunJournal, hashed: [Int32: FileStat]) {
+    init(inventory: Inventory, roots: [GuestRoot], store: Store, journal: RunJournal,
+         expected: [Int32: FileStat], index: ContentIndex, objects: [Store.Object]) {
         self.inventory = inventory
         self.roots = roots
         self.store = store
         self.journal = journal
         self.opener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
-        self.expected = hashed
+        self.keeperOpener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
+        self.expected = expected
+        self.index = index
+        self.storeNames = Dictionary(objects.map { (InodeKey(device: $0.stat.device, inode: $0.stat.inode), $0.name) },
+                                     uniquingKeysWith: { a, _ in a })
     }
 
     struct Mismatch: Error {}
@@ -65,67 +78,104 @@ final class HardlinkLinker {
     }
 
     /// Checks an open file against the state hashify last saw it in.
-    func verify(_ file: OpenFile, inode: Int32) throws -> FileStat {
+    func verify(_ file: OpenFile, inode: Int32) throws {
         let st = try file.stat()
         guard let exp = expected[inode], st.sameContentState(as: exp), st.mode == exp.mode,
               st.uid == exp.uid, st.gid == exp.gid else { throw Mismatch() }
-        return st
     }
 
-    /// Opens `name` in `dir`, leases it and checks it twice (before and under the lease).
+    /// Opens `name` in `dir`, leases it and checks it under the lease.
     func openLeased(_ dir: Directory, _ name: FileName, inode: Int32) throws -> OpenFile {
         let f = try dir.openFileForReading(name)
-        _ = try verify(f, inode: inode)
         try f.takeReadLease()
-        _ = try verify(f, inode: inode)
+        try verify(f, inode: inode)
         return f
     }
 
-    // The object of each group: (inode, name, generation).
-    var objectOf: [Int: (inode: Int32, name: FileName, generation: Int)] = [:]
+    // MARK: objects
 
-    func run(_ groups: [Planner.Group]) -> LinkOutcome {
-        createObjects(groups)
-        replaceVictims(groups)
-        return outcome
+    struct Object {
+        var inode: Int32
+        var name: FileName
+        var generation: Int
+    }
+    var objectOf: [Int: Object] = [:]
+    /// Leased, open objects: inode → (file, group).
+    var held: [Int32: (file: OpenFile, group: Int)] = [:]
+    var heldSince: Int64 = 0
+
+    /// The group's object, open and leased: the existing store object, or the
+    /// keeper published into the store now.
+    func object(for g: Int, _ group: Planner.Group) throws -> (Object, OpenFile) {
+        if let o = objectOf[g] {
+            if let h = held[o.inode] {
+                try verify(h.file, inode: o.inode)
+                return (o, h.file)
+            }
+            let f = try openLeased(try store.prefixDirectory(group.digest.bytes[0]), o.name, inode: o.inode)
+            hold(f, inode: o.inode, group: g)
+            return (o, f)
+        }
+        let keeper = inventory.inodes[Int(group.keeper)]
+        let key = InodeKey(device: keeper.stat.device, inode: keeper.stat.inode)
+        if keeper.storeObject >= 0, let name = storeNames[key] {
+            let o = Object(inode: group.keeper, name: name, generation: Store.parseObjectName(name)?.2 ?? 0)
+            objectOf[g] = o
+            let f = try openLeased(try store.prefixDirectory(group.digest.bytes[0]), name, inode: group.keeper)
+            hold(f, inode: group.keeper, group: g)
+            return (o, f)
+        }
+        // Publish the keeper: link it into the store under lease (no data copied).
+        let nameIndex = keeper.names[0]
+        let dir = try keeperOpener.open(inventory.names[Int(nameIndex)].directory)
+        let file = try openLeased(dir, inventory.fileName(nameIndex), inode: group.keeper)
+        let (name, generation) = try publish(file, group: group, fromGeneration: 0)
+        expected[group.keeper] = try file.stat()
+        outcome.objectsCreated += 1
+        let o = Object(inode: group.keeper, name: name, generation: generation)
+        objectOf[g] = o
+        hold(file, inode: group.keeper, group: g)
+        return (o, file)
     }
 
-    /// Phase 1: a store object for every group whose keeper is not one yet.
-    func createObjects(_ groups: [Planner.Group]) {
-        let storeObjects = Dictionary(uniqueKeysWithValues: ((try? store.listObjects()) ?? []).map {
-            (InodeKey(device: $0.stat.device, inode: $0.stat.inode), $0.name)
-        })
-        let order = groups.indices.sorted {
-            let a = inventory.inodes[Int(groups[$0].keeper)].names[0], b = inventory.inodes[Int(groups[$1].keeper)].names[0]
-            return inventory.names[Int(a)].directory < inventory.names[Int(b)].directory
-        }
-        for g in order {
-            let group = groups[g]
-            let keeper = inventory.inodes[Int(group.keeper)]
-            let key = InodeKey(device: keeper.stat.device, inode: keeper.stat.inode)
-            if keeper.storeObject >= 0, let name = storeObjects[key] {
-                objectOf[g] = (group.keeper, name, Store.parseObjectName(name)?.2 ?? 0)
-                continue
-            }
-            let nameIndex = keeper.names[0]
-            do {
-                let dir = try opener.open(inventory.names[Int(nameIndex)].directory)
-                let file = try openLeased(dir, inventory.fileName(nameIndex), inode: group.keeper)
-                let (name, generation) = try publish(file, group: group, fromGeneration: 0)
-                expected[group.keeper] = try file.stat()
-                file.releaseLease()
-                objectOf[g] = (group.keeper, name, generation)
-                outcome.objectsCreated += 1
-            } catch {
-                skip(nameIndex, Self.reason(for: error, operation: "link into store"))
+    func hold(_ f: OpenFile, inode: Int32, group: Int) {
+        if held.isEmpty { heldSince = Timestamp.now().totalNanoseconds }
+        held[inode] = (f, group)
+    }
+
+    /// Records held objects in the index and releases them. An object is let
+    /// go only once the coarse clock is past its ctime (while the lease kept
+    /// writers out), so `verifiedAt` is later than any ctime a write before it
+    /// could have left. Objects changed in the current clock tick stay held
+    /// until the next release; with `all`, this waits for the tick to pass.
+    func releaseObjects(_ groups: [Planner.Group], all: Bool) {
+        if held.isEmpty { return }
+        var now = coarseNow()
+        if all {
+            let latest = held.keys.compactMap { expected[$0]?.changeTime }.max() ?? Timestamp(seconds: 0, nanoseconds: 0)
+            while !(latest < now) {
+                usleep(500)
+                now = coarseNow()
             }
         }
+        for (inode, h) in held {
+            guard let exp = expected[inode], exp.changeTime < now else { continue }
+            if let st = try? h.file.stat(), st.sameContentState(as: exp), h.file.holdsReadLease {
+                let g = groups[h.group]
+                index.record(st, verifiedAt: now, digest: g.digest, xattrDigest: g.identity.xattrDigest)
+            } else {
+                index.remove(exp.device, exp.inode)
+            }
+            h.file.releaseLease()
+            held[inode] = nil
+        }
+        heldSince = Timestamp.now().totalNanoseconds
     }
 
     /// Links an open (leased) file into the store under the first free generation.
     func publish(_ file: OpenFile, group: Planner.Group, fromGeneration: Int) throws -> (FileName, Int) {
         let dir = try store.prefixDirectory(group.digest.bytes[0])
-        let key = MetadataIdentity(stat: try file.stat(), xattrs: try file.extendedAttributes()).key
+        let key = MetadataIdentity(stat: try file.stat(), xattrDigest: group.identity.xattrDigest).key
         var generation = fromGeneration
         while true {
             let name = Store.objectName(digest: group.digest, key: key, generation: generation)
@@ -138,16 +188,18 @@ final class HardlinkLinker {
         }
     }
 
+    // MARK: replacing
+
     struct Action {
         var group: Int
         var victim: Int32
         var name: Int32
     }
 
-    /// Phase 2: every name of every victim, in walk order, one directory at a time.
-    func replaceVictims(_ groups: [Planner.Group]) {
+    /// Every name of every victim, in walk order, one directory at a time.
+    func run(_ groups: [Planner.Group]) -> LinkOutcome {
         var actions: [Action] = []
-        for (g, group) in groups.enumerated() where objectOf[g] != nil {
+        for (g, group) in groups.enumerated() {
             for v in group.victims {
                 for n in inventory.inodes[Int(v)].names { actions.append(Action(group: g, victim: v, name: n)) }
             }
@@ -156,10 +208,9 @@ final class HardlinkLinker {
             let da = inventory.names[Int(a.name)].directory, db = inventory.names[Int(b.name)].directory
             return da != db ? da < db : a.name < b.name
         }
-        var remainingNames: [Int32: Int] = [:]
-        for a in actions { remainingNames[a.victim, default: 0] += 1 }
         var promoted = Set<Int32>()
         var failedVictims = Set<Int32>()
+        var failedGroups = Set<Int>()
         var currentDir: Int32 = -1
         var currentDirectory: Directory?
         var restoreMtime = false
@@ -177,11 +228,15 @@ final class HardlinkLinker {
 
         for (i, action) in actions.enumerated() {
             if i & 255 == 0 { progress?(i, actions.count) }
+            // Keep object leases short: release them every 50 ms or 512 objects.
+            if i & 31 == 0, !held.isEmpty, held.count >= 512 || Timestamp.now().totalNanoseconds - heldSince > 50_000_000 {
+                releaseObjects(groups, all: false)
+            }
             let group = groups[action.group]
             let nameIndex = action.name
             let dirID = inventory.names[Int(nameIndex)].directory
             if promoted.contains(action.victim) { continue }
-            if failedVictims.contains(action.victim) {
+            if failedVictims.contains(action.victim) || failedGroups.contains(action.group) {
                 skip(nameIndex, .changedDuringRun)
                 continue
             }
@@ -200,10 +255,16 @@ final class HardlinkLinker {
                 let name = inventory.fileName(nameIndex)
                 let victimFile = try openLeased(dir, name, inode: action.victim)
                 defer { victimFile.releaseLease() }
-                guard var object = objectOf[action.group] else { continue }
-                let objectDir = try store.prefixDirectory(group.digest.bytes[0])
-                let objectFile = try openLeased(objectDir, object.name, inode: object.inode)
-                defer { objectFile.releaseLease() }
+                let object: Object
+                let objectFile: OpenFile
+                do {
+                    (object, objectFile) = try self.object(for: action.group, group)
+                } catch {
+                    failedGroups.insert(action.group)
+                    let keeperName = inventory.inodes[Int(group.keeper)].names[0]
+                    skip(keeperName, Self.reason(for: error, operation: "link into store"))
+                    throw error
+                }
                 temporaryCounter += 1
                 let temp = FileName(tempPrefix + Array(String(temporaryCounter).utf8))
                 do {
@@ -212,13 +273,11 @@ final class HardlinkLinker {
                     // The object is full: this victim becomes the next object of the group.
                     let (newName, generation) = try publish(victimFile, group: group, fromGeneration: object.generation + 1)
                     expected[action.victim] = try victimFile.stat()
-                    object = (action.victim, newName, generation)
-                    objectOf[action.group] = object
+                    objectOf[action.group] = Object(inode: action.victim, name: newName, generation: generation)
                     promoted.insert(action.victim)
                     outcome.objectsCreated += 1
                     continue
                 }
-                expected[object.inode] = try objectFile.stat()
                 try dir.rename(temp, to: dir, as: name, flags: .exchange)
                 let out = try dir.stat(temp)
                 if out.inode != inventory.inodes[Int(action.victim)].stat.inode {
@@ -241,7 +300,6 @@ final class HardlinkLinker {
                 if inventory.inodes[Int(action.victim)].stat.modificationTime != group.identity.modificationTime {
                     outcome.pathsWithOtherModificationTime += 1
                 }
-                remainingNames[action.victim]! -= 1
                 if after.linkCount == 0 {
                     let owner = Int(inventory.inodes[Int(action.victim)].guest)
                     outcome.inodesFreed += 1
@@ -249,14 +307,19 @@ final class HardlinkLinker {
                     outcome.perGuestInodes[owner, default: 0] += 1
                     outcome.perGuestBytes[owner, default: 0] += after.allocatedBytes
                     outcome.freed.append(InodeKey(device: after.device, inode: after.inode))
+                    index.remove(after.device, after.inode)
                 }
             } catch {
-                skip(nameIndex, Self.reason(for: error, operation: "replace"))
+                if !failedGroups.contains(action.group) || !(error is Mismatch) {
+                    skip(nameIndex, Self.reason(for: error, operation: "replace"))
+                }
                 // The victim's other names stay with it (never split an inode's names further).
                 failedVictims.insert(action.victim)
             }
         }
         finishDirectory()
+        releaseObjects(groups, all: true)
         progress?(actions.count, actions.count)
+        return outcome
     }
 }

@@ -28,6 +28,11 @@ public struct MetadataIdentity: Hashable, Sendable {
         xattrDigest = Self.digest(of: xattrs)
     }
 
+    /// The identity of a file whose xattr digest is known (from the index).
+    public init(stat: FileStat, xattrDigest: [UInt8]) {
+        self.init(mode: stat.mode, uid: stat.uid, gid: stat.gid, modificationTime: stat.modificationTime, xattrDigest: xattrDigest)
+    }
+
     public init(mode: UInt32, uid: UInt32, gid: UInt32, modificationTime: Timestamp, xattrDigest: [UInt8]) {
         self.mode = mode; self.uid = uid; self.gid = gid
         self.modificationTime = modificationTime; self.xattrDigest = xattrDigest

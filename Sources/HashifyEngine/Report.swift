@@ -15,6 +15,8 @@ public struct UnifyReport: Sendable, Codable {
         /// Inodes that share size and known metadata with another (only these are read).
         public var candidates = 0
         public var bytesHashed: UInt64 = 0
+        /// Candidates whose digest the store's index knew (not read).
+        public var indexHits = 0
         /// Sets of inodes with equal content and identity.
         public var identityGroups = 0
         /// Paths replaced by a link to a store object (or that would be, in a dry run).
@@ -56,10 +58,14 @@ public struct UnifyReport: Sendable, Codable {
     public var dryRun: Bool
     public var store: String
     public var seconds: Double = 0
+    /// Wall seconds per phase: walk, hash, link (and recovery when it ran).
+    public var phaseSeconds: [String: Double] = [:]
     public var totals = Totals()
     public var guests: [Guest] = []
     public var skipped: [SkippedPath] = []
     public var processesToRestart: [StaleProcess] = []
+    /// Warnings about the run itself (a damaged index that was rebuilt, ...).
+    public var notes: [String] = []
 
     /// 0 done, 1 done with files skipped because of errors.
     public var exitStatus: Int32 { totals.errors > 0 ? 1 : 0 }
@@ -85,12 +91,14 @@ extension UnifyReport {
         out += "hashify unify\(dryRun ? " (dry run: nothing changed)" : "") — store \(store)\n"
         out += "scanned   \(t.filesScanned) files (\(formatBytes(t.bytesScanned))) in \(t.guests) guests, \(t.directories) directories"
         out += "; excluded \(t.excluded), conffiles \(t.conffiles), below min size \(t.belowMinimumSize)\n"
-        out += "hashed    \(t.candidates) candidate files, \(formatBytes(t.bytesHashed)) read; \(t.identityGroups) groups of identical files\n"
+        out += "hashed    \(t.candidates) candidate files (\(t.indexHits) known from the index), \(formatBytes(t.bytesHashed)) read; "
+        out += "\(t.identityGroups) groups of identical files\n"
         out += "\(verb.padding(toLength: 11, withPad: " ", startingAt: 0))\(t.pathsLinked) paths; \(t.inodesFreed) copies freed, "
         out += "\(formatBytes(t.bytesSaved)) saved (maximum under the identity rules: \(formatBytes(t.bytesSavedMaximum)))\n"
         if t.pathsWithOtherModificationTime > 0 {
             out += "mtime     \(t.pathsWithOtherModificationTime) paths \(dryRun ? "would get" : "got") another mtime (--ignore-mtime)\n"
         }
+        for n in notes { out += "note      \(n)\n" }
         if t.temporariesRemoved > 0 { out += "cleaned   \(t.temporariesRemoved) temporary names of an interrupted run\n" }
         out += "\n"
         let w = max(5, guests.map { $0.root.count }.max() ?? 5)

@@ -118,6 +118,29 @@ public final class Store: @unchecked Sendable {
         return result
     }
 
+    // MARK: guests
+
+    /// Remembers guest roots (STORE/guests, NUL-separated) so that status,
+    /// gc and split know them without being told; roots that are gone are dropped.
+    public func rememberGuests(_ roots: [FilePath]) {
+        var all = rememberedGuests()
+        for r in roots where !all.contains(r) { all.append(r) }
+        all = all.filter { (try? Directory.open(path: $0)) != nil }
+        var data: [UInt8] = []
+        for r in all { data += Array(r.string.utf8) + [0] }
+        let temp = FileName("guests.new")
+        try? directory.unlink(temp)
+        guard let f = try? directory.createFile(temp, mode: 0o600) else { return }
+        try? f.write(data)
+        try? directory.rename(temp, to: directory, as: FileName("guests"))
+    }
+
+    /// Guest roots earlier runs were given.
+    public func rememberedGuests() -> [FilePath] {
+        guard let data = try? directory.openFileForReading(FileName("guests")).readAll() else { return [] }
+        return data.split(separator: 0).map { FilePath(String(decoding: $0, as: UTF8.self)) }
+    }
+
     // MARK: runs
 
     /// Records that a run with this id is changing guests (fsync'ed), so that

@@ -62,7 +62,14 @@ public struct Unifier {
         var walker = Walker(filter: filter, minimumSize: max(1, options.minimumSize))
         let sink = progress
         walker.onProgress = { n in sink?.update(phase: .walk, done: n, total: nil, bytes: 0, totalBytes: nil) }
+        var clock = Timestamp.now()
+        func lap(_ phase: String) {
+            let now = Timestamp.now()
+            report.phaseSeconds[phase, default: 0] += Double(now.totalNanoseconds - clock.totalNanoseconds) / 1e9
+            clock = now
+        }
         var walk = walker.walk(roots, conffiles: conffiles)
+        lap("walk")
         var skips = walk.skips
 
         // Attach store objects to the inodes guests link.
@@ -85,28 +92,47 @@ public struct Unifier {
             let n = inventory.inodes[Int(i)].names[0]
             skips.append(Skip(guest: Int(inventory.guest(ofName: n)), path: inventory.path(ofName: n), reason: .linksOutsideRoots))
         }
-        let totalBytes = candidates.inodes.reduce(UInt64(0)) { $0 + inventory.inodes[Int($1)].stat.size }
-        let count = candidates.inodes.count
-        let outcomes = ContentHasher(threads: options.threads).hash(candidates.inodes, inventory: inventory,
-                                                                    roots: roots.map(\.directory)) { files, bytes in
+        // Inodes the index vouches for are not read at all.
+        var index = store.map { ContentIndex.load(from: $0) } ?? ContentIndex()
+        if let problem = index.problem { report.notes.append(problem) }
+        var outcomes = [HashOutcome](repeating: HashOutcome(), count: candidates.inodes.count)
+        var toHash: [Int] = []
+        for (slot, inode) in candidates.inodes.enumerated() {
+            let st = inventory.inodes[Int(inode)].stat
+            if let e = index.lookup(st) {
+                outcomes[slot] = HashOutcome(digest: e.digest, identity: MetadataIdentity(stat: st, xattrDigest: e.xattrDigest),
+                                             stat: st, verifiedAt: e.verifiedAt, fromIndex: true)
+            } else {
+                toHash.append(slot)
+            }
+        }
+        let hashList = toHash.map { candidates.inodes[$0] }
+        let totalBytes = hashList.reduce(UInt64(0)) { $0 + inventory.inodes[Int($1)].stat.size }
+        let count = hashList.count
+        let hashedOutcomes = ContentHasher(threads: options.threads).hash(hashList, inventory: inventory,
+                                                                          roots: roots.map(\.directory)) { files, bytes in
             sink?.update(phase: .hash, done: files, total: count, bytes: bytes, totalBytes: totalBytes)
         }
-        var hashed: [Int32: FileStat] = [:]
+        for (i, slot) in toHash.enumerated() { outcomes[slot] = hashedOutcomes[i] }
+        lap("hash")
+        var expected: [Int32: FileStat] = [:]
         for (slot, o) in outcomes.enumerated() {
             report.totals.bytesHashed += o.bytesRead
+            if o.fromIndex { report.totals.indexHits += 1 }
             let inode = candidates.inodes[slot]
             if let r = o.skip {
                 let n = inventory.inodes[Int(inode)].names[0]
                 skips.append(Skip(guest: Int(inventory.guest(ofName: n)), path: inventory.path(ofName: n), reason: r))
-            } else if let st = o.stat {
-                hashed[inode] = st
+            } else if let st = o.stat, let d = o.digest, let id = o.identity, let at = o.verifiedAt {
+                expected[inode] = st
+                if !o.fromIndex { index.record(st, verifiedAt: at, digest: d, xattrDigest: id.xattrDigest) }
             }
         }
         let groups = Planner.groups(inventory, candidates: candidates.inodes, outcomes: outcomes,
                                     ignoreModificationTime: options.ignoreModificationTime)
 
         // Totals the plan promises.
-        report.totals.candidates = count
+        report.totals.candidates = candidates.inodes.count
         report.totals.identityGroups = groups.count
         var perGuest = roots.map { UnifyReport.Guest(root: $0.path.string) }
         for (g, c) in walk.counts.enumerated() {
@@ -143,10 +169,14 @@ public struct Unifier {
             }
         } else if let store {
             let journal = try RunJournal(store: store, runID: makeRunID())
-            let linker = HardlinkLinker(inventory: inventory, roots: roots, store: store, journal: journal, hashed: hashed)
+            let linker = HardlinkLinker(inventory: inventory, roots: roots, store: store, journal: journal,
+                                        expected: expected, index: index, objects: objects)
             let total = groups.reduce(0) { n, g in n + g.victims.reduce(0) { $0 + inventory.inodes[Int($1)].names.count } }
             linker.progress = { done, _ in sink?.update(phase: .link, done: done, total: total, bytes: 0, totalBytes: nil) }
+            lap("plan")
             let linked = linker.run(groups)
+            lap("link")
+            index = linker.index
             journal.finish()
             skips += linked.skips
             report.totals.pathsLinked = linked.pathsLinked
@@ -158,6 +188,13 @@ public struct Unifier {
             for (g, n) in linked.perGuestInodes { perGuest[g].inodesFreed = n }
             for (g, n) in linked.perGuestBytes { perGuest[g].bytesSaved = n }
             report.processesToRestart = ProcessScanner.processesMapping(Set(linked.freed))
+        }
+        if let store, !options.dryRun {
+            // Keep what this walk saw (and entries of other filesystems); drop the rest.
+            let device = roots[0].stat.device
+            index.prune { $0.device != device || inventory.index(of: $0) != nil }
+            do { try index.save(to: store) } catch { report.notes.append("could not save the index: \(error)") }
+            store.rememberGuests(roots.map(\.path))
         }
         sink?.finish()
 

@@ -63,6 +63,10 @@ public final class OpenFile: @unchecked Sendable {
         _ = try retrying { hashify_setlease(self.fd, HASHIFY_F_RDLCK) }
     }
 
+    /// Whether this descriptor still holds its read lease (a lease a writer
+    /// waited out is broken by the kernel). `fcntl(F_GETLEASE)`.
+    public var holdsReadLease: Bool { hashify_getlease(fd) == HASHIFY_F_RDLCK }
+
     /// Releases the lease (`fcntl(F_SETLEASE, F_UNLCK)`).
     public func releaseLease() {
         _ = hashify_setlease(fd, HASHIFY_F_UNLCK)

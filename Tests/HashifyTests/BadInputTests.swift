@@ -100,10 +100,11 @@ struct BadInputTests {
         for r in [a, b] {
             mkdirs(r + "/usr")
             let dir = try Directory.open(path: .init(r + "/usr"))
-            for raw in [Array("new\nline".utf8), [0x66, 0xff, 0xfe, 0x80], Array("sp ace".utf8), Array("tab\tand\\".utf8)] {
+            let names: [[UInt8]] = [Array("new\nline".utf8), [0x66, 0xff, 0xfe, 0x80], Array("sp ace".utf8), Array("tab\tand\\".utf8)]
+            for (i, raw) in names.enumerated() {
                 let name = FileName(raw)
                 let f = try dir.createFile(name, mode: 0o644)
-                try f.write(pseudoRandom(300, seed: UInt64(raw.count)))
+                try f.write(pseudoRandom(300, seed: UInt64(i)))
                 try f.setModificationTime(Timestamp(seconds: 1_600_000_000, nanoseconds: 0))
             }
             // A directory with an invalid name too.
@@ -111,6 +112,7 @@ struct BadInputTests {
             let sub = try dir.openDirectory(FileName([0xc3, 0x28]))
             let f = try sub.createFile(FileName("inner"), mode: 0o644)
             try f.write(pseudoRandom(400, seed: 9))
+            try f.setModificationTime(Timestamp(seconds: 1_600_000_000, nanoseconds: 0))
         }
         settle()
         let before = manifest([a, b])
