@@ -39,11 +39,11 @@ final class HardlinkLinker {
     let roots: [GuestRoot]
     let store: Store
     let journal: RunJournal
-    let opener: DirectoryOpener
+    let directories: DirectoryChanges
     let keeperOpener: DirectoryOpener
     var index: ContentIndex
     var expected: [Int32: FileStat]
-    var temporaryCounter = 0
+    var temporaries: TemporaryNames
     var outcome = LinkOutcome()
     var progress: (@Sendable (Int, Int) -> Void)?
     /// Store objects by inode (for keepers that already are objects).
@@ -55,7 +55,8 @@ final class HardlinkLinker {
         self.roots = roots
         self.store = store
         self.journal = journal
-        self.opener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
+        self.directories = DirectoryChanges(inventory: inventory, roots: roots, journal: journal)
+        self.temporaries = TemporaryNames(runID: journal.runID)
         self.keeperOpener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
         self.expected = expected
         self.index = index
@@ -70,7 +71,7 @@ final class HardlinkLinker {
     }
 
     static func reason(for error: any Error, operation: String) -> SkipReason {
-        if error is Mismatch || error is DirectoryOpener.DirectoryChanged { return .changedDuringRun }
+        if error is Mismatch || error is NameMoved || error is DirectoryOpener.DirectoryChanged { return .changedDuringRun }
         let e = errnoCode(error)
         if e == EAGAIN { return .openForWriting }
         if e == ENOENT || e == ELOOP || e == ENOTDIR || e == ESTALE { return .changedDuringRun }
@@ -211,21 +212,6 @@ final class HardlinkLinker {
         var promoted = Set<Int32>()
         var failedVictims = Set<Int32>()
         var failedGroups = Set<Int>()
-        var currentDir: Int32 = -1
-        var currentDirectory: Directory?
-        var restoreMtime = false
-        let tempPrefix = Walker.temporaryPrefix + Array("\(journal.runID)~".utf8)
-
-        func finishDirectory() {
-            guard currentDir >= 0, let d = currentDirectory else { return }
-            if restoreMtime {
-                try? d.setModificationTime(inventory.directories[Int(currentDir)].modificationTime)
-            }
-            journal.endDirectory()
-            currentDirectory = nil
-            currentDir = -1
-        }
-
         for (i, action) in actions.enumerated() {
             if i & 255 == 0 { progress?(i, actions.count) }
             // Keep object leases short: release them every 50 ms or 512 objects.
@@ -241,17 +227,7 @@ final class HardlinkLinker {
                 continue
             }
             do {
-                if dirID != currentDir {
-                    finishDirectory()
-                    let d = try opener.open(dirID)
-                    let entry = inventory.directories[Int(dirID)]
-                    restoreMtime = (try d.stat().modificationTime) == entry.modificationTime
-                    journal.beginDirectory(root: Array(roots[Int(entry.guest)].path.string.utf8), inode: entry.inode,
-                                           mtime: entry.modificationTime)
-                    currentDir = dirID
-                    currentDirectory = d
-                }
-                let dir = currentDirectory!
+                let dir = try directories.enter(dirID)
                 let name = inventory.fileName(nameIndex)
                 let victimFile = try openLeased(dir, name, inode: action.victim)
                 defer { victimFile.releaseLease() }
@@ -265,8 +241,7 @@ final class HardlinkLinker {
                     skip(keeperName, Self.reason(for: error, operation: "link into store"))
                     throw error
                 }
-                temporaryCounter += 1
-                let temp = FileName(tempPrefix + Array(String(temporaryCounter).utf8))
+                let temp = temporaries.next()
                 do {
                     try objectFile.link(into: dir, as: temp)
                 } catch Errno.tooManyLinks {
@@ -278,19 +253,12 @@ final class HardlinkLinker {
                     outcome.objectsCreated += 1
                     continue
                 }
-                try dir.rename(temp, to: dir, as: name, flags: .exchange)
-                let out = try dir.stat(temp)
-                if out.inode != inventory.inodes[Int(action.victim)].stat.inode {
-                    // Someone put another file at this name meanwhile: give it back.
-                    try dir.rename(temp, to: dir, as: name, flags: .exchange)
-                    if (try? dir.stat(temp))?.inode == inventory.inodes[Int(object.inode)].stat.inode {
-                        try? dir.unlink(temp)
-                    } else {
-                        skip(nameIndex, .unknownTemporary)
-                    }
+                let victimInode = inventory.inodes[Int(action.victim)].stat.inode
+                guard try exchange(temp, with: name, in: dir, expectedInode: victimInode,
+                                   tempInode: inventory.inodes[Int(object.inode)].stat.inode) else {
+                    skip(nameIndex, .unknownTemporary)
                     throw Mismatch()
                 }
-                try dir.unlink(temp)
                 let after = try victimFile.stat()
                 expected[action.victim] = after
                 expected[object.inode] = try objectFile.stat()
@@ -317,7 +285,7 @@ final class HardlinkLinker {
                 failedVictims.insert(action.victim)
             }
         }
-        finishDirectory()
+        directories.finish()
         releaseObjects(groups, all: true)
         progress?(actions.count, actions.count)
         return outcome

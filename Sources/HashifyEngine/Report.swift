@@ -42,6 +42,10 @@ public struct UnifyReport: Sendable, Codable {
         public var inodesFreed = 0
         public var bytesSaved: UInt64 = 0
         public var skipped = 0
+        /// Paths that link a store object (before this run's changes in a dry run).
+        public var pathsShared = 0
+        /// Their apparent size, counted per path.
+        public var bytesShared: UInt64 = 0
     }
 
     public struct SkippedPath: Sendable, Codable {

@@ -146,6 +146,13 @@ public struct Unifier {
             report.totals.belowMinimumSize += c.belowMinimumSize
         }
         report.totals.guests = roots.count
+        for e in inventory.inodes where e.storeObject >= 0 {
+            for n in e.names {
+                let g = Int(inventory.guest(ofName: n))
+                perGuest[g].pathsShared += 1
+                perGuest[g].bytesShared += e.stat.size
+            }
+        }
         for group in groups {
             for v in group.victims {
                 report.totals.bytesSavedMaximum += inventory.inodes[Int(v)].stat.allocatedBytes
@@ -184,7 +191,7 @@ public struct Unifier {
             report.totals.bytesSaved = linked.bytesSaved
             report.totals.objectsCreated = linked.objectsCreated
             report.totals.pathsWithOtherModificationTime = linked.pathsWithOtherModificationTime
-            for (g, n) in linked.perGuestPaths { perGuest[g].pathsLinked = n }
+            for (g, n) in linked.perGuestPaths { perGuest[g].pathsLinked = n; perGuest[g].pathsShared += n }
             for (g, n) in linked.perGuestInodes { perGuest[g].inodesFreed = n }
             for (g, n) in linked.perGuestBytes { perGuest[g].bytesSaved = n }
             report.processesToRestart = ProcessScanner.processesMapping(Set(linked.freed))

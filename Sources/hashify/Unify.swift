@@ -71,14 +71,7 @@ struct Unify: ParsableCommand {
         options.threads = threads ?? ProcessInfo.processInfo.activeProcessorCount
         options.waitForLock = !noWait
         let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
-        let report: UnifyReport
-        do {
-            report = try Unifier(options: options, progress: progress).run()
-        } catch let e as InputError {
-            fail(e.description)
-        } catch is Store.Busy {
-            fail("the store is in use by another hashify run (without --no-wait, hashify waits)", status: 3)
-        }
+        let report = runEngine { try Unifier(options: options, progress: progress).run() }
         emit(report, output: output) { $0.humanReadable(verbose: output.verbose) }
         if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
     }

@@ -1,0 +1,81 @@
+import HashifySystem
+
+/// Changes to guest directories, one directory at a time in walk order:
+/// journals the directory before its first change and gives it its walked
+/// mtime back after the last one (unless someone else changed it since the
+/// walk, which the mtime at the first change shows).
+final class DirectoryChanges {
+    let inventory: Inventory
+    let roots: [GuestRoot]
+    let journal: RunJournal
+    let opener: DirectoryOpener
+    private var current: Int32 = -1
+    private var currentDirectory: Directory?
+    private var restore = false
+
+    init(inventory: Inventory, roots: [GuestRoot], journal: RunJournal) {
+        self.inventory = inventory
+        self.roots = roots
+        self.journal = journal
+        self.opener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
+    }
+
+    /// The open directory `id`, finishing the previous one first.
+    func enter(_ id: Int32) throws -> Directory {
+        if id == current, let d = currentDirectory { return d }
+        finish()
+        let d = try opener.open(id)
+        let entry = inventory.directories[Int(id)]
+        restore = (try d.stat().modificationTime) == entry.modificationTime
+        journal.beginDirectory(root: Array(roots[Int(entry.guest)].path.string.utf8), inode: entry.inode,
+                               mtime: entry.modificationTime)
+        current = id
+        currentDirectory = d
+        return d
+    }
+
+    /// Gives the current directory its mtime back and closes the journal entry.
+    func finish() {
+        guard current >= 0, let d = currentDirectory else { return }
+        if restore { try? d.setModificationTime(inventory.directories[Int(current)].modificationTime) }
+        journal.endDirectory()
+        currentDirectory = nil
+        current = -1
+    }
+}
+
+/// A temporary name of this run: `.hashify~RUNID~N`.
+struct TemporaryNames {
+    let prefix: [UInt8]
+    var counter = 0
+    init(runID: String) { prefix = Walker.temporaryPrefix + Array("\(runID)~".utf8) }
+    mutating func next() -> FileName {
+        counter += 1
+        return FileName(prefix + Array(String(counter).utf8))
+    }
+}
+
+/// Raised when a name no longer refers to the inode hashify checked.
+struct NameMoved: Error {}
+
+/// Puts `temp` (already in `dir`, holding inode `tempInode`) in place of
+/// `name` with one atomic `renameat2(RENAME_EXCHANGE)`, then removes what came
+/// out — but only if it is `expectedInode`. If a guest renamed another file
+/// to `name` meanwhile, the exchange is undone and `NameMoved` thrown; the
+/// guest's file is never removed. Returns false when the temporary name was
+/// left because it no longer held `tempInode` (reported by the caller).
+@discardableResult
+func exchange(_ temp: FileName, with name: FileName, in dir: Directory, expectedInode: UInt64, tempInode: UInt64) throws -> Bool {
+    try dir.rename(temp, to: dir, as: name, flags: .exchange)
+    let out = try dir.stat(temp)
+    if out.inode == expectedInode {
+        try dir.unlink(temp)
+        return true
+    }
+    try dir.rename(temp, to: dir, as: name, flags: .exchange)
+    if (try? dir.stat(temp))?.inode == tempInode {
+        try? dir.unlink(temp)
+        throw NameMoved()
+    }
+    return false
+}

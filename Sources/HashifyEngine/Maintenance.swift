@@ -1,0 +1,321 @@
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where maintenance commands find the store and the guests: `--store`, or
+/// the default store of the given roots; roots given, or those the store remembers.
+public struct StoreLocation: Sendable {
+    public var store: FilePath?
+    public var roots: [FilePath]
+    public init(store: FilePath?, roots: [FilePath]) { self.store = store; self.roots = roots }
+
+    func resolve() throws -> (FilePath, Store, [FilePath]) {
+        guard let path = store ?? (roots.isEmpty ? nil : RootValidation.defaultStorePath(for: roots)) else {
+            throw InputError("give --store or the guest roots")
+        }
+        guard let s = try Store.open(at: path, create: false) else {
+            throw InputError("\(path): no hashify store here (run unify first, or give --store)")
+        }
+        let guests = roots.isEmpty ? s.rememberedGuests() : roots
+        return (path, s, guests)
+    }
+}
+
+/// Walks every file of the roots (no excludes) and marks store objects.
+func walkAll(_ roots: [GuestRoot], store: Store, filter: PathFilter = PathFilter(excludes: [], includes: [])) -> (Walker.Result, [Store.Object]) {
+    var walk = Walker(filter: filter, minimumSize: 1).walk(roots, conffiles: [])
+    let objects = (try? store.listObjects()) ?? []
+    for o in objects {
+        if let i = walk.inventory.index(of: InodeKey(device: o.stat.device, inode: o.stat.inode)) {
+            walk.inventory.inodes[Int(i)].storeObject = 0
+        }
+    }
+    return (walk, objects)
+}
+
+func skippedPaths(_ skips: [Skip], roots: [GuestRoot]) -> [UnifyReport.SkippedPath] {
+    skips.map {
+        UnifyReport.SkippedPath(root: roots[$0.guest].path.string, path: escapedPath($0.path), reason: $0.reason.code,
+                                detail: $0.reason.description, error: $0.reason.isError)
+    }
+}
+
+// MARK: status
+
+/// `hashify status`: what is shared now, the store's health, what a re-run would gain.
+public struct StatusReport: Sendable, Codable {
+    public struct StoreHealth: Sendable, Codable {
+        public var objects = 0
+        public var bytes: UInt64 = 0
+        /// Objects no guest links any more (gc removes them).
+        public var unreferencedObjects = 0
+        public var unreferencedBytes: UInt64 = 0
+        /// Objects with at least 90% of the filesystem's link limit.
+        public var objectsNearLinkLimit = 0
+        public var linkLimit = 0
+        public var indexEntries = 0
+        public var unfinishedRuns = 0
+    }
+    public var schema = 1
+    public var command = "status"
+    public var store: String
+    public var guests: [UnifyReport.Guest] = []
+    public var storeHealth = StoreHealth()
+    /// What `unify` would still link and save now.
+    public var rerunWouldLinkPaths = 0
+    public var rerunWouldSaveBytes: UInt64 = 0
+    public var notes: [String] = []
+}
+
+public enum StatusCommand {
+    public static func run(_ location: StoreLocation, unifyOptions: UnifyOptions) throws -> StatusReport {
+        let (path, store, guests) = try location.resolve()
+        var report = StatusReport(store: path.string)
+        if !guests.isEmpty {
+            var options = unifyOptions
+            options.roots = guests
+            options.store = path
+            options.dryRun = true
+            let plan = try Unifier(options: options).run()
+            report.guests = plan.guests
+            report.rerunWouldLinkPaths = plan.totals.pathsLinked
+            report.rerunWouldSaveBytes = plan.totals.bytesSaved
+            report.notes = plan.notes
+        } else {
+            report.notes.append("no guest roots known: give them to see per-guest figures")
+        }
+        let limit = Int(fpathconf(store.objects.fd, Int32(_PC_LINK_MAX)))
+        report.storeHealth.linkLimit = limit
+        for o in try store.listObjects() {
+            report.storeHealth.objects += 1
+            report.storeHealth.bytes += o.stat.allocatedBytes
+            if o.stat.linkCount == 1 {
+                report.storeHealth.unreferencedObjects += 1
+                report.storeHealth.unreferencedBytes += o.stat.allocatedBytes
+            }
+            if limit > 0 && Int(o.stat.linkCount) * 10 >= limit * 9 { report.storeHealth.objectsNearLinkLimit += 1 }
+        }
+        report.storeHealth.indexEntries = ContentIndex.load(from: store).entries.count
+        report.storeHealth.unfinishedRuns = store.unfinishedRuns().count
+        return report
+    }
+}
+
+// MARK: verify
+
+/// `hashify verify`: every store object re-hashed and compared with its name.
+public struct VerifyReport: Sendable, Codable {
+    public struct Damaged: Sendable, Codable {
+        public var object: String
+        /// What the content hashes to now.
+        public var digest: String
+        public var contentChanged: Bool
+        public var metadataChanged: Bool
+        public var paths: [UnifyReport.SkippedPath]
+        public var repaired = false
+    }
+    public var schema = 1
+    public var command = "verify"
+    public var store: String
+    public var repair: Bool
+    public var objectsChecked = 0
+    public var bytesRead: UInt64 = 0
+    public var damaged: [Damaged] = []
+    public var pathsSplit = 0
+    public var skipped: [UnifyReport.SkippedPath] = []
+    /// 0 every object intact; 1 damage found (repaired or not) or errors.
+    public var exitStatus: Int32 { damaged.isEmpty && skipped.allSatisfy { !$0.error } ? 0 : 1 }
+}
+
+public enum VerifyCommand {
+    public static func run(_ location: StoreLocation, repair: Bool, waitForLock: Bool) throws -> VerifyReport {
+        _ = prepareProcessForUnification()
+        let (path, store, guests) = try location.resolve()
+        if repair { try store.lock(wait: waitForLock) }
+        var report = VerifyReport(store: path.string, repair: repair)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        var bad: [(Store.Object, ContentDigest, Bool, Bool)] = []
+        for o in try store.listObjects() {
+            let dir = try store.prefixDirectory(o.digest.bytes[0])
+            do {
+                let f = try dir.openFileForReading(o.name)
+                let (digest, identity) = try ContentHasher.digest(of: f, buffer: buffer)
+                report.objectsChecked += 1
+                report.bytesRead += o.stat.size
+                let contentChanged = digest != o.digest
+                let metadataChanged = identity.key != o.metadataKey
+                if contentChanged || metadataChanged { bad.append((o, digest, contentChanged, metadataChanged)) }
+            } catch {
+                report.skipped.append(UnifyReport.SkippedPath(root: path.string, path: "/objects/" + o.name.description,
+                                                              reason: "verify-failed", detail: "\(error)", error: true))
+            }
+        }
+        if bad.isEmpty { return report }
+        // Every guest path that links a damaged object.
+        let roots = guests.isEmpty ? [] : try RootValidation.openRoots(guests)
+        let (walk, _) = walkAll(roots, store: store)
+        let inventory = walk.inventory
+        var index = ContentIndex.load(from: store)
+        for (o, digest, content, meta) in bad {
+            var d = VerifyReport.Damaged(object: o.name.description, digest: digest.hex, contentChanged: content,
+                                         metadataChanged: meta, paths: [])
+            let names = inventory.index(of: InodeKey(device: o.stat.device, inode: o.stat.inode)).map { inventory.inodes[Int($0)].names } ?? []
+            d.paths = names.map {
+                UnifyReport.SkippedPath(root: roots[Int(inventory.guest(ofName: $0))].path.string, path: escapedPath(inventory.path(ofName: $0)),
+                                        reason: "links-damaged-object", detail: "links the damaged object", error: false)
+            }
+            if repair {
+                // Each path gets its own copy of what it shows now; then the object leaves the store.
+                let journal = try RunJournal(store: store, runID: makeRunID())
+                let splitter = Splitter(inventory: inventory, roots: roots, journal: journal)
+                splitter.run(names)
+                journal.finish()
+                report.pathsSplit += splitter.split
+                report.skipped += skippedPaths(splitter.skips, roots: roots)
+                let dir = try store.prefixDirectory(o.digest.bytes[0])
+                if splitter.skips.isEmpty, let st = try? dir.stat(o.name), st.linkCount == 1 {
+                    try dir.unlink(o.name)
+                    index.remove(st.device, st.inode)
+                    d.repaired = true
+                }
+            }
+            report.damaged.append(d)
+        }
+        if repair { try index.save(to: store) }
+        return report
+    }
+}
+
+// MARK: gc
+
+/// `hashify gc`: unreferenced objects and leftovers removed.
+public struct GCReport: Sendable, Codable {
+    public var schema = 1
+    public var command = "gc"
+    public var store: String
+    public var dryRun: Bool
+    public var objectsRemoved = 0
+    public var bytesFreed: UInt64 = 0
+    public var temporariesRemoved = 0
+    public var skipped: [UnifyReport.SkippedPath] = []
+    public var notes: [String] = []
+    public var exitStatus: Int32 { skipped.contains { $0.error } ? 1 : 0 }
+}
+
+public enum GCCommand {
+    public static func run(_ location: StoreLocation, dryRun: Bool, waitForLock: Bool) throws -> GCReport {
+        _ = prepareProcessForUnification()
+        let (path, store, guests) = try location.resolve()
+        if !dryRun { try store.lock(wait: waitForLock) }
+        var report = GCReport(store: path.string, dryRun: dryRun)
+        var index = ContentIndex.load(from: store)
+        for o in try store.listObjects() where o.stat.linkCount == 1 {
+            let dir = try store.prefixDirectory(o.digest.bytes[0])
+            // Checked again right before: only the store's own name is left.
+            guard let st = try? dir.stat(o.name), st.linkCount == 1, st.inode == o.stat.inode else { continue }
+            if !dryRun {
+                try dir.unlink(o.name)
+                index.remove(st.device, st.inode)
+            }
+            report.objectsRemoved += 1
+            report.bytesFreed += st.allocatedBytes
+        }
+        if !dryRun {
+            if !store.unfinishedRuns().isEmpty {
+                if guests.isEmpty {
+                    report.notes.append("an interrupted run left temporary names; give the guest roots to remove them")
+                } else {
+                    let roots = try RootValidation.openRoots(guests)
+                    var (walk, objects) = walkAll(roots, store: store)
+                    var skips: [Skip] = []
+                    report.temporariesRemoved = Recovery.clean(walk: &walk, roots: roots, store: store, objects: objects, skips: &skips)
+                    report.skipped = skippedPaths(skips, roots: roots)
+                }
+            }
+            store.clearTemporary()
+            try index.save(to: store)
+        }
+        return report
+    }
+}
+
+// MARK: split
+
+/// `hashify split`: private copies again.
+public struct SplitReport: Sendable, Codable {
+    public var schema = 1
+    public var command = "split"
+    public var store: String
+    public var dryRun: Bool
+    public var pathsSplit = 0
+    public var notUnified = 0
+    public var skipped: [UnifyReport.SkippedPath] = []
+    public var exitStatus: Int32 { skipped.contains { $0.error } ? 1 : 0 }
+}
+
+public enum SplitCommand {
+    /// Splits `paths` (host paths inside known roots), or, when `paths` is
+    /// empty, every unified file of `location.roots` matching `includes`
+    /// (all of them without includes).
+    public static func run(_ location: StoreLocation, paths: [FilePath], includes: [[UInt8]],
+                           dryRun: Bool, waitForLock: Bool) throws -> SplitReport {
+        _ = prepareProcessForUnification()
+        let (storePath, store, guests) = try location.resolve()
+        var report = SplitReport(store: storePath.string, dryRun: dryRun)
+        var byRoot: [FilePath: [[UInt8]]] = [:]
+        if paths.isEmpty {
+            for r in guests { byRoot[r] = includes }
+        } else {
+            // Each path lies below a root; its rest is resolved from the root without following symlinks.
+            for p in paths {
+                guard p.isAbsolute, let root = guests.first(where: { p.starts(with: $0) && p != $0 })
+                        ?? guests.first(where: { r in RootValidation.canonical(r).map { p.starts(with: $0) && p != $0 } ?? false }) else {
+                    throw InputError("\(p): not below a guest root this store knows (give --root ROOT)")
+                }
+                let base = p.starts(with: root) ? root : RootValidation.canonical(root)!
+                var rel = p
+                _ = rel.removePrefix(base)
+                var pattern: [UInt8] = []
+                for c in rel.components {
+                    pattern.append(0x2f)
+                    for b in Array(c.string.utf8) {
+                        if b == 0x2a || b == 0x3f || b == 0x5b || b == 0x5c { pattern.append(0x5c) }
+                        pattern.append(b)
+                    }
+                }
+                byRoot[root, default: []].append(pattern)
+            }
+        }
+        if !dryRun { try store.lock(wait: waitForLock) }
+        let order = guests.filter { byRoot[$0] != nil }
+        let roots = try RootValidation.openRoots(order)
+        var names: [Int32] = []
+        var inventories: [(Walker.Result, [Int32])] = []
+        for (i, root) in roots.enumerated() {
+            let patterns = byRoot[order[i]] ?? []
+            let filter = PathFilter(excludes: patterns.isEmpty ? [] : [Array("/*".utf8)], includes: patterns)
+            let (walk, _) = walkAll([root], store: store, filter: filter)
+            names = []
+            for e in walk.inventory.inodes {
+                if e.storeObject >= 0 { names += e.names } else { report.notUnified += e.names.count }
+            }
+            if !paths.isEmpty && walk.inventory.names.count < patterns.count {
+                throw InputError("\(order[i]): some of the given paths are not regular files in this guest")
+            }
+            inventories.append((walk, names))
+        }
+        for (i, (walk, names)) in inventories.enumerated() {
+            if dryRun { report.pathsSplit += names.count; continue }
+            let journal = try RunJournal(store: store, runID: makeRunID())
+            let splitter = Splitter(inventory: walk.inventory, roots: [roots[i]], journal: journal)
+            splitter.run(names)
+            journal.finish()
+            report.pathsSplit += splitter.split
+            report.skipped += skippedPaths(splitter.skips, roots: [roots[i]])
+        }
+        return report
+    }
+}

@@ -1,0 +1,169 @@
+import ArgumentParser
+import HashifyEngine
+import HashifySystem
+import SystemPackage
+
+/// Runs an engine call, turning bad input into exit 2 and a busy store into exit 3.
+func runEngine<T>(_ body: () throws -> T) -> T {
+    do {
+        return try body()
+    } catch let e as InputError {
+        fail(e.description)
+    } catch is Store.Busy {
+        fail("the store is in use by another hashify run (without --no-wait, hashify waits)", status: 3)
+    } catch {
+        fail("\(error)", status: 1)
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show what is shared, the store's health and what a re-run would still gain.",
+        discussion: "Without ROOTs, the guests earlier unify runs on this store were given. Nothing is changed.")
+
+    @Argument(help: "Guest root directories (default: the ones the store remembers).")
+    var roots: [String] = []
+    @Option(help: "The store (default: .hashify beside the roots).")
+    var store: String?
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        let location = StoreLocation(store: store.map { FilePath($0) }, roots: roots.map { FilePath($0) })
+        let report = runEngine { try StatusCommand.run(location, unifyOptions: UnifyOptions(roots: [])) }
+        emit(report, output: output) { r in
+            var out = "hashify status — store \(r.store)\n\n"
+            let w = max(5, r.guests.map { $0.root.count }.max() ?? 5)
+            out += "GUEST".padding(toLength: w, withPad: " ", startingAt: 0) + "      FILES       BYTES     SHARED  BYTES SHARED\n"
+            for g in r.guests {
+                out += g.root.padding(toLength: w, withPad: " ", startingAt: 0)
+                out += pad(String(g.filesScanned), 11) + pad(formatBytes(g.bytesScanned), 12)
+                out += pad(String(g.pathsShared), 11) + pad(formatBytes(g.bytesShared), 14) + "\n"
+            }
+            let h = r.storeHealth
+            out += "\nstore     \(h.objects) objects, \(formatBytes(h.bytes)); \(h.indexEntries) index entries\n"
+            out += "unused    \(h.unreferencedObjects) objects no guest links (\(formatBytes(h.unreferencedBytes))): hashify gc removes them\n"
+            out += "links     \(h.objectsNearLinkLimit) objects near the link limit (\(h.linkLimit))\n"
+            if h.unfinishedRuns > 0 { out += "warning   \(h.unfinishedRuns) interrupted runs left temporary names: the next unify or gc removes them\n" }
+            out += "re-run    would link \(r.rerunWouldLinkPaths) paths and save \(formatBytes(r.rerunWouldSaveBytes))\n"
+            for n in r.notes { out += "note      \(n)\n" }
+            return out
+        }
+    }
+
+    func pad(_ s: String, _ w: Int) -> String { s.count >= w ? " " + s : String(repeating: " ", count: w - s.count) + s }
+}
+
+struct Verify: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Re-hash every store object and compare it with its name.",
+        discussion: """
+            An object whose content or metadata changed (a guest wrote into a shared file in place, \
+            or changed its mode) is reported with every guest path that links it. --repair gives each \
+            of those paths its own copy of what it shows now and takes the object out of the store, \
+            so the change cannot spread further. Exit status 1 when damage was found.
+            """)
+
+    @Argument(help: "Guest root directories (default: the ones the store remembers).")
+    var roots: [String] = []
+    @Option(help: "The store (default: .hashify beside the roots).")
+    var store: String?
+    @Flag(help: "Split the paths of damaged objects and remove those objects.")
+    var repair = false
+    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
+    var noWait = false
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        let location = StoreLocation(store: store.map { FilePath($0) }, roots: roots.map { FilePath($0) })
+        let report = runEngine { try VerifyCommand.run(location, repair: repair, waitForLock: !noWait) }
+        emit(report, output: output) { r in
+            var out = "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
+            if r.damaged.isEmpty { out += "ok        every object matches its name\n" }
+            for d in r.damaged {
+                let what = [d.contentChanged ? "content" : nil, d.metadataChanged ? "metadata" : nil].compactMap { $0 }.joined(separator: " and ")
+                out += "DAMAGED   \(d.object): \(what) changed; linked by \(d.paths.count) paths\(d.repaired ? " — repaired" : "")\n"
+                for p in d.paths { out += "            \(p.root)\(p.path)\n" }
+            }
+            if r.repair { out += "split     \(r.pathsSplit) paths\n" }
+            for s in r.skipped { out += "skipped   \(s.root)\(s.path): \(s.detail)\n" }
+            return out
+        }
+        if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
+    }
+}
+
+struct GC: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gc",
+        abstract: "Remove store objects no guest links any more, and leftovers of interrupted runs.",
+        discussion: "Safe while guests run. Without ROOTs, the guests the store remembers are searched for leftovers.")
+
+    @Argument(help: "Guest root directories (default: the ones the store remembers).")
+    var roots: [String] = []
+    @Option(help: "The store (default: .hashify beside the roots).")
+    var store: String?
+    @Flag(name: [.customShort("n"), .long], help: "Report what would be removed; change nothing.")
+    var dryRun = false
+    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
+    var noWait = false
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        let location = StoreLocation(store: store.map { FilePath($0) }, roots: roots.map { FilePath($0) })
+        let report = runEngine { try GCCommand.run(location, dryRun: dryRun, waitForLock: !noWait) }
+        emit(report, output: output) { r in
+            var out = "hashify gc\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
+            out += "\(r.dryRun ? "would remove" : "removed")  \(r.objectsRemoved) unreferenced objects, \(formatBytes(r.bytesFreed)) freed\n"
+            if r.temporariesRemoved > 0 { out += "cleaned   \(r.temporariesRemoved) temporary names of interrupted runs\n" }
+            for s in r.skipped { out += "skipped   \(s.root)\(s.path): \(s.detail)\n" }
+            for n in r.notes { out += "note      \(n)\n" }
+            return out
+        }
+        if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
+    }
+}
+
+struct Split: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Give unified paths their own private copy again (to modify them in place).",
+        discussion: """
+            hashify split PATH...              each PATH (inside a guest root) gets its own copy
+            hashify split --root ROOT [--include PATTERN]...
+                                               every unified file of ROOT (or those matching)
+            Each copy keeps content, mode, owner, mtime and xattrs; the path is replaced atomically.
+            """)
+
+    @Argument(help: "Paths of files inside guest roots.")
+    var paths: [String] = []
+    @Option(help: "A guest root: split its unified files (repeatable).")
+    var root: [String] = []
+    @Option(help: "With --root: only paths matching (guest-absolute glob; repeatable).")
+    var include: [String] = []
+    @Option(help: "The store (default: .hashify beside the roots).")
+    var store: String?
+    @Flag(name: [.customShort("n"), .long], help: "Report what would be split; change nothing.")
+    var dryRun = false
+    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
+    var noWait = false
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        if paths.isEmpty && root.isEmpty { throw ValidationError("give PATHs or --root ROOT") }
+        if !paths.isEmpty && !include.isEmpty { throw ValidationError("--include goes with --root, not with PATHs") }
+    }
+
+    func run() throws {
+        let location = StoreLocation(store: store.map { FilePath($0) }, roots: root.map { FilePath($0) })
+        let report = runEngine {
+            try SplitCommand.run(location, paths: paths.map { FilePath($0).lexicallyNormalized() },
+                                 includes: include.map(argumentBytes), dryRun: dryRun, waitForLock: !noWait)
+        }
+        emit(report, output: output) { r in
+            var out = "hashify split\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
+            out += "\(r.dryRun ? "would split" : "split")     \(r.pathsSplit) paths (\(r.notUnified) matching paths were not unified)\n"
+            for s in r.skipped { out += "skipped   \(s.root)\(s.path): \(s.detail)\n" }
+            return out
+        }
+        if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
+    }
+}
