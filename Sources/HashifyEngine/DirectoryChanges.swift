@@ -44,14 +44,17 @@ final class DirectoryChanges {
     }
 }
 
-/// A temporary name of this run: `.hashify~RUNID~N`.
+/// A temporary name of this run: `.hashify~RUNID~KN`, where K says what it
+/// holds before its exchange: `l` a link to a store object, `c` a private
+/// copy being written (redundant until exchanged: the original is in place).
 struct TemporaryNames {
+    enum Kind: UInt8 { case link = 0x6c, copy = 0x63 }
     let prefix: [UInt8]
     var counter = 0
     init(runID: String) { prefix = Walker.temporaryPrefix + Array("\(runID)~".utf8) }
-    mutating func next() -> FileName {
+    mutating func next(_ kind: Kind) -> FileName {
         counter += 1
-        return FileName(prefix + Array(String(counter).utf8))
+        return FileName(prefix + [kind.rawValue] + Array(String(counter).utf8))
     }
 }
 

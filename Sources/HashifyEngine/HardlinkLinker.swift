@@ -241,7 +241,7 @@ final class HardlinkLinker {
                     skip(keeperName, Self.reason(for: error, operation: "link into store"))
                     throw error
                 }
-                let temp = temporaries.next()
+                let temp = temporaries.next(.link)
                 do {
                     try objectFile.link(into: dir, as: temp)
                 } catch Errno.tooManyLinks {
@@ -256,6 +256,7 @@ final class HardlinkLinker {
                 let victimInode = inventory.inodes[Int(action.victim)].stat.inode
                 guard try exchange(temp, with: name, in: dir, expectedInode: victimInode,
                                    tempInode: inventory.inodes[Int(object.inode)].stat.inode) else {
+                    journal.keep(temp)
                     skip(nameIndex, .unknownTemporary)
                     throw Mismatch()
                 }

@@ -7,10 +7,11 @@ import SystemPackage
 /// identity equal a store object's (the original a killed exchange left).
 /// Anything else is kept and reported: data is never deleted on a guess.
 enum Recovery {
-    static func runID(of name: FileName) -> String? {
+    /// The run id and kind letter of `.hashify~RUNID~KN`.
+    static func parse(_ name: FileName) -> (String, UInt8)? {
         let rest = name.bytes.dropFirst(Walker.temporaryPrefix.count)
-        guard let tilde = rest.firstIndex(of: 0x7e) else { return nil }
-        return String(decoding: rest[rest.startIndex..<tilde], as: UTF8.self)
+        guard let tilde = rest.firstIndex(of: 0x7e), tilde + 1 < rest.endIndex else { return nil }
+        return (String(decoding: rest[rest.startIndex..<tilde], as: UTF8.self), rest[tilde + 1])
     }
 
     /// Returns the number of temporary names removed.
@@ -24,17 +25,22 @@ enum Recovery {
         let objectIdentities = Set(objects.map { $0.digest.hex + "-" + $0.metadataKey })
         var removed = 0
         var keptFor = Set<String>()
+        var kept: [String: Set<[UInt8]>] = [:]
+        for id in unfinished { kept[id] = RunJournal.keptNames(store: store, runID: id) }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         defer { buffer.deallocate() }
         for t in walk.temporaries {
-            guard let id = runID(of: t.name), unfinished.contains(id) else { continue }
+            guard let (id, kind) = parse(t.name), unfinished.contains(id) else { continue }
             let path = inventory.directoryPath(t.directory) + [0x2f] + t.name.bytes
             let guest = Int(inventory.directories[Int(t.directory)].guest)
             do {
                 let dir = try opener.open(t.directory)
                 let st = try dir.stat(t.name)
-                var redundant = objectInodes.contains(InodeKey(device: st.device, inode: st.inode))
-                if !redundant && st.isRegular {
+                let isObject = objectInodes.contains(InodeKey(device: st.device, inode: st.inode))
+                // An unexchanged private copy: the original still stands at its name.
+                var redundant = isObject || (kind == TemporaryNames.Kind.copy.rawValue && st.linkCount == 1)
+                if kept[id]?.contains(t.name.bytes) == true { redundant = false }
+                else if !redundant && st.isRegular {
                     let f = try dir.openFileForReading(t.name)
                     let (digest, identity) = try ContentHasher.digest(of: f, buffer: buffer)
                     redundant = objectIdentities.contains(digest.hex + "-" + identity.key)

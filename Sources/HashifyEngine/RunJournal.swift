@@ -19,19 +19,32 @@ public final class RunJournal: @unchecked Sendable {
 
     /// Notes that directory (root, inode) with original mtime is about to change.
     func beginDirectory(root: [UInt8], inode: UInt64, mtime: Timestamp) {
-        let line = "dir \(hexString(root)) \(inode) \(mtime.seconds) \(mtime.nanoseconds)\n"
-        var off: UInt64 = 0
-        if let st = try? file.stat() { off = st.size }
-        _ = line.utf8CString.withUnsafeBytes { b in
-            Glibc.pwrite(file.fd, b.baseAddress, b.count - 1, Glibc.off_t(off))
-        }
+        append("dir \(hexString(root)) \(inode) \(mtime.seconds) \(mtime.nanoseconds)\n")
     }
 
     /// Notes that the directory's changes (and its mtime) are complete.
     func endDirectory() {
+        append("done\n")
+    }
+
+    /// Notes a temporary name that holds a guest's file (never to be removed).
+    func keep(_ name: FileName) { append("keep \(hexString(name.bytes))\n") }
+
+    private func append(_ line: String) {
         var off: UInt64 = 0
         if let st = try? file.stat() { off = st.size }
-        _ = "done\n".utf8CString.withUnsafeBytes { b in Glibc.pwrite(file.fd, b.baseAddress, b.count - 1, Glibc.off_t(off)) }
+        _ = line.utf8CString.withUnsafeBytes { b in Glibc.pwrite(file.fd, b.baseAddress, b.count - 1, Glibc.off_t(off)) }
+    }
+
+    /// Temporary names a run marked as kept.
+    static func keptNames(store: Store, runID: String) -> Set<[UInt8]> {
+        guard let f = try? store.runs.openFileForReading(FileName(runID)), let data = try? f.readAll() else { return [] }
+        var kept = Set<[UInt8]>()
+        for line in data.split(separator: 0x0a) {
+            let fields = line.split(separator: 0x20)
+            if fields.count == 2, fields[0].elementsEqual("keep".utf8), let n = bytesFromHex(fields[1]) { kept.insert(n) }
+        }
+        return kept
     }
 
     func finish() { store.endRun(runID) }

@@ -54,7 +54,7 @@ final class Splitter {
         defer { source.releaseLease() }
         let st = try source.stat()
         guard st.inode == expected.inode, st.device == expected.device, st.isRegular else { throw HardlinkLinker.Mismatch() }
-        let temp = temporaries.next()
+        let temp = temporaries.next(.copy)
         let copy = try dir.createFile(temp, mode: 0o600)
         do {
             try source.copyContent(to: copy, size: st.size)
@@ -69,6 +69,7 @@ final class Splitter {
             throw error
         }
         guard try exchange(temp, with: name, in: dir, expectedInode: st.inode, tempInode: try copy.stat().inode) else {
+            directories.journal.keep(temp)
             throw LeftTemporary()
         }
     }

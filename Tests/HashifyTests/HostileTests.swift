@@ -150,32 +150,43 @@ struct HostileTests {
         // walk and hashing, a real run adds linking (about as long again).
         let t0 = Date()
         _ = hashify(["unify", "-n", "-q"] + roots)
-        let window = UInt32(max(0.05, Date().timeIntervalSince(t0)) * 3_000_000)
+        // Each command's window: its last uninterrupted run (first guess: a dry run × 3).
+        var window: [String: Double] = [:]
+        let firstGuess = max(0.05, Date().timeIntervalSince(t0)) * 3
         var kills = 0
         var killedWhileLinking = 0
-        for iteration in 0..<30 {
+        for iteration in 0..<40 {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: hashifyBinary)
-            p.arguments = ["unify", "-q"] + roots
+            // Mostly unify (first runs and re-runs); also gc and split, killed the same way.
+            switch iteration % 6 {
+            case 2: p.arguments = ["gc", "-q"] + roots
+            case 4: p.arguments = ["split", "-q", "--root", roots[iteration % 3]]
+            default: p.arguments = ["unify", "-q"] + roots
+            }
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice
+            let command = p.arguments![0]
+            let started = Date()
             try p.run()
-            usleep(UInt32.random(in: 0...window))
+            usleep(UInt32(Double.random(in: 0...(window[command] ?? firstGuess)) * 1_000_000))
             if p.isRunning {
                 kill(p.processIdentifier, SIGKILL)
                 kills += 1
             }
             p.waitUntilExit()
+            if p.terminationReason == .exit { window[command] = max(0.005, Date().timeIntervalSince(started)) }
             // A run record exists only while a run is changing guests.
             if !run(["/bin/ls", "-A", s.sub("guests/.hashify/runs")]).out.isEmpty { killedWhileLinking += 1 }
             #expect(clean(manifest(roots)) == cleanBefore, "after kill \(iteration)")
             // Undo the sharing now and then so later runs have work to do again.
-            if iteration % 5 == 4 {
+            if iteration % 3 == 2 {
                 for r in roots { _ = run(["/bin/sh", "-c", "cd '\(r)' && for f in usr/d*/f*; do cp -p \"$f\" \"$f.x\" && mv \"$f.x\" \"$f\"; done"]) }
                 for r in roots { settleDirectoryTimes(r) }
                 settle()
             }
         }
+        _ = hashify(["gc", "-q"] + roots)
         let final = hashify(["unify", "--json"] + roots)
         #expect(final.status == 0, "\(final.err)")
         #expect(manifest(roots) == manifest(roots))
@@ -183,7 +194,7 @@ struct HostileTests {
         let leftovers = run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out
         #expect(leftovers.isEmpty, "temporary names left: \(leftovers)")
         #expect(run(["/bin/ls", "-A", s.sub("guests/.hashify/runs")]).out.isEmpty)
-        print("kill test: \(kills) of 30 runs killed, \(killedWhileLinking) while linking")
+        print("kill test: \(kills) of 40 runs killed, \(killedWhileLinking) while linking")
         #expect(kills > 5)
         #expect(killedWhileLinking > 2, "kills must land in the linking phase")
         // After the final run the tree is fully unified: a dry run finds nothing to do.
