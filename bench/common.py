@@ -1,0 +1,116 @@
+"""Shared pieces of the benchmark scripts: running a command with its wall
+time, CPU time and peak RSS (from wait4), fresh copies, page-cache control,
+manifests and du."""
+import os, shutil, statistics, subprocess, sys, tempfile, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import manifest as manifest_mod  # noqa: E402
+
+
+def log(msg):
+    print('[bench %s] %s' % (time.strftime('%H:%M:%S'), msg), file=sys.stderr, flush=True)
+
+
+def measure(argv, cwd=None, stdout=subprocess.DEVNULL):
+    """Runs argv under GNU time (a small process that forks the tool, so
+    the tool's peak RSS is its own); returns (wall s, cpu s, peak RSS MiB, exit status)."""
+    fd, out = tempfile.mkstemp(prefix='hashify-bench-time.')
+    os.close(fd)
+    try:
+        t0 = time.monotonic()
+        p = subprocess.run(['/usr/bin/time', '-q', '-f', '%e %U %S %M %x', '-o', out] + argv,
+                           cwd=cwd, stdout=stdout, stderr=subprocess.DEVNULL)
+        wall = time.monotonic() - t0
+        fields = open(out).read().split()
+    finally:
+        os.unlink(out)
+    _, user, sys_, rss_kb = (float(x) for x in fields[-5:-1])
+    status = int(fields[-1]) if fields[-1].lstrip('-').isdigit() else p.returncode
+    return wall, user + sys_, rss_kb / 1024.0, status
+
+
+def median_of(n, argv, **kw):
+    runs = [measure(argv, **kw) for _ in range(n)]
+    return tuple(statistics.median(r[i] for r in runs) for i in range(3)) + (runs[-1][3],)
+
+
+def drop_caches():
+    subprocess.run(['sync'])
+    with open('/proc/sys/vm/drop_caches', 'w') as f:
+        f.write('3\n')
+
+
+def warm(paths):
+    subprocess.run(['sh', '-c', 'find "$@" -type f -exec cat {} + > /dev/null', 'x'] + paths)
+
+
+def fresh_copy(src_guests, dst, keep_links=False):
+    """A copy of the guests; without keep_links every file gets its own inode
+    (cp without --preserve=links), as a never-unified corpus has."""
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    preserve = 'all' if keep_links else 'mode,ownership,timestamps,xattr'
+    subprocess.run(['cp', '-dR', '--preserve=' + preserve, src_guests, dst], check=True)
+    return sorted(os.path.join(dst, g) for g in os.listdir(dst) if g.startswith('g'))
+
+
+def manifest_lines(roots):
+    out = []
+    for r in roots:
+        out.append('# ' + os.path.basename(r))
+        fd = os.open(r, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            manifest_mod.walk(fd, b'', os.fstat(fd).st_dev, {'dir_mtime': True, 'inodes': False}, out)
+        finally:
+            os.close(fd)
+    return out
+
+
+def changed_paths(before, after):
+    """Paths whose manifest line differs (content, metadata, dir mtime) or that appeared/vanished."""
+    def keyed(lines):
+        d, guest = {}, ''
+        for l in lines:
+            if l.startswith('# '):
+                guest = l[2:]
+                continue
+            d[guest + '/' + l.split(' ', 1)[0]] = l
+        return d
+    a, b = keyed(before), keyed(after)
+    return sum(1 for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def du_bytes(paths):
+    out = subprocess.run(['du', '-s', '-B1', '-c'] + paths, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1].split()[0])
+
+
+def hashify_binary():
+    b = os.environ.get('HASHIFY', os.path.join(ROOT, '.build/release/hashify'))
+    if 'HASHIFY' not in os.environ:
+        log('building hashify (swift build -c release)')
+        subprocess.run(['swift', 'build', '-c', 'release'], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return b
+
+
+def corpus_guests(args_guests, n=8):
+    if args_guests:
+        return os.path.abspath(args_guests)
+    out = os.path.join(HERE, '.corpus')
+    subprocess.run([os.path.join(HERE, 'corpus.sh'), 'build', out, str(n)], check=True)
+    return os.path.join(out, 'guests')
+
+
+def fmt_bytes(n):
+    for unit in ['B', 'KiB', 'MiB', 'GiB', 'TiB']:
+        if abs(n) < 1024 or unit == 'TiB':
+            return ('%.0f %s' if unit == 'B' else '%.2f %s') % (n, unit)
+        n /= 1024.0
+
+
+def machine_line():
+    load = open('/proc/loadavg').read().split()[:3]
+    return 'machine: %d cores, load %s, kernel %s' % (os.cpu_count(), ' '.join(load), os.uname().release)
