@@ -53,7 +53,7 @@ def fresh_copy(src_guests, dst, keep_links=False):
         shutil.rmtree(dst)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     preserve = 'all' if keep_links else 'mode,ownership,timestamps,xattr'
-    subprocess.run(['cp', '-dR', '--preserve=' + preserve, src_guests, dst], check=True)
+    subprocess.run(['cp', '-R', '-P', '--preserve=' + preserve, src_guests, dst], check=True)
     return sorted(os.path.join(dst, g) for g in os.listdir(dst) if g.startswith('g'))
 
 

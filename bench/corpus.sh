@@ -47,7 +47,9 @@ in_guest() {  # guest, command...: apt inside a guest with /proc and /dev bound 
   mount --bind /dev "$g/dev"; MOUNTS+=("$g/dev")
   cp /etc/resolv.conf "$g/etc/resolv.conf"
   printf '#!/bin/sh\nexit 101\n' > "$g/usr/sbin/policy-rc.d"; chmod 755 "$g/usr/sbin/policy-rc.d"
-  chroot "$g" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 "$@" >&2
+  local cmd=$1; shift
+  chroot "$g" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 \
+    "$cmd" -o APT::Sandbox::User=root -o Acquire::Check-Valid-Until=false -o Acquire::Retries=3 "$@" >&2
   rm -f "$g/usr/sbin/policy-rc.d" "$g/etc/resolv.conf"
   unmount_all
 }
