@@ -110,7 +110,8 @@ final class HardlinkLinker {
     func object(for g: Int, _ group: Planner.Group) throws -> (Object, OpenFile) {
         if let o = objectOf[g] {
             if let h = held[o.inode] {
-                try verify(h.file, inode: o.inode)
+                // Leased without a break since it was verified (holds last about 50 ms,
+                // far below the kernel's lease-break time): no writer has opened it.
                 return (o, h.file)
             }
             let f = try openLeased(try store.prefixDirectory(group.digest.bytes[0]), o.name, inode: o.inode)
@@ -153,19 +154,23 @@ final class HardlinkLinker {
         if held.isEmpty { return }
         var now = coarseNow()
         if all {
-            let latest = held.keys.compactMap { expected[$0]?.changeTime }.max() ?? Timestamp(seconds: 0, nanoseconds: 0)
+            let latest = held.values.compactMap { try? $0.file.stat().changeTime }.max() ?? Timestamp(seconds: 0, nanoseconds: 0)
             while !(latest < now) {
                 usleep(500)
                 now = coarseNow()
             }
         }
         for (inode, h) in held {
-            guard let exp = expected[inode], exp.changeTime < now else { continue }
-            if let st = try? h.file.stat(), st.sameContentState(as: exp), h.file.holdsReadLease {
+            // Our own links moved ctime while the lease kept writers out: the
+            // state now is the object's verified state.
+            guard let st = try? h.file.stat(), st.changeTime < now else { continue }
+            expected[inode] = st
+            if h.file.holdsReadLease {
                 let g = groups[h.group]
                 index.record(st, verifiedAt: now, digest: g.digest, xattrDigest: g.identity.xattrDigest)
             } else {
-                index.remove(exp.device, exp.inode)
+                index.remove(st.device, st.inode)
+                expected[inode] = nil  // never reused without verifying again
             }
             h.file.releaseLease()
             held[inode] = nil
@@ -229,8 +234,7 @@ final class HardlinkLinker {
             do {
                 let dir = try directories.enter(dirID)
                 let name = inventory.fileName(nameIndex)
-                let victimFile = try openLeased(dir, name, inode: action.victim)
-                defer { victimFile.releaseLease() }
+                let victimFile = try openLeased(dir, name, inode: action.victim)  // closing it drops the lease
                 let object: Object
                 let objectFile: OpenFile
                 do {
@@ -262,7 +266,6 @@ final class HardlinkLinker {
                 }
                 let after = try victimFile.stat()
                 expected[action.victim] = after
-                expected[object.inode] = try objectFile.stat()
                 outcome.pathsLinked += 1
                 let guest = Int(inventory.guest(ofName: nameIndex))
                 outcome.perGuestPaths[guest, default: 0] += 1

@@ -7,6 +7,8 @@ public enum Planner {
     /// these are ever read; every other file is left unread.
     public struct Candidates: Sendable {
         public var inodes: [Int32] = []
+        /// The same inodes, as groups of equal size and known metadata.
+        public var groups: [[Int32]] = []
         /// Candidates that have hard links outside the scanned roots.
         public var incomplete: [Int32] = []
     }
@@ -36,13 +38,16 @@ public enum Planner {
         }
         var result = Candidates()
         for (_, members) in groups where members.count > 1 {
+            var complete: [Int32] = []
             for m in members {
                 if namesComplete(inventory.inodes[Int(m)]) {
-                    result.inodes.append(m)
+                    complete.append(m)
                 } else {
                     result.incomplete.append(m)
                 }
             }
+            result.inodes += complete
+            if !complete.isEmpty { result.groups.append(complete.sorted()) }
         }
         result.inodes.sort()
         result.incomplete.sort()

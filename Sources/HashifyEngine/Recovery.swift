@@ -59,7 +59,7 @@ enum Recovery {
         }
         // The directory each killed run was changing gets its mtime back.
         for id in unfinished {
-            if let open = RunJournal.openDirectory(store: store, runID: id) {
+            for open in RunJournal.openDirectories(store: store, runID: id) {
                 for (d, entry) in inventory.directories.enumerated() where entry.inode == open.inode {
                     guard Array(roots[Int(entry.guest)].path.string.utf8) == open.root,
                           let dir = try? opener.open(Int32(d)) else { continue }

@@ -14,26 +14,26 @@ public final class RunJournal: @unchecked Sendable {
         self.store = store
         self.runID = runID
         try store.beginRun(runID)
-        file = try store.runs.openOrCreateFile(FileName(runID), mode: 0o600)
+        file = try store.runs.openForAppending(FileName(runID), mode: 0o600)
     }
 
-    /// Notes that directory (root, inode) with original mtime is about to change.
-    func beginDirectory(root: [UInt8], inode: UInt64, mtime: Timestamp) {
-        append("dir \(hexString(root)) \(inode) \(mtime.seconds) \(mtime.nanoseconds)\n")
+    /// Notes that directory (root, inode) with original mtime is about to
+    /// change; `worker` tells apart the threads of one run.
+    func beginDirectory(root: [UInt8], inode: UInt64, mtime: Timestamp, worker: Int) {
+        append("dir \(worker) \(hexString(root)) \(inode) \(mtime.seconds) \(mtime.nanoseconds)\n")
     }
 
-    /// Notes that the directory's changes (and its mtime) are complete.
-    func endDirectory() {
-        append("done\n")
+    /// Notes that the worker's directory is complete (its mtime given back).
+    func endDirectory(worker: Int) {
+        append("done \(worker)\n")
     }
 
     /// Notes a temporary name that holds a guest's file (never to be removed).
     func keep(_ name: FileName) { append("keep \(hexString(name.bytes))\n") }
 
+    /// One write(2) per line on an O_APPEND descriptor: lines never interleave.
     private func append(_ line: String) {
-        var off: UInt64 = 0
-        if let st = try? file.stat() { off = st.size }
-        _ = line.utf8CString.withUnsafeBytes { b in Glibc.pwrite(file.fd, b.baseAddress, b.count - 1, Glibc.off_t(off)) }
+        _ = line.utf8CString.withUnsafeBytes { b in Glibc.write(file.fd, b.baseAddress, b.count - 1) }
     }
 
     /// Temporary names a run marked as kept.
@@ -56,22 +56,20 @@ public final class RunJournal: @unchecked Sendable {
         public var mtime: Timestamp
     }
 
-    /// The directory a killed run left half-changed, if any.
-    static func openDirectory(store: Store, runID: String) -> OpenDirectory? {
-        guard let f = try? store.runs.openFileForReading(FileName(runID)), let data = try? f.readAll() else { return nil }
-        var last: OpenDirectory?
+    /// The directories a killed run left half-changed (one per worker at most).
+    static func openDirectories(store: Store, runID: String) -> [OpenDirectory] {
+        guard let f = try? store.runs.openFileForReading(FileName(runID)), let data = try? f.readAll() else { return [] }
+        var open: [Substring: OpenDirectory] = [:]
         for line in data.split(separator: 0x0a) {
-            let fields = line.split(separator: 0x20)
-            if fields.count == 5, fields[0].elementsEqual("dir".utf8), let root = bytesFromHex(fields[1]),
-               let ino = UInt64(String(decoding: fields[2], as: UTF8.self)),
-               let s = Int64(String(decoding: fields[3], as: UTF8.self)),
-               let ns = UInt32(String(decoding: fields[4], as: UTF8.self)) {
-                last = OpenDirectory(root: root, inode: ino, mtime: Timestamp(seconds: s, nanoseconds: ns))
-            } else if fields.first.map({ $0.elementsEqual("done".utf8) }) == true {
-                last = nil
+            let fields = String(decoding: line, as: UTF8.self).split(separator: " ")
+            if fields.count == 6, fields[0] == "dir", let root = bytesFromHex(Array(fields[2].utf8)),
+               let ino = UInt64(fields[3]), let s = Int64(fields[4]), let ns = UInt32(fields[5]) {
+                open[fields[1]] = OpenDirectory(root: root, inode: ino, mtime: Timestamp(seconds: s, nanoseconds: ns))
+            } else if fields.count == 2, fields[0] == "done" {
+                open[fields[1]] = nil
             }
         }
-        return last
+        return Array(open.values)
     }
 }
 

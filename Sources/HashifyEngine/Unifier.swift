@@ -96,24 +96,23 @@ public struct Unifier {
         var index = store.map { ContentIndex.load(from: $0) } ?? ContentIndex()
         if let problem = index.problem { report.notes.append(problem) }
         var outcomes = [HashOutcome](repeating: HashOutcome(), count: candidates.inodes.count)
-        var toHash: [Int] = []
+        var slotOf: [Int32: Int] = [:]
         for (slot, inode) in candidates.inodes.enumerated() {
+            slotOf[inode] = slot
             let st = inventory.inodes[Int(inode)].stat
             if let e = index.lookup(st) {
                 outcomes[slot] = HashOutcome(digest: e.digest, identity: MetadataIdentity(stat: st, xattrDigest: e.xattrDigest),
                                              stat: st, verifiedAt: e.verifiedAt, fromIndex: true)
-            } else {
-                toHash.append(slot)
             }
         }
-        let hashList = toHash.map { candidates.inodes[$0] }
-        let totalBytes = hashList.reduce(UInt64(0)) { $0 + inventory.inodes[Int($1)].stat.size }
-        let count = hashList.count
-        let hashedOutcomes = ContentHasher(threads: options.threads).hash(hashList, inventory: inventory,
-                                                                          roots: roots.map(\.directory)) { files, bytes in
+        let hashGroups = candidates.groups.map { $0.filter { !outcomes[slotOf[$0]!].fromIndex } }.filter { !$0.isEmpty }
+        let count = hashGroups.reduce(0) { $0 + $1.count }
+        let totalBytes = hashGroups.reduce(UInt64(0)) { n, g in n + g.reduce(UInt64(0)) { $0 + inventory.inodes[Int($1)].stat.size } }
+        let hashed = ContentHasher(threads: options.threads).hashGroups(hashGroups, inventory: inventory,
+                                                                        roots: roots.map(\.directory)) { files, bytes in
             sink?.update(phase: .hash, done: files, total: count, bytes: bytes, totalBytes: totalBytes)
         }
-        for (i, slot) in toHash.enumerated() { outcomes[slot] = hashedOutcomes[i] }
+        for (inode, o) in hashed { outcomes[slotOf[inode]!] = o }
         lap("hash")
         var expected: [Int32: FileStat] = [:]
         for (slot, o) in outcomes.enumerated() {

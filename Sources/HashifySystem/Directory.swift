@@ -67,6 +67,15 @@ public final class Directory: @unchecked Sendable {
         return OpenFile(adopting: fd)
     }
 
+    /// Opens (creating) `name` for appending: each write lands whole at the end,
+    /// also when several threads write. `openat()` with `O_APPEND`.
+    public func openForAppending(_ name: FileName, mode: UInt32) throws -> OpenFile {
+        let fd = try name.withCString { n in
+            try retrying { hashify_openat(self.fd, n, O_WRONLY | O_APPEND | O_CREAT | HASHIFY_O_NOFOLLOW | HASHIFY_O_CLOEXEC, mode) }
+        }
+        return OpenFile(adopting: fd)
+    }
+
     /// The corresponding C function is `fstatat()` (as `statx`, not following symlinks).
     public func stat(_ name: FileName) throws -> FileStat {
         try name.withCString { try stat(cName: $0) }

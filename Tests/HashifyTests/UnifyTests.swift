@@ -185,6 +185,43 @@ struct UnifyTests {
         }
     }
 
+    @Test("comparing within a size group never merges different files (late differences, many distinct contents)")
+    func comparisonNeverMergesDifferentFiles() throws {
+        let s = Scratch("compare")
+        let roots = (1...4).map { s.sub("guests/g\($0)") }
+        let base = pseudoRandom(300_000, seed: 42)
+        // Six contents of one size and one metadata: the same but for the last byte,
+        // a middle byte, the first byte; each present in several guests.
+        var variants: [[UInt8]] = [base]
+        for position in [base.count - 1, base.count / 2, 0, 1 << 17, base.count - 2] {
+            var v = base
+            v[position] ^= 0x5a
+            variants.append(v)
+        }
+        for (g, r) in roots.enumerated() {
+            for (i, v) in variants.enumerated() {
+                writeFile("\(r)/usr/v\(i)", v)
+                writeFile("\(r)/usr/w\((i + g) % variants.count)", v)  // the same contents under shuffled names
+            }
+        }
+        settle()
+        let before = manifest(roots)
+        let r = hashify(["unify", "--json", "--threads", "2"] + roots)
+        #expect(r.status == 0, "\(r.err)")
+        #expect(manifest(roots) == before)
+        // Exactly one inode per distinct content.
+        var inodesOf: [Int: Set<UInt64>] = [:]
+        for (g, r) in roots.enumerated() {
+            for i in 0..<variants.count {
+                inodesOf[i, default: []].insert(inode("\(r)/usr/v\(i)"))
+                inodesOf[i, default: []].insert(inode("\(r)/usr/w\((i + g) % variants.count)"))
+            }
+        }
+        for i in 0..<variants.count { #expect(inodesOf[i]!.count == 1, "variant \(i) is one inode") }
+        #expect(Set(inodesOf.values.map { $0.first! }).count == variants.count, "different contents stay apart")
+        #expect(totals(r.out)["identityGroups"] as? Int == variants.count)
+    }
+
     @Test("--ignore-mtime merges files that differ only in mtime and says how many paths got another mtime")
     func ignoreMtime() throws {
         let s = Scratch("mtime")
