@@ -54,6 +54,7 @@ def fresh_copy(src_guests, dst, keep_links=False):
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     preserve = 'all' if keep_links else 'mode,ownership,timestamps,xattr'
     subprocess.run(['cp', '-R', '-P', '--preserve=' + preserve, src_guests, dst], check=True)
+    subprocess.run(['sync'])  # no writeback of the copy during the measurement
     return sorted(os.path.join(dst, g) for g in os.listdir(dst) if g.startswith('g'))
 
 

@@ -114,7 +114,7 @@ final class HardlinkLinker {
                 // far below the kernel's lease-break time): no writer has opened it.
                 return (o, h.file)
             }
-            let f = try openLeased(try store.prefixDirectory(group.digest.bytes[0]), o.name, inode: o.inode)
+            let f = try openLeased(try store.prefixDirectory(group.digest.firstByte), o.name, inode: o.inode)
             hold(f, inode: o.inode, group: g)
             return (o, f)
         }
@@ -123,7 +123,7 @@ final class HardlinkLinker {
         if keeper.storeObject >= 0, let name = storeNames[key] {
             let o = Object(inode: group.keeper, name: name, generation: Store.parseObjectName(name)?.2 ?? 0)
             objectOf[g] = o
-            let f = try openLeased(try store.prefixDirectory(group.digest.bytes[0]), name, inode: group.keeper)
+            let f = try openLeased(try store.prefixDirectory(group.digest.firstByte), name, inode: group.keeper)
             hold(f, inode: group.keeper, group: g)
             return (o, f)
         }
@@ -180,7 +180,7 @@ final class HardlinkLinker {
 
     /// Links an open (leased) file into the store under the first free generation.
     func publish(_ file: OpenFile, group: Planner.Group, fromGeneration: Int) throws -> (FileName, Int) {
-        let dir = try store.prefixDirectory(group.digest.bytes[0])
+        let dir = try store.prefixDirectory(group.digest.firstByte)
         let key = MetadataIdentity(stat: try file.stat(), xattrDigest: group.identity.xattrDigest).key
         var generation = fromGeneration
         while true {

@@ -1,10 +1,36 @@
 import Crypto
 import HashifySystem
 
-/// A SHA-256 digest of file content.
+/// A SHA-256 digest of file content, stored inline (no heap allocation).
 public struct ContentDigest: Hashable, Sendable, CustomStringConvertible {
-    public var bytes: [UInt8]  // 32 bytes
-    public init(bytes: [UInt8]) { self.bytes = bytes }
+    var words: (UInt64, UInt64, UInt64, UInt64)
+
+    /// From the 32 digest bytes.
+    public init(bytes: [UInt8]) {
+        precondition(bytes.count == 32, "a SHA-256 digest has 32 bytes")
+        func word(_ i: Int) -> UInt64 { (0..<8).reduce(UInt64(0)) { $0 << 8 | UInt64(bytes[i * 8 + $1]) } }
+        words = (word(0), word(1), word(2), word(3))
+    }
+
+    /// The 32 digest bytes.
+    public var bytes: [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(32)
+        for w in [words.0, words.1, words.2, words.3] {
+            for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: w >> UInt64(shift))) }
+        }
+        return out
+    }
+
+    /// The first byte (names the store's prefix directory).
+    public var firstByte: UInt8 { UInt8(truncatingIfNeeded: words.0 >> 56) }
+
+    public static func == (a: ContentDigest, b: ContentDigest) -> Bool {
+        a.words.0 == b.words.0 && a.words.1 == b.words.1 && a.words.2 == b.words.2 && a.words.3 == b.words.3
+    }
+    public func hash(into h: inout Hasher) {
+        h.combine(words.0); h.combine(words.1); h.combine(words.2); h.combine(words.3)
+    }
     public var hex: String { hexString(bytes) }
     public var description: String { hex }
 }

@@ -139,7 +139,7 @@ public enum VerifyCommand {
         defer { buffer.deallocate() }
         var bad: [(Store.Object, ContentDigest, Bool, Bool)] = []
         for o in try store.listObjects() {
-            let dir = try store.prefixDirectory(o.digest.bytes[0])
+            let dir = try store.prefixDirectory(o.digest.firstByte)
             do {
                 let f = try dir.openFileForReading(o.name)
                 let (digest, identity) = try ContentHasher.digest(of: f, buffer: buffer)
@@ -175,7 +175,7 @@ public enum VerifyCommand {
                 journal.finish()
                 report.pathsSplit += splitter.split
                 report.skipped += skippedPaths(splitter.skips, roots: roots)
-                let dir = try store.prefixDirectory(o.digest.bytes[0])
+                let dir = try store.prefixDirectory(o.digest.firstByte)
                 if splitter.skips.isEmpty, let st = try? dir.stat(o.name), st.linkCount == 1 {
                     try dir.unlink(o.name)
                     index.remove(st.device, st.inode)
@@ -213,7 +213,7 @@ public enum GCCommand {
         var report = GCReport(store: path.string, dryRun: dryRun)
         var index = ContentIndex.load(from: store)
         for o in try store.listObjects() where o.stat.linkCount == 1 {
-            let dir = try store.prefixDirectory(o.digest.bytes[0])
+            let dir = try store.prefixDirectory(o.digest.firstByte)
             // Checked again right before: only the store's own name is left.
             guard let st = try? dir.stat(o.name), st.linkCount == 1, st.inode == o.stat.inode else { continue }
             if !dryRun {
