@@ -28,7 +28,26 @@ def measure(argv, cwd=None, stdout=subprocess.DEVNULL):
         os.unlink(out)
     _, user, sys_, rss_kb = (float(x) for x in fields[-5:-1])
     status = int(fields[-1]) if fields[-1].lstrip('-').isdigit() else p.returncode
+    check_dev_null()
     return wall, user + sys_, rss_kb / 1024.0, status
+
+
+def check_dev_null():
+    """Stops the benchmark if a tool replaced /dev/null (rmlint rotates output files)."""
+    import stat as st
+    if not st.S_ISCHR(os.lstat('/dev/null').st_mode):
+        sys.exit('bench: /dev/null is no longer a character device (a tool replaced it); restore it: '
+                 'rm /dev/null && mknod -m 666 /dev/null c 1 3')
+
+
+def remove_tree(path):
+    """rmtree that refuses to descend into anything mounted below path."""
+    real = os.path.realpath(path)
+    for line in open('/proc/self/mountinfo'):
+        point = line.split()[4]
+        if point == real or point.startswith(real + '/'):
+            sys.exit('bench: %s is still mounted under %s; not removing' % (point, path))
+    shutil.rmtree(path)
 
 
 def median_of(n, argv, **kw):
@@ -50,7 +69,7 @@ def fresh_copy(src_guests, dst, keep_links=False):
     """A copy of the guests; without keep_links every file gets its own inode
     (cp without --preserve=links), as a never-unified corpus has."""
     if os.path.exists(dst):
-        shutil.rmtree(dst)
+        remove_tree(dst)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     preserve = 'all' if keep_links else 'mode,ownership,timestamps,xattr'
     subprocess.run(['cp', '-R', '-P', '--preserve=' + preserve, src_guests, dst], check=True)
