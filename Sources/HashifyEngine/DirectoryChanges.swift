@@ -9,13 +9,11 @@ final class DirectoryChanges {
     let roots: [GuestRoot]
     let journal: RunJournal
     let opener: DirectoryOpener
-    let worker: Int
     private var current: Int32 = -1
     private var currentDirectory: Directory?
     private var restore = false
 
-    init(inventory: Inventory, roots: [GuestRoot], journal: RunJournal, worker: Int = 0) {
-        self.worker = worker
+    init(inventory: Inventory, roots: [GuestRoot], journal: RunJournal) {
         self.inventory = inventory
         self.roots = roots
         self.journal = journal
@@ -30,7 +28,7 @@ final class DirectoryChanges {
         let entry = inventory.directories[Int(id)]
         restore = (try d.stat().modificationTime) == entry.modificationTime
         journal.beginDirectory(root: Array(roots[Int(entry.guest)].path.string.utf8), inode: entry.inode,
-                               mtime: entry.modificationTime, worker: worker)
+                               mtime: entry.modificationTime)
         current = id
         currentDirectory = d
         return d
@@ -40,7 +38,7 @@ final class DirectoryChanges {
     func finish() {
         guard current >= 0, let d = currentDirectory else { return }
         if restore { try? d.setModificationTime(inventory.directories[Int(current)].modificationTime) }
-        journal.endDirectory(worker: worker)
+        journal.endDirectory()
         currentDirectory = nil
         current = -1
     }
@@ -52,15 +50,11 @@ final class DirectoryChanges {
 struct TemporaryNames {
     enum Kind: UInt8 { case link = 0x6c, copy = 0x63 }
     let prefix: [UInt8]
-    let worker: Int
     var counter = 0
-    init(runID: String, worker: Int = 0) {
-        prefix = Walker.temporaryPrefix + Array("\(runID)~".utf8)
-        self.worker = worker
-    }
+    init(runID: String) { prefix = Walker.temporaryPrefix + Array("\(runID)~".utf8) }
     mutating func next(_ kind: Kind) -> FileName {
         counter += 1
-        return FileName(prefix + [kind.rawValue] + Array("\(worker)-\(counter)".utf8))
+        return FileName(prefix + [kind.rawValue] + Array(String(counter).utf8))
     }
 }
 

@@ -103,7 +103,7 @@ public struct Inventory: Sendable {
     public func path(ofName n: Int32) -> [UInt8] {
         let e = names[Int(n)]
         var p = directoryPath(e.directory)
-        if p != [0x2f] { p.append(0x2f) } else { p = [0x2f] }
+        if p != [0x2f] { p.append(0x2f) }
         p.append(contentsOf: arena[Int(e.nameStart)..<Int(e.nameStart) + Int(e.nameLength)])
         return p
     }

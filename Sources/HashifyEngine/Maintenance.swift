@@ -235,7 +235,6 @@ public enum GCCommand {
                     report.skipped = skippedPaths(skips, roots: roots)
                 }
             }
-            store.clearTemporary()
             try index.save(to: store)
         }
         return report

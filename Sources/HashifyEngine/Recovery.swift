@@ -17,7 +17,6 @@ enum Recovery {
     /// Returns the number of temporary names removed.
     static func clean(walk: inout Walker.Result, roots: [GuestRoot], store: Store, objects: [Store.Object], skips: inout [Skip]) -> Int {
         let unfinished = Set(store.unfinishedRuns())
-        store.clearTemporary()
         if unfinished.isEmpty { return 0 }
         let inventory = walk.inventory
         let opener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
@@ -59,7 +58,7 @@ enum Recovery {
         }
         // The directory each killed run was changing gets its mtime back.
         for id in unfinished {
-            for open in RunJournal.openDirectories(store: store, runID: id) {
+            if let open = RunJournal.openDirectory(store: store, runID: id) {
                 for (d, entry) in inventory.directories.enumerated() where entry.inode == open.inode {
                     guard Array(roots[Int(entry.guest)].path.string.utf8) == open.root,
                           let dir = try? opener.open(Int32(d)) else { continue }

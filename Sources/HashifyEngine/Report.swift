@@ -122,15 +122,11 @@ extension UnifyReport {
             out += "\nrestart these processes to share memory (they still map replaced copies):\n"
             for p in processesToRestart { out += "  \(p.pid) \(p.command) (\(p.staleFiles) files)\n" }
         }
-        out += String(format2(seconds)) + " s\n"
+        out += "done in \((seconds * 100).rounded() / 100) s\n"
         return out
     }
 
     private func pad(_ n: Int, _ w: Int) -> String { String(n).leftPadded(w) }
-    private func format2(_ d: Double) -> String {
-        let v = (d * 100).rounded() / 100
-        return "done in \(v)"
-    }
 }
 
 extension String {

@@ -17,15 +17,14 @@ public final class RunJournal: @unchecked Sendable {
         file = try store.runs.openForAppending(FileName(runID), mode: 0o600)
     }
 
-    /// Notes that directory (root, inode) with original mtime is about to
-    /// change; `worker` tells apart the threads of one run.
-    func beginDirectory(root: [UInt8], inode: UInt64, mtime: Timestamp, worker: Int) {
-        append("dir \(worker) \(hexString(root)) \(inode) \(mtime.seconds) \(mtime.nanoseconds)\n")
+    /// Notes that directory (root, inode) with original mtime is about to change.
+    func beginDirectory(root: [UInt8], inode: UInt64, mtime: Timestamp) {
+        append("dir \(hexString(root)) \(inode) \(mtime.seconds) \(mtime.nanoseconds)\n")
     }
 
-    /// Notes that the worker's directory is complete (its mtime given back).
-    func endDirectory(worker: Int) {
-        append("done \(worker)\n")
+    /// Notes that the directory is complete (its mtime given back).
+    func endDirectory() {
+        append("done\n")
     }
 
     /// Notes a temporary name that holds a guest's file (never to be removed).
@@ -56,20 +55,20 @@ public final class RunJournal: @unchecked Sendable {
         public var mtime: Timestamp
     }
 
-    /// The directories a killed run left half-changed (one per worker at most).
-    static func openDirectories(store: Store, runID: String) -> [OpenDirectory] {
-        guard let f = try? store.runs.openFileForReading(FileName(runID)), let data = try? f.readAll() else { return [] }
-        var open: [Substring: OpenDirectory] = [:]
+    /// The directory a killed run left half-changed, if any.
+    static func openDirectory(store: Store, runID: String) -> OpenDirectory? {
+        guard let f = try? store.runs.openFileForReading(FileName(runID)), let data = try? f.readAll() else { return nil }
+        var open: OpenDirectory?
         for line in data.split(separator: 0x0a) {
             let fields = String(decoding: line, as: UTF8.self).split(separator: " ")
-            if fields.count == 6, fields[0] == "dir", let root = bytesFromHex(Array(fields[2].utf8)),
-               let ino = UInt64(fields[3]), let s = Int64(fields[4]), let ns = UInt32(fields[5]) {
-                open[fields[1]] = OpenDirectory(root: root, inode: ino, mtime: Timestamp(seconds: s, nanoseconds: ns))
-            } else if fields.count == 2, fields[0] == "done" {
-                open[fields[1]] = nil
+            if fields.count == 5, fields[0] == "dir", let root = bytesFromHex(Array(fields[1].utf8)),
+               let ino = UInt64(fields[2]), let s = Int64(fields[3]), let ns = UInt32(fields[4]) {
+                open = OpenDirectory(root: root, inode: ino, mtime: Timestamp(seconds: s, nanoseconds: ns))
+            } else if fields.first == "done" {
+                open = nil
             }
         }
-        return Array(open.values)
+        return open
     }
 }
 

@@ -11,7 +11,6 @@ import Glibc
 /// STORE/lock                 flock(2): one changing run at a time
 /// STORE/objects/ab/DIGEST-KEY[.N]   hardlink mode: a file with its full identity
 /// STORE/data/                content-only objects (reflink/overlay modes)
-/// STORE/tmp/                 names being created
 /// STORE/runs/RUNID           present while a run is changing guests
 /// STORE/index                digests of hashed inodes (see ContentIndex)
 /// ```
@@ -21,7 +20,6 @@ public final class Store: @unchecked Sendable {
     public let path: FilePath
     public let directory: Directory
     public let objects: Directory
-    public let temporary: Directory
     let runs: Directory
     private var lockFile: OpenFile?
     private var prefixDirectories: [UInt8: Directory] = [:]
@@ -32,11 +30,10 @@ public final class Store: @unchecked Sendable {
     init(path: FilePath, directory: Directory) throws {
         self.path = path
         self.directory = directory
-        for sub in ["objects", "data", "tmp", "runs"] {
+        for sub in ["objects", "data", "runs"] {
             do { try directory.makeDirectory(FileName(sub), mode: 0o700) } catch Errno.fileExists {}
         }
         objects = try directory.openDirectory(FileName("objects"))
-        temporary = try directory.openDirectory(FileName("tmp"))
         runs = try directory.openDirectory(FileName("runs"))
     }
 
@@ -159,11 +156,6 @@ public final class Store: @unchecked Sendable {
     /// Ids of runs that started and did not finish.
     public func unfinishedRuns() -> [String] {
         ((try? runs.entryNames()) ?? []).map { String(decoding: $0.bytes, as: UTF8.self) }
-    }
-
-    /// Removes leftovers in STORE/tmp (only hashify writes there).
-    public func clearTemporary() {
-        for n in (try? temporary.entryNames()) ?? [] { try? temporary.unlink(n) }
     }
 }
 

@@ -204,13 +204,9 @@ public struct Unifier {
         }
         sink?.finish()
 
-        for s in skips {
-            perGuest[s.guest].skipped += 1
-            report.skipped.append(UnifyReport.SkippedPath(root: roots[s.guest].path.string, path: escapedPath(s.path),
-                                                          reason: s.reason.code, detail: s.reason.description,
-                                                          error: s.reason.isError))
-            if s.reason.isError { report.totals.errors += 1 }
-        }
+        for s in skips { perGuest[s.guest].skipped += 1 }
+        report.skipped = skippedPaths(skips, roots: roots)
+        report.totals.errors = skips.filter { $0.reason.isError }.count
         report.totals.skipped = skips.count
         report.guests = perGuest
         report.seconds = Double(Timestamp.now().totalNanoseconds - started.totalNanoseconds) / 1e9

@@ -43,8 +43,8 @@ public struct FileStat: Hashable, Sendable {
     /// Allocated bytes on disk.
     public var allocatedBytes: UInt64 { blocks &* 512 }
 
-    /// True when content may have changed between the two observations:
-    /// a different inode, size, mtime or ctime.
+    /// True when both observations show the same content state: same device,
+    /// inode, size, mtime and ctime (a change of content moves ctime).
     public func sameContentState(as other: FileStat) -> Bool {
         inode == other.inode && device == other.device && size == other.size
             && modificationTime == other.modificationTime && changeTime == other.changeTime

@@ -53,6 +53,19 @@ struct Status: ParsableCommand {
     func pad(_ s: String, _ w: Int) -> String { s.count >= w ? " " + s : String(repeating: " ", count: w - s.count) + s }
 }
 
+/// The guests and store a maintenance command works on, and what to do
+/// when another run holds the store.
+struct StoreArguments: ParsableArguments {
+    @Argument(help: "Guest root directories (default: the ones the store remembers).")
+    var roots: [String] = []
+    @Option(help: "The store (default: .hashify beside the roots).")
+    var store: String?
+    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
+    var noWait = false
+
+    var location: StoreLocation { StoreLocation(store: store.map { FilePath($0) }, roots: roots.map { FilePath($0) }) }
+}
+
 struct Verify: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Re-hash every store object and compare it with its name.",
@@ -63,19 +76,13 @@ struct Verify: ParsableCommand {
             so the change cannot spread further. Exit status 1 when damage was found.
             """)
 
-    @Argument(help: "Guest root directories (default: the ones the store remembers).")
-    var roots: [String] = []
-    @Option(help: "The store (default: .hashify beside the roots).")
-    var store: String?
+    @OptionGroup var target: StoreArguments
     @Flag(help: "Split the paths of damaged objects and remove those objects.")
     var repair = false
-    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
-    var noWait = false
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let location = StoreLocation(store: store.map { FilePath($0) }, roots: roots.map { FilePath($0) })
-        let report = runEngine { try VerifyCommand.run(location, repair: repair, waitForLock: !noWait) }
+        let report = runEngine { try VerifyCommand.run(target.location, repair: repair, waitForLock: !target.noWait) }
         emit(report, output: output) { r in
             var out = "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
             if r.damaged.isEmpty { out += "ok        every object matches its name\n" }
@@ -98,19 +105,13 @@ struct GC: ParsableCommand {
         abstract: "Remove store objects no guest links any more, and leftovers of interrupted runs.",
         discussion: "Safe while guests run. Without ROOTs, the guests the store remembers are searched for leftovers.")
 
-    @Argument(help: "Guest root directories (default: the ones the store remembers).")
-    var roots: [String] = []
-    @Option(help: "The store (default: .hashify beside the roots).")
-    var store: String?
+    @OptionGroup var target: StoreArguments
     @Flag(name: [.customShort("n"), .long], help: "Report what would be removed; change nothing.")
     var dryRun = false
-    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
-    var noWait = false
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let location = StoreLocation(store: store.map { FilePath($0) }, roots: roots.map { FilePath($0) })
-        let report = runEngine { try GCCommand.run(location, dryRun: dryRun, waitForLock: !noWait) }
+        let report = runEngine { try GCCommand.run(target.location, dryRun: dryRun, waitForLock: !target.noWait) }
         emit(report, output: output) { r in
             var out = "hashify gc\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
             out += "\(r.dryRun ? "would remove" : "removed")  \(r.objectsRemoved) unreferenced objects, \(formatBytes(r.bytesFreed)) freed\n"
