@@ -2,6 +2,7 @@
 #include "hashify_shim.h"
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <sys/file.h>
@@ -181,4 +182,9 @@ int hashify_random(void *buf, size_t len) {
         done += (size_t)n;
     }
     return 0;
+}
+
+void hashify_tune_malloc(void) {
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+    mallopt(M_ARENA_MAX, 2);
 }

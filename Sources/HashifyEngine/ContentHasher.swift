@@ -7,20 +7,6 @@ import SystemPackage
 import Glibc
 #endif
 
-/// The result of hashing one inode.
-public struct HashOutcome: Sendable {
-    public var digest: ContentDigest?
-    public var identity: MetadataIdentity?
-    public var skip: SkipReason?
-    public var bytesRead: UInt64 = 0
-    /// The state the file had while it was read (compared again before linking).
-    public var stat: FileStat?
-    /// A coarse-clock reading taken before the read (ctime is older).
-    public var verifiedAt: Timestamp?
-    /// True when the digest came from the store's index (nothing was read).
-    public var fromIndex = false
-}
-
 /// Establishes the content of candidate inodes on a bounded pool of threads,
 /// each with two bounded buffers: SHA-256 for one member of each group of
 /// equal size and metadata, an exact byte comparison for the others. A file
@@ -29,7 +15,7 @@ public struct HashOutcome: Sendable {
 /// change must move ctime).
 public struct ContentHasher: Sendable {
     public var threads: Int
-    public var bufferSize = 1 << 20
+    public var bufferSize = 256 << 10
 
     public init(threads: Int) { self.threads = max(1, threads) }
 
@@ -39,33 +25,42 @@ public struct ContentHasher: Sendable {
     /// the representative's digest without a second SHA-256 pass. A member
     /// that matches none of the first few representatives is hashed and
     /// becomes one. Every member is still checked like `hash` checks a file.
-    public func hashGroups(_ groups: [[Int32]], inventory: Inventory, roots: [Directory],
-                           progress: (@Sendable (Int, UInt64) -> Void)? = nil) -> [Int32: HashOutcome] {
-        let order = groups.indices.sorted {
-            inventory.inodes[Int(groups[$0][0])].stat.size * UInt64(groups[$0].count)
-                > inventory.inodes[Int(groups[$1][0])].stat.size * UInt64(groups[$1].count)
-        }
+    /// What hashing could not establish, and how much it read.
+    public struct Outcome: Sendable {
+        public var skips: [(inode: Int32, reason: SkipReason)] = []
+        public var bytesRead: UInt64 = 0
+    }
+
+    public func hashGroups(_ groups: Planner.Candidates, inventory: Inventory, roots: [Directory], contents: InodeContents,
+                           progress: (@Sendable (Int, UInt64) -> Void)? = nil) -> Outcome {
+        // Largest groups first, so that both threads finish together.
+        func weight(_ g: Int) -> UInt64 { inventory.inodes[Int(groups.group(g).first!)].size * UInt64(groups.group(g).count) }
+        let order = (0..<groups.groupCount).sorted { weight($0) > weight($1) }
         let next = Mutex(0)
         let done = Mutex((0, UInt64(0)))
-        let results = Mutex([Int32: HashOutcome]())
+        let result = Mutex(Outcome())
         let bufferSize = self.bufferSize
-        DispatchQueue.concurrentPerform(iterations: min(threads, max(1, groups.count))) { _ in
+        DispatchQueue.concurrentPerform(iterations: min(threads, max(1, groups.groupCount))) { _ in
             let opener = DirectoryOpener(inventory: inventory, roots: roots)
             let a = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
             let b = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
             defer { a.deallocate(); b.deallocate() }
+            var mine = Outcome()
             while true {
                 let i: Int = next.withLock { n in let c = n; n += 1; return c }
                 if i >= order.count { break }
-                let group = groups[order[i]]
-                let outcomes = Self.hashGroup(group, inventory: inventory, opener: opener, a: a, b: b)
-                results.withLock { r in for (k, v) in outcomes { r[k] = v } }
-                let bytes = outcomes.values.reduce(UInt64(0)) { $0 + $1.bytesRead }
-                let (f, t) = done.withLock { d in d.0 += group.count; d.1 += bytes; return d }
+                let group = groups.group(order[i])
+                let before = mine.bytesRead
+                Self.hashGroup(group, inventory: inventory, opener: opener, contents: contents, into: &mine, a: a, b: b)
+                let (f, t) = done.withLock { d in d.0 += group.count; d.1 += mine.bytesRead - before; return d }
                 progress?(f, t)
             }
+            result.withLock { r in r.skips += mine.skips; r.bytesRead += mine.bytesRead }
         }
-        return results.withLock { $0 }
+        return result.withLock { r in
+            r.skips.sort { $0.inode < $1.inode }
+            return r
+        }
     }
 
     struct Representative {
@@ -75,37 +70,33 @@ public struct ContentHasher: Sendable {
         var digest: ContentDigest
     }
 
-    static func hashGroup(_ group: [Int32], inventory: Inventory, opener: DirectoryOpener,
-                          a: UnsafeMutableRawBufferPointer, b: UnsafeMutableRawBufferPointer) -> [Int32: HashOutcome] {
-        var out: [Int32: HashOutcome] = [:]
+    static func hashGroup(_ group: ArraySlice<Int32>, inventory: Inventory, opener: DirectoryOpener, contents: InodeContents,
+                          into out: inout Outcome, a: UnsafeMutableRawBufferPointer, b: UnsafeMutableRawBufferPointer) {
         var reps: [Representative] = []
         for inode in group {
             let entry = inventory.inodes[Int(inode)]
-            let nameIndex = entry.names[0]
-            var outcome = HashOutcome()
+            let nameIndex = entry.firstName
             do {
                 let before = coarseNow()
                 let dir = try opener.open(inventory.names[Int(nameIndex)].directory)
                 let file = try dir.openFileForReading(inventory.fileName(nameIndex))
                 let st = try file.stat()
-                guard st.isRegular, st.sameContentState(as: entry.stat), st.mode == entry.stat.mode,
-                      st.uid == entry.stat.uid, st.gid == entry.stat.gid else {
-                    outcome.skip = .changedDuringRun
-                    out[inode] = outcome
+                guard st.isRegular, entry.matches(st) else {
+                    out.skips.append((inode, .changedDuringRun))
                     continue
                 }
                 let xattrs = try file.extendedAttributes()
                 var digest: ContentDigest?
                 for rep in reps.prefix(4) {
                     let equal = try sameContent(file, rep.file, size: st.size, a: a, b: b)
-                    outcome.bytesRead += st.size
+                    out.bytesRead += st.size
                     // The representative must still be what was hashed.
                     guard let rs = try? rep.file.stat(), rs.sameContentState(as: rep.stat), rs.changeTime < rep.before else { break }
                     if equal { digest = rep.digest; break }
                 }
                 if digest == nil {
-                    let (d, _, total) = try digestAndIdentity(of: file, stat: st, buffer: a)
-                    outcome.bytesRead += total
+                    let (d, total) = try contentDigest(of: file, size: st.size, buffer: a)
+                    out.bytesRead += total
                     guard total == st.size else { throw ChangedWhileRead() }
                     digest = d
                     reps.append(Representative(file: file, stat: st, before: before, digest: d))
@@ -113,25 +104,19 @@ public struct ContentHasher: Sendable {
                 let after = try file.stat()
                 guard after.sameContentState(as: st), after.changeTime < before else {
                     if reps.last?.file === file { reps.removeLast() }
-                    outcome.skip = .changedDuringRun
-                    out[inode] = outcome
+                    out.skips.append((inode, .changedDuringRun))
                     continue
                 }
-                outcome.digest = digest
-                outcome.identity = MetadataIdentity(stat: st, xattrs: xattrs)
-                outcome.stat = after
-                outcome.verifiedAt = before
+                contents.record(inode, digest: digest!, xattrDigest: MetadataIdentity.digest(of: xattrs))
             } catch is DirectoryOpener.DirectoryChanged {
-                outcome.skip = .changedDuringRun
+                out.skips.append((inode, .changedDuringRun))
             } catch is ChangedWhileRead {
-                outcome.skip = .changedDuringRun
+                out.skips.append((inode, .changedDuringRun))
             } catch {
                 let e = errnoCode(error)
-                outcome.skip = (e == ENOENT || e == ELOOP || e == ENOTDIR) ? .changedDuringRun : .failed(operation: "read", errno: e)
+                out.skips.append((inode, (e == ENOENT || e == ELOOP || e == ENOTDIR) ? .changedDuringRun : .failed(operation: "read", errno: e)))
             }
-            out[inode] = outcome
         }
-        return out
     }
 
     struct ChangedWhileRead: Error {}
@@ -158,14 +143,15 @@ public struct ContentHasher: Sendable {
 
     /// SHA-256 of the content and the metadata identity of an open file.
     static func digest(of file: OpenFile, buffer: UnsafeMutableRawBufferPointer) throws -> (ContentDigest, MetadataIdentity) {
-        let (d, i, _) = try digestAndIdentity(of: file, stat: try file.stat(), buffer: buffer)
-        return (d, i)
+        let st = try file.stat()
+        let xattrs = try file.extendedAttributes()
+        let (d, _) = try contentDigest(of: file, size: st.size, buffer: buffer)
+        return (d, MetadataIdentity(stat: st, xattrs: xattrs))
     }
 
-    static func digestAndIdentity(of file: OpenFile, stat st: FileStat,
-                                  buffer: UnsafeMutableRawBufferPointer) throws -> (ContentDigest, MetadataIdentity, UInt64) {
-        let xattrs = try file.extendedAttributes()
-        if st.size > 1 << 20 { file.adviseSequential() }
+    /// SHA-256 of the content of an open file read from its current offset to the end.
+    static func contentDigest(of file: OpenFile, size: UInt64, buffer: UnsafeMutableRawBufferPointer) throws -> (ContentDigest, UInt64) {
+        if size > 1 << 20 { file.adviseSequential() }
         var sha = SHA256()
         var total: UInt64 = 0
         while true {
@@ -174,6 +160,6 @@ public struct ContentHasher: Sendable {
             sha.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
             total += UInt64(n)
         }
-        return (ContentDigest(bytes: Array(sha.finalize())), MetadataIdentity(stat: st, xattrs: xattrs), total)
+        return (ContentDigest(sha.finalize()), total)
     }
 }

@@ -15,8 +15,9 @@ public struct LinkOutcome: Sendable {
     public var perGuestInodes: [Int: Int] = [:]
     public var perGuestBytes: [Int: UInt64] = [:]
     public var skips: [Skip] = []
-    /// Inodes that lost their last name (processes mapping them should restart).
-    public var freed: [InodeKey] = []
+    /// By inode index: true when the inode lost its last name (processes
+    /// mapping it should restart).
+    public var freed: [Bool] = []
 }
 
 /// The `hardlink` strategy: each group's keeper becomes a store object (a
@@ -41,16 +42,21 @@ final class HardlinkLinker {
     let journal: RunJournal
     let directories: DirectoryChanges
     let keeperOpener: DirectoryOpener
-    var index: ContentIndex
-    var expected: [Int32: FileStat]
+    let contents: InodeContents
+    /// The ctime of inodes this run changed itself (its own links and
+    /// renames move nothing else); others are expected as the walk saw them.
+    var changeTime: [Int32: Timestamp] = [:]
+    /// Objects whose lease broke: never used again without hashing.
+    var distrusted = Set<Int32>()
     var temporaries: TemporaryNames
     var outcome = LinkOutcome()
+    let closer = BackgroundCloser()
     var progress: (@Sendable (Int, Int) -> Void)?
-    /// Store objects by inode (for keepers that already are objects).
-    let storeNames: [InodeKey: FileName]
+    /// Generation of each inode that is a store object (by inode index).
+    let objectGenerations: [Int32: Int]
 
     init(inventory: Inventory, roots: [GuestRoot], store: Store, journal: RunJournal,
-         expected: [Int32: FileStat], index: ContentIndex, objects: [Store.Object]) {
+         contents: InodeContents, objectGenerations: [Int32: Int]) {
         self.inventory = inventory
         self.roots = roots
         self.store = store
@@ -58,10 +64,8 @@ final class HardlinkLinker {
         self.directories = DirectoryChanges(inventory: inventory, roots: roots, journal: journal)
         self.temporaries = TemporaryNames(runID: journal.runID)
         self.keeperOpener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
-        self.expected = expected
-        self.index = index
-        self.storeNames = Dictionary(objects.map { (InodeKey(device: $0.stat.device, inode: $0.stat.inode), $0.name) },
-                                     uniquingKeysWith: { a, _ in a })
+        self.contents = contents
+        self.objectGenerations = objectGenerations
     }
 
     struct Mismatch: Error {}
@@ -81,8 +85,7 @@ final class HardlinkLinker {
     /// Checks an open file against the state hashify last saw it in.
     func verify(_ file: OpenFile, inode: Int32) throws {
         let st = try file.stat()
-        guard let exp = expected[inode], st.sameContentState(as: exp), st.mode == exp.mode,
-              st.uid == exp.uid, st.gid == exp.gid else { throw Mismatch() }
+        guard !distrusted.contains(inode), inventory.inodes[Int(inode)].matches(st, changeTime: changeTime[inode]) else { throw Mismatch() }
     }
 
     /// Opens `name` in `dir`, leases it and checks it under the lease.
@@ -95,10 +98,18 @@ final class HardlinkLinker {
 
     // MARK: objects
 
+    /// A group's current object: an inode and its generation (its name
+    /// follows from the group's digest and the inode's identity).
     struct Object {
         var inode: Int32
-        var name: FileName
         var generation: Int
+    }
+
+    func name(of o: Object, in group: Planner.Group) -> FileName {
+        let e = inventory.inodes[Int(o.inode)]
+        let identity = MetadataIdentity(mode: e.mode, uid: e.uid, gid: e.gid, modificationTime: e.modificationTime,
+                                        xattrDigest: group.identity.xattrDigest)
+        return Store.objectName(digest: group.digest, key: identity.key, generation: o.generation)
     }
     var objectOf: [Int: Object] = [:]
     /// Leased, open objects: inode → (file, group).
@@ -114,27 +125,32 @@ final class HardlinkLinker {
                 // far below the kernel's lease-break time): no writer has opened it.
                 return (o, h.file)
             }
-            let f = try openLeased(try store.prefixDirectory(group.digest.firstByte), o.name, inode: o.inode)
+            let f = try openLeased(try store.prefixDirectory(group.digest.firstByte), name(of: o, in: group), inode: o.inode)
             hold(f, inode: o.inode, group: g)
             return (o, f)
         }
         let keeper = inventory.inodes[Int(group.keeper)]
-        let key = InodeKey(device: keeper.stat.device, inode: keeper.stat.inode)
-        if keeper.storeObject >= 0, let name = storeNames[key] {
-            let o = Object(inode: group.keeper, name: name, generation: Store.parseObjectName(name)?.2 ?? 0)
-            objectOf[g] = o
-            let f = try openLeased(try store.prefixDirectory(group.digest.firstByte), name, inode: group.keeper)
-            hold(f, inode: group.keeper, group: g)
-            return (o, f)
+        if let generation = objectGenerations[group.keeper] {
+            // Already an object: its name follows from its digest and identity.
+            let name = Store.objectName(digest: group.digest, key: group.identity.key, generation: generation)
+            let dir = try store.prefixDirectory(group.digest.firstByte)
+            if let st = try? dir.stat(name), st.inode == keeper.inode {
+                let o = Object(inode: group.keeper, generation: generation)
+                objectOf[g] = o
+                let f = try openLeased(dir, name, inode: group.keeper)
+                hold(f, inode: group.keeper, group: g)
+                return (o, f)
+            }
+            // Its store name does not say what it holds now: it is published under the right one.
         }
         // Publish the keeper: link it into the store under lease (no data copied).
-        let nameIndex = keeper.names[0]
+        let nameIndex = keeper.firstName
         let dir = try keeperOpener.open(inventory.names[Int(nameIndex)].directory)
         let file = try openLeased(dir, inventory.fileName(nameIndex), inode: group.keeper)
-        let (name, generation) = try publish(file, group: group, fromGeneration: 0)
-        expected[group.keeper] = try file.stat()
+        let generation = try publish(file, group: group, fromGeneration: 0)
+        changeTime[group.keeper] = try file.stat().changeTime
         outcome.objectsCreated += 1
-        let o = Object(inode: group.keeper, name: name, generation: generation)
+        let o = Object(inode: group.keeper, generation: generation)
         objectOf[g] = o
         hold(file, inode: group.keeper, group: g)
         return (o, file)
@@ -164,13 +180,13 @@ final class HardlinkLinker {
             // Our own links moved ctime while the lease kept writers out: the
             // state now is the object's verified state.
             guard let st = try? h.file.stat(), st.changeTime < now else { continue }
-            expected[inode] = st
             if h.file.holdsReadLease {
-                let g = groups[h.group]
-                index.record(st, verifiedAt: now, digest: g.digest, xattrDigest: g.identity.xattrDigest)
+                changeTime[inode] = st.changeTime
+                contents.reverify(inode, changeTime: st.changeTime, at: now)
             } else {
-                index.remove(st.device, st.inode)
-                expected[inode] = nil  // never reused without verifying again
+                contents.forget(inode)
+                changeTime[inode] = nil
+                distrusted.insert(inode)  // never reused without verifying again
             }
             h.file.releaseLease()
             held[inode] = nil
@@ -179,7 +195,7 @@ final class HardlinkLinker {
     }
 
     /// Links an open (leased) file into the store under the first free generation.
-    func publish(_ file: OpenFile, group: Planner.Group, fromGeneration: Int) throws -> (FileName, Int) {
+    func publish(_ file: OpenFile, group: Planner.Group, fromGeneration: Int) throws -> Int {
         let dir = try store.prefixDirectory(group.digest.firstByte)
         let key = MetadataIdentity(stat: try file.stat(), xattrDigest: group.identity.xattrDigest).key
         var generation = fromGeneration
@@ -187,7 +203,7 @@ final class HardlinkLinker {
             let name = Store.objectName(digest: group.digest, key: key, generation: generation)
             do {
                 try file.link(into: dir, as: name)
-                return (name, generation)
+                return generation
             } catch Errno.fileExists {
                 generation += 1
             }
@@ -196,52 +212,53 @@ final class HardlinkLinker {
 
     // MARK: replacing
 
-    struct Action {
-        var group: Int
-        var victim: Int32
-        var name: Int32
-    }
-
-    /// Every name of every victim, in walk order, one directory at a time.
+    /// Every name of every victim, in walk order (so one directory at a time).
     func run(_ groups: [Planner.Group]) -> LinkOutcome {
-        var actions: [Action] = []
+        // By inode: the group it is a victim of, or one of the states below.
+        let notVictim: Int32 = -1, promoted: Int32 = -2, failed: Int32 = -3
+        var victimGroup = [Int32](repeating: notVictim, count: inventory.inodes.count)
+        var total = 0
         for (g, group) in groups.enumerated() {
             for v in group.victims {
-                for n in inventory.inodes[Int(v)].names { actions.append(Action(group: g, victim: v, name: n)) }
+                victimGroup[Int(v)] = Int32(g)
+                total += Int(inventory.inodes[Int(v)].nameCount)
             }
         }
-        actions.sort { a, b in
-            let da = inventory.names[Int(a.name)].directory, db = inventory.names[Int(b.name)].directory
-            return da != db ? da < db : a.name < b.name
-        }
-        var promoted = Set<Int32>()
-        var failedVictims = Set<Int32>()
+        outcome.freed = [Bool](repeating: false, count: inventory.inodes.count)
         var failedGroups = Set<Int>()
-        for (i, action) in actions.enumerated() {
-            if i & 255 == 0 { progress?(i, actions.count) }
+        var done = 0
+        for nameIndex in Int32(0)..<Int32(inventory.names.count) {
+            let victim = inventory.names[Int(nameIndex)].inodeIndex
+            let state = victimGroup[Int(victim)]
+            if state == notVictim || state == promoted { continue }
+            if done & 255 == 0 { progress?(done, total) }
+            done += 1
             // Keep object leases short: release them every 50 ms or 512 objects.
-            if i & 31 == 0, !held.isEmpty, held.count >= 512 || Timestamp.now().totalNanoseconds - heldSince > 50_000_000 {
+            if done & 31 == 0, !held.isEmpty, held.count >= 512 || Timestamp.now().totalNanoseconds - heldSince > 50_000_000 {
                 releaseObjects(groups, all: false)
             }
-            let group = groups[action.group]
-            let nameIndex = action.name
+            if state == failed {
+                skip(nameIndex, .changedDuringRun)
+                continue
+            }
+            let g = Int(state)
+            let group = groups[g]
             let dirID = inventory.names[Int(nameIndex)].directory
-            if promoted.contains(action.victim) { continue }
-            if failedVictims.contains(action.victim) || failedGroups.contains(action.group) {
+            if failedGroups.contains(g) {
                 skip(nameIndex, .changedDuringRun)
                 continue
             }
             do {
                 let dir = try directories.enter(dirID)
                 let name = inventory.fileName(nameIndex)
-                let victimFile = try openLeased(dir, name, inode: action.victim)  // closing it drops the lease
+                let victimFile = try openLeased(dir, name, inode: victim)  // closing it drops the lease
                 let object: Object
                 let objectFile: OpenFile
                 do {
-                    (object, objectFile) = try self.object(for: action.group, group)
+                    (object, objectFile) = try self.object(for: g, group)
                 } catch {
-                    failedGroups.insert(action.group)
-                    let keeperName = inventory.inodes[Int(group.keeper)].names[0]
+                    failedGroups.insert(g)
+                    let keeperName = inventory.inodes[Int(group.keeper)].firstName
                     skip(keeperName, Self.reason(for: error, operation: "link into store"))
                     throw error
                 }
@@ -250,48 +267,51 @@ final class HardlinkLinker {
                     try objectFile.link(into: dir, as: temp)
                 } catch Errno.tooManyLinks {
                     // The object is full: this victim becomes the next object of the group.
-                    let (newName, generation) = try publish(victimFile, group: group, fromGeneration: object.generation + 1)
-                    expected[action.victim] = try victimFile.stat()
-                    objectOf[action.group] = Object(inode: action.victim, name: newName, generation: generation)
-                    promoted.insert(action.victim)
+                    let generation = try publish(victimFile, group: group, fromGeneration: object.generation + 1)
+                    changeTime[victim] = try victimFile.stat().changeTime
+                    objectOf[g] = Object(inode: victim, generation: generation)
+                    victimGroup[Int(victim)] = promoted
                     outcome.objectsCreated += 1
                     continue
                 }
-                let victimInode = inventory.inodes[Int(action.victim)].stat.inode
+                let victimInode = inventory.inodes[Int(victim)].inode
                 guard try exchange(temp, with: name, in: dir, expectedInode: victimInode,
-                                   tempInode: inventory.inodes[Int(object.inode)].stat.inode) else {
+                                   tempInode: inventory.inodes[Int(object.inode)].inode) else {
                     journal.keep(temp)
                     skip(nameIndex, .unknownTemporary)
                     throw Mismatch()
                 }
                 let after = try victimFile.stat()
-                expected[action.victim] = after
+                changeTime[victim] = after.changeTime
                 outcome.pathsLinked += 1
                 let guest = Int(inventory.guest(ofName: nameIndex))
                 outcome.perGuestPaths[guest, default: 0] += 1
-                if inventory.inodes[Int(action.victim)].stat.modificationTime != group.identity.modificationTime {
+                if inventory.inodes[Int(victim)].modificationTime != group.identity.modificationTime {
                     outcome.pathsWithOtherModificationTime += 1
                 }
                 if after.linkCount == 0 {
-                    let owner = Int(inventory.inodes[Int(action.victim)].guest)
+                    let owner = Int(inventory.guest(ofInode: victim))
                     outcome.inodesFreed += 1
                     outcome.bytesSaved += after.allocatedBytes
                     outcome.perGuestInodes[owner, default: 0] += 1
                     outcome.perGuestBytes[owner, default: 0] += after.allocatedBytes
-                    outcome.freed.append(InodeKey(device: after.device, inode: after.inode))
-                    index.remove(after.device, after.inode)
+                    outcome.freed[Int(victim)] = true
+                    contents.forget(victim)
+                    changeTime[victim] = nil
+                    closer.close(victimFile)
                 }
             } catch {
-                if !failedGroups.contains(action.group) || !(error is Mismatch) {
+                if !failedGroups.contains(g) || !(error is Mismatch) {
                     skip(nameIndex, Self.reason(for: error, operation: "replace"))
                 }
                 // The victim's other names stay with it (never split an inode's names further).
-                failedVictims.insert(action.victim)
+                victimGroup[Int(victim)] = failed
             }
         }
         directories.finish()
         releaseObjects(groups, all: true)
-        progress?(actions.count, actions.count)
+        closer.finish()
+        progress?(total, total)
         return outcome
     }
 }

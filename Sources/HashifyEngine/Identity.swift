@@ -12,14 +12,31 @@ public struct ContentDigest: Hashable, Sendable, CustomStringConvertible {
         words = (word(0), word(1), word(2), word(3))
     }
 
+    /// From 32 raw digest bytes.
+    public init(_ raw: UnsafeRawBufferPointer) {
+        precondition(raw.count == 32, "a SHA-256 digest has 32 bytes")
+        func word(_ i: Int) -> UInt64 { UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)) }
+        words = (word(0), word(1), word(2), word(3))
+    }
+
+    /// From a finished SHA-256.
+    public init(_ digest: SHA256.Digest) {
+        self = digest.withUnsafeBytes { ContentDigest($0) }
+    }
+
     /// The 32 digest bytes.
     public var bytes: [UInt8] {
         var out = [UInt8]()
         out.reserveCapacity(32)
-        for w in [words.0, words.1, words.2, words.3] {
-            for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: w >> UInt64(shift))) }
-        }
+        append(to: &out)
         return out
+    }
+
+    /// Appends the 32 digest bytes.
+    public func append(to out: inout [UInt8]) {
+        for w in [words.0, words.1, words.2, words.3] {
+            withUnsafeBytes(of: w.bigEndian) { out.append(contentsOf: $0) }
+        }
     }
 
     /// The first byte (names the store's prefix directory).

@@ -1,16 +1,19 @@
 import HashifySystem
 
 /// What the walk found: every directory, every regular file name and every
-/// inode, in compact tables (names live in one byte arena, never as `String`).
+/// inode, in flat tables of fixed-size records. Names live in one byte
+/// arena (never as `String`), an inode's names form a chain through the name
+/// table, and a small open-addressing table finds an inode by number. About
+/// 130 bytes a file, whatever the file's size.
 public struct Inventory: Sendable {
     /// A walked directory. `parent` is -1 for a guest root.
     public struct DirectoryEntry: Sendable {
-        public var parent: Int32
-        public var guest: UInt16
-        var nameStart: UInt32
-        var nameLength: UInt16
         public var inode: UInt64
         public var modificationTime: Timestamp
+        public var parent: Int32
+        var nameStart: UInt32
+        var nameLength: UInt16
+        public var guest: UInt16
     }
 
     /// One name of a regular file.
@@ -19,24 +22,66 @@ public struct Inventory: Sendable {
         var nameStart: UInt32
         var nameLength: UInt16
         public var inodeIndex: Int32
+        /// The next name of the same inode, or -1.
+        var nextName: Int32
     }
 
-    /// One regular-file inode, with all the names of it found in the roots.
+    /// One regular-file inode: the attributes `statx` gave (the device is the
+    /// inventory's) and its chain of names found in the roots. 64 bytes.
     public struct InodeEntry: Sendable {
-        public var stat: FileStat
-        public var guest: UInt16
-        /// Names found in the scanned roots (indices into `names`).
-        public var names: [Int32]
+        public var inode: UInt64
+        public var size: UInt64
+        private var mtimeSeconds: Int64
+        /// ctime as nanoseconds since the epoch (the kernel stamps it from the
+        /// host clock, well inside Int64's range).
+        private var ctimeNanoseconds: Int64
+        /// Allocated 512-byte blocks (saturating at 2 TiB).
+        private var blocks: UInt32
+        private var mtimeNanoseconds: UInt32
+        public var uid: UInt32
+        public var gid: UInt32
+        public var linkCount: UInt32
+        /// The most recently found name (the head of the chain).
+        public var firstName: Int32
+        public var nameCount: Int32
+        private var mode16: UInt16
         /// True when the inode is also an object in the store.
-        public var storeObject: Int32 = -1
+        public var isStoreObject: Bool
+
+        init(_ st: FileStat, name: Int32) {
+            inode = st.inode; size = st.size
+            blocks = UInt32(clamping: st.blocks)
+            mtimeSeconds = st.modificationTime.seconds; mtimeNanoseconds = st.modificationTime.nanoseconds
+            ctimeNanoseconds = st.changeTime.totalNanoseconds
+            mode16 = UInt16(truncatingIfNeeded: st.mode); uid = st.uid; gid = st.gid; linkCount = st.linkCount
+            firstName = name; nameCount = 1; isStoreObject = false
+        }
+
+        public var mode: UInt32 { UInt32(mode16) }
+        public var modificationTime: Timestamp { Timestamp(seconds: mtimeSeconds, nanoseconds: mtimeNanoseconds) }
+        public var changeTime: Timestamp { Timestamp(totalNanoseconds: ctimeNanoseconds) }
+        /// Allocated bytes on disk.
+        public var allocatedBytes: UInt64 { UInt64(blocks) &* 512 }
+
+        /// True when `st` shows this inode in the state the walk saw: same
+        /// inode, size, mtime, ctime (or `changeTime` when given: hashify's
+        /// own links and renames move ctime), mode, owner and group.
+        public func matches(_ st: FileStat, changeTime expected: Timestamp? = nil) -> Bool {
+            st.inode == inode && st.size == size && st.modificationTime.seconds == mtimeSeconds
+                && st.modificationTime.nanoseconds == mtimeNanoseconds
+                && (expected.map { st.changeTime == $0 } ?? (st.changeTime.totalNanoseconds == ctimeNanoseconds))
+                && st.mode == mode && st.uid == uid && st.gid == gid
+        }
     }
 
+    /// The device every root is on (roots must share one filesystem).
+    public var device: UInt64 = 0
     public var directories: [DirectoryEntry] = []
     public var names: [NameEntry] = []
     public var inodes: [InodeEntry] = []
     var arena: [UInt8] = []
-    /// (device, inode) → index into `inodes`.
-    var inodeIndex: [InodeKey: Int32] = [:]
+    /// Open addressing by inode number: slots hold inode indices, -1 is empty.
+    private var slots: [Int32] = []
 
     public init() {}
 
@@ -49,27 +94,85 @@ public struct Inventory: Sendable {
     mutating func addDirectory(parent: Int32, guest: UInt16, name: UnsafePointer<CChar>?, length: Int, stat: FileStat) -> Int32 {
         var start: UInt32 = 0, len: UInt16 = 0
         if let name { (start, len) = storeName(name, length: length) }
-        directories.append(DirectoryEntry(parent: parent, guest: guest, nameStart: start, nameLength: len,
-                                          inode: stat.inode, modificationTime: stat.modificationTime))
+        directories.append(DirectoryEntry(inode: stat.inode, modificationTime: stat.modificationTime, parent: parent,
+                                          nameStart: start, nameLength: len, guest: guest))
         return Int32(directories.count - 1)
     }
 
-    mutating func addFile(directory: Int32, guest: UInt16, name: UnsafePointer<CChar>, length: Int, stat: FileStat) {
+    mutating func addFile(directory: Int32, name: UnsafePointer<CChar>, length: Int, stat: FileStat) {
         let (start, len) = storeName(name, length: length)
-        let key = InodeKey(device: stat.device, inode: stat.inode)
         let nameIndex = Int32(names.count)
-        if let existing = inodeIndex[key] {
-            names.append(NameEntry(directory: directory, nameStart: start, nameLength: len, inodeIndex: existing))
-            inodes[Int(existing)].names.append(nameIndex)
+        if let existing = index(ofInode: stat.inode) {
+            let head = inodes[Int(existing)].firstName
+            names.append(NameEntry(directory: directory, nameStart: start, nameLength: len, inodeIndex: existing, nextName: head))
+            inodes[Int(existing)].firstName = nameIndex
+            inodes[Int(existing)].nameCount += 1
         } else {
             let idx = Int32(inodes.count)
-            inodeIndex[key] = idx
-            inodes.append(InodeEntry(stat: stat, guest: guest, names: [nameIndex]))
-            names.append(NameEntry(directory: directory, nameStart: start, nameLength: len, inodeIndex: idx))
+            inodes.append(InodeEntry(stat, name: nameIndex))
+            names.append(NameEntry(directory: directory, nameStart: start, nameLength: len, inodeIndex: idx, nextName: -1))
+            insert(idx)
         }
     }
 
-    public func index(of key: InodeKey) -> Int32? { inodeIndex[key] }
+    // MARK: finding inodes
+
+    private static func slot(_ inode: UInt64, _ mask: Int) -> Int {
+        // Fibonacci hashing spreads consecutive inode numbers.
+        Int(truncatingIfNeeded: (inode &* 0x9E37_79B9_7F4A_7C15) >> 32) & mask
+    }
+
+    private mutating func insert(_ idx: Int32) {
+        if (inodes.count) * 2 > slots.count {
+            var bigger = [Int32](repeating: -1, count: max(1024, slots.count * 2))
+            let mask = bigger.count - 1
+            for i in 0..<(inodes.count - 1) { Self.place(Int32(i), inode: inodes[i].inode, in: &bigger, mask: mask) }
+            slots = bigger
+        }
+        Self.place(idx, inode: inodes[Int(idx)].inode, in: &slots, mask: slots.count - 1)
+    }
+
+    private static func place(_ idx: Int32, inode: UInt64, in table: inout [Int32], mask: Int) {
+        var s = slot(inode, mask)
+        while table[s] >= 0 { s = (s + 1) & mask }
+        table[s] = idx
+    }
+
+    /// The index of the inode with this number (on the inventory's device).
+    public func index(ofInode inode: UInt64) -> Int32? {
+        if slots.isEmpty { return nil }
+        let mask = slots.count - 1
+        var s = Self.slot(inode, mask)
+        while true {
+            let i = slots[s]
+            if i < 0 { return nil }
+            if inodes[Int(i)].inode == inode { return i }
+            s = (s + 1) & mask
+        }
+    }
+
+    /// The index of the inode with this (device, inode) pair, if walked.
+    public func index(of key: InodeKey) -> Int32? {
+        key.device == device ? index(ofInode: key.inode) : nil
+    }
+
+    // MARK: names and paths
+
+    /// The names of an inode found in the roots (most recently found first).
+    public func names(of inodeIndex: Int32) -> NameChain {
+        NameChain(names: names, cursor: inodes[Int(inodeIndex)].firstName)
+    }
+
+    /// The chain of an inode's names through the name table.
+    public struct NameChain: Sequence, IteratorProtocol {
+        let names: [NameEntry]
+        var cursor: Int32
+        public mutating func next() -> Int32? {
+            if cursor < 0 { return nil }
+            defer { cursor = names[Int(cursor)].nextName }
+            return cursor
+        }
+    }
 
     /// The file name of a name entry.
     public func fileName(_ n: Int32) -> FileName {
@@ -109,6 +212,9 @@ public struct Inventory: Sendable {
     }
 
     public func guest(ofName n: Int32) -> UInt16 { directories[Int(names[Int(n)].directory)].guest }
+
+    /// The guest an inode belongs to (that of its first name).
+    public func guest(ofInode i: Int32) -> UInt16 { guest(ofName: inodes[Int(i)].firstName) }
 
     /// The chain of directories from the guest root down to d (root first).
     func chain(_ d: Int32) -> [Int32] {

@@ -24,15 +24,12 @@ public struct StoreLocation: Sendable {
 }
 
 /// Walks every file of the roots (no excludes) and marks store objects.
-func walkAll(_ roots: [GuestRoot], store: Store, filter: PathFilter = PathFilter(excludes: [], includes: [])) -> (Walker.Result, [Store.Object]) {
+func walkAll(_ roots: [GuestRoot], store: Store, filter: PathFilter = PathFilter(excludes: [], includes: [])) -> Walker.Result {
     var walk = Walker(filter: filter, minimumSize: 1).walk(roots, conffiles: [])
-    let objects = (try? store.listObjects()) ?? []
-    for o in objects {
-        if let i = walk.inventory.index(of: InodeKey(device: o.stat.device, inode: o.stat.inode)) {
-            walk.inventory.inodes[Int(i)].storeObject = 0
-        }
+    for inode in ((try? store.objectGenerations()) ?? [:]).keys {
+        if let i = walk.inventory.index(ofInode: inode) { walk.inventory.inodes[Int(i)].isStoreObject = true }
     }
-    return (walk, objects)
+    return walk
 }
 
 func skippedPaths(_ skips: [Skip], roots: [GuestRoot]) -> [UnifyReport.SkippedPath] {
@@ -97,7 +94,7 @@ public enum StatusCommand {
             }
             if limit > 0 && Int(o.stat.linkCount) * 10 >= limit * 9 { report.storeHealth.objectsNearLinkLimit += 1 }
         }
-        report.storeHealth.indexEntries = ContentIndex.load(from: store).entries.count
+        report.storeHealth.indexEntries = ContentIndex.count(in: store)
         report.storeHealth.unfinishedRuns = store.unfinishedRuns().count
         return report
     }
@@ -156,13 +153,13 @@ public enum VerifyCommand {
         if bad.isEmpty { return report }
         // Every guest path that links a damaged object.
         let roots = guests.isEmpty ? [] : try RootValidation.openRoots(guests)
-        let (walk, _) = walkAll(roots, store: store)
+        let walk = walkAll(roots, store: store)
         let inventory = walk.inventory
-        var index = ContentIndex.load(from: store)
+        var dropped = Set<InodeKey>()
         for (o, digest, content, meta) in bad {
             var d = VerifyReport.Damaged(object: o.name.description, digest: digest.hex, contentChanged: content,
                                          metadataChanged: meta, paths: [])
-            let names = inventory.index(of: InodeKey(device: o.stat.device, inode: o.stat.inode)).map { inventory.inodes[Int($0)].names } ?? []
+            let names = inventory.index(of: InodeKey(device: o.stat.device, inode: o.stat.inode)).map { Array(inventory.names(of: $0)) } ?? []
             d.paths = names.map {
                 UnifyReport.SkippedPath(root: roots[Int(inventory.guest(ofName: $0))].path.string, path: escapedPath(inventory.path(ofName: $0)),
                                         reason: "links-damaged-object", detail: "links the damaged object", error: false)
@@ -178,13 +175,13 @@ public enum VerifyCommand {
                 let dir = try store.prefixDirectory(o.digest.firstByte)
                 if splitter.skips.isEmpty, let st = try? dir.stat(o.name), st.linkCount == 1 {
                     try dir.unlink(o.name)
-                    index.remove(st.device, st.inode)
+                    dropped.insert(InodeKey(device: st.device, inode: st.inode))
                     d.repaired = true
                 }
             }
             report.damaged.append(d)
         }
-        if repair { try index.save(to: store) }
+        if repair { try ContentIndex.remove(dropped, in: store) }
         return report
     }
 }
@@ -211,14 +208,14 @@ public enum GCCommand {
         let (path, store, guests) = try location.resolve()
         if !dryRun { try store.lock(wait: waitForLock) }
         var report = GCReport(store: path.string, dryRun: dryRun)
-        var index = ContentIndex.load(from: store)
+        var dropped = Set<InodeKey>()
         for o in try store.listObjects() where o.stat.linkCount == 1 {
             let dir = try store.prefixDirectory(o.digest.firstByte)
             // Checked again right before: only the store's own name is left.
             guard let st = try? dir.stat(o.name), st.linkCount == 1, st.inode == o.stat.inode else { continue }
             if !dryRun {
                 try dir.unlink(o.name)
-                index.remove(st.device, st.inode)
+                dropped.insert(InodeKey(device: st.device, inode: st.inode))
             }
             report.objectsRemoved += 1
             report.bytesFreed += st.allocatedBytes
@@ -229,13 +226,13 @@ public enum GCCommand {
                     report.notes.append("an interrupted run left temporary names; give the guest roots to remove them")
                 } else {
                     let roots = try RootValidation.openRoots(guests)
-                    var (walk, objects) = walkAll(roots, store: store)
+                    var walk = walkAll(roots, store: store)
                     var skips: [Skip] = []
-                    report.temporariesRemoved = Recovery.clean(walk: &walk, roots: roots, store: store, objects: objects, skips: &skips)
+                    report.temporariesRemoved = Recovery.clean(walk: &walk, roots: roots, store: store, skips: &skips)
                     report.skipped = skippedPaths(skips, roots: roots)
                 }
             }
-            try index.save(to: store)
+            try ContentIndex.remove(dropped, in: store)
         }
         return report
     }
@@ -296,10 +293,10 @@ public enum SplitCommand {
         for (i, root) in roots.enumerated() {
             let patterns = byRoot[order[i]] ?? []
             let filter = PathFilter(excludes: patterns.isEmpty ? [] : [Array("/*".utf8)], includes: patterns)
-            let (walk, _) = walkAll([root], store: store, filter: filter)
+            let walk = walkAll([root], store: store, filter: filter)
             names = []
-            for e in walk.inventory.inodes {
-                if e.storeObject >= 0 { names += e.names } else { report.notUnified += e.names.count }
+            for (i, e) in walk.inventory.inodes.enumerated() {
+                if e.isStoreObject { names += walk.inventory.names(of: Int32(i)) } else { report.notUnified += Int(e.nameCount) }
             }
             if !paths.isEmpty && walk.inventory.names.count < patterns.count {
                 throw InputError("\(order[i]): some of the given paths are not regular files in this guest")

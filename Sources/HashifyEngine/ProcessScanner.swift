@@ -16,28 +16,25 @@ public enum ProcessScanner {
     static func major(_ dev: UInt64) -> UInt64 { ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff) }
     static func minor(_ dev: UInt64) -> UInt64 { ((dev >> 12) & 0xffff_ff00) | (dev & 0xff) }
 
-    public static func processesMapping(_ inodes: Set<InodeKey>) -> [StaleProcess] {
-        if inodes.isEmpty { return [] }
-        var wanted = Set<String>()
-        for k in inodes {
-            wanted.insert(String(major(k.device), radix: 16) + ":" + String(minor(k.device), radix: 16) + " \(k.inode)")
-        }
+    /// Processes that map an inode of `device` for which `isWanted` is true.
+    public static func processesMapping(device: UInt64, _ isWanted: (UInt64) -> Bool) -> [StaleProcess] {
         guard let proc = try? Directory.open(path: "/proc") else { return [] }
+        let (wantMajor, wantMinor) = (major(device), minor(device))
         var result: [StaleProcess] = []
         for name in (try? proc.entryNames()) ?? [] {
             guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)),
                   let pdir = try? proc.openDirectory(name),
                   let maps = try? pdir.openFileForReading(FileName("maps")).readAll() else { continue }
-            var stale = Set<String>()
+            var stale = Set<UInt64>()
             for line in maps.split(separator: 0x0a) {
                 let f = line.split(separator: 0x20, maxSplits: 5, omittingEmptySubsequences: true)
                 guard f.count >= 5 else { continue }
                 let devParts = f[3].split(separator: 0x3a)
                 guard devParts.count == 2,
-                      let ma = UInt64(String(decoding: devParts[0], as: UTF8.self), radix: 16),
-                      let mi = UInt64(String(decoding: devParts[1], as: UTF8.self), radix: 16) else { continue }
-                let key = String(ma, radix: 16) + ":" + String(mi, radix: 16) + " " + String(decoding: f[4], as: UTF8.self)
-                if wanted.contains(key) { stale.insert(key) }
+                      UInt64(String(decoding: devParts[0], as: UTF8.self), radix: 16) == wantMajor,
+                      UInt64(String(decoding: devParts[1], as: UTF8.self), radix: 16) == wantMinor,
+                      let inode = UInt64(String(decoding: f[4], as: UTF8.self)), isWanted(inode) else { continue }
+                stale.insert(inode)
             }
             if stale.isEmpty { continue }
             let comm = (try? pdir.openFileForReading(FileName("comm")).readAll()) ?? []

@@ -15,9 +15,10 @@ enum Recovery {
     }
 
     /// Returns the number of temporary names removed.
-    static func clean(walk: inout Walker.Result, roots: [GuestRoot], store: Store, objects: [Store.Object], skips: inout [Skip]) -> Int {
+    static func clean(walk: inout Walker.Result, roots: [GuestRoot], store: Store, skips: inout [Skip]) -> Int {
         let unfinished = Set(store.unfinishedRuns())
         if unfinished.isEmpty { return 0 }
+        let objects = (try? store.listObjects()) ?? []
         let inventory = walk.inventory
         let opener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
         let objectInodes = Set(objects.map { InodeKey(device: $0.stat.device, inode: $0.stat.inode) })

@@ -62,6 +62,8 @@ public struct UnifyReport: Sendable, Codable {
     public var dryRun: Bool
     public var store: String
     public var seconds: Double = 0
+    /// Peak resident memory of the process (what `time -v` reports as maximum RSS).
+    public var peakMemoryBytes: UInt64 = 0
     /// Wall seconds per phase: walk, hash, link (and recovery when it ran).
     public var phaseSeconds: [String: Double] = [:]
     public var totals = Totals()
@@ -97,7 +99,7 @@ extension UnifyReport {
         out += "; excluded \(t.excluded), conffiles \(t.conffiles), below min size \(t.belowMinimumSize)\n"
         out += "hashed    \(t.candidates) candidate files (\(t.indexHits) known from the index), \(formatBytes(t.bytesHashed)) read; "
         out += "\(t.identityGroups) groups of identical files\n"
-        out += "\(verb.padding(toLength: 11, withPad: " ", startingAt: 0))\(t.pathsLinked) paths; \(t.inodesFreed) copies freed, "
+        out += "\(verb.rightPadded(11))\(t.pathsLinked) paths; \(t.inodesFreed) copies freed, "
         out += "\(formatBytes(t.bytesSaved)) saved (maximum under the identity rules: \(formatBytes(t.bytesSavedMaximum)))\n"
         if t.pathsWithOtherModificationTime > 0 {
             out += "mtime     \(t.pathsWithOtherModificationTime) paths \(dryRun ? "would get" : "got") another mtime (--ignore-mtime)\n"
@@ -106,9 +108,9 @@ extension UnifyReport {
         if t.temporariesRemoved > 0 { out += "cleaned   \(t.temporariesRemoved) temporary names of an interrupted run\n" }
         out += "\n"
         let w = max(5, guests.map { $0.root.count }.max() ?? 5)
-        out += "GUEST".padding(toLength: w, withPad: " ", startingAt: 0) + "      FILES     LINKED      FREED      SAVED  SKIPPED\n"
+        out += "GUEST".rightPadded(w) + "      FILES     LINKED      FREED      SAVED  SKIPPED\n"
         for g in guests {
-            out += g.root.padding(toLength: w, withPad: " ", startingAt: 0)
+            out += g.root.rightPadded(w)
             out += pad(g.filesScanned, 11) + pad(g.pathsLinked, 11) + pad(g.inodesFreed, 11)
             out += formatBytes(g.bytesSaved).leftPadded(11) + pad(g.skipped, 9) + "\n"
         }
@@ -122,7 +124,8 @@ extension UnifyReport {
             out += "\nrestart these processes to share memory (they still map replaced copies):\n"
             for p in processesToRestart { out += "  \(p.pid) \(p.command) (\(p.staleFiles) files)\n" }
         }
-        out += "done in \((seconds * 100).rounded() / 100) s\n"
+        out += "done in \((seconds * 100).rounded() / 100) s"
+        out += verbose ? ", peak memory \(formatBytes(peakMemoryBytes))\n" : "\n"
         return out
     }
 
@@ -130,5 +133,8 @@ extension UnifyReport {
 }
 
 extension String {
-    func leftPadded(_ w: Int) -> String { count >= w ? " " + self : String(repeating: " ", count: w - count) + self }
+    /// Right-aligned in a column of width w (one space before when wider).
+    public func leftPadded(_ w: Int) -> String { count >= w ? " " + self : String(repeating: " ", count: w - count) + self }
+    /// Left-aligned in a column of width w (never truncated).
+    public func rightPadded(_ w: Int) -> String { count >= w ? self : self + String(repeating: " ", count: w - count) }
 }

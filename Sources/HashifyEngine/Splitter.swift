@@ -28,10 +28,10 @@ final class Splitter {
             return da != db ? da < db : a < b
         }
         for n in sorted {
-            let inode = inventory.inodes[Int(inventory.names[Int(n)].inodeIndex)]
+            let inode = inventory.inodes[Int(inventory.names[Int(n)].inodeIndex)].inode
             do {
                 let dir = try directories.enter(inventory.names[Int(n)].directory)
-                try splitOne(dir, inventory.fileName(n), expected: inode.stat)
+                try splitOne(dir, inventory.fileName(n), expectedInode: inode)
                 split += 1
             } catch {
                 let reason: SkipReason
@@ -48,12 +48,12 @@ final class Splitter {
         directories.finish()
     }
 
-    func splitOne(_ dir: Directory, _ name: FileName, expected: FileStat) throws {
+    func splitOne(_ dir: Directory, _ name: FileName, expectedInode: UInt64) throws {
         let source = try dir.openFileForReading(name)
         try source.takeReadLease()
         defer { source.releaseLease() }
         let st = try source.stat()
-        guard st.inode == expected.inode, st.device == expected.device, st.isRegular else { throw HardlinkLinker.Mismatch() }
+        guard st.inode == expectedInode, st.device == inventory.device, st.isRegular else { throw HardlinkLinker.Mismatch() }
         let temp = temporaries.next(.copy)
         let copy = try dir.createFile(temp, mode: 0o600)
         do {

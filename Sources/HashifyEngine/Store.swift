@@ -115,6 +115,22 @@ public final class Store: @unchecked Sendable {
         return result
     }
 
+    /// The inode of every object with its generation (what unify needs of
+    /// the store: no names or digests kept in memory).
+    public func objectGenerations() throws -> [UInt64: Int] {
+        var result: [UInt64: Int] = [:]
+        for prefix in try objects.entryNames() {
+            guard prefix.bytes.count == 2, let p = bytesFromHex(prefix.bytes), p.count == 1 else { continue }
+            let dir = try prefixDirectory(p[0])
+            try dir.forEachEntry { cName, _, _ in
+                let n = FileName(bytes: UnsafeBufferPointer(start: UnsafeRawPointer(cName).assumingMemoryBound(to: UInt8.self), count: strlen(cName)))
+                guard let (_, _, generation) = Self.parseObjectName(n), let st = try? dir.stat(cName: cName), st.isRegular else { return }
+                result[st.inode] = generation
+            }
+        }
+        return result
+    }
+
     // MARK: guests
 
     /// Remembers guest roots (STORE/guests, NUL-separated) so that status,

@@ -73,65 +73,46 @@ public struct Unifier {
         var skips = walk.skips
 
         // Attach store objects to the inodes guests link.
-        let objects = (try? store?.listObjects()) ?? []
-        for o in objects {
-            if let i = walk.inventory.index(of: InodeKey(device: o.stat.device, inode: o.stat.inode)) {
-                walk.inventory.inodes[Int(i)].storeObject = Int32(0)
+        var objectGenerations: [Int32: Int] = [:]
+        for (inode, generation) in (try? store?.objectGenerations()) ?? [:] {
+            if let i = walk.inventory.index(ofInode: inode) {
+                walk.inventory.inodes[Int(i)].isStoreObject = true
+                objectGenerations[i] = generation
             }
         }
 
         // Leftovers of an interrupted run.
         if let store, !options.dryRun {
-            report.totals.temporariesRemoved = Recovery.clean(walk: &walk, roots: roots, store: store, objects: objects, skips: &skips)
+            report.totals.temporariesRemoved = Recovery.clean(walk: &walk, roots: roots, store: store, skips: &skips)
         }
-
-        // Plan and hash.
         let inventory = walk.inventory
+
+        // Plan and hash; inodes the index vouches for are not read at all.
         let candidates = Planner.candidates(inventory, ignoreModificationTime: options.ignoreModificationTime)
         for i in candidates.incomplete {
-            let n = inventory.inodes[Int(i)].names[0]
+            let n = inventory.inodes[Int(i)].firstName
             skips.append(Skip(guest: Int(inventory.guest(ofName: n)), path: inventory.path(ofName: n), reason: .linksOutsideRoots))
         }
-        // Inodes the index vouches for are not read at all.
-        var index = store.map { ContentIndex.load(from: $0) } ?? ContentIndex()
-        if let problem = index.problem { report.notes.append(problem) }
-        var outcomes = [HashOutcome](repeating: HashOutcome(), count: candidates.inodes.count)
-        var slotOf: [Int32: Int] = [:]
-        for (slot, inode) in candidates.inodes.enumerated() {
-            slotOf[inode] = slot
-            let st = inventory.inodes[Int(inode)].stat
-            if let e = index.lookup(st) {
-                outcomes[slot] = HashOutcome(digest: e.digest, identity: MetadataIdentity(stat: st, xattrDigest: e.xattrDigest),
-                                             stat: st, verifiedAt: e.verifiedAt, fromIndex: true)
-            }
-        }
-        let hashGroups = candidates.groups.map { $0.filter { !outcomes[slotOf[$0]!].fromIndex } }.filter { !$0.isEmpty }
-        let count = hashGroups.reduce(0) { $0 + $1.count }
-        let totalBytes = hashGroups.reduce(UInt64(0)) { n, g in n + g.reduce(UInt64(0)) { $0 + inventory.inodes[Int($1)].stat.size } }
+        let contents = InodeContents(count: inventory.inodes.count)
+        if let store, let problem = contents.load(from: store, inventory: inventory) { report.notes.append(problem) }
+        let hashGroups = candidates.filtered { !contents.isKnown($0) }
+        let count = hashGroups.members.count
+        let totalBytes = hashGroups.members.reduce(UInt64(0)) { $0 + inventory.inodes[Int($1)].size }
         let hashed = ContentHasher(threads: options.threads).hashGroups(hashGroups, inventory: inventory,
-                                                                        roots: roots.map(\.directory)) { files, bytes in
+                                                                        roots: roots.map(\.directory), contents: contents) { files, bytes in
             sink?.update(phase: .hash, done: files, total: count, bytes: bytes, totalBytes: totalBytes)
         }
-        for (inode, o) in hashed { outcomes[slotOf[inode]!] = o }
         lap("hash")
-        var expected: [Int32: FileStat] = [:]
-        for (slot, o) in outcomes.enumerated() {
-            report.totals.bytesHashed += o.bytesRead
-            if o.fromIndex { report.totals.indexHits += 1 }
-            let inode = candidates.inodes[slot]
-            if let r = o.skip {
-                let n = inventory.inodes[Int(inode)].names[0]
-                skips.append(Skip(guest: Int(inventory.guest(ofName: n)), path: inventory.path(ofName: n), reason: r))
-            } else if let st = o.stat, let d = o.digest, let id = o.identity, let at = o.verifiedAt {
-                expected[inode] = st
-                if !o.fromIndex { index.record(st, verifiedAt: at, digest: d, xattrDigest: id.xattrDigest) }
-            }
+        report.totals.bytesHashed = hashed.bytesRead
+        report.totals.indexHits = candidates.members.count - count
+        for (inode, reason) in hashed.skips {
+            let n = inventory.inodes[Int(inode)].firstName
+            skips.append(Skip(guest: Int(inventory.guest(ofName: n)), path: inventory.path(ofName: n), reason: reason))
         }
-        let groups = Planner.groups(inventory, candidates: candidates.inodes, outcomes: outcomes,
-                                    ignoreModificationTime: options.ignoreModificationTime)
+        let groups = Planner.groups(inventory, candidates: candidates, contents: contents)
 
         // Totals the plan promises.
-        report.totals.candidates = candidates.inodes.count
+        report.totals.candidates = candidates.members.count
         report.totals.identityGroups = groups.count
         var perGuest = roots.map { UnifyReport.Guest(root: $0.path.string) }
         for (g, c) in walk.counts.enumerated() {
@@ -145,16 +126,16 @@ public struct Unifier {
             report.totals.belowMinimumSize += c.belowMinimumSize
         }
         report.totals.guests = roots.count
-        for e in inventory.inodes where e.storeObject >= 0 {
-            for n in e.names {
+        for (i, e) in inventory.inodes.enumerated() where e.isStoreObject {
+            for n in inventory.names(of: Int32(i)) {
                 let g = Int(inventory.guest(ofName: n))
                 perGuest[g].pathsShared += 1
-                perGuest[g].bytesShared += e.stat.size
+                perGuest[g].bytesShared += e.size
             }
         }
         for group in groups {
             for v in group.victims {
-                report.totals.bytesSavedMaximum += inventory.inodes[Int(v)].stat.allocatedBytes
+                report.totals.bytesSavedMaximum += inventory.inodes[Int(v)].allocatedBytes
             }
         }
 
@@ -162,27 +143,27 @@ public struct Unifier {
             for group in groups {
                 for v in group.victims {
                     let e = inventory.inodes[Int(v)]
-                    report.totals.pathsLinked += e.names.count
+                    report.totals.pathsLinked += Int(e.nameCount)
                     report.totals.inodesFreed += 1
-                    report.totals.bytesSaved += e.stat.allocatedBytes
-                    perGuest[Int(e.guest)].inodesFreed += 1
-                    perGuest[Int(e.guest)].bytesSaved += e.stat.allocatedBytes
-                    for n in e.names {
+                    report.totals.bytesSaved += e.allocatedBytes
+                    let owner = Int(inventory.guest(ofInode: v))
+                    perGuest[owner].inodesFreed += 1
+                    perGuest[owner].bytesSaved += e.allocatedBytes
+                    for n in inventory.names(of: v) {
                         perGuest[Int(inventory.guest(ofName: n))].pathsLinked += 1
-                        if e.stat.modificationTime != group.identity.modificationTime { report.totals.pathsWithOtherModificationTime += 1 }
+                        if e.modificationTime != group.identity.modificationTime { report.totals.pathsWithOtherModificationTime += 1 }
                     }
                 }
             }
         } else if let store {
             let journal = try RunJournal(store: store, runID: makeRunID())
             let linker = HardlinkLinker(inventory: inventory, roots: roots, store: store, journal: journal,
-                                        expected: expected, index: index, objects: objects)
-            let total = groups.reduce(0) { n, g in n + g.victims.reduce(0) { $0 + inventory.inodes[Int($1)].names.count } }
+                                        contents: contents, objectGenerations: objectGenerations)
+            let total = groups.reduce(0) { n, g in n + g.victims.reduce(0) { $0 + Int(inventory.inodes[Int($1)].nameCount) } }
             linker.progress = { done, _ in sink?.update(phase: .link, done: done, total: total, bytes: 0, totalBytes: nil) }
             lap("plan")
             let linked = linker.run(groups)
             lap("link")
-            index = linker.index
             journal.finish()
             skips += linked.skips
             report.totals.pathsLinked = linked.pathsLinked
@@ -193,13 +174,13 @@ public struct Unifier {
             for (g, n) in linked.perGuestPaths { perGuest[g].pathsLinked = n; perGuest[g].pathsShared += n }
             for (g, n) in linked.perGuestInodes { perGuest[g].inodesFreed = n }
             for (g, n) in linked.perGuestBytes { perGuest[g].bytesSaved = n }
-            report.processesToRestart = ProcessScanner.processesMapping(Set(linked.freed))
+            report.processesToRestart = ProcessScanner.processesMapping(device: inventory.device) { inode in
+                inventory.index(ofInode: inode).map { linked.freed[Int($0)] } ?? false
+            }
         }
         if let store, !options.dryRun {
-            // Keep what this walk saw (and entries of other filesystems); drop the rest.
-            let device = roots[0].stat.device
-            index.prune { $0.device != device || inventory.index(of: $0) != nil }
-            do { try index.save(to: store) } catch { report.notes.append("could not save the index: \(error)") }
+            // What this walk saw and hashify vouches for (and records of other filesystems).
+            do { try contents.save(to: store, inventory: inventory) } catch { report.notes.append("could not save the index: \(error)") }
             store.rememberGuests(roots.map(\.path))
         }
         sink?.finish()
@@ -210,6 +191,7 @@ public struct Unifier {
         report.totals.skipped = skips.count
         report.guests = perGuest
         report.seconds = Double(Timestamp.now().totalNanoseconds - started.totalNanoseconds) / 1e9
+        report.peakMemoryBytes = peakResidentBytes()
         return report
     }
 }

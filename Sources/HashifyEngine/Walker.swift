@@ -64,6 +64,7 @@ public struct Walker {
 
     public func walk(_ roots: [GuestRoot], conffiles: [Set<[UInt8]>]) -> Result {
         var result = Result()
+        result.inventory.device = roots.first?.stat.device ?? 0
         var seen = 0
         for (g, root) in roots.enumerated() {
             var counts = GuestCounts()
@@ -145,6 +146,10 @@ public struct Walker {
                             if v == .excluded { counts.excluded += 1; return }
                             subdirs.append(Pending(parent: dir, parentID: dirID, name: Array(name), path: path, stat: st, verdict: v))
                         } else if st.isRegular {
+                            if st.mountID != root.stat.mountID || st.device != root.stat.device {
+                                result.skips.append(Skip(guest: g, path: path, reason: .mountPoint))
+                                return
+                            }
                             if !filter.isTrivial && !filter.fileIncluded(path: path, nameStart: nameStart, parent: verdict) {
                                 counts.excluded += 1
                                 return
@@ -157,7 +162,7 @@ public struct Walker {
                                 result.skips.append(Skip(guest: g, path: path, reason: .immutableOrAppendOnly))
                                 return
                             }
-                            result.inventory.addFile(directory: dirID, guest: guest, name: cName, length: len, stat: st)
+                            result.inventory.addFile(directory: dirID, name: cName, length: len, stat: st)
                         } else if st.isSymlink {
                             counts.symlinks += 1
                         } else {

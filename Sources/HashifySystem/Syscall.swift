@@ -20,5 +20,13 @@ func retrying<T: FixedWidthInteger>(_ call: () -> T) throws -> T {
 /// descriptor per level) and ignores SIGIO (lease breaks) and SIGPIPE.
 public func prepareProcessForUnification() -> UInt64 {
     hashify_ignore_lease_signals()
+    hashify_tune_malloc()
     return hashify_raise_fd_limit()
+}
+
+/// The process's peak resident set size in bytes.
+public func peakResidentBytes() -> UInt64 {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return UInt64(max(0, usage.ru_maxrss)) * 1024
 }

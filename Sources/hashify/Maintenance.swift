@@ -33,11 +33,11 @@ struct Status: ParsableCommand {
         emit(report, output: output) { r in
             var out = "hashify status — store \(r.store)\n\n"
             let w = max(5, r.guests.map { $0.root.count }.max() ?? 5)
-            out += "GUEST".padding(toLength: w, withPad: " ", startingAt: 0) + "      FILES       BYTES     SHARED  BYTES SHARED\n"
+            out += "GUEST".rightPadded(w) + "      FILES       BYTES     SHARED  BYTES SHARED\n"
             for g in r.guests {
-                out += g.root.padding(toLength: w, withPad: " ", startingAt: 0)
-                out += pad(String(g.filesScanned), 11) + pad(formatBytes(g.bytesScanned), 12)
-                out += pad(String(g.pathsShared), 11) + pad(formatBytes(g.bytesShared), 14) + "\n"
+                out += g.root.rightPadded(w)
+                out += String(g.filesScanned).leftPadded(11) + formatBytes(g.bytesScanned).leftPadded(12)
+                out += String(g.pathsShared).leftPadded(11) + formatBytes(g.bytesShared).leftPadded(14) + "\n"
             }
             let h = r.storeHealth
             out += "\nstore     \(h.objects) objects, \(formatBytes(h.bytes)); \(h.indexEntries) index entries\n"
@@ -49,8 +49,6 @@ struct Status: ParsableCommand {
             return out
         }
     }
-
-    func pad(_ s: String, _ w: Int) -> String { s.count >= w ? " " + s : String(repeating: " ", count: w - s.count) + s }
 }
 
 /// The guests and store a maintenance command works on, and what to do

@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import HashifyEngine
 import HashifySystem
 import SystemPackage
@@ -83,8 +83,7 @@ func emit<R: Encodable>(_ report: R, output: OutputOptions, human: (R) -> String
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         if let data = try? encoder.encode(report) {
-            FileHandle.standardOutput.write(data)
-            FileHandle.standardOutput.write(Data("\n".utf8))
+            print(String(decoding: data, as: UTF8.self))
         }
     } else if !output.quiet {
         print(human(report), terminator: "")

@@ -76,6 +76,10 @@ int hashify_fadvise_sequential(int fd);
 int hashify_copy_all(int infd, int outfd, uint64_t size);
 /// Ignores SIGIO (lease breaks) and SIGPIPE.
 void hashify_ignore_lease_signals(void);
+/* Large blocks always from mmap (returned to the system when freed, never
+   kept as heap fragments) and at most two malloc arenas: keeps peak memory
+   at what the tables need. */
+void hashify_tune_malloc(void);
 /// Raises RLIMIT_NOFILE's soft limit to its hard limit; returns the new soft limit.
 uint64_t hashify_raise_fd_limit(void);
 /// flock(fd, LOCK_EX | (nonblocking ? LOCK_NB : 0)).
