@@ -16,6 +16,13 @@ import Glibc
 public struct ContentHasher: Sendable {
     public var threads: Int
     public var bufferSize = 256 << 10
+    /// The first representative of each group up to this size is kept in
+    /// memory: the others are compared with those bytes, read once.
+    public var cacheSize = 1 << 20
+    /// When false (a dry run), a group whose every member is read gets no
+    /// SHA-256: equality is established by exact comparison alone, and each
+    /// distinct content gets a unique stand-in digest (never stored).
+    public var needsDigests = true
 
     public init(threads: Int) { self.threads = max(1, threads) }
 
@@ -39,19 +46,26 @@ public struct ContentHasher: Sendable {
         let next = Mutex(0)
         let done = Mutex((0, UInt64(0)))
         let result = Mutex(Outcome())
-        let bufferSize = self.bufferSize
+        let (bufferSize, cacheSize, needsDigests) = (self.bufferSize, self.cacheSize, self.needsDigests)
+        let standIns = Atomic<UInt64>(0)
         DispatchQueue.concurrentPerform(iterations: min(threads, max(1, groups.groupCount))) { _ in
             let opener = DirectoryOpener(inventory: inventory, roots: roots)
             let a = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
             let b = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
-            defer { a.deallocate(); b.deallocate() }
+            let cache = UnsafeMutableRawBufferPointer.allocate(byteCount: cacheSize, alignment: 4096)
+            defer { a.deallocate(); b.deallocate(); cache.deallocate() }
             var mine = Outcome()
             while true {
                 let i: Int = next.withLock { n in let c = n; n += 1; return c }
                 if i >= order.count { break }
                 let group = groups.group(order[i])
                 let before = mine.bytesRead
-                Self.hashGroup(group, inventory: inventory, opener: opener, contents: contents, into: &mine, a: a, b: b)
+                var standIn: (() -> ContentDigest)?
+                if !needsDigests && groups.keptWhole.indices.contains(order[i]) && groups.keptWhole[order[i]] {
+                    standIn = { ContentDigest(standIn: standIns.add(1, ordering: .relaxed).newValue) }
+                }
+                Self.hashGroup(group, inventory: inventory, opener: opener, contents: contents, into: &mine, a: a, b: b,
+                               cache: cache, standIn: standIn)
                 let (f, t) = done.withLock { d in d.0 += group.count; d.1 += mine.bytesRead - before; return d }
                 progress?(f, t)
             }
@@ -63,15 +77,21 @@ public struct ContentHasher: Sendable {
         }
     }
 
+    /// How many representatives of a group each member is compared with.
+    static let comparedRepresentatives = 4
+
     struct Representative {
         var file: OpenFile
         var stat: FileStat
         var before: Timestamp
         var digest: ContentDigest
+        /// True when its bytes (the very bytes hashed) are in the cache.
+        var cached: Bool
     }
 
     static func hashGroup(_ group: ArraySlice<Int32>, inventory: Inventory, opener: DirectoryOpener, contents: InodeContents,
-                          into out: inout Outcome, a: UnsafeMutableRawBufferPointer, b: UnsafeMutableRawBufferPointer) {
+                          into out: inout Outcome, a: UnsafeMutableRawBufferPointer, b: UnsafeMutableRawBufferPointer,
+                          cache: UnsafeMutableRawBufferPointer, standIn: (() -> ContentDigest)? = nil) {
         var reps: [Representative] = []
         for inode in group {
             let entry = inventory.inodes[Int(inode)]
@@ -87,19 +107,33 @@ public struct ContentHasher: Sendable {
                 }
                 let xattrs = try file.extendedAttributes()
                 var digest: ContentDigest?
-                for rep in reps.prefix(4) {
+                for rep in reps.prefix(Self.comparedRepresentatives) {
+                    if rep.cached {
+                        // Compared with the bytes that were hashed.
+                        out.bytesRead += st.size
+                        if try sameContent(file, UnsafeRawBufferPointer(rebasing: cache[0..<Int(st.size)]), buffer: a) {
+                            digest = rep.digest
+                            break
+                        }
+                        continue
+                    }
                     let equal = try sameContent(file, rep.file, size: st.size, a: a, b: b)
-                    out.bytesRead += st.size
+                    out.bytesRead += st.size * 2
                     // The representative must still be what was hashed.
                     guard let rs = try? rep.file.stat(), rs.sameContentState(as: rep.stat), rs.changeTime < rep.before else { break }
                     if equal { digest = rep.digest; break }
                 }
                 if digest == nil {
-                    let (d, total) = try contentDigest(of: file, size: st.size, buffer: a)
+                    let cacheIt = reps.isEmpty && st.size <= UInt64(cache.count)
+                    // Only the representatives every later member is compared with may go
+                    // without SHA-256; the rest are told apart by their digests.
+                    let standIn = reps.count < Self.comparedRepresentatives ? standIn : nil
+                    let (d, total) = cacheIt ? try readAndDigest(file, size: st.size, into: cache, standIn: standIn)
+                                             : try contentDigest(of: file, size: st.size, buffer: a, standIn: standIn)
                     out.bytesRead += total
                     guard total == st.size else { throw ChangedWhileRead() }
                     digest = d
-                    reps.append(Representative(file: file, stat: st, before: before, digest: d))
+                    reps.append(Representative(file: file, stat: st, before: before, digest: d, cached: cacheIt))
                 }
                 let after = try file.stat()
                 guard after.sameContentState(as: st), after.changeTime < before else {
@@ -121,8 +155,43 @@ public struct ContentHasher: Sendable {
 
     struct ChangedWhileRead: Error {}
 
-    /// Byte-for-byte comparison of two open files of `size` bytes (pread, so
-    /// no file offset moves); stops at the first difference.
+    /// Reads the whole file (`size` bytes) into `cache` and hashes it there.
+    static func readAndDigest(_ file: OpenFile, size: UInt64, into cache: UnsafeMutableRawBufferPointer,
+                              standIn: (() -> ContentDigest)? = nil) throws -> (ContentDigest, UInt64) {
+        let n = try readFully(file, into: UnsafeMutableRawBufferPointer(rebasing: cache[0..<Int(size)]), at: 0)
+        if let standIn { return (standIn(), UInt64(n)) }
+        var sha = SHA256()
+        sha.update(bufferPointer: UnsafeRawBufferPointer(rebasing: cache[0..<n]))
+        return (ContentDigest(sha.finalize()), UInt64(n))
+    }
+
+    /// Reads until `buffer` is full or the file ends; returns the bytes read.
+    static func readFully(_ file: OpenFile, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        var got = 0
+        while got < buffer.count {
+            let m = try file.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[got...]), at: offset + UInt64(got))
+            if m == 0 { break }
+            got += m
+        }
+        return got
+    }
+
+    /// Whether the file's first `bytes.count` bytes are `bytes`; stops at the
+    /// first difference. (Its size was checked before and is checked after.)
+    static func sameContent(_ x: OpenFile, _ bytes: UnsafeRawBufferPointer, buffer: UnsafeMutableRawBufferPointer) throws -> Bool {
+        var offset = 0
+        while offset < bytes.count {
+            let want = min(buffer.count, bytes.count - offset)
+            let n = try readFully(x, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want]), at: UInt64(offset))
+            if n < want || memcmp(buffer.baseAddress!, bytes.baseAddress! + offset, n) != 0 { return false }
+            offset += n
+        }
+        return true
+    }
+
+    /// Byte-for-byte comparison of two open files over `size` bytes (pread, so
+    /// no file offset moves); stops at the first difference. (Both sizes
+    /// were checked before and are checked after.)
     static func sameContent(_ x: OpenFile, _ y: OpenFile, size: UInt64,
                             a: UnsafeMutableRawBufferPointer, b: UnsafeMutableRawBufferPointer) throws -> Bool {
         var offset: UInt64 = 0
@@ -138,7 +207,7 @@ public struct ContentHasher: Sendable {
             if memcmp(a.baseAddress!, b.baseAddress!, n) != 0 { return false }
             offset += UInt64(n)
         }
-        return try x.read(into: a, at: size) == 0 && y.read(into: b, at: size) == 0
+        return true
     }
 
     /// SHA-256 of the content and the metadata identity of an open file.
@@ -150,16 +219,17 @@ public struct ContentHasher: Sendable {
     }
 
     /// SHA-256 of the content of an open file read from its current offset to the end.
-    static func contentDigest(of file: OpenFile, size: UInt64, buffer: UnsafeMutableRawBufferPointer) throws -> (ContentDigest, UInt64) {
+    static func contentDigest(of file: OpenFile, size: UInt64, buffer: UnsafeMutableRawBufferPointer,
+                              standIn: (() -> ContentDigest)? = nil) throws -> (ContentDigest, UInt64) {
         if size > 1 << 20 { file.adviseSequential() }
         var sha = SHA256()
         var total: UInt64 = 0
-        while true {
-            let n = try file.read(into: buffer)
+        while total < size {
+            let n = try file.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(UInt64(buffer.count), size - total))]))
             if n == 0 { break }
-            sha.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+            if standIn == nil { sha.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<n])) }
             total += UInt64(n)
         }
-        return (ContentDigest(sha.finalize()), total)
+        return (standIn?() ?? ContentDigest(sha.finalize()), total)
     }
 }

@@ -19,6 +19,13 @@ public struct ContentDigest: Hashable, Sendable, CustomStringConvertible {
         words = (word(0), word(1), word(2), word(3))
     }
 
+    /// A stand-in for a digest that was not computed: unique per `n`, and
+    /// marked so that it can never equal a SHA-256 by accident of layout
+    /// (the last word is all ones and the first three are 0, 0, n).
+    init(standIn n: UInt64) {
+        words = (0, 0, n, UInt64.max)
+    }
+
     /// From a finished SHA-256.
     public init(_ digest: SHA256.Digest) {
         self = digest.withUnsafeBytes { ContentDigest($0) }

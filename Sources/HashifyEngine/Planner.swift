@@ -15,13 +15,19 @@ public enum Planner {
         public var groupCount: Int { groupStarts.count - 1 }
         public func group(_ i: Int) -> ArraySlice<Int32> { members[Int(groupStarts[i])..<Int(groupStarts[i + 1])] }
 
+        /// For groups made by `filtered`: true when the group kept every member.
+        public var keptWhole: [Bool] = []
+
         /// The same groups with only the members `keep` accepts (empty groups dropped).
         public func filtered(_ keep: (Int32) -> Bool) -> Candidates {
             var out = Candidates()
             for g in 0..<groupCount {
                 let before = out.members.count
                 for m in group(g) where keep(m) { out.members.append(m) }
-                if out.members.count > before { out.groupStarts.append(Int32(out.members.count)) }
+                if out.members.count > before {
+                    out.groupStarts.append(Int32(out.members.count))
+                    out.keptWhole.append(out.members.count - before == group(g).count)
+                }
             }
             return out
         }

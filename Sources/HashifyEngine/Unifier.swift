@@ -98,7 +98,9 @@ public struct Unifier {
         let hashGroups = candidates.filtered { !contents.isKnown($0) }
         let count = hashGroups.members.count
         let totalBytes = hashGroups.members.reduce(UInt64(0)) { $0 + inventory.inodes[Int($1)].size }
-        let hashed = ContentHasher(threads: options.threads).hashGroups(hashGroups, inventory: inventory,
+        var hasher = ContentHasher(threads: options.threads)
+        hasher.needsDigests = !options.dryRun
+        let hashed = hasher.hashGroups(hashGroups, inventory: inventory,
                                                                         roots: roots.map(\.directory), contents: contents) { files, bytes in
             sink?.update(phase: .hash, done: files, total: count, bytes: bytes, totalBytes: totalBytes)
         }
