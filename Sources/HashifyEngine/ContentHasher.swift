@@ -15,7 +15,7 @@ import Glibc
 /// change must move ctime).
 public struct ContentHasher: Sendable {
     public var threads: Int
-    public var bufferSize = 256 << 10
+    public var bufferSize = 128 << 10
     /// The first representative of each group up to this size is kept in
     /// memory: the others are compared with those bytes, read once.
     public var cacheSize = 1 << 20

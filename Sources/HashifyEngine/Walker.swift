@@ -66,7 +66,11 @@ public struct Walker {
         var result = Result()
         result.inventory.device = roots.first?.stat.device ?? 0
         var seen = 0
+        let warmer = MetadataWarmer(roots: roots, filter: filter)
+        warmer.start()
+        defer { warmer.stop() }
         for (g, root) in roots.enumerated() {
+            warmer.walkReached(g)
             var counts = GuestCounts()
             let guest = UInt16(g)
             let rootID = result.inventory.addDirectory(parent: -1, guest: guest, name: nil, length: 0, stat: root.stat)

@@ -45,7 +45,7 @@ struct Unify: ParsableCommand {
     @Flag(help: "Merge files that differ only in mtime (each merged path gets the kept file's mtime).")
     var ignoreMtime = false
 
-    @Option(help: "Hashing threads (default: the number of CPUs).")
+    @Option(help: "Hashing threads (default: the number of CPUs, at least 4 and at most 16: reads from disk overlap).")
     var threads: Int?
 
     @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
@@ -68,7 +68,7 @@ struct Unify: ParsableCommand {
         options.defaultExcludes = !noDefaultExcludes
         options.minimumSize = minSize
         options.ignoreModificationTime = ignoreMtime
-        options.threads = threads ?? ProcessInfo.processInfo.activeProcessorCount
+        options.threads = threads ?? UnifyOptions.defaultThreads(processors: ProcessInfo.processInfo.activeProcessorCount)
         options.waitForLock = !noWait
         let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
         let report = runEngine { try Unifier(options: options, progress: progress).run() }

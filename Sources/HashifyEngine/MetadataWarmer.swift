@@ -1,0 +1,80 @@
+import Dispatch
+import HashifySystem
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Reads ahead of the walk on a cold cache: a second thread lists and stats
+/// the guests from the last one backwards while the walk goes forwards, and
+/// stops where they meet. It records nothing; it only brings directories and
+/// inodes into the kernel's caches, so that each metadata read from disk is
+/// waited for once, by one of the two. Same rules as the walk: descriptors
+/// opened with `O_NOFOLLOW` relative to their parent, no mount crossed, no
+/// excluded directory entered.
+final class MetadataWarmer: Sendable {
+    private let roots: [GuestRoot]
+    private let filter: PathFilter
+    /// The guest the walk is in (the warmer stops at it).
+    private let walking = Atomic(0)
+    private let stopped = Atomic(false)
+    private let done = DispatchGroup()
+
+    init(roots: [GuestRoot], filter: PathFilter) {
+        self.roots = roots
+        self.filter = filter
+    }
+
+    func start() {
+        guard roots.count > 1 else { return }
+        DispatchQueue.global().async(group: done) { self.run() }
+    }
+
+    /// The walk has begun guest `g`.
+    func walkReached(_ g: Int) { walking.store(g, ordering: .relaxed) }
+
+    /// Stops the warmer and waits for it.
+    func stop() {
+        stopped.store(true, ordering: .relaxed)
+        done.wait()
+    }
+
+    private func shouldStop(_ g: Int) -> Bool {
+        stopped.load(ordering: .relaxed) || walking.load(ordering: .relaxed) >= g
+    }
+
+    private func run() {
+        for g in stride(from: roots.count - 1, to: 0, by: -1) {
+            if shouldStop(g) { return }
+            warm(g)
+        }
+    }
+
+    private func warm(_ g: Int) {
+        let root = roots[g]
+        // Directories to visit, opened only when their turn comes.
+        var pending: [(parent: Directory?, path: [UInt8], nameStart: Int, verdict: PathFilter.Verdict)] = [(nil, [], 0, .included)]
+        while let (parent, path, nameStart, verdict) = pending.popLast() {
+            if shouldStop(g) { return }
+            let dir: Directory
+            if let parent {
+                guard let d = try? withCName(path[nameStart...], { try parent.openDirectory(cName: $0) }) else { continue }
+                dir = d
+            } else {
+                dir = root.directory
+            }
+            try? dir.forEachEntry { cName, type, _ in
+                // Symlinks, devices, fifos and sockets need no inode read by the walk.
+                if type == 10 || type == 1 || type == 2 || type == 6 || type == 12 { return }
+                guard let st = try? dir.stat(cName: cName), st.isDirectory else { return }
+                guard st.mountID == root.stat.mountID, st.device == root.stat.device else { return }
+                var sub = path
+                sub.append(0x2f)
+                let start = sub.count
+                sub.append(contentsOf: UnsafeBufferPointer(start: UnsafeRawPointer(cName).assumingMemoryBound(to: UInt8.self), count: strlen(cName)))
+                let v = filter.isTrivial ? .included : filter.directoryVerdict(path: sub, nameStart: start, parent: verdict)
+                if v != .excluded { pending.append((dir, sub, start, v)) }
+            }
+        }
+    }
+}
