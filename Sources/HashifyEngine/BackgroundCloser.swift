@@ -18,9 +18,9 @@ final class BackgroundCloser: Sendable {
         slots = DispatchSemaphore(value: limit)
     }
 
-    /// Takes over the last reference to `file` and closes it in the background.
+    /// Takes over the last reference to `file` and closes it in the background
+    /// (which also drops its lease: the file has no name left to open it by).
     func close(_ file: consuming OpenFile) {
-        file.releaseLease()
         slots.wait()
         let i = next.add(1, ordering: .relaxed).oldValue % queues.count
         let box = Box(file)

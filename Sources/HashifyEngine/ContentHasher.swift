@@ -40,9 +40,9 @@ public struct ContentHasher: Sendable {
 
     public func hashGroups(_ groups: Planner.Candidates, inventory: Inventory, roots: [Directory], contents: InodeContents,
                            progress: (@Sendable (Int, UInt64) -> Void)? = nil) -> Outcome {
-        // Largest groups first, so that both threads finish together.
-        func weight(_ g: Int) -> UInt64 { inventory.inodes[Int(groups.group(g).first!)].size * UInt64(groups.group(g).count) }
-        let order = (0..<groups.groupCount).sorted { weight($0) > weight($1) }
+        // Groups in the walk order of their first member: consecutive groups
+        // then lie in the same directories, which stay open in each thread's cache.
+        let order = (0..<groups.groupCount).sorted { groups.group($0).first! < groups.group($1).first! }
         let next = Mutex(0)
         let done = Mutex((0, UInt64(0)))
         let result = Mutex(Outcome())

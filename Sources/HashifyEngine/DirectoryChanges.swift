@@ -65,20 +65,20 @@ struct NameMoved: Error {}
 /// `name` with one atomic `renameat2(RENAME_EXCHANGE)`, then removes what came
 /// out — but only if it is `expectedInode`. If a guest renamed another file
 /// to `name` meanwhile, the exchange is undone and `NameMoved` thrown; the
-/// guest's file is never removed. Returns false when the temporary name was
-/// left because it no longer held `tempInode` (reported by the caller).
-@discardableResult
-func exchange(_ temp: FileName, with name: FileName, in dir: Directory, expectedInode: UInt64, tempInode: UInt64) throws -> Bool {
+/// guest's file is never removed. Returns what came out as it was before its
+/// temporary name was removed, or nil when the temporary name was left
+/// because it no longer held `tempInode` (reported by the caller).
+func exchange(_ temp: FileName, with name: FileName, in dir: Directory, expectedInode: UInt64, tempInode: UInt64) throws -> FileStat? {
     try dir.rename(temp, to: dir, as: name, flags: .exchange)
     let out = try dir.stat(temp)
     if out.inode == expectedInode {
         try dir.unlink(temp)
-        return true
+        return out
     }
     try dir.rename(temp, to: dir, as: name, flags: .exchange)
     if (try? dir.stat(temp))?.inode == tempInode {
         try? dir.unlink(temp)
         throw NameMoved()
     }
-    return false
+    return nil
 }

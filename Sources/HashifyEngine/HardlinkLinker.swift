@@ -275,26 +275,28 @@ final class HardlinkLinker {
                     continue
                 }
                 let victimInode = inventory.inodes[Int(victim)].inode
-                guard try exchange(temp, with: name, in: dir, expectedInode: victimInode,
-                                   tempInode: inventory.inodes[Int(object.inode)].inode) else {
+                guard let out = try exchange(temp, with: name, in: dir, expectedInode: victimInode,
+                                             tempInode: inventory.inodes[Int(object.inode)].inode) else {
                     journal.keep(temp)
                     skip(nameIndex, .unknownTemporary)
                     throw Mismatch()
                 }
-                let after = try victimFile.stat()
-                changeTime[victim] = after.changeTime
                 outcome.pathsLinked += 1
                 let guest = Int(inventory.guest(ofName: nameIndex))
                 outcome.perGuestPaths[guest, default: 0] += 1
                 if inventory.inodes[Int(victim)].modificationTime != group.identity.modificationTime {
                     outcome.pathsWithOtherModificationTime += 1
                 }
-                if after.linkCount == 0 {
+                if out.linkCount > 1 {
+                    // Names of it are left (later in this run): its state now is what they expect.
+                    changeTime[victim] = try victimFile.stat().changeTime
+                } else {
+                    // That was its last name (it was held open under lease until now).
                     let owner = Int(inventory.guest(ofInode: victim))
                     outcome.inodesFreed += 1
-                    outcome.bytesSaved += after.allocatedBytes
+                    outcome.bytesSaved += out.allocatedBytes
                     outcome.perGuestInodes[owner, default: 0] += 1
-                    outcome.perGuestBytes[owner, default: 0] += after.allocatedBytes
+                    outcome.perGuestBytes[owner, default: 0] += out.allocatedBytes
                     outcome.freed[Int(victim)] = true
                     contents.forget(victim)
                     changeTime[victim] = nil

@@ -68,7 +68,7 @@ final class Splitter {
             try? dir.unlink(temp)  // only our unfinished copy is there
             throw error
         }
-        guard try exchange(temp, with: name, in: dir, expectedInode: st.inode, tempInode: try copy.stat().inode) else {
+        guard try exchange(temp, with: name, in: dir, expectedInode: st.inode, tempInode: try copy.stat().inode) != nil else {
             directories.journal.keep(temp)
             throw LeftTemporary()
         }
