@@ -20,7 +20,7 @@ final class BackgroundCloser: Sendable {
 
     /// Takes over the last reference to `file` and closes it in the background
     /// (which also drops its lease: the file has no name left to open it by).
-    func close(_ file: consuming OpenFile) {
+    func close(_ file: OpenFile) {
         slots.wait()
         let i = next.add(1, ordering: .relaxed).oldValue % queues.count
         let box = Box(file)

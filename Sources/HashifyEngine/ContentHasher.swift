@@ -49,7 +49,8 @@ public struct ContentHasher: Sendable {
         let (bufferSize, cacheSize, needsDigests) = (self.bufferSize, self.cacheSize, self.needsDigests)
         let standIns = Atomic<UInt64>(0)
         DispatchQueue.concurrentPerform(iterations: min(threads, max(1, groups.groupCount))) { _ in
-            let opener = DirectoryOpener(inventory: inventory, roots: roots)
+            let opener = DirectoryOpener(inventory: inventory, roots: roots,
+                                         capacity: DirectoryOpener.capacity(sharedBy: min(threads, groups.groupCount) + 4))
             let a = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
             let b = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
             let cache = UnsafeMutableRawBufferPointer.allocate(byteCount: cacheSize, alignment: 4096)
@@ -61,7 +62,7 @@ public struct ContentHasher: Sendable {
                 let group = groups.group(order[i])
                 let before = mine.bytesRead
                 var standIn: (() -> ContentDigest)?
-                if !needsDigests && groups.keptWhole.indices.contains(order[i]) && groups.keptWhole[order[i]] {
+                if !needsDigests && groups.keptWhole[order[i]] {
                     standIn = { ContentDigest(standIn: standIns.add(1, ordering: .relaxed).newValue) }
                 }
                 Self.hashGroup(group, inventory: inventory, opener: opener, contents: contents, into: &mine, a: a, b: b,

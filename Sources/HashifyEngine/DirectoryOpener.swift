@@ -12,10 +12,16 @@ final class DirectoryOpener {
     private var open: [Int32: Directory] = [:]
     private var mountIDs: [UInt16: UInt64] = [:]
 
-    init(inventory: Inventory, roots: [Directory], capacity: Int = 2048) {
+    init(inventory: Inventory, roots: [Directory], capacity: Int = DirectoryOpener.capacity(sharedBy: 8)) {
         self.inventory = inventory
         self.roots = roots
         self.capacity = capacity
+    }
+
+    /// How many directories one opener may keep open when `n` openers share
+    /// the process's descriptor limit (at least 16, at most 2048).
+    static func capacity(sharedBy n: Int) -> Int {
+        min(2048, max(16, Int(clamping: openFileLimit()) / max(1, n)))
     }
 
     /// Raised when a directory on the chain is no longer the walked one.

@@ -7,8 +7,8 @@ import Synchronization
 /// xattr digests are interned: ten thousand distinct contents among a
 /// million files cost ten thousand digests, not a million.
 ///
-/// Recording is safe from several threads at once (hashing workers); reading
-/// is for after the recording phase.
+/// `record` is safe from several threads at once (hashing workers); reading,
+/// `reverify` and `forget` are for one thread after hashing.
 public final class InodeContents: @unchecked Sendable {
     /// A content digest together with the digest of the extended attributes.
     struct Fingerprint: Hashable {
@@ -27,8 +27,6 @@ public final class InodeContents: @unchecked Sendable {
     private var xattrIDs: [[UInt8]: Int32] = [[]: 0]
     /// Index records for other filesystems, kept as they are.
     var otherDevices: [ContentIndex.Record] = []
-    /// Inodes whose content came from the index (nothing read).
-    public private(set) var fromIndex = 0
     private let lock = Mutex(())
 
     public init(count: Int) {
@@ -106,12 +104,10 @@ public final class InodeContents: @unchecked Sendable {
             guard e.size == r.size, e.modificationTime == r.modificationTime, e.changeTime == r.changeTime,
                   fingerprintOf[Int(i)] < 0 else { return }
             record(i, digest: r.digest, xattrDigest: r.xattrDigest)
-            fromIndex += 1
         }
         if problem != nil {
             for i in fingerprintOf.indices { fingerprintOf[i] = -1 }
             otherDevices = []
-            fromIndex = 0
         }
         return problem
     }
@@ -123,20 +119,16 @@ public final class InodeContents: @unchecked Sendable {
     /// a coarse-clock reading taken now.
     public func save(to store: Store, inventory: Inventory) throws {
         let at = coarseNow()
-        func record(_ i: Int) -> ContentIndex.Record? {
-            let f = fingerprintOf[i]
-            if f < 0 { return nil }
-            let e = inventory.inodes[i]
-            let ctime = changeTimeAfterLinking[Int32(i)] ?? e.changeTime
-            guard ctime < at else { return nil }
-            let fp = fingerprints[Int(f)]
-            return ContentIndex.Record(key: InodeKey(device: inventory.device, inode: e.inode), size: e.size,
-                                       modificationTime: e.modificationTime, changeTime: ctime, verifiedAt: at,
-                                       digest: fp.digest, xattrDigest: xattrDigests[Int(fp.xattrs)])
-        }
-        let count = fingerprintOf.indices.reduce(0) { $0 + (record($1) == nil ? 0 : 1) } + otherDevices.count
+        func changeTime(_ i: Int) -> Timestamp { changeTimeAfterLinking[Int32(i)] ?? inventory.inodes[i].changeTime }
+        func isSaved(_ i: Int) -> Bool { fingerprintOf[i] >= 0 && changeTime(i) < at }
+        let count = fingerprintOf.indices.reduce(0) { $0 + (isSaved($1) ? 1 : 0) } + otherDevices.count
         try ContentIndex.write(to: store, count: count) { emit in
-            for i in fingerprintOf.indices { if let r = record(i) { emit(r) } }
+            for i in fingerprintOf.indices where isSaved(i) {
+                let e = inventory.inodes[i], fp = fingerprints[Int(fingerprintOf[i])]
+                emit(ContentIndex.Record(key: InodeKey(device: inventory.device, inode: e.inode), size: e.size,
+                                         modificationTime: e.modificationTime, changeTime: changeTime(i), verifiedAt: at,
+                                         digest: fp.digest, xattrDigest: xattrDigests[Int(fp.xattrs)]))
+            }
             for r in otherDevices { emit(r) }
         }
     }

@@ -9,14 +9,13 @@ public enum Planner {
     public struct Candidates: Sendable {
         public var members: [Int32] = []
         var groupStarts: [Int32] = [0]
+        /// Per group: true when no member was left out by `filtered`.
+        public var keptWhole: [Bool] = []
         /// Candidates that have hard links outside the scanned roots.
         public var incomplete: [Int32] = []
 
         public var groupCount: Int { groupStarts.count - 1 }
         public func group(_ i: Int) -> ArraySlice<Int32> { members[Int(groupStarts[i])..<Int(groupStarts[i + 1])] }
-
-        /// For groups made by `filtered`: true when the group kept every member.
-        public var keptWhole: [Bool] = []
 
         /// The same groups with only the members `keep` accepts (empty groups dropped).
         public func filtered(_ keep: (Int32) -> Bool) -> Candidates {
@@ -26,7 +25,7 @@ public enum Planner {
                 for m in group(g) where keep(m) { out.members.append(m) }
                 if out.members.count > before {
                     out.groupStarts.append(Int32(out.members.count))
-                    out.keptWhole.append(out.members.count - before == group(g).count)
+                    out.keptWhole.append(keptWhole[g] && out.members.count - before == group(g).count)
                 }
             }
             return out
@@ -69,7 +68,10 @@ public enum Planner {
                 for m in order[start..<end] {
                     if namesComplete(inodes[Int(m)]) { result.members.append(m) } else { result.incomplete.append(m) }
                 }
-                if result.members.count > before { result.groupStarts.append(Int32(result.members.count)) }
+                if result.members.count > before {
+                    result.groupStarts.append(Int32(result.members.count))
+                    result.keptWhole.append(true)
+                }
             }
             start = end
         }

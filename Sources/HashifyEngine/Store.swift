@@ -101,16 +101,24 @@ public final class Store: @unchecked Sendable {
         return (ContentDigest(bytes: d), key, generation)
     }
 
-    /// Every object in the store (stat'ed, not read).
-    public func listObjects() throws -> [Object] {
-        var result: [Object] = []
+    /// Calls `body` with the name, parsed name and stat of every object
+    /// (stat'ed, not read).
+    private func forEachObject(_ body: (FileName, (digest: ContentDigest, key: String, generation: Int), FileStat) -> Void) throws {
         for prefix in try objects.entryNames() {
             guard prefix.bytes.count == 2, let p = bytesFromHex(prefix.bytes), p.count == 1 else { continue }
             let dir = try prefixDirectory(p[0])
             for n in try dir.entryNames() {
-                guard let (digest, key, _) = Self.parseObjectName(n), let st = try? dir.stat(n), st.isRegular else { continue }
-                result.append(Object(name: n, digest: digest, metadataKey: key, stat: st))
+                guard let parsed = Self.parseObjectName(n), let st = try? dir.stat(n), st.isRegular else { continue }
+                body(n, parsed, st)
             }
+        }
+    }
+
+    /// Every object in the store.
+    public func listObjects() throws -> [Object] {
+        var result: [Object] = []
+        try forEachObject { name, parsed, st in
+            result.append(Object(name: name, digest: parsed.digest, metadataKey: parsed.key, stat: st))
         }
         return result
     }
@@ -119,15 +127,7 @@ public final class Store: @unchecked Sendable {
     /// the store: no names or digests kept in memory).
     public func objectGenerations() throws -> [UInt64: Int] {
         var result: [UInt64: Int] = [:]
-        for prefix in try objects.entryNames() {
-            guard prefix.bytes.count == 2, let p = bytesFromHex(prefix.bytes), p.count == 1 else { continue }
-            let dir = try prefixDirectory(p[0])
-            try dir.forEachEntry { cName, _, _ in
-                let n = FileName(bytes: UnsafeBufferPointer(start: UnsafeRawPointer(cName).assumingMemoryBound(to: UInt8.self), count: strlen(cName)))
-                guard let (_, _, generation) = Self.parseObjectName(n), let st = try? dir.stat(cName: cName), st.isRegular else { return }
-                result[st.inode] = generation
-            }
-        }
+        try forEachObject { _, parsed, st in result[st.inode] = parsed.generation }
         return result
     }
 

@@ -24,6 +24,13 @@ public func prepareProcessForUnification() -> UInt64 {
     return hashify_raise_fd_limit()
 }
 
+/// The process's current limit on open descriptors.
+public func openFileLimit() -> UInt64 {
+    var limit = rlimit()
+    guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 1024 }
+    return UInt64(limit.rlim_cur)
+}
+
 /// The process's peak resident set size in bytes.
 public func peakResidentBytes() -> UInt64 {
     var usage = rusage()

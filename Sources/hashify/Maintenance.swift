@@ -81,7 +81,7 @@ struct Verify: ParsableCommand {
 
     func run() throws {
         let report = runEngine { try VerifyCommand.run(target.location, repair: repair, waitForLock: !target.noWait) }
-        emit(report, output: output) { r in
+        try finish(report, output: output) { r in
             var out = "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
             if r.damaged.isEmpty { out += "ok        every object matches its name\n" }
             for d in r.damaged {
@@ -90,10 +90,9 @@ struct Verify: ParsableCommand {
                 for p in d.paths { out += "            \(p.root)\(p.path)\n" }
             }
             if r.repair { out += "split     \(r.pathsSplit) paths\n" }
-            for s in r.skipped { out += "skipped   \(s.root)\(s.path): \(s.detail)\n" }
+            out += skippedAndNotes(r.skipped)
             return out
         }
-        if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
     }
 }
 
@@ -110,15 +109,13 @@ struct GC: ParsableCommand {
 
     func run() throws {
         let report = runEngine { try GCCommand.run(target.location, dryRun: dryRun, waitForLock: !target.noWait) }
-        emit(report, output: output) { r in
+        try finish(report, output: output) { r in
             var out = "hashify gc\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
             out += "\(r.dryRun ? "would remove" : "removed")  \(r.objectsRemoved) unreferenced objects, \(formatBytes(r.bytesFreed)) freed\n"
             if r.temporariesRemoved > 0 { out += "cleaned   \(r.temporariesRemoved) temporary names of interrupted runs\n" }
-            for s in r.skipped { out += "skipped   \(s.root)\(s.path): \(s.detail)\n" }
-            for n in r.notes { out += "note      \(n)\n" }
+            out += skippedAndNotes(r.skipped, notes: r.notes)
             return out
         }
-        if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
     }
 }
 
@@ -157,12 +154,11 @@ struct Split: ParsableCommand {
             try SplitCommand.run(location, paths: paths.map { FilePath($0).lexicallyNormalized() },
                                  includes: include.map(argumentBytes), dryRun: dryRun, waitForLock: !noWait)
         }
-        emit(report, output: output) { r in
+        try finish(report, output: output) { r in
             var out = "hashify split\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
             out += "\(r.dryRun ? "would split" : "split")     \(r.pathsSplit) paths (\(r.notUnified) matching paths were not unified)\n"
-            for s in r.skipped { out += "skipped   \(s.root)\(s.path): \(s.detail)\n" }
+            out += skippedAndNotes(r.skipped)
             return out
         }
-        if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
     }
 }

@@ -72,9 +72,29 @@ struct Unify: ParsableCommand {
         options.waitForLock = !noWait
         let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
         let report = runEngine { try Unifier(options: options, progress: progress).run() }
-        emit(report, output: output) { $0.humanReadable(verbose: output.verbose) }
-        if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
+        try finish(report, output: output) { $0.humanReadable(verbose: output.verbose) }
     }
+}
+
+/// A report whose command exits with its status (0, or 1 when paths were skipped because of errors).
+protocol StatusReporting: Encodable {
+    var exitStatus: Int32 { get }
+}
+
+extension UnifyReport: StatusReporting {}
+extension VerifyReport: StatusReporting {}
+extension GCReport: StatusReporting {}
+extension SplitReport: StatusReporting {}
+
+/// Prints a report as `emit` does, then exits with the report's status.
+func finish<R: StatusReporting>(_ report: R, output: OutputOptions, human: (R) -> String) throws {
+    emit(report, output: output, human: human)
+    if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
+}
+
+/// The text lines for skipped paths and notes that the maintenance reports end with.
+func skippedAndNotes(_ skipped: [UnifyReport.SkippedPath], notes: [String] = []) -> String {
+    skipped.map { "skipped   \($0.root)\($0.path): \($0.detail)\n" }.joined() + notes.map { "note      \($0)\n" }.joined()
 }
 
 /// Prints a report as JSON or as text, as the output options say.

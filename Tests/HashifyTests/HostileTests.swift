@@ -64,6 +64,48 @@ struct HostileTests {
         #expect(!run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.contains("hashify~"))
     }
 
+    @Test("mount points inside a guest (a tmpfs, a file bind-mounted from outside) are not crossed")
+    func mountPointsNotCrossed() throws {
+        guard isRoot else {
+            print("skipped: mounting needs root")
+            return
+        }
+        let s = Scratch("mounts")
+        let a = s.sub("guests/a"), b = s.sub("guests/b"), outside = s.sub("outside")
+        let content = pseudoRandom(9000, seed: 7)
+        for r in [a, b] { writeFile("\(r)/usr/lib/same", content) }
+        // The same content and identity behind two mount points in guest a.
+        writeFile("\(outside)/file", content)
+        writeFile("\(a)/usr/bound", [])
+        mkdirs("\(a)/usr/mnt")
+        guard mountTmpfs("\(a)/usr/mnt") else {
+            print("skipped: this machine cannot mount a tmpfs")
+            return
+        }
+        defer { unmount("\(a)/usr/mnt") }
+        writeFile("\(a)/usr/mnt/same", content)
+        guard run(["/bin/mount", "--bind", "\(outside)/file", "\(a)/usr/bound"]).status == 0 else {
+            print("skipped: this machine cannot bind-mount a file")
+            return
+        }
+        defer { unmount("\(a)/usr/bound") }
+        settle()
+        let before = manifest([a, b])
+        let outsideInode = inode("\(outside)/file"), mountedInode = inode("\(a)/usr/mnt/same")
+        let r = hashify(["unify", "--json", a, b])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(inode("\(a)/usr/lib/same") == inode("\(b)/usr/lib/same"), "the files inside the guests are unified")
+        #expect(inode("\(outside)/file") == outsideInode && linkCount("\(outside)/file") == 1, "the bind-mounted file is untouched")
+        #expect(inode("\(a)/usr/mnt/same") == mountedInode && linkCount("\(a)/usr/mnt/same") == 1, "the tmpfs is not entered")
+        let skipped = jsonReport(r.out)["skipped"] as? [[String: Any]] ?? []
+        for path in ["/usr/mnt", "/usr/bound"] {
+            #expect(skipped.contains { ($0["path"] as? String) == path && ($0["reason"] as? String) == "mount-point" },
+                    "\(path) reported as a mount point")
+        }
+        #expect(manifest([a, b]) == before, "what the guests see, mounts included, is unchanged")
+        withExtendedLifetime(s) {}
+    }
+
     @Test("a file held open for writing is not unified and loses no data")
     func heldOpenWriter() throws {
         let s = Scratch("writer")
