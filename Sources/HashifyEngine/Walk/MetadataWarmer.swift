@@ -53,12 +53,12 @@ final class MetadataWarmer: Sendable {
     private func warm(_ g: Int) {
         let root = roots[g]
         // Directories to visit, opened only when their turn comes.
-        var pending: [(parent: Directory?, path: [UInt8], nameStart: Int, verdict: PathFilter.Verdict)] = [(nil, [], 0, .included)]
-        while let (parent, path, nameStart, verdict) = pending.popLast() {
+        var pending: [(parent: Directory?, name: [UInt8], path: [UInt8], scope: PathFilter.Scope)] = [(nil, [], [], filter.rootScope)]
+        while let (parent, name, path, scope) = pending.popLast() {
             if shouldStop(g) { return }
             let dir: Directory
             if let parent {
-                guard let d = try? withCName(path[nameStart...], { try parent.openDirectory(cName: $0) }) else { continue }
+                guard let d = try? withCName(name, { try parent.openDirectory(cName: $0) }) else { continue }
                 dir = d
             } else {
                 dir = root.directory
@@ -68,12 +68,11 @@ final class MetadataWarmer: Sendable {
                 if type == 10 || type == 1 || type == 2 || type == 6 || type == 12 { return }
                 guard let st = try? dir.stat(cName: cName), st.isDirectory else { return }
                 guard st.mountID == root.stat.mountID, st.device == root.stat.device else { return }
-                var sub = path
-                sub.append(0x2f)
-                let start = sub.count
-                sub.append(contentsOf: UnsafeBufferPointer(start: UnsafeRawPointer(cName).assumingMemoryBound(to: UInt8.self), count: strlen(cName)))
-                let v = filter.isTrivial ? .included : filter.directoryVerdict(path: sub, nameStart: start, parent: verdict)
-                if v != .excluded { pending.append((dir, sub, start, v)) }
+                // The walk's own decision for this directory (same filter, same scope rules).
+                let entry = PathFilter.Name(cString: cName, count: strlen(cName))
+                func sub() -> [UInt8] { path + [0x2f] + Array(entry.bytes) }
+                let s = filter.enter(scope, entry, path: sub)
+                if s.verdict != .excluded { pending.append((dir, Array(entry.bytes), sub(), s)) }
             }
         }
     }

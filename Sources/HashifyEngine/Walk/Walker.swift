@@ -59,7 +59,15 @@ public struct Walker {
         var name: [UInt8]
         var path: [UInt8]
         var stat: FileStat
-        var verdict: PathFilter.Verdict
+        var scope: PathFilter.Scope
+    }
+
+    /// A directory being listed.
+    struct Frame {
+        var directory: Directory
+        var id: Int32
+        var path: [UInt8]
+        var scope: PathFilter.Scope
     }
 
     public func walk(_ roots: [GuestRoot], conffiles: [Set<[UInt8]>]) -> Result {
@@ -74,12 +82,14 @@ public struct Walker {
             var counts = GuestCounts()
             let guest = UInt16(g)
             let rootID = result.inventory.addDirectory(parent: -1, guest: guest, name: nil, length: 0, stat: root.stat)
-            var stack: [(Directory, Int32, [UInt8], PathFilter.Verdict)] = [(root.directory, rootID, [], .included)]
+            var stack = [Frame(directory: root.directory, id: rootID, path: [], scope: filter.rootScope)]
             var pending: [Pending] = []
             let guestConffiles = conffiles.indices.contains(g) ? conffiles[g] : []
+            // Directories that hold conffiles: only their files are looked up.
+            let conffileDirectories = Set(guestConffiles.map { p in Array(p[..<(p.lastIndex(of: 0x2f) ?? 0)]) })
             while true {
                 // Open the next pending subdirectory, or take the next open one.
-                var frame: (Directory, Int32, [UInt8], PathFilter.Verdict)
+                var frame: Frame
                 if let f = stack.popLast() {
                     frame = f
                 } else if let p = pending.popLast() {
@@ -105,21 +115,20 @@ public struct Walker {
                         }
                     }
                     counts.directories += 1
-                    frame = (child, id, p.path, p.verdict)
+                    frame = Frame(directory: child, id: id, path: p.path, scope: p.scope)
                 } else {
                     break
                 }
-                let (dir, dirID, dirPath, verdict) = frame
+                let (dir, dirID, dirPath, scope) = (frame.directory, frame.id, frame.path, frame.scope)
+                let holdsConffiles = !guestConffiles.isEmpty && conffileDirectories.contains(dirPath)
                 var subdirs: [Pending] = []
                 do {
                     try dir.forEachEntry { cName, type, _ in
                         seen += 1
                         if seen & 4095 == 0 { onProgress?(seen) }
-                        let len = strlen(cName)
-                        let nameBuf = UnsafeRawPointer(cName).assumingMemoryBound(to: UInt8.self)
-                        let name = UnsafeBufferPointer(start: nameBuf, count: len)
-                        if name.starts(with: Self.temporaryPrefix) {
-                            result.temporaries.append(TemporaryName(directory: dirID, name: FileName(bytes: name)))
+                        let name = PathFilter.Name(cString: cName, count: strlen(cName))
+                        if name.bytes.starts(with: Self.temporaryPrefix) {
+                            result.temporaries.append(TemporaryName(directory: dirID, name: FileName(bytes: name.bytes)))
                             return
                         }
                         // DT_LNK, DT_CHR, DT_BLK, DT_FIFO, DT_SOCK: no statx needed.
@@ -128,45 +137,49 @@ public struct Walker {
                         case 1, 2, 6, 12: counts.otherFiles += 1; return
                         default: break
                         }
-                        var path = dirPath
-                        path.append(0x2f)
-                        let nameStart = path.count
-                        path.append(contentsOf: name)
+                        // The entry's guest-absolute path, built only when it is needed.
+                        func path() -> [UInt8] {
+                            var p = dirPath
+                            p.reserveCapacity(dirPath.count + 1 + name.bytes.count)
+                            p.append(0x2f)
+                            p.append(contentsOf: name.bytes)
+                            return p
+                        }
                         let st: FileStat
                         do {
                             st = try dir.stat(cName: cName)
                         } catch Errno.noSuchFileOrDirectory {
                             return
                         } catch {
-                            result.skips.append(Skip(guest: g, path: path, reason: .failed(operation: "stat", errno: errnoCode(error))))
+                            result.skips.append(Skip(guest: g, path: path(), reason: .failed(operation: "stat", errno: errnoCode(error))))
                             return
                         }
                         if st.isDirectory {
                             if st.mountID != root.stat.mountID || st.device != root.stat.device {
-                                result.skips.append(Skip(guest: g, path: path, reason: .mountPoint))
+                                result.skips.append(Skip(guest: g, path: path(), reason: .mountPoint))
                                 return
                             }
-                            let v = filter.isTrivial ? .included : filter.directoryVerdict(path: path, nameStart: nameStart, parent: verdict)
-                            if v == .excluded { counts.excluded += 1; return }
-                            subdirs.append(Pending(parent: dir, parentID: dirID, name: Array(name), path: path, stat: st, verdict: v))
+                            let sub = filter.enter(scope, name, path: path)
+                            if sub.verdict == .excluded { counts.excluded += 1; return }
+                            subdirs.append(Pending(parent: dir, parentID: dirID, name: Array(name.bytes), path: path(), stat: st, scope: sub))
                         } else if st.isRegular {
                             if st.mountID != root.stat.mountID || st.device != root.stat.device {
-                                result.skips.append(Skip(guest: g, path: path, reason: .mountPoint))
+                                result.skips.append(Skip(guest: g, path: path(), reason: .mountPoint))
                                 return
                             }
-                            if !filter.isTrivial && !filter.fileIncluded(path: path, nameStart: nameStart, parent: verdict) {
+                            if !filter.includesFile(in: scope, name, path: path) {
                                 counts.excluded += 1
                                 return
                             }
-                            if guestConffiles.contains(path) { counts.conffiles += 1; return }
+                            if holdsConffiles && guestConffiles.contains(path()) { counts.conffiles += 1; return }
                             counts.regularFiles += 1
                             counts.regularBytes += st.size
                             if st.size < minimumSize { counts.belowMinimumSize += 1; return }
                             if st.isImmutableOrAppendOnly {
-                                result.skips.append(Skip(guest: g, path: path, reason: .immutableOrAppendOnly))
+                                result.skips.append(Skip(guest: g, path: path(), reason: .immutableOrAppendOnly))
                                 return
                             }
-                            result.inventory.addFile(directory: dirID, name: cName, length: len, stat: st)
+                            result.inventory.addFile(directory: dirID, name: cName, length: name.bytes.count, stat: st)
                         } else if st.isSymlink {
                             counts.symlinks += 1
                         } else {
