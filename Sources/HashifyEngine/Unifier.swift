@@ -164,7 +164,7 @@ public struct Unifier {
             }
         } else if let store {
             let journal = try RunJournal(store: store, runID: makeRunID())
-            let linker = HardlinkLinker(inventory: inventory, roots: roots, store: store, journal: journal,
+            let linker: any LinkStrategy = HardlinkLinker(inventory: inventory, roots: roots, store: store, journal: journal,
                                         contents: contents, objectGenerations: objectGenerations)
             let total = groups.reduce(0) { n, g in n + g.victims.reduce(0) { $0 + Int(inventory.inodes[Int($1)].nameCount) } }
             linker.progress = { done, _ in sink?.update(phase: .link, done: done, total: total, bytes: 0, totalBytes: nil) }

@@ -258,3 +258,32 @@ struct UnifyTests {
         #expect(linkCount("\(roots[0])/usr/bin/tool") == 3)
     }
 }
+
+@Suite("descriptor budget")
+struct DescriptorBudgetTests {
+    @Test("under ulimit -n 256, a tree with more directories than that loses nothing to EMFILE")
+    func lowDescriptorLimit() throws {
+        let s = Scratch("fdlimit")
+        let roots = (1...3).map { s.sub("guests/g\($0)") }
+        // 3 guests × 400 directories, each with two files shared by every guest
+        // and one group of distinct contents of equal size (representatives stay open).
+        for (g, r) in roots.enumerated() {
+            for d in 0..<400 {
+                let dir = "\(r)/usr/share/d\(d / 20)/e\(d)"
+                writeFile("\(dir)/a", pseudoRandom(300 + d, seed: UInt64(d)))
+                writeFile("\(dir)/b", pseudoRandom(2000, seed: UInt64(d) + 10_000))
+                writeFile("\(dir)/own", pseudoRandom(777, seed: UInt64(g * 1000 + d) + 50_000))
+            }
+        }
+        for r in roots { settleDirectoryTimes(r) }
+        settle()
+        let before = manifest(roots)
+        let r = run(["/usr/bin/prlimit", "--nofile=256:256", hashifyBinary, "unify", "--json"] + roots)
+        #expect(r.status == 0, "\(r.err)")
+        let t = totals(r.out)
+        #expect(t["skipped"] as? Int == 0, "\(r.out.prefix(2000))")
+        #expect(t["pathsLinked"] as? Int == 2 * 400 * 2)
+        #expect(manifest(roots) == before)
+        #expect(inode("\(roots[0])/usr/share/d19/e399/b") == inode("\(roots[2])/usr/share/d19/e399/b"))
+    }
+}

@@ -49,8 +49,10 @@ public struct ContentHasher: Sendable {
         let (bufferSize, cacheSize, needsDigests) = (self.bufferSize, self.cacheSize, self.needsDigests)
         let standIns = Atomic<UInt64>(0)
         DispatchQueue.concurrentPerform(iterations: min(threads, max(1, groups.groupCount))) { _ in
+            let workers = min(threads, max(1, groups.groupCount))
             let opener = DirectoryOpener(inventory: inventory, roots: roots,
-                                         capacity: DirectoryOpener.capacity(sharedBy: min(threads, groups.groupCount) + 4))
+                                         capacity: DescriptorBudget().cacheCapacity(caches: workers,
+                                                                                    heldElsewhere: workers * (Self.comparedRepresentatives + 2)))
             let a = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
             let b = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
             let cache = UnsafeMutableRawBufferPointer.allocate(byteCount: cacheSize, alignment: 4096)
@@ -60,14 +62,15 @@ public struct ContentHasher: Sendable {
                 let i: Int = next.withLock { n in let c = n; n += 1; return c }
                 if i >= order.count { break }
                 let group = groups.group(order[i])
-                let before = mine.bytesRead
                 var standIn: (() -> ContentDigest)?
                 if !needsDigests && groups.keptWhole[order[i]] {
                     standIn = { ContentDigest(standIn: standIns.add(1, ordering: .relaxed).newValue) }
                 }
                 Self.hashGroup(group, inventory: inventory, opener: opener, contents: contents, into: &mine, a: a, b: b,
                                cache: cache, standIn: standIn)
-                let (f, t) = done.withLock { d in d.0 += group.count; d.1 += mine.bytesRead - before; return d }
+                // Progress in candidate bytes finished (what the total counts), not bytes read.
+                let groupBytes = group.reduce(UInt64(0)) { $0 + inventory.inodes[Int($1)].size }
+                let (f, t) = done.withLock { d in d.0 += group.count; d.1 += groupBytes; return d }
                 progress?(f, t)
             }
             result.withLock { r in r.skips += mine.skips; r.bytesRead += mine.bytesRead }
@@ -100,7 +103,7 @@ public struct ContentHasher: Sendable {
             do {
                 let before = coarseNow()
                 let dir = try opener.open(inventory.names[Int(nameIndex)].directory)
-                let file = try dir.openFileForReading(inventory.fileName(nameIndex))
+                let file = try opener.retryingWhenOutOfDescriptors { try dir.openFileForReading(inventory.fileName(nameIndex)) }
                 let st = try file.stat()
                 guard st.isRegular, entry.matches(st) else {
                     out.skips.append((inode, .changedDuringRun))
@@ -108,13 +111,20 @@ public struct ContentHasher: Sendable {
                 }
                 let xattrs = try file.extendedAttributes()
                 var digest: ContentDigest?
-                for rep in reps.prefix(Self.comparedRepresentatives) {
+                if st.size > UInt64(cache.count) {
+                    // Large: every member is hashed, one read each, and the
+                    // digests tell the contents apart (no representative re-read).
+                    let (d, total) = try contentDigest(of: file, size: st.size, buffer: a)
+                    out.bytesRead += total
+                    guard total == st.size else { throw ChangedWhileRead() }
+                    digest = d
+                }
+                for rep in reps.prefix(Self.comparedRepresentatives) where digest == nil {
                     if rep.cached {
                         // Compared with the bytes that were hashed.
                         out.bytesRead += st.size
                         if try sameContent(file, UnsafeRawBufferPointer(rebasing: cache[0..<Int(st.size)]), buffer: a) {
                             digest = rep.digest
-                            break
                         }
                         continue
                     }
@@ -122,7 +132,7 @@ public struct ContentHasher: Sendable {
                     out.bytesRead += st.size * 2
                     // The representative must still be what was hashed.
                     guard let rs = try? rep.file.stat(), rs.sameContentState(as: rep.stat), rs.changeTime < rep.before else { break }
-                    if equal { digest = rep.digest; break }
+                    if equal { digest = rep.digest }
                 }
                 if digest == nil {
                     let cacheIt = reps.isEmpty && st.size <= UInt64(cache.count)
@@ -134,7 +144,10 @@ public struct ContentHasher: Sendable {
                     out.bytesRead += total
                     guard total == st.size else { throw ChangedWhileRead() }
                     digest = d
-                    reps.append(Representative(file: file, stat: st, before: before, digest: d, cached: cacheIt))
+                    // Only the representatives later members are compared with stay open.
+                    if reps.count < Self.comparedRepresentatives {
+                        reps.append(Representative(file: file, stat: st, before: before, digest: d, cached: cacheIt))
+                    }
                 }
                 let after = try file.stat()
                 guard after.sameContentState(as: st), after.changeTime < before else {

@@ -4,22 +4,6 @@ import SystemPackage
 import Glibc
 #endif
 
-/// What linking did.
-public struct LinkOutcome: Sendable {
-    public var pathsLinked = 0
-    public var inodesFreed = 0
-    public var bytesSaved: UInt64 = 0
-    public var objectsCreated = 0
-    public var pathsWithOtherModificationTime = 0
-    public var perGuestPaths: [Int: Int] = [:]
-    public var perGuestInodes: [Int: Int] = [:]
-    public var perGuestBytes: [Int: UInt64] = [:]
-    public var skips: [Skip] = []
-    /// By inode index: true when the inode lost its last name (processes
-    /// mapping it should restart).
-    public var freed: [Bool] = []
-}
-
 /// The `hardlink` strategy: each group's keeper becomes a store object (a
 /// hard link into the store, no data copied) and every name of every other
 /// inode is replaced by a link to it, one atomic rename per name.
@@ -35,7 +19,7 @@ public struct LinkOutcome: Sendable {
 /// Objects stay leased for a short batch; before their leases go, the
 /// coarse clock is let pass their last ctime, so the index entries written
 /// for them cannot miss a write that follows.
-final class HardlinkLinker {
+final class HardlinkLinker: LinkStrategy {
     let inventory: Inventory
     let roots: [GuestRoot]
     let store: Store
@@ -50,7 +34,9 @@ final class HardlinkLinker {
     var distrusted = Set<Int32>()
     var temporaries: TemporaryNames
     var outcome = LinkOutcome()
-    let closer = BackgroundCloser()
+    let closer = BackgroundCloser(limit: DescriptorBudget().pendingCloses)
+    /// Objects held under lease at most (from the descriptor budget).
+    let heldLimit = DescriptorBudget().heldObjects
     var progress: (@Sendable (Int, Int) -> Void)?
     /// Generation of each inode that is a store object (by inode index).
     let objectGenerations: [Int32: Int]
@@ -233,8 +219,10 @@ final class HardlinkLinker {
             if state == notVictim || state == promoted { continue }
             if done & 255 == 0 { progress?(done, total) }
             done += 1
-            // Keep object leases short: release them every 50 ms or 512 objects.
-            if done & 31 == 0, !held.isEmpty, held.count >= 512 || Timestamp.now().totalNanoseconds - heldSince > 50_000_000 {
+            // Keep object leases short: release them every 50 ms or at the budget's count.
+            if held.count >= heldLimit {
+                releaseObjects(groups, all: true)  // waits at most one clock tick
+            } else if done & 31 == 0, !held.isEmpty, Timestamp.now().totalNanoseconds - heldSince > 50_000_000 {
                 releaseObjects(groups, all: false)
             }
             if state == failed {

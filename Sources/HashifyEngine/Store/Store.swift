@@ -79,6 +79,8 @@ public final class Store: @unchecked Sendable {
         let name = FileName(hexString([firstByte]))
         do { try objects.makeDirectory(name, mode: 0o700) } catch Errno.fileExists {}
         let d = try objects.openDirectory(name)
+        // Bounded by the descriptor budget (all 256 stay open when the limit allows).
+        if prefixDirectories.count >= DescriptorBudget.storeDirectories { prefixDirectories.removeAll(keepingCapacity: true) }
         prefixDirectories[firstByte] = d
         return d
     }

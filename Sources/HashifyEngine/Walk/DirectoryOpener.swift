@@ -12,16 +12,10 @@ final class DirectoryOpener {
     private var open: [Int32: Directory] = [:]
     private var mountIDs: [UInt16: UInt64] = [:]
 
-    init(inventory: Inventory, roots: [Directory], capacity: Int = DirectoryOpener.capacity(sharedBy: 8)) {
+    init(inventory: Inventory, roots: [Directory], capacity: Int = DescriptorBudget().linkerCacheCapacity) {
         self.inventory = inventory
         self.roots = roots
         self.capacity = capacity
-    }
-
-    /// How many directories one opener may keep open when `n` openers share
-    /// the process's descriptor limit (at least 16, at most 2048).
-    static func capacity(sharedBy n: Int) -> Int {
-        min(2048, max(16, Int(clamping: openFileLimit()) / max(1, n)))
     }
 
     /// Raised when a directory on the chain is no longer the walked one.
@@ -32,12 +26,26 @@ final class DirectoryOpener {
         let entry = inventory.directories[Int(id)]
         if entry.parent < 0 { return roots[Int(entry.guest)] }
         let parent = try open(entry.parent)
-        let child = try parent.openDirectory(inventory.directoryName(id))
+        let child = try retryingWhenOutOfDescriptors { try parent.openDirectory(inventory.directoryName(id)) }
         let st = try child.stat()
         guard st.inode == entry.inode, st.mountID == rootMountID(entry.guest) else { throw DirectoryChanged() }
         if open.count >= capacity { open.removeAll(keepingCapacity: true) }
         open[id] = child
         return child
+    }
+
+    /// Runs `body`; if the process is out of descriptors (`EMFILE`, which
+    /// the budget should prevent), closes this cache's directories and runs
+    /// it once more, so that the limit never costs a file.
+    func retryingWhenOutOfDescriptors<T>(_ body: () throws -> T) throws -> T {
+        do {
+            return try body()
+        } catch Errno.tooManyOpenFiles {
+            open.removeAll(keepingCapacity: true)
+            return try body()
+        } catch {
+            throw error
+        }
     }
 
     private func rootMountID(_ guest: UInt16) -> UInt64 {

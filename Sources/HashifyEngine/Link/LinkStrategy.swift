@@ -1,0 +1,31 @@
+import HashifySystem
+
+/// What linking did.
+public struct LinkOutcome: Sendable {
+    public var pathsLinked = 0
+    public var inodesFreed = 0
+    public var bytesSaved: UInt64 = 0
+    public var objectsCreated = 0
+    public var pathsWithOtherModificationTime = 0
+    public var perGuestPaths: [Int: Int] = [:]
+    public var perGuestInodes: [Int: Int] = [:]
+    public var perGuestBytes: [Int: UInt64] = [:]
+    public var skips: [Skip] = []
+    /// By inode index: true when the inode lost its last name (processes
+    /// mapping it should restart).
+    public var freed: [Bool] = []
+}
+
+/// How a unify run makes the members of each identity group share one copy.
+///
+/// This is the one stage of `unify` that changes what is stored under a
+/// guest's names: walk, plan and hash only read, and every strategy shares
+/// them. `hardlink` (`HardlinkLinker`) is the one built today; a later
+/// overlay fold or reflink mode plugs in here, beside it.
+protocol LinkStrategy: AnyObject {
+    /// Called with (names done, names planned) as the work goes on.
+    var progress: (@Sendable (Int, Int) -> Void)? { get set }
+    /// Links each group's victims to the group's object; every guard of the
+    /// invariants is the strategy's own.
+    func run(_ groups: [Planner.Group]) -> LinkOutcome
+}
