@@ -65,16 +65,62 @@ def warm(paths):
     subprocess.run(['sh', '-c', 'find "$@" -type f -exec cat {} + > /dev/null', 'x'] + paths)
 
 
-def fresh_copy(src_guests, dst, keep_links=False):
+def guest_dirs(d):
+    """The guest directories g01, g02, ... in d (stamp files beside them are not guests)."""
+    return sorted(os.path.join(d, g) for g in os.listdir(d)
+                  if g.startswith('g') and g[1:].isdigit() and os.path.isdir(os.path.join(d, g)))
+
+
+DEFAULT_EXCLUDES = ['dev', 'proc', 'sys', 'run', 'tmp', 'var', 'home', 'root', 'mnt', 'media', 'srv', 'boot',
+                    'lost+found', 'etc']
+
+
+def included_trees(roots):
+    """What hashify's default excludes leave of each guest, as directories a
+    peer can be given: every top-level directory (not symlink) that is not
+    excluded. hashify also leaves out dpkg conffiles and top-level files;
+    on a Debian guest those outside /etc are a handful."""
+    out = []
+    for r in roots:
+        for name in sorted(os.listdir(r)):
+            p = os.path.join(r, name)
+            if name not in DEFAULT_EXCLUDES and os.path.isdir(p) and not os.path.islink(p):
+                out.append(p)
+    return out
+
+
+class XfsImage:
+    """A sparse XFS image loop-mounted at mountpoint for the with-block;
+    unmounted (the loop device goes with it) and removed afterwards, also on error."""
+    def __init__(self, image, mountpoint, size='40G'):
+        self.image, self.mountpoint, self.size = image, mountpoint, size
+
+    def __enter__(self):
+        subprocess.run(['truncate', '-s', self.size, self.image], check=True)
+        subprocess.run(['mkfs.xfs', '-q', '-f', '-m', 'reflink=1', self.image], check=True)
+        os.makedirs(self.mountpoint, exist_ok=True)
+        subprocess.run(['mount', '-o', 'loop', self.image, self.mountpoint], check=True)
+        return self.mountpoint
+
+    def __exit__(self, *exc):
+        subprocess.run(['umount', self.mountpoint])
+        os.rmdir(self.mountpoint)
+        os.unlink(self.image)
+        return False
+
+
+def fresh_copy(src_guests, dst, keep_links=False, reflink=False):
     """A copy of the guests; without keep_links every file gets its own inode
-    (cp without --preserve=links), as a never-unified corpus has."""
+    (cp without --preserve=links), as a never-unified corpus has. With
+    reflink (XFS, btrfs) the copies share data extents but not inodes."""
     if os.path.exists(dst):
         remove_tree(dst)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     preserve = 'all' if keep_links else 'mode,ownership,timestamps,xattr'
-    subprocess.run(['cp', '-R', '-P', '--preserve=' + preserve, src_guests, dst], check=True)
+    subprocess.run(['cp', '-R', '-P', '--preserve=' + preserve] + (['--reflink=always'] if reflink else []) + [src_guests, dst],
+                   check=True)
     subprocess.run(['sync'])  # no writeback of the copy during the measurement
-    return sorted(os.path.join(dst, g) for g in os.listdir(dst) if g.startswith('g'))
+    return guest_dirs(dst)
 
 
 def manifest_lines(roots):

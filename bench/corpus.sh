@@ -7,7 +7,7 @@
 #                               bookworm-updates/-security and apt-get upgrade, g05 purges
 #                               openssh-server, g06 installs less (works on unified guests too:
 #                               dpkg replaces files by rename)
-#   corpus.sh clone SRC DST N   DST/g01..gNN as cp -a copies of SRC's guests (cycled), the extra
+#   corpus.sh clone SRC DST N   DST/g01..gNN as cp -a (--reflink=auto) copies of SRC's guests (cycled), the extra
 #                               ones slightly changed (hostname, machine-id, one unique file)
 #
 # Needs root, mmdebstrap and network access to a Debian mirror (the one apt uses here).
@@ -109,7 +109,7 @@ clone() {
   for (( i=1; i<=total; i++ )); do
     d=$dst/$(printf 'g%02d' "$i"); s=${srcs[$(( (i-1) % ${#srcs[@]} ))]}
     [[ -e $d ]] && continue
-    cp -a "$s" "$d"
+    cp -a --reflink=auto "$s" "$d"   # on XFS/btrfs: own inodes, data shared
     if (( i > ${#srcs[@]} )); then
       echo "g$i" > "$d/etc/hostname"
       printf '%032x\n' "$i" > "$d/etc/machine-id"

@@ -111,6 +111,7 @@ public struct Unifier {
         }
         lap("hash")
         report.totals.bytesHashed = hashed.bytesRead
+        report.totals.bytesToHash = totalBytes
         report.totals.indexHits = candidates.members.count - count
         for (inode, reason) in hashed.skips {
             let n = inventory.inodes[Int(inode)].firstName

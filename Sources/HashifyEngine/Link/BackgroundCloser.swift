@@ -6,35 +6,52 @@ import HashifySystem
 /// whose last name is gone frees its blocks, and on a filesystem mounted with
 /// `discard` that waits for the device once per file; done inline it would
 /// hold every replacement up by that wait. Nothing of a guest depends on the
-/// close: the file has no name left. Bounded: at most `limit` files wait.
-final class BackgroundCloser: Sendable {
+/// close: the file has no name left. Files are handed over in small batches
+/// (one thread wake-up per batch, not per file) and bounded: at most `limit`
+/// files are open waiting, batch included. Used from one thread.
+final class BackgroundCloser {
     private let queues: [DispatchQueue]
     private let group = DispatchGroup()
     private let slots: DispatchSemaphore
-    private let next = Atomic(0)
+    private var next = 0
+    private let batchSize: Int
+    private var batch: [OpenFile] = []
 
     init(threads: Int = 4, limit: Int = 64) {
         queues = (0..<threads).map { DispatchQueue(label: "hashify.close.\($0)") }
         slots = DispatchSemaphore(value: limit)
+        batchSize = max(1, min(16, limit / (threads * 2)))
     }
 
     /// Takes over the last reference to `file` and closes it in the background
     /// (which also drops its lease: the file has no name left to open it by).
     func close(_ file: OpenFile) {
         slots.wait()
-        let i = next.add(1, ordering: .relaxed).oldValue % queues.count
-        let box = Box(file)
-        queues[i].async(group: group) { [slots] in
-            box.file = nil
-            slots.signal()
+        batch.append(file)
+        if batch.count >= batchSize { flush() }
+    }
+
+    private func flush() {
+        guard !batch.isEmpty else { return }
+        let box = Box(batch)
+        batch.removeAll(keepingCapacity: true)
+        let q = queues[next % queues.count]
+        next += 1
+        q.async(group: group) { [slots] in
+            let n = box.files.count
+            box.files.removeAll()
+            for _ in 0..<n { slots.signal() }
         }
     }
 
     /// Waits until every file handed over is closed (and its space freed).
-    func finish() { group.wait() }
+    func finish() {
+        flush()
+        group.wait()
+    }
 
     private final class Box: @unchecked Sendable {
-        var file: OpenFile?
-        init(_ file: OpenFile) { self.file = file }
+        var files: [OpenFile]
+        init(_ files: [OpenFile]) { self.files = files }
     }
 }

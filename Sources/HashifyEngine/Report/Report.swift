@@ -15,6 +15,8 @@ public struct UnifyReport: Sendable, Codable {
         /// Inodes that share size and known metadata with another (only these are read).
         public var candidates = 0
         public var bytesHashed: UInt64 = 0
+        /// The size of the candidates that had to be read (not known from the index).
+        public var bytesToHash: UInt64 = 0
         /// Candidates whose digest the store's index knew (not read).
         public var indexHits = 0
         /// Sets of inodes with equal content and identity.
