@@ -2,6 +2,7 @@ import Foundation
 import CHashifyShim
 import HashifyEngine
 import HashifySystem
+import SystemPackage
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -285,5 +286,45 @@ struct DescriptorBudgetTests {
         #expect(t["pathsLinked"] as? Int == 2 * 400 * 2)
         #expect(manifest(roots) == before)
         #expect(inode("\(roots[0])/usr/share/d19/e399/b") == inode("\(roots[2])/usr/share/d19/e399/b"))
+    }
+}
+
+/// Records what a run reports as progress.
+final class RecordingProgress: ProgressSink, @unchecked Sendable {
+    let lock = NSLock()
+    var hashUpdates: [(done: Int, total: Int?, bytes: UInt64, totalBytes: UInt64?)] = []
+    func update(phase: Phase, done: Int, total: Int?, bytes: UInt64, totalBytes: UInt64?) {
+        guard phase == .hash else { return }
+        lock.lock(); hashUpdates.append((done, total, bytes, totalBytes)); lock.unlock()
+    }
+    func finish() {}
+}
+
+@Suite("progress and bytes read")
+struct ProgressTests {
+    @Test("hashing progress never passes its total and ends on it; large files are read once")
+    func progressAddsUp() throws {
+        let s = Scratch("progress")
+        let roots = (1...3).map { s.sub("g\($0)") }
+        for (g, r) in roots.enumerated() {
+            makeGuest(r, index: g)
+            // Large files: one group of equal content, one of distinct contents of equal size.
+            writeFile("\(r)/usr/lib/big.bin", pseudoRandom(3 << 20, seed: 7))
+            writeFile("\(r)/usr/lib/big-own.bin", pseudoRandom(2 << 20, seed: UInt64(100 + g)))
+            // Small files of one size with distinct contents (more than one representative).
+            for k in 0..<3 { writeFile("\(r)/usr/share/v\(k)", pseudoRandom(4096, seed: UInt64(1000 + (g + k) % 3))) }
+        }
+        settle()
+        let before = manifest(roots)
+        let sink = RecordingProgress()
+        let report = try Unifier(options: UnifyOptions(roots: roots.map { FilePath($0) }), progress: sink).run()
+        #expect(manifest(roots) == before)
+        let last = try #require(sink.hashUpdates.max { $0.bytes < $1.bytes })
+        for u in sink.hashUpdates { #expect(u.bytes <= u.totalBytes ?? 0 && u.done <= u.total ?? 0) }
+        #expect(last.bytes == last.totalBytes && last.bytes == report.totals.bytesToHash)
+        #expect(sink.hashUpdates.map(\.done).max() == report.totals.candidates)
+        // Every large file is read once: 3 × 3 MiB + 3 × 2 MiB of the 15 MiB of large candidates.
+        let small = report.totals.bytesToHash - UInt64(3 * (3 << 20) + 3 * (2 << 20))
+        #expect(report.totals.bytesHashed <= UInt64(3 * (3 << 20) + 3 * (2 << 20)) + 2 * small)
     }
 }
