@@ -103,7 +103,14 @@ class XfsImage:
         return self.mountpoint
 
     def __exit__(self, *exc):
-        subprocess.run(['umount', self.mountpoint])
+        # A just-killed tool or XFS's own flushing can keep it busy a moment.
+        for _ in range(10):
+            if subprocess.run(['umount', self.mountpoint]).returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            log('could not unmount %s; left mounted (and %s kept)' % (self.mountpoint, self.image))
+            return False
         os.rmdir(self.mountpoint)
         os.unlink(self.image)
         return False
