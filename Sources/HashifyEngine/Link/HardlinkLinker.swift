@@ -76,7 +76,7 @@ final class HardlinkLinker: LinkStrategy {
 
     /// Opens `name` in `dir`, leases it and checks it under the lease.
     func openLeased(_ dir: Directory, _ name: FileName, inode: Int32) throws -> OpenFile {
-        let f = try dir.openFileForReading(name)
+        let f = try directories.opener.retryingWhenOutOfDescriptors { try dir.openFileForReading(name) }
         try f.takeReadLease()
         try verify(f, inode: inode)
         return f

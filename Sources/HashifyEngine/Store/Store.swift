@@ -23,6 +23,8 @@ public final class Store: @unchecked Sendable {
     let runs: Directory
     private var lockFile: OpenFile?
     private var prefixDirectories: [UInt8: Directory] = [:]
+    /// How many prefix directories stay open (all 256 when the descriptor limit allows).
+    private let prefixCapacity = DescriptorBudget.storeDirectories
 
     /// Thrown when --no-wait finds the store locked.
     public struct Busy: Error {}
@@ -79,8 +81,7 @@ public final class Store: @unchecked Sendable {
         let name = FileName(hexString([firstByte]))
         do { try objects.makeDirectory(name, mode: 0o700) } catch Errno.fileExists {}
         let d = try objects.openDirectory(name)
-        // Bounded by the descriptor budget (all 256 stay open when the limit allows).
-        if prefixDirectories.count >= DescriptorBudget.storeDirectories { prefixDirectories.removeAll(keepingCapacity: true) }
+        if prefixDirectories.count >= prefixCapacity { prefixDirectories.removeAll(keepingCapacity: true) }
         prefixDirectories[firstByte] = d
         return d
     }

@@ -147,8 +147,6 @@ public struct PathFilter: Sendable {
         return true
     }
 
-    public var isTrivial: Bool { anchored.isEmpty && nameExcludes.isEmpty && nameIncludes.isEmpty && wholePath.isEmpty }
-
     /// The scope of a guest root.
     public var rootScope: Scope { scope(verdict: .included, depth: 0, alive: anchored.indices.map { Int32($0) }) }
 
@@ -161,8 +159,10 @@ public struct PathFilter: Sendable {
 
     /// Whether an include and whether an exclude match the entry `name`
     /// directly inside a directory of `scope` (`path`: its guest-absolute
-    /// path, asked for only by whole-path patterns).
-    func matchesHere(_ scope: Scope, _ name: Name, path: () -> [UInt8]) -> (include: Bool, exclude: Bool, childAlive: [Int32]) {
+    /// path, asked for only by whole-path patterns); for a directory
+    /// (`isDirectory`), also the patterns still alive below it.
+    func matchesHere(_ scope: Scope, _ name: Name, isDirectory: Bool, path: () -> [UInt8])
+        -> (include: Bool, exclude: Bool, childAlive: [Int32]) {
         var include = false, exclude = false
         var childAlive: [Int32] = []
         for i in scope.alive {
@@ -170,7 +170,7 @@ public struct PathFilter: Sendable {
             guard p.components[scope.depth].matches(name) else { continue }
             if p.components.count == scope.depth + 1 {
                 if p.isInclude { include = true } else { exclude = true }
-            } else {
+            } else if isDirectory {
                 childAlive.append(i)
             }
         }
@@ -191,7 +191,7 @@ public struct PathFilter: Sendable {
         if parent.alive.isEmpty && nameIncludes.isEmpty && nameExcludes.isEmpty && wholePath.isEmpty {
             return scope(verdict: parent.verdict, depth: parent.depth + 1, alive: [])  // nothing can match below
         }
-        let (include, exclude, childAlive) = matchesHere(parent, name, path: path)
+        let (include, exclude, childAlive) = matchesHere(parent, name, isDirectory: true, path: path)
         let depth = parent.depth + 1
         if include { return scope(verdict: .included, depth: depth, alive: childAlive) }
         if parent.verdict != .searchOnly && !exclude { return scope(verdict: .included, depth: depth, alive: childAlive) }
@@ -205,7 +205,7 @@ public struct PathFilter: Sendable {
     public func includesFile(in scope: Scope, _ name: Name, path: () -> [UInt8]) -> Bool {
         if scope.filesAlwaysIncluded { return true }
         if scope.filesNeverIncluded { return false }
-        let (include, exclude, _) = matchesHere(scope, name, path: path)
+        let (include, exclude, _) = matchesHere(scope, name, isDirectory: false, path: path)
         if include { return true }
         return scope.verdict == .included && !exclude
     }

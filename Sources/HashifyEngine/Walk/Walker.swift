@@ -119,7 +119,7 @@ public struct Walker {
                 } else {
                     break
                 }
-                let (dir, dirID, dirPath, scope) = (frame.directory, frame.id, frame.path, frame.scope)
+                let dir = frame.directory, dirID = frame.id, dirPath = frame.path, scope = frame.scope
                 let holdsConffiles = !guestConffiles.isEmpty && conffileDirectories.contains(dirPath)
                 var subdirs: [Pending] = []
                 do {
