@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """manifest.py - what a guest can see, as one line per path.
 
-Usage: manifest.py [--no-dir-mtime] [--inodes] ROOT... > MANIFEST
+Usage: manifest.py [--no-dir-mtime] [--inodes] [--links] ROOT... > MANIFEST
        manifest.py --diff A B      (exit 1 and print differing lines when they differ)
 
 Each line: root-relative path (%hex if not plain printable ASCII), type, sha256
 (regular files), mode, uid, gid, mtime in ns, xattrs (name=hexvalue, sorted),
-symlink target, device numbers. Inode numbers, link counts and ctime are left
+symlink target, device numbers; the root's own line has its mode, owner, mtime and
+xattrs. --links adds to each regular file that has another name in the same
+root "link=FIRST" (the first such name in walk order): which paths are hard
+links of one another, whatever their inode numbers. Inode numbers, link counts and ctime are left
 out (unification may change those) unless --inodes adds the inode number.
 Traversal is relative to directory descriptors and never follows symlinks, so
 trees deeper than PATH_MAX and names with any bytes work."""
@@ -58,6 +61,8 @@ def walk(dirfd, rel, dev, opts, out):
                                               st.st_gid, mtime, xattrs(dirfd, n), target, rdev)
         if opts['inodes']:
             line += ' %d' % st.st_ino
+        if opts['links'] and t == stat.S_IFREG and st.st_nlink > 1:
+            opts['groups'].setdefault((st.st_dev, st.st_ino), []).append((len(out), r))
         out.append(line)
         if t == stat.S_IFDIR and st.st_dev == dev:
             fd = os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dirfd)
@@ -77,10 +82,11 @@ def main():
         for line in sorted(sa - sb)[:20]: print('- ' + line.decode())
         for line in sorted(sb - sa)[:20]: print('+ ' + line.decode())
         return 1
-    opts = {'dir_mtime': True, 'inodes': False}
+    opts = {'dir_mtime': True, 'inodes': False, 'links': False}
     while args and args[0].startswith('--'):
         if args[0] == '--no-dir-mtime': opts['dir_mtime'] = False
         elif args[0] == '--inodes': opts['inodes'] = True
+        elif args[0] == '--links': opts['links'] = True
         else: sys.exit('manifest.py: unknown option ' + args[0])
         args = args[1:]
     out = []
@@ -89,9 +95,15 @@ def main():
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             st = os.fstat(fd)
-            out.append('. d - %o %d %d %s' % (st.st_mode & 0o7777, st.st_uid, st.st_gid,
-                                               st.st_mtime_ns if opts['dir_mtime'] else '-'))
+            rx = ','.join(n + '=' + os.getxattr(fd, n).hex() for n in sorted(os.listxattr(fd))) or '-'
+            out.append('. d - %o %d %d %s %s' % (st.st_mode & 0o7777, st.st_uid, st.st_gid,
+                                                  st.st_mtime_ns if opts['dir_mtime'] else '-', rx))
+            opts['groups'] = {}
             walk(fd, b'', st.st_dev, opts, out)
+            for members in opts['groups'].values():
+                if len(members) > 1:
+                    for i, _ in members:
+                        out[i] += ' link=' + enc(members[0][1])
         finally:
             os.close(fd)
     sys.stdout.write('\n'.join(out) + '\n')

@@ -50,6 +50,7 @@ static void fill(const struct statx *s, hashify_stat *out) {
     out->uid = s->stx_uid;
     out->gid = s->stx_gid;
     out->nlink = s->stx_nlink;
+    out->rdev = makedev(s->stx_rdev_major, s->stx_rdev_minor);
 }
 
 int hashify_statx(int dirfd, const char *name, int flags, hashify_stat *out) {
@@ -139,9 +140,24 @@ int hashify_copy_all(int infd, int outfd, uint64_t size) {
         ssize_t n = copy_file_range(infd, NULL, outfd, NULL, size - done, 0);
         if (n < 0) {
             if (errno == EINTR) continue;
+            if (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP || errno == ENOSYS) break;
             return -1;
         }
+        if (n == 0) return 0;
+        done += (uint64_t)n;
+    }
+    /* Across filesystems (an overlay file into the store): read and write. */
+    char buf[65536];
+    while (done < size) {
+        ssize_t n = read(infd, buf, sizeof buf);
+        if (n < 0) { if (errno == EINTR) continue; return -1; }
         if (n == 0) break;
+        ssize_t off = 0;
+        while (off < n) {
+            ssize_t w = write(outfd, buf + off, (size_t)(n - off));
+            if (w < 0) { if (errno == EINTR) continue; return -1; }
+            off += w;
+        }
         done += (uint64_t)n;
     }
     return 0;
@@ -188,3 +204,35 @@ void hashify_tune_malloc(void) {
     mallopt(M_MMAP_THRESHOLD, 256 * 1024);
     mallopt(M_ARENA_MAX, 2);
 }
+
+#include <sys/mount.h>
+#include <sys/vfs.h>
+#include <sys/ioctl.h>
+#include <linux/fs.h>
+const unsigned long HASHIFY_MS_RDONLY = MS_RDONLY;
+const int HASHIFY_MNT_DETACH = MNT_DETACH;
+
+int hashify_mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data) {
+    return mount(source, target, fstype, flags, data);
+}
+
+int hashify_umount(const char *target, int flags) { return umount2(target, flags); }
+
+int hashify_syncfs(int fd) { return syncfs(fd); }
+
+uint64_t hashify_fs_type(int fd) {
+    struct statfs s;
+    if (fstatfs(fd, &s) != 0) return 0;
+    return (uint64_t)s.f_type;
+}
+
+int hashify_fchmodat(int dirfd, const char *name, unsigned mode) { return fchmodat(dirfd, name, (mode_t)mode, 0); }
+
+int hashify_set_times_at(int dirfd, const char *name, int64_t asec, uint32_t ansec, int64_t msec, uint32_t mnsec) {
+    struct timespec ts[2] = {{(time_t)asec, (long)ansec}, {(time_t)msec, (long)mnsec}};
+    return utimensat(dirfd, name, ts, AT_SYMLINK_NOFOLLOW);
+}
+
+int hashify_clone_file(int srcfd, int destfd) { return ioctl(destfd, FICLONE, srcfd); }
+
+unsigned hashify_umask(unsigned mask) { return (unsigned)umask((mode_t)mask); }

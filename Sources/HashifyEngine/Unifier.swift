@@ -45,7 +45,35 @@ public struct Unifier {
         self.progress = progress
     }
 
+    /// Unifies the plain guests among the roots with hard links and folds the
+    /// overlay guests (those the store has overlay records for).
     public func run() throws -> UnifyReport {
+        if options.roots.isEmpty { throw InputError("no guest root given") }
+        let storePath = options.store ?? RootValidation.defaultStorePath(for: options.roots)
+        let overlay = Overlay.overlayGuests(among: options.roots, storePath: storePath)
+        let plain = options.roots.filter { !overlay.contains($0) }
+        var report: UnifyReport
+        if plain.isEmpty {
+            report = UnifyReport(dryRun: options.dryRun, store: storePath.string)
+        } else {
+            var o = options
+            o.roots = plain
+            o.store = storePath
+            report = try Unifier(options: o, progress: progress).runHardlink()
+        }
+        if !overlay.isEmpty {
+            let started = Timestamp.now()
+            _ = prepareProcessForUnification()
+            guard let store = try Store.open(at: storePath, create: false) else { return report }
+            if !options.dryRun { try store.lock(wait: options.waitForLock) }
+            report.overlayGuests = try Overlay.fold(roots: options.roots.filter { overlay.contains($0) }, store: store, dryRun: options.dryRun)
+            report.mode = plain.isEmpty ? "overlay" : "hardlink+overlay"
+            report.seconds += Overlay.elapsed(since: started)
+        }
+        return report
+    }
+
+    func runHardlink() throws -> UnifyReport {
         let started = Timestamp.now()
         _ = prepareProcessForUnification()
         let roots = try RootValidation.openRoots(options.roots)

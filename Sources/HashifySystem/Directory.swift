@@ -157,6 +157,62 @@ public final class Directory: @unchecked Sendable {
         _ = try name.withCString { n in try retrying { hashify_mknodat(self.fd, n, mode, device) } }
     }
 
+    /// The corresponding C function is `fchmodat()` (never on a symlink: Linux cannot change a symlink's mode).
+    public func changeMode(of name: FileName, _ mode: UInt32) throws {
+        _ = try name.withCString { n in try retrying { hashify_fchmodat(self.fd, n, mode & 0o7777) } }
+    }
+
+    /// This directory's owner and mode (`fchown()`, `fchmod()`).
+    public func changeOwner(uid: UInt32, gid: UInt32) throws { _ = try retrying { fchown(self.fd, uid, gid) } }
+    public func changeMode(_ mode: UInt32) throws { _ = try retrying { fchmod(self.fd, mode_t(mode & 0o7777)) } }
+
+    /// This directory's extended attributes, sorted by name (`flistxattr` + `fgetxattr`).
+    public func extendedAttributes() throws -> [ExtendedAttribute] { try extendedAttributesOf(descriptor: fd) }
+
+    /// One extended attribute of this directory, or nil when it has none of that name.
+    public func extendedAttribute(_ name: String) -> [UInt8]? { extendedAttributeOf(descriptor: fd, name) }
+
+    /// Sets one extended attribute of this directory (`fsetxattr`).
+    public func setExtendedAttribute(_ a: ExtendedAttribute) throws { try setExtendedAttributeOf(descriptor: fd, a) }
+
+    /// Flushes the whole filesystem this directory is on (`syncfs(2)`).
+    public func syncFilesystem() throws { _ = try retrying { hashify_syncfs(self.fd) } }
+
+    /// The filesystem's magic number (`fstatfs(2)`'s `f_type`).
+    public var filesystemType: UInt64 { hashify_fs_type(fd) }
+
+    /// The path through which this very directory is reached without
+    /// resolving any name again (`/proc/self/fd/N`), for calls that take a path.
+    public var procPath: [UInt8] { Array("/proc/self/fd/\(fd)".utf8) }
+
+    /// Removes everything below this directory, never following a symlink
+    /// and never descending into another mount.
+    public func removeContents() throws {
+        let mount = try stat().mountID
+        for name in try entryNames() {
+            let st = try stat(name)
+            if st.isDirectory {
+                if st.mountID != mount { throw Errno.resourceBusy }
+                try openDirectory(name).removeContents()
+                try unlink(name, isDirectory: true)
+            } else {
+                try unlink(name)
+            }
+        }
+    }
+
+    /// Removes `name` and, when it is a directory, everything below it; no error when it is missing.
+    public func removeTree(_ name: FileName) throws {
+        let st: FileStat
+        do { st = try stat(name) } catch Errno.noSuchFileOrDirectory { return }
+        if st.isDirectory {
+            try openDirectory(name).removeContents()
+            try unlink(name, isDirectory: true)
+        } else {
+            try unlink(name)
+        }
+    }
+
     /// Calls body for each entry but "." and "..", with the raw NUL-terminated
     /// name, its `d_type` and `d_ino`. Reads with `getdents64(2)`.
     public func forEachEntry(_ body: (UnsafePointer<CChar>, UInt8, UInt64) throws -> Void) throws {

@@ -16,6 +16,8 @@ public struct FileStat: Hashable, Sendable {
     public var uid: UInt32
     public var gid: UInt32
     public var linkCount: UInt32
+    /// The device a character or block device node stands for.
+    public var deviceNumber: UInt64
 
     init(_ s: hashify_stat) {
         device = s.dev
@@ -30,6 +32,7 @@ public struct FileStat: Hashable, Sendable {
         uid = s.uid
         gid = s.gid
         linkCount = s.nlink
+        deviceNumber = s.rdev
     }
 
     public var fileType: UInt32 { mode & 0o170000 }

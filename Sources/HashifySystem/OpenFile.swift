@@ -97,6 +97,14 @@ public final class OpenFile: @unchecked Sendable {
         if hashify_copy_all(fd, target.fd, size) != 0 { throw Errno(rawValue: errno) }
     }
 
+    /// Makes `target` hold this file's content: shared extents where the
+    /// filesystem can (`FICLONE` on btrfs and XFS), else a copy.
+    public func cloneContent(to target: OpenFile, size: UInt64) throws {
+        if hashify_clone_file(fd, target.fd) == 0 { return }
+        _ = lseek(fd, 0, SEEK_SET)
+        try copyContent(to: target, size: size)
+    }
+
     /// Sets atime-preserving mtime (`futimens`).
     public func setModificationTime(_ t: Timestamp) throws {
         _ = try retrying { hashify_set_mtime(self.fd, t.seconds, t.nanoseconds) }
@@ -109,17 +117,33 @@ public final class OpenFile: @unchecked Sendable {
     public func truncate(_ size: UInt64) throws { _ = try retrying { ftruncate(self.fd, off_t(size)) } }
 
     /// Every extended attribute, sorted by name (`flistxattr` + `fgetxattr`).
-    public func extendedAttributes() throws -> [ExtendedAttribute] {
-        try readExtendedAttributes(
-            list: { buf, size in hashify_flistxattr(fd, buf, size) },
-            get: { name, buf, size in hashify_fgetxattr(fd, name, buf, size) })
-    }
+    public func extendedAttributes() throws -> [ExtendedAttribute] { try extendedAttributesOf(descriptor: fd) }
+
+    /// One extended attribute, or nil when the file has none of that name.
+    public func extendedAttribute(_ name: String) -> [UInt8]? { extendedAttributeOf(descriptor: fd, name) }
 
     /// Sets one extended attribute (`fsetxattr`).
-    public func setExtendedAttribute(_ a: ExtendedAttribute) throws {
-        _ = try withCName(a.name) { n in
-            try a.value.withUnsafeBytes { v in try retrying { hashify_fsetxattr(self.fd, n, v.baseAddress, v.count) } }
-        }
+    public func setExtendedAttribute(_ a: ExtendedAttribute) throws { try setExtendedAttributeOf(descriptor: fd, a) }
+}
+
+/// Every extended attribute of an open descriptor, sorted by name.
+func extendedAttributesOf(descriptor fd: Int32) throws -> [ExtendedAttribute] {
+    try readExtendedAttributes(
+        list: { buf, size in hashify_flistxattr(fd, buf, size) },
+        get: { name, buf, size in hashify_fgetxattr(fd, name, buf, size) })
+}
+
+/// One extended attribute of an open descriptor (values up to 4 KiB), or nil.
+func extendedAttributeOf(descriptor fd: Int32, _ name: String) -> [UInt8]? {
+    var value = [UInt8](repeating: 0, count: 4096)
+    let n = value.withUnsafeMutableBytes { hashify_fgetxattr(fd, name, $0.baseAddress, $0.count) }
+    return n < 0 ? nil : Array(value[0..<n])
+}
+
+/// `fsetxattr` on an open descriptor.
+func setExtendedAttributeOf(descriptor fd: Int32, _ a: ExtendedAttribute) throws {
+    _ = try withCName(a.name) { n in
+        try a.value.withUnsafeBytes { v in try retrying { hashify_fsetxattr(fd, n, v.baseAddress, v.count) } }
     }
 }
 

@@ -30,7 +30,10 @@ final class Scratch {
         _ = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
         path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
-    deinit { _ = run(["/bin/rm", "-rf", "--one-file-system", path]) }
+    deinit {
+        unmountAll(under: path)
+        _ = run(["/bin/rm", "-rf", "--one-file-system", path])
+    }
     func sub(_ p: String) -> String { path + "/" + p }
 }
 
@@ -67,8 +70,9 @@ func totals(_ out: String) -> [String: Any] { jsonReport(out)["totals"] as? [Str
 /// The full manifest of roots from bench/manifest.py: an oracle independent
 /// of the engine (path, type, sha256, mode, uid, gid, mtime ns, xattrs,
 /// symlink target, device numbers; directory mtimes included).
-func manifest(_ roots: [String], inodes: Bool = false) -> String {
-    let r = run(["/usr/bin/python3", packageRoot.appendingPathComponent("bench/manifest.py").path] + (inodes ? ["--inodes"] : []) + roots)
+func manifest(_ roots: [String], inodes: Bool = false, links: Bool = false) -> String {
+    let r = run(["/usr/bin/python3", packageRoot.appendingPathComponent("bench/manifest.py").path]
+        + (inodes ? ["--inodes"] : []) + (links ? ["--links"] : []) + roots)
     precondition(r.status == 0, "manifest.py failed: \(r.err)")
     return r.out
 }
@@ -153,3 +157,22 @@ func mountTmpfs(_ path: String) -> Bool {
 }
 
 func unmount(_ path: String) { _ = run(["/bin/umount", path]) }
+
+/// Mount points at or below `path` (from /proc/self/mountinfo, deepest first).
+func mountPoints(under path: String) -> [String] {
+    guard let info = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+    var points: [String] = []
+    for line in info.split(separator: "\n") {
+        let f = line.split(separator: " ")
+        guard f.count > 4 else { continue }
+        var p = String(f[4])
+        for (esc, c) in [("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")] { p = p.replacingOccurrences(of: esc, with: c) }
+        if p == path || p.hasPrefix(path + "/") { points.append(p) }
+    }
+    return points.sorted { $0.count > $1.count }
+}
+
+/// Unmounts (lazily) everything the test mounted below `path`: the test's own mounts only.
+func unmountAll(under path: String) {
+    for p in mountPoints(under: path) { _ = run(["/bin/umount", "-l", p]) }
+}

@@ -23,6 +23,7 @@ typedef struct {
     uint32_t uid;
     uint32_t gid;
     uint32_t nlink;
+    uint64_t rdev;       // makedev(stx_rdev_major, stx_rdev_minor): device nodes
 } hashify_stat;
 
 extern const uint64_t HASHIFY_ATTR_IMMUTABLE;
@@ -86,6 +87,24 @@ uint64_t hashify_raise_fd_limit(void);
 int hashify_flock_exclusive(int fd, int nonblocking);
 /// mknodat(2) (tests make FIFOs and devices).
 int hashify_mknodat(int dirfd, const char *name, unsigned mode, uint64_t dev);
+
+/// mount(2) and umount2(2).
+int hashify_mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data);
+int hashify_umount(const char *target, int flags);
+extern const unsigned long HASHIFY_MS_RDONLY;
+extern const int HASHIFY_MNT_DETACH;
+/// syncfs(2): flushes the filesystem that holds fd.
+int hashify_syncfs(int fd);
+/// fstatfs(2)'s f_type of the filesystem that holds fd (0 on error).
+uint64_t hashify_fs_type(int fd);
+/// fchmodat(dirfd, name, mode, 0) (never used on symlinks).
+int hashify_fchmodat(int dirfd, const char *name, unsigned mode);
+/// utimensat(dirfd, name, {atime, mtime}, AT_SYMLINK_NOFOLLOW).
+int hashify_set_times_at(int dirfd, const char *name, int64_t asec, uint32_t ansec, int64_t msec, uint32_t mnsec);
+/// ioctl(dest, FICLONE, src): share src's extents (btrfs, XFS); -1 where unsupported.
+int hashify_clone_file(int srcfd, int destfd);
+/// umask(2); returns the previous mask.
+unsigned hashify_umask(unsigned mask);
 
 /// getrandom(2) filling the whole buffer.
 int hashify_random(void *buf, size_t len);

@@ -1,4 +1,5 @@
 import HashifySystem
+import SystemPackage
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -42,4 +43,35 @@ public enum ProcessScanner {
         }
         return result.sorted { $0.pid < $1.pid }
     }
+
+    /// Processes whose root or working directory is the directory `root`
+    /// (canonical path `path`, attributes `stat`) or below it: by device and
+    /// inode (containers in their own mount namespace), by the overlay's own
+    /// device when the guest is mounted, and by path.
+    public static func processesUsing(root path: FilePath, stat: FileStat, ownDevice: Bool) -> [StaleProcess] {
+        guard let proc = try? Directory.open(path: "/proc") else { return [] }
+        let prefix = Array(path.string.utf8)
+        let me = getpid()
+        var result: [StaleProcess] = []
+        for name in (try? proc.entryNames()) ?? [] {
+            guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)), pid != me,
+                  let pdir = try? proc.openDirectory(name) else { continue }
+            var inside = false
+            for link in ["root", "cwd"] {
+                if let st = try? Directory.open(path: FilePath("/proc/\(pid)/\(link)")).stat(),
+                   (st.device == stat.device && st.inode == stat.inode) || (ownDevice && st.device == stat.device) {
+                    inside = true
+                }
+                if let target = try? pdir.readLink(FileName(link)),
+                   target == prefix || (target.count > prefix.count && target.starts(with: prefix) && target[prefix.count] == 0x2f) {
+                    inside = true
+                }
+            }
+            if !inside { continue }
+            let comm = (try? pdir.openFileForReading(FileName("comm")).readAll()) ?? []
+            result.append(StaleProcess(pid: pid, command: escapedPath(comm.filter { $0 != 0x0a }), staleFiles: 0))
+        }
+        return result.sorted { $0.pid < $1.pid }
+    }
 }
+

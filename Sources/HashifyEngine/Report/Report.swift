@@ -74,9 +74,11 @@ public struct UnifyReport: Sendable, Codable {
     public var processesToRestart: [StaleProcess] = []
     /// Warnings about the run itself (a damaged index that was rebuilt, ...).
     public var notes: [String] = []
+    /// Overlay guests among the roots: what their fold did (they are not walked as plain guests).
+    public var overlayGuests: [OverlayReport.Guest] = []
 
-    /// 0 done, 1 done with files skipped because of errors.
-    public var exitStatus: Int32 { totals.errors > 0 ? 1 : 0 }
+    /// 0 done, 1 done with files skipped because of errors (or an overlay guest whose fold failed).
+    public var exitStatus: Int32 { totals.errors > 0 || overlayGuests.contains { !$0.notes.isEmpty && $0.action == "left as it was" } ? 1 : 0 }
 }
 
 /// Formats byte counts the way df -h and du -h do (binary units).
@@ -97,6 +99,7 @@ extension UnifyReport {
         let t = totals
         let verb = dryRun ? "would link" : "linked"
         out += "hashify unify\(dryRun ? " (dry run: nothing changed)" : "") — store \(store)\n"
+        if guests.isEmpty && !overlayGuests.isEmpty { return out + overlaySection(width: 5) + "done in \((seconds * 100).rounded() / 100) s\n" }
         out += "scanned   \(t.filesScanned) files (\(formatBytes(t.bytesScanned))) in \(t.guests) guests, \(t.directories) directories"
         out += "; excluded \(t.excluded), conffiles \(t.conffiles), below min size \(t.belowMinimumSize)\n"
         out += "hashed    \(t.candidates) candidate files (\(t.indexHits) known from the index), \(formatBytes(t.bytesHashed)) read; "
@@ -116,6 +119,7 @@ extension UnifyReport {
             out += pad(g.filesScanned, 11) + pad(g.pathsLinked, 11) + pad(g.inodesFreed, 11)
             out += formatBytes(g.bytesSaved).leftPadded(11) + pad(g.skipped, 9) + "\n"
         }
+        out += overlaySection(width: w)
         if !skipped.isEmpty {
             out += "\nskipped \(skipped.count) paths (\(t.errors) because of errors):\n"
             let shown = verbose ? skipped : Array(skipped.prefix(20))
@@ -128,6 +132,22 @@ extension UnifyReport {
         }
         out += "done in \((seconds * 100).rounded() / 100) s"
         out += verbose ? ", peak memory \(formatBytes(peakMemoryBytes))\n" : "\n"
+        return out
+    }
+
+    /// What the fold did to each overlay guest.
+    private func overlaySection(width: Int) -> String {
+        if overlayGuests.isEmpty { return "" }
+        let w = max(width, overlayGuests.map { $0.root.count }.max() ?? 0)
+        var out = "\n" + "OVERLAY GUEST".rightPadded(w) + "  ACTION\n"
+        for g in overlayGuests {
+            out += g.root.rightPadded(w) + "  " + g.action
+            if g.action == "folded" {
+                out += ": \(g.filesHashed) files read, \(g.filesUnchanged) unchanged, \(g.objectsCreated) new objects"
+            }
+            out += "\n"
+            for n in g.notes { out += "  note: \(n)\n" }
+        }
         return out
     }
 

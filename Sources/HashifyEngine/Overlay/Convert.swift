@@ -1,0 +1,120 @@
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Overlay {
+    /// `hashify overlay convert`: stopped plain guests become overlay guests.
+    ///
+    /// 1. (`converting`) Generation 1 is built beside the guest: a stub per
+    ///    regular file, pointing at a data object that is the guest's own inode
+    ///    linked into the store (or a clone or copy where the inode has names
+    ///    outside the guest, as hardlink-mode objects do). The guest's tree is
+    ///    only read.
+    /// 2. (`switching`) An empty directory with the root's attributes is
+    ///    exchanged with ROOT (`renameat2(RENAME_EXCHANGE)`): one atomic step.
+    /// 3. (`active`) The overlay is mounted on ROOT; the old tree, now in the
+    ///    store, is removed (its data lives on in the objects).
+    public static func convert(_ options: OverlayOptions) throws -> OverlayReport {
+        let started = Timestamp.now()
+        var s = try session(options, createRecords: true)
+        if let why = OverlayMount.unsupportedReason(store: s.store) { throw InputError(why) }
+        let storeDevice = try s.store.directory.stat().device
+        // Every refusal before anything changes.
+        for g in s.guests {
+            if let record = g.record { try recover(record) }
+            let dir = try Directory.open(path: g.canonical)
+            if let record = g.record, let state = record.readState(), state.phase == .active {
+                if let gen = try? record.generation(state.generation), OverlayMount.isMounted(gen, at: dir) { continue }
+                if OverlayMount.isMountPoint(dir) { throw InputError("\(g.root): a mount point, but not of its overlay (unmount it first)") }
+                continue
+            }
+            if OverlayMount.isMountPoint(dir) { throw InputError("\(g.root): already a mount point (convert needs the plain directory)") }
+            if try dir.stat().device != storeDevice {
+                throw InputError("\(g.root): not on the filesystem of the store \(s.store.path) (objects are links of the guest's inodes; give --store on it)")
+            }
+            try checkNotInUse(g.root, canonical: g.canonical, mountedOverlay: false)
+        }
+        var report = OverlayReport(command: "overlay convert", store: s.store.path.string)
+        let hardlinkObjects = Set((try? s.store.objectGenerations())?.keys.map { $0 } ?? [])
+        for i in s.guests.indices {
+            let g = s.guests[i]
+            let record = try g.record ?? OverlayGuest.open(store: s.store, canonicalRoot: g.canonical, create: true)!
+            s.guests[i].record = record
+            if let state = record.readState(), state.phase == .active {
+                report.guests.append(try mountGuest(record, root: g.root, session: s))
+                continue
+            }
+            report.guests.append(try convertOne(record, root: g.root, session: s, hardlinkObjects: hardlinkObjects, mount: options.mount))
+        }
+        report.seconds = elapsed(since: started)
+        return report
+    }
+
+    static func convertOne(_ guest: OverlayGuest, root: FilePath, session s: Session, hardlinkObjects: Set<UInt64>, mount: Bool) throws -> OverlayReport.Guest {
+        let started = Timestamp.now()
+        var result = OverlayReport.Guest(root: root.string, action: "converted")
+        let source = try Directory.open(path: guest.rootPath)
+        let rootStat = try source.stat()
+        var state = OverlayGuest.State(phase: .converting, generation: 1, rootInode: rootStat.inode)
+        try guest.writeState(state)
+        let gen = try guest.makeGeneration(1)
+        let objects = s.objects
+        let buffer = s.buffer
+        let copier = TreeCopier(escapeOverlayAttributes: true) { file, dest in
+            let (f, digest) = try leasedDigest(file, buffer: buffer, lease: true)
+            // The guest's own inode becomes the object when no name outside the guest links it.
+            let link = file.stat.linkCount == 1 && !hardlinkObjects.contains(file.stat.inode)
+            return try makeEntry(file, in: dest, from: f, digest: digest, objects: objects, linkSource: link, result: &result)
+        }
+        try copier.copy(source, into: gen.meta)
+        try copyRootAttributes(from: source, to: gen.upper)
+        try objects.sync()
+
+        // The switch: an empty mount point takes the tree's place in one rename.
+        state.phase = .switching
+        try guest.writeState(state)
+        let plain = FileName("plain")
+        try guest.directory.removeTree(plain)
+        try guest.directory.makeDirectory(plain, mode: 0o700)
+        let mountPoint = try guest.directory.openDirectory(plain)
+        try mountPoint.changeOwner(uid: rootStat.uid, gid: rootStat.gid)
+        try mountPoint.changeMode(rootStat.mode)
+        try mountPoint.setModificationTime(rootStat.modificationTime)
+        let (parent, name) = try parentAndName(guest.rootPath)
+        guard let now = try? parent.stat(name), now.inode == rootStat.inode else {
+            throw InputError("\(root): replaced while it was being converted")
+        }
+        try guest.directory.rename(plain, to: parent, as: name, flags: .exchange)
+        _ = fsync(parent.fd)
+        state.phase = .active
+        try guest.writeState(state)
+
+        if mount {
+            try OverlayMount.mount(gen, data: s.dataPath, on: try parent.openDirectory(name))
+            result.action = "converted and mounted"
+        }
+        try guest.directory.removeTree(plain)
+        result.seconds = elapsed(since: started)
+        return result
+    }
+
+    /// Mounts an overlay guest's generation in force on its root (nothing when it already is).
+    static func mountGuest(_ guest: OverlayGuest, root: FilePath, session s: Session) throws -> OverlayReport.Guest {
+        guard let state = try recover(guest), state.phase == .active else {
+            throw InputError("\(root): not an overlay guest of this store (convert it first)")
+        }
+        let gen = try guest.generation(state.generation)
+        let dir = try Directory.open(path: guest.rootPath)
+        if OverlayMount.isMounted(gen, at: dir) { return OverlayReport.Guest(root: root.string, action: "already mounted") }
+        if OverlayMount.isMountPoint(dir) { throw InputError("\(root): something else is mounted here") }
+        if try !dir.entryNames().isEmpty { throw InputError("\(root): the mount point is not empty") }
+        do {
+            try OverlayMount.mount(gen, data: s.dataPath, on: dir)
+        } catch {
+            throw InputError("\(root): mount failed: \(error)")
+        }
+        return OverlayReport.Guest(root: root.string, action: "mounted")
+    }
+}

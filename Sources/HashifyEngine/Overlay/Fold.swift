@@ -1,0 +1,142 @@
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Overlay {
+    /// Where a directory of the merged view stands in the layers of the
+    /// generation being folded: the same directory in the upper and in the old
+    /// metadata layer, when the path leads there plainly.
+    final class FoldContext {
+        let upper: Directory?
+        let meta: Directory?
+        init(upper: Directory?, meta: Directory?) { self.upper = upper; self.meta = meta }
+
+        /// The child context. Below an opaque or redirected upper directory
+        /// the old metadata layer at the same path is not what the guest sees,
+        /// so nothing below is taken from it unread.
+        func child(_ name: FileName) -> FoldContext {
+            let u = try? upper?.openDirectory(name)
+            if let u, u.extendedAttribute("trusted.overlay.opaque") != nil || u.extendedAttribute("trusted.overlay.redirect") != nil {
+                return FoldContext(upper: u, meta: nil)
+            }
+            if upper != nil, u == nil, (try? upper?.stat(name)) != nil {
+                // The upper holds something else under this name (a whiteout, a file).
+                return FoldContext(upper: nil, meta: nil)
+            }
+            return FoldContext(upper: u, meta: try? meta?.openDirectory(name))
+        }
+
+        /// The object a regular file of the merged view still has from the old
+        /// metadata layer, when the upper layer has nothing under its name, the
+        /// stub is no hard link (overlayfs keeps copied-up hard links in its
+        /// index, not under each name) and the size agrees.
+        func unchangedRedirect(_ name: FileName, size: UInt64) -> [UInt8]? {
+            guard let meta else { return nil }
+            if let upper {
+                do { _ = try upper.stat(name); return nil } catch Errno.noSuchFileOrDirectory {} catch { return nil }
+            }
+            guard let st = try? meta.stat(name), st.isRegular, st.linkCount == 1, st.size == size,
+                  let stub = try? meta.openFileForReading(name), stub.extendedAttribute("trusted.overlay.metacopy") != nil,
+                  let r = stub.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r) else { return nil }
+            return r
+        }
+    }
+
+    /// Whether a generation's upper layer holds anything but its root (and
+    /// overlayfs' index nothing): then there is nothing to fold.
+    static func hasCopyUps(_ gen: OverlayGuest.Generation) -> Bool {
+        if let names = try? gen.upper.entryNames(), !names.isEmpty { return true }
+        if let index = try? gen.work.openDirectory(FileName("index")), let names = try? index.entryNames(), !names.isEmpty { return true }
+        return false
+    }
+
+    /// The fold of `unify`: every unmounted overlay guest's copy-ups are made
+    /// shared again. A new generation is built from the merged view (mounted
+    /// privately, read-only): files the upper layer does not hold keep their
+    /// old stubs' objects unread; the rest are hashed and become stubs of an
+    /// existing object or of a new one. `state` then switches to it in one
+    /// rename (`folding` → `active`); a fold killed before leaves the old
+    /// generation in force. A mounted guest is left for its next start.
+    static func fold(_ guest: OverlayGuest, root: FilePath, session s: Session, dryRun: Bool) throws -> OverlayReport.Guest {
+        let started = Timestamp.now()
+        guard var state = dryRun ? guest.readState() : try recover(guest), state.phase == .active else {
+            return OverlayReport.Guest(root: root.string, action: "not an overlay guest")
+        }
+        let old = try guest.generation(state.generation)
+        var result = OverlayReport.Guest(root: root.string, action: "folded")
+        if OverlayMount.isMounted(old, at: try Directory.open(path: guest.rootPath)) {
+            result.action = "mounted: fold at next start"
+            return result
+        }
+        if !hasCopyUps(old) {
+            result.action = "nothing to fold"
+            return result
+        }
+        if dryRun {
+            result.action = "would fold"
+            return result
+        }
+        state.phase = .folding
+        try guest.writeState(state)
+        let next = try guest.makeGeneration(state.generation + 1)
+        let objects = s.objects
+        let buffer = s.buffer
+        let copier = TreeCopier(escapeOverlayAttributes: true, context: { parent, name in
+            (parent as? FoldContext)?.child(name)
+        }) { file, dest in
+            let size = file.stat.size
+            let context = file.context as? FoldContext
+            if size > inlineLimit, let r = context?.unchangedRedirect(file.name, size: size), objects.isLive(r) {
+                result.filesUnchanged += 1
+                result.stubs += 1
+                return try makeStub(file.name, in: dest, size: size, redirect: r)
+            }
+            let (f, digest) = try leasedDigest(file, buffer: buffer, lease: false)
+            result.filesHashed += 1
+            return try makeEntry(file, in: dest, from: f, digest: digest, objects: objects, linkSource: false, result: &result)
+        }
+        try withPrivateMount(guest, old, session: s) { merged in
+            try copier.copy(merged, into: next.meta, rootContext: FoldContext(upper: old.upper, meta: old.meta))
+            try copyRootAttributes(from: merged, to: next.upper)
+        }
+        try objects.sync()
+        state.phase = .active
+        state.generation = next.number
+        try guest.writeState(state)
+        try guest.removeGenerations(except: next.number)
+        result.seconds = elapsed(since: started)
+        return result
+    }
+
+    /// The fold step of `unify` for the roots that are overlay guests of the store.
+    public static func fold(roots: [FilePath], store: Store, dryRun: Bool) throws -> [OverlayReport.Guest] {
+        guard let dataPath = RootValidation.canonical(store.path)?.appending("data") else { return [] }
+        let s = Session(store: store, objects: try DataObjects(store: store), dataPath: dataPath, guests: [])
+        var out: [OverlayReport.Guest] = []
+        for r in roots {
+            guard let c = RootValidation.canonical(r), let g = try OverlayGuest.open(store: store, canonicalRoot: c, create: false) else { continue }
+            do {
+                out.append(try fold(g, root: r, session: s, dryRun: dryRun))
+            } catch {
+                var failed = OverlayReport.Guest(root: r.string, action: "left as it was")
+                failed.notes.append("fold failed: \(error)")
+                out.append(failed)
+            }
+        }
+        return out
+    }
+
+    /// The roots among `roots` that are overlay guests of the store at `storePath`.
+    public static func overlayGuests(among roots: [FilePath], storePath: FilePath) -> Set<FilePath> {
+        guard let store = try? Store.open(at: storePath, create: false) else { return [] }
+        var out = Set<FilePath>()
+        for r in roots {
+            guard let c = RootValidation.canonical(r), let g = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),
+                  g.readState() != nil else { continue }
+            out.insert(r)
+        }
+        return out
+    }
+}

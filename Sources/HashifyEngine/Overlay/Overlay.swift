@@ -1,0 +1,254 @@
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Options of the `overlay` commands.
+public struct OverlayOptions: Sendable {
+    public var roots: [FilePath]
+    public var store: FilePath?
+    public var waitForLock = true
+    /// `convert`: mount the guest when converted.
+    public var mount = true
+    /// `export`: where the plain copy goes (nil: back in place of the guest).
+    public var destination: FilePath?
+    public init(roots: [FilePath]) { self.roots = roots }
+}
+
+/// What an `overlay` command (or the fold step of `unify`) did, per guest.
+public struct OverlayReport: Sendable, Codable {
+    /// One guest's outcome.
+    public struct Guest: Sendable, Codable {
+        public var root: String
+        /// converted, mounted, unmounted, folded, exported, or what was left alone and why.
+        public var action: String
+        public var stubs = 0
+        /// Files kept whole in the metadata layer (empty, or too small to be worth an object).
+        public var inlineFiles = 0
+        public var objectsCreated = 0
+        /// Regular files whose content an existing object already held.
+        public var filesSharingObjects = 0
+        /// Object bytes that are the guest's own inodes, linked (no data copied).
+        public var bytesLinked: UInt64 = 0
+        /// Object bytes copied (or cloned) because the inode was shared outside the guest.
+        public var bytesCopied: UInt64 = 0
+        /// Files a fold took from the old layer without reading them.
+        public var filesUnchanged = 0
+        /// Files a fold read because the upper layer held them.
+        public var filesHashed = 0
+        public var seconds = 0.0
+        public var notes: [String] = []
+    }
+    public var schema = 1
+    public var command: String
+    public var store: String
+    public var guests: [Guest] = []
+    public var seconds = 0.0
+    /// 0, or 1 when a guest was left alone because of an error.
+    public var exitStatus: Int32 = 0
+}
+
+/// Overlay mode: each guest an overlayfs mount whose lower layers are a
+/// per-guest metadata layer of stubs over the store's shared data objects, so
+/// that any write, chmod or chown copies up into that guest's upper layer
+/// alone (copy-on-write), while reads of equal files share one inode and one
+/// page-cache copy. DESIGN.md ("Overlay") has the measured facts.
+///
+/// Every change is a sequence of steps recorded in the guest's state
+/// (`OverlayGuest.Phase`); `recover` brings a guest a killed run left between
+/// two steps to the nearest safe state before anything else is done.
+public enum Overlay {
+    /// Files up to this size stay whole in the metadata layer (as composefs does).
+    static let inlineLimit: UInt64 = 64
+
+    /// The guests, checked, and the store, locked.
+    struct Session {
+        var store: Store
+        var objects: DataObjects
+        var dataPath: FilePath
+        var guests: [(root: FilePath, canonical: FilePath, record: OverlayGuest?)]
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+    }
+
+    static func session(_ options: OverlayOptions, createRecords: Bool) throws -> Session {
+        _ = prepareProcessForUnification()
+        if options.roots.isEmpty { throw InputError("give at least one guest root") }
+        var seen: [FilePath] = []
+        var guests: [(FilePath, FilePath, OverlayGuest?)] = []
+        for r in options.roots {
+            guard let c = RootValidation.canonical(r) else { throw InputError("\(r): no such directory") }
+            guard (try? Directory.open(path: c)) != nil else { throw InputError("\(r): not a directory") }
+            if seen.contains(c) { throw InputError("\(r): given twice") }
+            for o in seen where RootValidation.isInside(c, o) || RootValidation.isInside(o, c) {
+                throw InputError("\(r): nested with \(o) (roots must not contain each other)")
+            }
+            seen.append(c)
+            guests.append((r, c, nil))
+        }
+        let storePath = options.store ?? RootValidation.defaultStorePath(for: options.roots)
+        for (r, c, _) in guests {
+            if let cs = RootValidation.canonical(storePath), cs == c || RootValidation.isInside(cs, c) {
+                throw InputError("\(storePath): the store must not be inside the guest root \(r)")
+            }
+        }
+        guard let store = try Store.open(at: storePath, create: createRecords) else {
+            throw InputError("\(storePath): no hashify store here (give --store)")
+        }
+        try store.lock(wait: options.waitForLock)
+        guard let dataPath = RootValidation.canonical(store.path)?.appending("data") else {
+            throw InputError("\(storePath): cannot resolve path")
+        }
+        for i in guests.indices {
+            guests[i].2 = try OverlayGuest.open(store: store, canonicalRoot: guests[i].1, create: false)
+        }
+        return Session(store: store, objects: try DataObjects(store: store), dataPath: dataPath,
+                       guests: guests.map { (root: $0.0, canonical: $0.1, record: $0.2) })
+    }
+
+    // MARK: recovery
+
+    /// Finishes or undoes what a killed run left, so that the guest is either
+    /// plain or has exactly one generation in force. Returns the state after.
+    @discardableResult
+    static func recover(_ guest: OverlayGuest) throws -> OverlayGuest.State? {
+        try guest.unmountPrivate()
+        guard var state = guest.readState() else {
+            try guest.removeGenerations(except: nil)
+            return nil
+        }
+        let root = try? Directory.open(path: guest.rootPath)
+        let rootInode = (try? root?.stat())??.inode
+        switch state.phase {
+        case .active:
+            break
+        case .converting:
+            try guest.writeState(nil)
+            try guest.removeGenerations(except: nil)
+            return nil
+        case .switching:
+            if rootInode == state.rootInode {
+                // The exchange did not happen: the guest is still its plain tree.
+                try guest.writeState(nil)
+                try guest.removeGenerations(except: nil)
+                return nil
+            }
+            state.phase = .active
+            try guest.writeState(state)
+        case .folding, .exporting:
+            state.phase = .active
+            try guest.writeState(state)
+        case .restoring:
+            if rootInode != state.rootInode {
+                // The plain copy is in place: the guest is plain again.
+                try guest.writeState(nil)
+                try guest.removeGenerations(except: nil)
+                return nil
+            }
+            state.phase = .active
+            try guest.writeState(state)
+        }
+        try guest.removeGenerations(except: state.generation)
+        return state
+    }
+
+    // MARK: checks
+
+    /// Refuses (nothing changed) a guest that processes use.
+    static func checkNotInUse(_ root: FilePath, canonical: FilePath, mountedOverlay: Bool) throws {
+        guard let st = try? Directory.open(path: canonical).stat() else { return }
+        let users = ProcessScanner.processesUsing(root: canonical, stat: st, ownDevice: mountedOverlay)
+        if !users.isEmpty {
+            let list = users.prefix(5).map { "\($0.pid) (\($0.command))" }.joined(separator: ", ")
+            throw InputError("\(root): in use by \(users.count) process\(users.count == 1 ? "" : "es"): \(list)\(users.count > 5 ? ", …" : ""); stop the guest first")
+        }
+    }
+
+    /// The parent directory of a canonical root and the root's name in it.
+    static func parentAndName(_ canonical: FilePath) throws -> (Directory, FileName) {
+        guard let last = canonical.lastComponent else { throw InputError("\(canonical): not a guest root") }
+        return (try Directory.open(path: canonical.removingLastComponent()), FileName(last.string))
+    }
+
+    // MARK: building a metadata layer
+
+    /// Makes a stub: a sparse file of the real size pointing at an object.
+    static func makeStub(_ name: FileName, in dir: Directory, size: UInt64, redirect: [UInt8]) throws -> OpenFile {
+        let stub = try dir.createFile(name, mode: 0o600)
+        try stub.truncate(size)
+        try stub.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.overlay.metacopy".utf8), value: []))
+        try stub.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
+        return stub
+    }
+
+    /// Makes a whole copy of a small (or empty) file.
+    static func makeInline(_ name: FileName, in dir: Directory, from source: OpenFile, size: UInt64) throws -> OpenFile {
+        let f = try dir.createFile(name, mode: 0o600)
+        if size > 0 { try source.copyContent(to: f, size: size) }
+        return f
+    }
+
+    /// Reads a file under a read lease (no writer may have it open or open it
+    /// meanwhile) and returns it with its digest, checked unchanged.
+    static func leasedDigest(_ file: TreeCopier.SourceFile, buffer: UnsafeMutableRawBufferPointer, lease: Bool) throws -> (OpenFile, ContentDigest) {
+        let f = try file.directory.openFileForReading(file.name)
+        if lease {
+            do { try f.takeReadLease() } catch Errno.resourceTemporarilyUnavailable {
+                throw InputError("\(escapedPath(file.path)): open for writing (is the guest running?)")
+            }
+        }
+        let before = try f.stat()
+        guard before.sameContentState(as: file.stat) else { throw InputError("\(escapedPath(file.path)): changed while being read (is the guest running?)") }
+        let (digest, read) = try ContentHasher.contentDigest(of: f, size: before.size, buffer: buffer)
+        let after = try f.stat()
+        guard read == before.size, after.sameContentState(as: before), !lease || f.holdsReadLease else {
+            throw InputError("\(escapedPath(file.path)): changed while being read (is the guest running?)")
+        }
+        return (f, digest)
+    }
+
+    /// Makes the metadata-layer entry for a regular file whose content was
+    /// read as `digest`: a whole copy when it is small, else a stub of the
+    /// object holding that content (made from `f` when there is none yet:
+    /// `f`'s inode linked when `linkSource`, else cloned or copied).
+    static func makeEntry(_ file: TreeCopier.SourceFile, in dest: Directory, from f: OpenFile, digest: ContentDigest,
+                          objects: DataObjects, linkSource: Bool, result: inout OverlayReport.Guest) throws -> OpenFile {
+        let size = file.stat.size
+        _ = lseek(f.fd, 0, SEEK_SET)
+        if size <= inlineLimit {
+            result.inlineFiles += 1
+            return try makeInline(file.name, in: dest, from: f, size: size)
+        }
+        let redirect: [UInt8]
+        if let r = objects.redirect(for: digest) {
+            redirect = r
+            result.filesSharingObjects += 1
+        } else {
+            redirect = try objects.add(f, digest: digest, size: size, linkSource: linkSource)
+            result.objectsCreated += 1
+            if linkSource { result.bytesLinked += file.stat.allocatedBytes } else { result.bytesCopied += file.stat.allocatedBytes }
+        }
+        result.stubs += 1
+        return try makeStub(file.name, in: dest, size: size, redirect: redirect)
+    }
+
+    /// Gives the upper root the guest root's attributes (overlayfs shows the
+    /// top layer's attributes for the merged root).
+    static func copyRootAttributes(from source: Directory, to upper: Directory) throws {
+        let st = try source.stat()
+        try upper.changeOwner(uid: st.uid, gid: st.gid)
+        try upper.changeMode(st.mode)
+        for a in try source.extendedAttributes() {
+            var a = a
+            if a.name.starts(with: TreeCopier.overlayPrefix) {
+                a.name = TreeCopier.overlayPrefix + Array("overlay.".utf8) + a.name[TreeCopier.overlayPrefix.count...]
+            }
+            try upper.setExtendedAttribute(a)
+        }
+        try upper.setModificationTime(st.modificationTime)
+    }
+
+    static func elapsed(since t: Timestamp) -> Double {
+        Double(Timestamp.now().totalNanoseconds - t.totalNanoseconds) / 1e9
+    }
+}

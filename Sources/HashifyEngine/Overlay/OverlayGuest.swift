@@ -1,0 +1,195 @@
+import Crypto
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One overlay guest's records in the store.
+///
+/// ```
+/// STORE/overlay/ID/root          the guest root's canonical path (bytes)
+/// STORE/overlay/ID/state         phase, generation in force, inode of what ROOT was
+/// STORE/overlay/ID/gN/meta       generation N: the metadata layer (stubs)
+/// STORE/overlay/ID/gN/upper      … the guest's copy-ups
+/// STORE/overlay/ID/gN/work       … overlayfs' work directory
+/// STORE/overlay/ID/plain         the guest's tree before conversion, being removed
+/// STORE/overlay/ID/export        an in-place export being built
+/// STORE/overlay/ID/mnt           where fold and export mount the guest privately
+/// ```
+/// ID is the first 16 hex digits of the SHA-256 of the canonical root path.
+/// `state` is replaced atomically (write, fsync, rename): each rename is one
+/// step of a conversion, fold or export, so a run killed at any instant
+/// leaves a state from which `recover` finishes or undoes the work.
+final class OverlayGuest {
+    /// What the guest is doing; see `Overlay.recover` for what each phase means after a kill.
+    enum Phase: String {
+        /// Generation `generation` is being built from the plain tree at ROOT.
+        case converting
+        /// The generation is complete; ROOT (inode `rootInode`) is being exchanged for an empty mount point.
+        case switching
+        /// Generation `generation` is in force.
+        case active
+        /// Generation `generation` is in force; `generation + 1` is being built from it.
+        case folding
+        /// Generation `generation` is in force; a plain copy is being built in `export`.
+        case exporting
+        /// The plain copy is complete; the mount point ROOT (inode `rootInode`) is being exchanged for it.
+        case restoring
+    }
+
+    struct State: Equatable {
+        var phase: Phase
+        var generation: Int
+        var rootInode: UInt64 = 0
+    }
+
+    let id: String
+    /// The guest root's canonical path.
+    let rootPath: FilePath
+    let directory: Directory
+    /// The canonical path of `directory` (mount options name layers by path).
+    let path: FilePath
+
+    static func id(for canonicalRoot: FilePath) -> String {
+        let digest = SHA256.hash(data: Array(canonicalRoot.string.utf8))
+        return hexString(Array(digest.prefix(8)))
+    }
+
+    private init(id: String, rootPath: FilePath, directory: Directory, path: FilePath) {
+        self.id = id
+        self.rootPath = rootPath
+        self.directory = directory
+        self.path = path
+    }
+
+    static func overlayDirectory(of store: Store) throws -> Directory {
+        do { try store.directory.makeDirectory(FileName("overlay"), mode: 0o700) } catch Errno.fileExists {}
+        return try store.directory.openDirectory(FileName("overlay"))
+    }
+
+    /// The record of the guest at `canonicalRoot`; made when `create`, else nil when there is none.
+    static func open(store: Store, canonicalRoot: FilePath, create: Bool) throws -> OverlayGuest? {
+        let id = id(for: canonicalRoot)
+        let parent = try overlayDirectory(of: store)
+        if create {
+            do { try parent.makeDirectory(FileName(id), mode: 0o700) } catch Errno.fileExists {}
+        }
+        let dir: Directory
+        do { dir = try parent.openDirectory(FileName(id)) } catch Errno.noSuchFileOrDirectory { return nil }
+        guard let storePath = RootValidation.canonical(store.path) else { throw InputError("\(store.path): cannot resolve path") }
+        let guest = OverlayGuest(id: id, rootPath: canonicalRoot, directory: dir,
+                                 path: storePath.appending("overlay").appending(id))
+        if create, (try? dir.stat(FileName("root"))) == nil {
+            try writeAtomically(Array(canonicalRoot.string.utf8), as: FileName("root"), in: dir)
+        }
+        return guest
+    }
+
+    /// Every guest the store has records of.
+    static func all(in store: Store) -> [OverlayGuest] {
+        guard let parent = try? store.directory.openDirectory(FileName("overlay")) else { return [] }
+        var out: [OverlayGuest] = []
+        for name in (try? parent.entryNames()) ?? [] {
+            guard let dir = try? parent.openDirectory(name),
+                  let bytes = try? dir.openFileForReading(FileName("root")).readAll() else { continue }
+            let root = FilePath(String(decoding: bytes, as: UTF8.self))
+            if let g = try? open(store: store, canonicalRoot: root, create: false), g.id == String(decoding: name.bytes, as: UTF8.self) {
+                out.append(g)
+            }
+        }
+        return out
+    }
+
+    // MARK: state
+
+    func readState() -> State? {
+        guard let text = try? directory.openFileForReading(FileName("state")).readAll() else { return nil }
+        var fields: [String: String] = [:]
+        for line in text.split(separator: 0x0a) {
+            let parts = line.split(separator: 0x20, maxSplits: 1)
+            if parts.count == 2 { fields[String(decoding: parts[0], as: UTF8.self)] = String(decoding: parts[1], as: UTF8.self) }
+        }
+        guard let p = fields["phase"].flatMap(Phase.init(rawValue:)), let g = fields["generation"].flatMap(Int.init) else { return nil }
+        return State(phase: p, generation: g, rootInode: fields["root-inode"].flatMap { UInt64($0) } ?? 0)
+    }
+
+    /// Replaces the state (nil: the guest is a plain directory again).
+    func writeState(_ state: State?) throws {
+        guard let state else {
+            try? directory.unlink(FileName("state"))
+            _ = fsync(directory.fd)
+            return
+        }
+        let text = "phase \(state.phase.rawValue)\ngeneration \(state.generation)\nroot-inode \(state.rootInode)\n"
+        try Self.writeAtomically(Array(text.utf8), as: FileName("state"), in: directory)
+    }
+
+    static func writeAtomically(_ bytes: [UInt8], as name: FileName, in dir: Directory) throws {
+        let temp = FileName(name.bytes + Array(".new".utf8))
+        try? dir.unlink(temp)
+        let f = try dir.createFile(temp, mode: 0o600)
+        try f.write(bytes)
+        try f.sync()
+        try dir.rename(temp, to: dir, as: name)
+        _ = fsync(dir.fd)
+    }
+
+    // MARK: generations
+
+    /// The directories of one generation.
+    struct Generation {
+        var number: Int
+        var meta: Directory
+        var upper: Directory
+        var work: Directory
+        /// Canonical paths, for mount options.
+        var metaPath: FilePath
+        var upperPath: FilePath
+        var workPath: FilePath
+    }
+
+    static func generationName(_ n: Int) -> FileName { FileName("g\(n)") }
+
+    /// Makes generation `n` afresh (whatever a killed run left under its name is removed first).
+    func makeGeneration(_ n: Int) throws -> Generation {
+        let name = Self.generationName(n)
+        try directory.removeTree(name)
+        try directory.makeDirectory(name, mode: 0o700)
+        let g = try directory.openDirectory(name)
+        for sub in ["meta", "upper", "work"] { try g.makeDirectory(FileName(sub), mode: 0o755) }
+        return try generation(n)
+    }
+
+    /// Opens generation `n`.
+    func generation(_ n: Int) throws -> Generation {
+        let g = try directory.openDirectory(Self.generationName(n))
+        let base = path.appending("g\(n)")
+        return Generation(number: n, meta: try g.openDirectory(FileName("meta")), upper: try g.openDirectory(FileName("upper")),
+                          work: try g.openDirectory(FileName("work")), metaPath: base.appending("meta"),
+                          upperPath: base.appending("upper"), workPath: base.appending("work"))
+    }
+
+    /// Removes every generation but `keep` (and the scratch trees named in `scratch`).
+    func removeGenerations(except keep: Int?, scratch: [String] = ["plain", "export"]) throws {
+        for name in try directory.entryNames() {
+            let s = String(decoding: name.bytes, as: UTF8.self)
+            if s.hasPrefix("g"), let n = Int(s.dropFirst()), n != keep { try directory.removeTree(name) }
+            if scratch.contains(s) { try directory.removeTree(name) }
+        }
+    }
+
+    /// The private mount point for fold and export (made when missing).
+    func privateMountPoint() throws -> FilePath {
+        do { try directory.makeDirectory(FileName("mnt"), mode: 0o700) } catch Errno.fileExists {}
+        return path.appending("mnt")
+    }
+
+    /// Unmounts what a killed fold or export left mounted at the private mount point.
+    func unmountPrivate() throws {
+        let mnt = try privateMountPoint()
+        // No descriptor may stay open inside the mount while it is unmounted.
+        let mounted = (try? Directory.open(path: mnt)).map(OverlayMount.isMountPoint) ?? false
+        if mounted { try OverlayMount.unmount(mnt) }
+    }
+}

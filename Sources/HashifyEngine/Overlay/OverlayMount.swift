@@ -1,0 +1,110 @@
+import CHashifyShim
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Mounting and inspecting a guest's overlay.
+///
+/// The options are the ones that make the layout correct: the metadata layer
+/// above the store's data directory as a data-only layer (`META::DATA`,
+/// reached only through absolute redirects), `metacopy=on` (stubs hold
+/// metadata, objects data), `redirect_dir=on` (renamed directories) and
+/// `index=on` (guest-local hard links stay one inode across copy-up).
+enum OverlayMount {
+    static let superMagic: UInt64 = 0x794c_7630
+
+    /// The mount option string for a generation.
+    static func options(_ g: OverlayGuest.Generation, data: FilePath) -> String {
+        func esc(_ p: FilePath) -> String {
+            var out = ""
+            for c in p.string { if c == "\\" || c == "," || c == ":" { out.append("\\") }; out.append(c) }
+            return out
+        }
+        return "lowerdir=\(esc(g.metaPath))::\(esc(data)),upperdir=\(esc(g.upperPath)),workdir=\(esc(g.workPath))"
+            + ",metacopy=on,redirect_dir=on,index=on"
+    }
+
+    /// Mounts generation `g` on the directory `target` (reached through its
+    /// descriptor, so the mount lands on the very directory that was checked).
+    static func mount(_ g: OverlayGuest.Generation, data: FilePath, on target: Directory, readOnly: Bool = false) throws {
+        let opts = options(g, data: data)
+        let r = withCName(target.procPath) { t in
+            hashify_mount("hashify", t, "overlay", readOnly ? HASHIFY_MS_RDONLY : 0, opts)
+        }
+        if r != 0 { throw Errno(rawValue: errno) }
+    }
+
+    /// Unmounts what is mounted at `path` (never lazily: a busy guest stays
+    /// mounted). A mount that was in use a moment ago (a reader just exited)
+    /// is tried again a few times.
+    static func unmount(_ path: FilePath) throws {
+        var attempt = 0
+        while true {
+            let r = path.withPlatformString { hashify_umount($0, 0) }
+            if r == 0 { return }
+            let e = errno
+            attempt += 1
+            if e != EBUSY || attempt >= 5 { throw Errno(rawValue: e) }
+            usleep(50_000)
+        }
+    }
+
+    /// Whether `dir` is the root of a mount (its mount differs from its parent's).
+    static func isMountPoint(_ dir: Directory) -> Bool {
+        guard let st = try? dir.stat(), let parent = try? dir.openDirectory(FileName("..")), let pst = try? parent.stat() else { return false }
+        return st.mountID != pst.mountID || st.device != pst.device
+    }
+
+    /// The super options of the mount whose root `dir` is, from /proc/self/mountinfo.
+    static func superOptions(of dir: Directory) -> String? {
+        guard let id = try? dir.stat().mountID, id != 0,
+              let info = try? Directory.open(path: "/proc/self").openFileForReading(FileName("mountinfo")).readAll() else { return nil }
+        for line in info.split(separator: 0x0a) {
+            let fields = line.split(separator: 0x20)
+            guard let first = fields.first, UInt64(String(decoding: first, as: UTF8.self)) == id,
+                  let dash = fields.firstIndex(of: [0x2d]), fields.count > dash + 3 else { continue }
+            return String(decoding: fields[dash + 3], as: UTF8.self)
+        }
+        return nil
+    }
+
+    /// True when `dir` is an overlay mount of generation `g`.
+    static func isMounted(_ g: OverlayGuest.Generation, at dir: Directory) -> Bool {
+        guard isMountPoint(dir), dir.filesystemType == superMagic, let opts = superOptions(of: dir) else { return false }
+        // mountinfo escapes space, tab, newline and backslash as octal.
+        var escaped = ""
+        for c in g.upperPath.string {
+            switch c {
+            case " ": escaped += "\\040"
+            case "\t": escaped += "\\011"
+            case "\n": escaped += "\\012"
+            case "\\": escaped += "\\134"
+            default: escaped.append(c)
+            }
+        }
+        return opts.contains("upperdir=\(escaped),") || opts.hasSuffix("upperdir=\(escaped)")
+    }
+
+    /// Why this kernel or filesystem cannot hold overlay guests, or nil when it can.
+    static func unsupportedReason(store: Store) -> String? {
+        var u = utsname()
+        uname(&u)
+        let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let parts = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
+        if parts.count == 2, (parts[0], parts[1]) < (6, 5) {
+            return "Linux \(release) has no data-only overlay layers (Linux 6.5 or later is needed)"
+        }
+        let probe = FileName("xattr-probe")
+        try? store.directory.unlink(probe)
+        defer { try? store.directory.unlink(probe) }
+        do {
+            let f = try store.directory.createFile(probe, mode: 0o600)
+            try f.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.hashify.probe".utf8), value: [0x31]))
+        } catch {
+            return "the filesystem of the store \(store.path) has no trusted xattrs (\(error)); overlay layers need them"
+        }
+        return nil
+    }
+}

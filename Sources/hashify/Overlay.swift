@@ -1,0 +1,134 @@
+import ArgumentParser
+import HashifyEngine
+import SystemPackage
+
+/// `hashify overlay …`: copy-on-write guests on overlayfs.
+struct OverlayCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "overlay",
+        abstract: "Copy-on-write guests: each guest an overlay of its own metadata over shared data objects.",
+        discussion: """
+            In overlay mode a guest sees its complete tree through an overlayfs mount: a metadata \
+            layer of stubs (each file's mode, owner, times and xattrs) over the store's data objects, \
+            one per distinct content. Reads of equal files share one inode and one page-cache copy; \
+            any write, chmod, chown or setxattr copies the file up into that guest's own upper \
+            directory, so no guest can change another's files. `hashify unify` folds what a guest's \
+            updates wrote back into sharing while the guest is unmounted (stopped).
+
+            Needs root, Linux 6.5 or later (data-only overlay layers) and trusted xattrs on the \
+            store's filesystem; guests and store on one filesystem.
+            """,
+        subcommands: [Convert.self, Mount.self, Umount.self, Export.self])
+
+    /// Roots and store of the overlay commands.
+    struct Target: ParsableArguments {
+        @Argument(help: "Guest root directories (for LXC: /var/lib/lxc/NAME/rootfs).")
+        var roots: [String] = []
+        @Option(help: "The store (default: .hashify in the nearest common parent of the roots; same filesystem).")
+        var store: String?
+        @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
+        var noWait = false
+
+        func validate() throws {
+            if roots.isEmpty { throw ValidationError("give at least one guest root") }
+        }
+
+        var options: OverlayOptions {
+            var o = OverlayOptions(roots: roots.map { FilePath($0) })
+            o.store = store.map { FilePath($0) }
+            o.waitForLock = !noWait
+            return o
+        }
+    }
+
+    struct Convert: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Turn stopped plain guests into overlay guests and mount them.",
+            discussion: """
+                The guest's files become stubs in a metadata layer and data objects in the store \
+                (its own inodes, linked: no data is copied, except for files that are also linked \
+                from outside the guest). ROOT stays as the mount point. Killed at any moment, the \
+                guest is afterwards either the plain directory it was or fully converted; the next \
+                run finishes or undoes the work. Refuses a running guest, a ROOT that is already a \
+                mount point, and kernels or filesystems that cannot hold overlay guests.
+                """)
+        @OptionGroup var target: Target
+        @Flag(help: "Leave the converted guest unmounted (hashify overlay mount mounts it).")
+        var noMount = false
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            var o = target.options
+            o.mount = !noMount
+            try report(runEngine { try Overlay.convert(o) }, output: output)
+        }
+    }
+
+    struct Mount: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Mount overlay guests on their roots (as a container's pre-start hook does).",
+            discussion: "Options: the guest's metadata layer over the store's data as a data-only layer, metacopy=on, redirect_dir=on, index=on.")
+        @OptionGroup var target: Target
+        @OptionGroup var output: OutputOptions
+        func run() throws { try report(runEngine { try Overlay.mount(target.options) }, output: output) }
+    }
+
+    struct Umount: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Unmount overlay guests; refuses, naming them, while processes use a guest.")
+        @OptionGroup var target: Target
+        @OptionGroup var output: OutputOptions
+        func run() throws { try report(runEngine { try Overlay.umount(target.options) }, output: output) }
+    }
+
+    struct Export: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Copy an overlay guest out as a plain directory, or turn it back into one.",
+            discussion: """
+                With DEST: a plain copy of everything the guest shows (every attribute and hard link) \
+                at DEST, which must not exist; the guest is unchanged (a backup of one guest). \
+                Without: the guest itself becomes a plain directory again (it must be stopped); \
+                killed at any moment, it is either still the overlay guest or the plain directory.
+                """)
+        @Argument(help: "The overlay guest's root.")
+        var root: String
+        @Argument(help: "Where the plain copy goes (default: in place of the guest).")
+        var destination: String?
+        @Option(help: "The store (default: .hashify beside the root).")
+        var store: String?
+        @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
+        var noWait = false
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            var o = OverlayOptions(roots: [FilePath(root)])
+            o.store = store.map { FilePath($0) }
+            o.waitForLock = !noWait
+            o.destination = destination.map { FilePath($0) }
+            try report(runEngine { try Overlay.export(o) }, output: output)
+        }
+    }
+}
+
+extension OverlayReport: StatusReporting {}
+
+/// Prints an overlay report (a line per guest) and exits with its status.
+private func report(_ r: OverlayReport, output: OutputOptions) throws {
+    try finish(r, output: output) { r in
+        var out = ""
+        for g in r.guests {
+            out += "\(g.root): \(g.action)"
+            var parts: [String] = []
+            if g.stubs > 0 { parts.append("\(g.stubs) files") }
+            if g.objectsCreated > 0 { parts.append("\(g.objectsCreated) new objects") }
+            if g.filesSharingObjects > 0 { parts.append("\(g.filesSharingObjects) files share existing objects") }
+            if g.bytesLinked > 0 { parts.append("\(formatBytes(g.bytesLinked)) linked") }
+            if g.bytesCopied > 0 { parts.append("\(formatBytes(g.bytesCopied)) copied") }
+            if g.seconds > 0 { parts.append("\((g.seconds * 100).rounded() / 100) s") }
+            if !parts.isEmpty { out += " (" + parts.joined(separator: ", ") + ")" }
+            out += "\n"
+            for n in g.notes { out += "  note: \(n)\n" }
+        }
+        return out
+    }
+}

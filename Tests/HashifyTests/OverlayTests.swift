@@ -1,0 +1,328 @@
+import Foundation
+import HashifyEngine
+import HashifySystem
+import SystemPackage
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A guest with every kind of entry and attribute overlay mode must carry:
+/// hard links, symlinks, FIFOs, sockets, device nodes, setuid with a file
+/// capability, POSIX ACLs, user xattrs, forged `trusted.overlay.*` xattrs,
+/// empty and tiny files, names with a newline and invalid UTF-8, a path
+/// deeper than PATH_MAX, directories of other owners and modes.
+func makeRichGuest(_ root: String, index: Int) throws {
+    makeGuest(root, index: index, files: 30)
+    link("\(root)/usr/bin/tool", "\(root)/usr/bin/tool-hard")
+    link("\(root)/usr/lib/lib3.so", "\(root)/usr/share/lib3-again")
+    // setuid, with a file capability (v2: CAP_NET_RAW permitted, effective).
+    let cap: [UInt8] = [0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00] + [UInt8](repeating: 0, count: 12)
+    writeFile("\(root)/usr/bin/ping", pseudoRandom(3000, seed: 7), mode: 0o4755, xattrs: [("security.capability", cap)])
+    // POSIX ACL: user 1000 may read (mode 0640 with mask r--).
+    func acl(_ entries: [(UInt16, UInt16, UInt32)]) -> [UInt8] {
+        var out: [UInt8] = [2, 0, 0, 0]
+        for (tag, perm, id) in entries {
+            withUnsafeBytes(of: tag.littleEndian) { out += $0 }
+            withUnsafeBytes(of: perm.littleEndian) { out += $0 }
+            withUnsafeBytes(of: id.littleEndian) { out += $0 }
+        }
+        return out
+    }
+    writeFile("\(root)/etc/secret", pseudoRandom(900, seed: 11), mode: 0o640, gid: 42,
+              xattrs: [("system.posix_acl_access", acl([(1, 6, UInt32.max), (2, 4, 1000), (4, 4, UInt32.max), (0x10, 4, UInt32.max), (0x20, 0, UInt32.max)]))])
+    writeFile("\(root)/usr/share/tagged", pseudoRandom(1500, seed: 12), xattrs: [("user.origin", Array("guest".utf8))])
+    // What a hostile guest could try: overlay's own xattrs on its files.
+    writeFile("\(root)/usr/share/forged", pseudoRandom(800, seed: 13),
+              xattrs: [("trusted.overlay.redirect", Array("/00/000000000000".utf8)), ("trusted.overlay.metacopy", [])])
+    writeFile("\(root)/etc/empty", [UInt8]())
+    writeFile("\(root)/etc/tiny", "64 bytes or less stay whole\n")
+    mkdirs("\(root)/home/user", mode: 0o700)
+    chown("\(root)/home/user", 1000, 1000)
+    writeFile("\(root)/home/user/notes", pseudoRandom(4000, seed: UInt64(500 + index)), mode: 0o600, uid: 1000, gid: 1000)
+    mkdirs("\(root)/srv/shared")
+    chmod("\(root)/srv/shared", 0o2775)
+    let share = try Directory.open(path: FilePath("\(root)/usr/share"))
+    try share.makeNode(FileName("socket"), mode: 0o140755)
+    for name in [Array("new\nline".utf8), [0x62, 0x61, 0x64, 0xff, 0xfe]] {
+        let f = try share.createFile(FileName(name), mode: 0o644)
+        try f.write(pseudoRandom(700, seed: 14))
+    }
+    // Deeper than PATH_MAX: 45 levels of 100-byte names.
+    var d = share
+    for level in 0..<45 {
+        let name = FileName(String(repeating: Character(UnicodeScalar(UInt8(0x61 + level % 26))), count: 100))
+        try d.makeDirectory(name, mode: 0o755)
+        d = try d.openDirectory(name)
+    }
+    try d.createFile(FileName("deep"), mode: 0o644).write(pseudoRandom(2000, seed: 15))
+    settleDirectoryTimes(root)
+}
+
+/// `hashify overlay …` with the test's store.
+@discardableResult
+func overlay(_ args: [String], store: String) -> (status: Int32, out: String, err: String) {
+    hashify(["overlay"] + [args[0], "--store", store] + args.dropFirst())
+}
+
+/// The manifest of one guest under a fixed header (so guests at other paths compare).
+func guestManifest(_ root: String) -> String {
+    manifest([root], links: true).split(separator: "\n", omittingEmptySubsequences: false).dropFirst().joined(separator: "\n")
+}
+
+/// A process whose working directory is `directory` (the test stops it).
+func sleeper(in directory: String) throws -> Process {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/bin/sleep")
+    p.arguments = ["30"]
+    p.currentDirectoryURL = URL(fileURLWithPath: directory)
+    try p.run()
+    return p
+}
+
+func isOverlayMount(_ path: String) -> Bool {
+    run(["/usr/bin/findmnt", "-n", "-o", "FSTYPE", "--mountpoint", path]).out.trimmingCharacters(in: .whitespacesAndNewlines) == "overlay"
+}
+
+@Suite("overlay mode", .serialized, .enabled(if: isRoot, "overlay mounts need root"))
+struct OverlayTests {
+    @Test("convert, umount/mount, fold and export: the guest sees exactly its plain tree")
+    func roundTrip() throws {
+        let s = Scratch("overlay")
+        let store = s.sub("store")
+        let guests = (1...3).map { s.sub("guests/g\($0)") }
+        for (i, g) in guests.enumerated() { try makeRichGuest(g, index: i) }
+        settle()
+        let before = guests.map(guestManifest)
+        let r = overlay(["convert", "--json"] + guests, store: store)
+        #expect(r.status == 0, "\(r.err)")
+        for (i, g) in guests.enumerated() {
+            #expect(isOverlayMount(g))
+            #expect(guestManifest(g) == before[i], "through the mount, guest \(i)")
+        }
+        let report = jsonReport(r.out)["guests"] as? [[String: Any]] ?? []
+        #expect(report.count == 3)
+        // The second and third guests' common files share the first guest's objects.
+        #expect((report.last?["filesSharingObjects"] as? Int ?? 0) >= 30)
+        // One object per distinct content; the guests' inodes were linked, not copied.
+        #expect((report.first?["bytesLinked"] as? Int ?? 0) > 0)
+        #expect((report.first?["bytesLinked"] as? Int ?? 0) > (report.first?["bytesCopied"] as? Int ?? 0))
+
+        #expect(overlay(["umount"] + guests, store: store).status == 0)
+        for g in guests { #expect(!isOverlayMount(g)) }
+        #expect(overlay(["mount"] + guests, store: store).status == 0)
+        for (i, g) in guests.enumerated() { #expect(guestManifest(g) == before[i], "after umount and mount") }
+
+        // Changes, then a fold: the guest still sees its own changes.
+        writeFile("\(guests[0])/usr/lib/lib1.so", pseudoRandom(5000, seed: 4242))
+        writeFile("\(guests[1])/usr/lib/lib1.so", pseudoRandom(5000, seed: 4242))
+        chmod("\(guests[2])/usr/bin/tool", 0o700)
+        unlink("\(guests[2])/usr/lib/lib2.so")
+        rename("\(guests[1])/srv", "\(guests[1])/srv-renamed")
+        settle()
+        let changed = guests.map(guestManifest)
+        #expect(overlay(["umount"] + guests, store: store).status == 0)
+        let fold = hashify(["unify", "--json", "--store", store] + guests)
+        #expect(fold.status == 0, "\(fold.err)")
+        let folds = jsonReport(fold.out)["overlayGuests"] as? [[String: Any]] ?? []
+        #expect(folds.map { $0["action"] as? String } == ["folded", "folded", "folded"])
+        #expect(overlay(["mount"] + guests, store: store).status == 0)
+        for (i, g) in guests.enumerated() { #expect(guestManifest(g) == changed[i], "after the fold, guest \(i)") }
+        // Equal new files of two guests became one object; the upper layers are empty.
+        let uppers = run(["/usr/bin/find", s.sub("store/overlay"), "-path", "*/upper/*"]).out
+        #expect(uppers.isEmpty, "upper layers after the fold: \(uppers)")
+        let redirects = run(["/bin/sh", "-c", "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g2/meta/usr/lib/lib1.so | tr '/' ' '; echo"]).out
+        #expect(Set(redirects.split(separator: " ").map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }.filter { $0.count > 2 }).count == 2, "two guests' equal new file is one object: \(redirects)")
+        // A re-run with nothing changed reads nothing.
+        #expect(overlay(["umount"] + guests, store: store).status == 0)
+        let again = jsonReport(hashify(["unify", "--json", "--store", store] + guests).out)["overlayGuests"] as? [[String: Any]] ?? []
+        #expect(again.map { $0["action"] as? String } == ["nothing to fold", "nothing to fold", "nothing to fold"])
+        #expect(overlay(["mount"] + guests, store: store).status == 0)
+
+        // Export: a copy elsewhere, and one guest back in place.
+        let copy = s.sub("exported")
+        let e = overlay(["export", guests[0], copy], store: store)
+        #expect(e.status == 0, "\(e.err)")
+        #expect(guestManifest(copy) == changed[0])
+        let back = overlay(["export", guests[1]], store: store)
+        #expect(back.status == 0, "\(back.err)")
+        #expect(!isOverlayMount(guests[1]))
+        #expect(guestManifest(guests[1]) == changed[1], "exported in place")
+        #expect(overlay(["mount", guests[1]], store: store).status == 2, "no longer an overlay guest")
+        // A plain guest again: unify treats it as one.
+        #expect(hashify(["unify", "-q", "--store", store, guests[1]]).status == 0)
+    }
+
+    @Test("copy-on-write: write, append, truncate, chmod, chown, setfattr and touch in one guest change nothing else")
+    func copyOnWrite() throws {
+        let s = Scratch("cow")
+        let store = s.sub("store")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        for (i, g) in [a, b].enumerated() { try makeRichGuest(g, index: i) }
+        settle()
+        let plainB = guestManifest(b)
+        #expect(overlay(["convert", "-q", a, b], store: store).status == 0)
+        let objects = manifest([s.sub("store/data")])
+        let fd = open("\(a)/usr/lib/lib1.so", O_WRONLY)
+        #expect(fd >= 0)
+        _ = pwrite(fd, "in place", 8, 10)
+        close(fd)
+        let app = open("\(a)/usr/lib/lib2.so", O_WRONLY | O_APPEND)
+        _ = write(app, "appended", 8)
+        close(app)
+        #expect(truncate("\(a)/usr/lib/lib4.so", 10) == 0)
+        #expect(chmod("\(a)/usr/lib/lib5.so", 0o600) == 0)
+        #expect(chown("\(a)/usr/lib/lib6.so", 123, 456) == 0)
+        #expect(run(["/usr/bin/setfattr", "-n", "user.changed", "-v", "yes", "\(a)/usr/lib/lib7.so"]).status == 0)
+        #expect(run(["/usr/bin/touch", "-d", "@1234567890", "\(a)/usr/lib/lib8.so"]).status == 0)
+        writeFile("\(a)/usr/bin/tool", "replaced\n")
+        settle()
+        #expect(guestManifest(b) == plainB, "guest b unchanged")
+        #expect(manifest([s.sub("store/data")]) == objects, "no object changed")
+        let m = guestManifest(a)
+        #expect(m.contains("user.changed=796573"))
+        #expect(run(["/usr/bin/cat", "\(a)/usr/bin/tool-hard"]).out == "replaced\n", "a hard link stays one file across copy-up")
+        // The fold keeps a's changes private.
+        #expect(overlay(["umount", a, b], store: store).status == 0)
+        #expect(hashify(["unify", "-q", "--store", store, a, b]).status == 0)
+        #expect(overlay(["mount", a, b], store: store).status == 0)
+        #expect(guestManifest(a) == m)
+        #expect(guestManifest(b) == plainB)
+    }
+
+    @Test("refusals: a running guest, a mount point, another filesystem, a plain guest for mount/umount/export; nothing changed")
+    func refusals() throws {
+        let s = Scratch("ovbad")
+        let store = s.sub("store")
+        let g = s.sub("guests/g")
+        try makeRichGuest(g, index: 0)
+        settle()
+        let before = manifest([g], links: true)
+        // A process whose working directory is inside the guest.
+        let p = try sleeper(in: "\(g)/usr")
+        let busy = overlay(["convert", g], store: store)
+        p.terminate()
+        p.waitUntilExit()
+        #expect(busy.status == 2)
+        #expect(busy.err.contains("in use by") && busy.err.contains("\(p.processIdentifier)"), "\(busy.err)")
+        // A root that is a mount point.
+        let m = s.sub("guests/m")
+        #expect(mountTmpfs(m))
+        defer { unmount(m) }
+        let mp = overlay(["convert", m], store: store)
+        #expect(mp.status == 2 && mp.err.contains("mount point"), "\(mp.err)")
+        // A store on another filesystem.
+        let other = s.sub("other")
+        #expect(mountTmpfs(other))
+        defer { unmount(other) }
+        let fs = overlay(["convert", g], store: other + "/store")
+        #expect(fs.status == 2 && fs.err.contains("filesystem"), "\(fs.err)")
+        // Plain guests are not overlay guests.
+        for verb in ["mount", "umount", "export"] {
+            let r = overlay([verb, g], store: store)
+            #expect(r.status == 2 && r.err.contains("not an overlay guest"), "\(verb): \(r.err)")
+        }
+        #expect(manifest([g], links: true) == before)
+        #expect(!isOverlayMount(g))
+        // Converted, mounted and in use: umount and export refuse and name the process.
+        #expect(overlay(["convert", "-q", g], store: store).status == 0)
+        let q = try sleeper(in: "\(g)/etc")
+        let um = overlay(["umount", g], store: store)
+        let ex = overlay(["export", g], store: store)
+        q.terminate()
+        q.waitUntilExit()
+        #expect(um.status == 2 && um.err.contains("\(q.processIdentifier)"), "\(um.err)")
+        #expect(ex.status == 2, "\(ex.err)")
+        #expect(isOverlayMount(g))
+        #expect(manifest([g], links: true) == before)
+        // Converting again is a no-op.
+        let again = overlay(["convert", g], store: store)
+        #expect(again.status == 0 && again.out.contains("already mounted"), "\(again.out)")
+    }
+
+    @Test("a guest forging overlay xattrs through its mount reads nothing it did not have")
+    func forgedOverlayAttributes() throws {
+        let s = Scratch("ovhostile")
+        let store = s.sub("store")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        try makeRichGuest(a, index: 0)
+        try makeRichGuest(b, index: 1)
+        writeFile("\(b)/root/secret", pseudoRandom(3000, seed: 999))
+        settle()
+        #expect(overlay(["convert", "-q", a, b], store: store).status == 0)
+        // b's private object, by the name hashify gives it.
+        let secretRedirect = run(["/bin/sh", "-c", "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g1/meta/root/secret"]).out
+        #expect(secretRedirect.hasPrefix("/"), "b's stub carries a redirect")
+        let victim = "\(a)/usr/share/tagged"
+        let original = run(["/usr/bin/sha256sum", victim]).out.prefix(64)
+        for (n, v) in [("trusted.overlay.redirect", secretRedirect), ("trusted.overlay.metacopy", ""), ("trusted.overlay.opaque", "y")] {
+            #expect(run(["/usr/bin/setfattr", "-n", n, "-v", v.isEmpty ? "\"\"" : v, victim]).status == 0, "set \(n)")
+        }
+        #expect(run(["/usr/bin/setfattr", "-n", "trusted.overlay.opaque", "-v", "y", "\(a)/usr/lib"]).status == 0)
+        #expect(run(["/usr/bin/setfattr", "-n", "user.overlay.redirect", "-v", secretRedirect, victim]).status == 0)
+        let seen = manifest([a], links: true)
+        for step in ["remount", "fold"] {
+            #expect(overlay(["umount", a, b], store: store).status == 0)
+            if step == "fold" { #expect(hashify(["unify", "-q", "--store", store, a, b]).status == 0) }
+            #expect(overlay(["mount", a, b], store: store).status == 0)
+            #expect(run(["/usr/bin/sha256sum", victim]).out.prefix(64) == original, "after \(step): content is its own")
+            #expect(manifest([a], links: true) == seen, "after \(step): xattrs read back as set")
+            #expect(run(["/usr/bin/ls", "\(a)/usr/lib/lib1.so"]).status == 0, "after \(step): opaque xattr is the guest's own")
+        }
+    }
+
+    @Test("SIGKILL during convert, fold and export: the guest is whole after each kill and the next run completes")
+    func killDuringOverlayWork() throws {
+        let s = Scratch("ovkill")
+        let store = s.sub("store")
+        let g = s.sub("guests/g")
+        try makeRichGuest(g, index: 0)
+        for d in 0..<20 { for i in 0..<40 { writeFile("\(g)/var/d\(d)/f\(i)", pseudoRandom(100 + (i * 331 + d * 97) % 20_000, seed: UInt64(d * 50 + i))) } }
+        settleDirectoryTimes(g)
+        settle()
+        let plain = guestManifest(g)
+        // A time window from one uninterrupted convert and export.
+        let t0 = Date()
+        #expect(overlay(["convert", "-q", g], store: store).status == 0)
+        #expect(overlay(["export", "-q", g], store: store).status == 0)
+        let window = max(0.05, Date().timeIntervalSince(t0))
+        #expect(guestManifest(g) == plain)
+        var kills = 0
+        var current = plain
+        for iteration in 0..<24 {
+            let isOverlay = isOverlayMount(g)
+            let args: [String]
+            switch (iteration % 3, isOverlay) {
+            case (_, false): args = ["overlay", "convert", "--store", store, "-q", g]
+            case (1, true):
+                // A change to fold.
+                writeFile("\(g)/var/d\(iteration % 20)/f1", pseudoRandom(3000, seed: UInt64(iteration)))
+                settle()
+                current = guestManifest(g)
+                #expect(overlay(["umount", g], store: store).status == 0)
+                args = ["unify", "--store", store, "-q", g]
+            default: args = ["overlay", "export", "--store", store, "-q", g]
+            }
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: hashifyBinary)
+            p.arguments = args
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            usleep(UInt32(Double.random(in: 0.02...0.6) * window * 1_000_000))
+            if p.isRunning { kill(p.processIdentifier, SIGKILL); kills += 1 }
+            p.waitUntilExit()
+            // Whatever state it is in, convert (or mount) makes it whole and mounted again.
+            if !isOverlayMount(g) {
+                let r = overlay(["convert", "-q", g], store: store)
+                #expect(r.status == 0, "after kill \(iteration) of \(args[1]): \(r.err)")
+            }
+            #expect(guestManifest(g) == current, "after kill \(iteration) of \(args.prefix(2))")
+        }
+        print("overlay kill test: \(kills) of 24 runs killed")
+        #expect(kills >= 5)
+        #expect(overlay(["export", "-q", g], store: store).status == 0)
+        #expect(guestManifest(g) == current)
+        #expect(mountPoints(under: s.sub("store")).isEmpty, "no private mount left")
+    }
+}
