@@ -326,3 +326,130 @@ struct OverlayTests {
         #expect(mountPoints(under: s.sub("store")).isEmpty, "no private mount left")
     }
 }
+
+/// A dpkg database skeleton in a guest (for `dpkg --root`).
+func makeDpkgSkeleton(_ root: String) {
+    for d in ["info", "updates", "triggers"] { mkdirs("\(root)/var/lib/dpkg/\(d)") }
+    for f in ["status", "available"] { writeFile("\(root)/var/lib/dpkg/\(f)", "") }
+}
+
+/// Builds a .deb of one package version with dpkg-deb.
+func buildPackage(_ dir: String, version: String, library: [UInt8]) -> String {
+    let stage = "\(dir)/stage-\(version)"
+    writeFile("\(stage)/usr/lib/demo/libdemo.so", library)
+    writeFile("\(stage)/usr/share/doc/hashify-demo/README", "hashify demo package \(version)\n")
+    writeFile("\(stage)/DEBIAN/control", """
+        Package: hashify-demo
+        Version: \(version)
+        Architecture: all
+        Maintainer: hashify tests <tests@example.org>
+        Description: a package the overlay tests install and upgrade
+
+        """)
+    let deb = "\(dir)/hashify-demo_\(version).deb"
+    let r = run(["/usr/bin/dpkg-deb", "--root-owner-group", "-b", stage, deb])
+    precondition(r.status == 0, "dpkg-deb: \(r.err)")
+    return deb
+}
+
+/// Copies a host program and the libraries it loads into a guest (plain copies: their own inodes).
+func installProgram(_ program: String, into root: String) {
+    let libs = run(["/usr/bin/ldd", program]).out.split(separator: "\n").compactMap { line -> String? in
+        let parts = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+        if let arrow = parts.firstIndex(of: "=>"), arrow + 1 < parts.count, parts[arrow + 1].hasPrefix("/") { return String(parts[arrow + 1]) }
+        return parts.first.flatMap { $0.hasPrefix("/") ? String($0) : nil }
+    }
+    for f in [program] + libs {
+        mkdirs(root + (f as NSString).deletingLastPathComponent)
+        _ = run(["/bin/cp", "-L", "--preserve=mode,timestamps", f, root + f])
+    }
+    mkdirs("\(root)/dev")
+    mknod("\(root)/dev/null", S_IFCHR | 0o666, dev_t((1 << 8) | 3))
+}
+
+/// Total `Pss_File` (kB) of processes, from /proc/PID/smaps_rollup.
+func filePss(_ pids: [Int32]) -> Int {
+    pids.reduce(0) { sum, pid in
+        let text = run(["/bin/cat", "/proc/\(pid)/smaps_rollup"]).out
+        let line = text.split(separator: "\n").first { $0.hasPrefix("Pss_File:") }
+        return sum + (line.flatMap { Int($0.split(separator: " ")[1]) } ?? 0)
+    }
+}
+
+@Suite("overlay mode with real programs", .serialized, .enabled(if: isRoot, "overlay mounts need root"))
+struct OverlayProgramTests {
+    @Test("dpkg upgrades a package in a mounted guest; after umount and unify the new files are shared and the guest sees the update")
+    func packageUpdate() throws {
+        let s = Scratch("ovdpkg")
+        let store = s.sub("store")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let v1 = buildPackage(s.path, version: "1.0", library: pseudoRandom(40_000, seed: 1))
+        let v2 = buildPackage(s.path, version: "2.0", library: pseudoRandom(40_000, seed: 2))
+        for (i, g) in [a, b].enumerated() {
+            try makeRichGuest(g, index: i)
+            makeDpkgSkeleton(g)
+            #expect(run(["/usr/bin/dpkg", "--root=\(g)", "-i", v1]).status == 0)
+        }
+        settle()
+        #expect(overlay(["convert", "-q", a, b], store: store).status == 0)
+        // The update, through each guest's mount, the way dpkg does it (new file, rename).
+        for g in [a, b] {
+            let r = run(["/usr/bin/dpkg", "--root=\(g)", "-i", v2])
+            #expect(r.status == 0, "\(r.err)")
+            #expect(run(["/usr/bin/dpkg", "--root=\(g)", "--verify"]).status == 0)
+        }
+        settle()
+        let updated = [a, b].map(guestManifest)
+        #expect(updated[0].contains(pseudoRandomDigest(40_000, seed: 2)))
+        #expect(overlay(["umount", a, b], store: store).status == 0)
+        let fold = hashify(["unify", "--json", "--store", store, a, b])
+        #expect(fold.status == 0, "\(fold.err)")
+        let folds = jsonReport(fold.out)["overlayGuests"] as? [[String: Any]] ?? []
+        #expect(folds.map { $0["action"] as? String } == ["folded", "folded"])
+        // One new object for the new library, shared by both guests.
+        #expect(folds.reduce(0) { $0 + ($1["objectsCreated"] as? Int ?? 0) } >= 1)
+        #expect((folds.last?["filesSharingObjects"] as? Int ?? 0) >= 1)
+        let stubs = run(["/bin/sh", "-c", "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g2/meta/usr/lib/demo/libdemo.so; echo"]).out
+        #expect(stubs.count == 33 && stubs.prefix(16) == stubs.dropFirst(16).prefix(16), "one object for both: \(stubs)")
+        #expect(overlay(["mount", a, b], store: store).status == 0)
+        #expect([a, b].map(guestManifest) == updated)
+        for g in [a, b] { #expect(run(["/usr/bin/dpkg", "--root=\(g)", "--verify"]).status == 0) }
+    }
+
+    @Test("three overlay guests running perl map one copy of it: total Pss against three plain copies")
+    func pageCacheShared() throws {
+        let s = Scratch("ovpss")
+        let store = s.sub("store")
+        let guests = (1...3).map { s.sub("guests/g\($0)") }
+        for g in guests { installProgram("/usr/bin/perl", into: g) }
+        func runPerl() throws -> Int {
+            let procs = try guests.map { g -> Process in
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: "/usr/sbin/chroot")
+                p.arguments = [g, "/usr/bin/perl", "-e", "my $x = 0; $x += $_ for 1..200000; sleep 60"]
+                p.environment = ["LC_ALL": "C", "PATH": "/usr/bin:/bin"]
+                try p.run()
+                return p
+            }
+            usleep(1_500_000)
+            // chroot execs perl: the pids are perl's.
+            let pss = filePss(procs.map(\.processIdentifier))
+            for p in procs { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+            return pss
+        }
+        let plain = try runPerl()
+        #expect(overlay(["convert", "-q"] + guests, store: store).status == 0)
+        let shared = try runPerl()
+        print("file-backed Pss of three perl processes: plain copies \(plain) kB, overlay guests \(shared) kB")
+        #expect(plain > 0 && shared > 0)
+        #expect(Double(shared) < 0.6 * Double(plain), "plain \(plain) kB, overlay \(shared) kB")
+    }
+}
+
+/// The manifest's digest of pseudoRandom(count, seed).
+func pseudoRandomDigest(_ count: Int, seed: UInt64) -> String {
+    let f = "/var/tmp/hashify-digest-\(getpid())"
+    writeFile(f, pseudoRandom(count, seed: seed))
+    defer { unlink(f) }
+    return String(run(["/usr/bin/sha256sum", f]).out.prefix(64))
+}
