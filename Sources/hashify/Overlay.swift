@@ -18,7 +18,7 @@ struct OverlayCommand: ParsableCommand {
             Needs root, Linux 6.5 or later (data-only overlay layers) and trusted xattrs on the \
             store's filesystem; guests and store on one filesystem.
             """,
-        subcommands: [Convert.self, Mount.self, Umount.self, Export.self])
+        subcommands: [Convert.self, Mount.self, Umount.self, Fold.self, Export.self])
 
     /// Roots and store of the overlay commands.
     struct Target: ParsableArguments {
@@ -79,6 +79,20 @@ struct OverlayCommand: ParsableCommand {
         @OptionGroup var target: Target
         @OptionGroup var output: OutputOptions
         func run() throws { try report(runEngine { try Overlay.umount(target.options) }, output: output) }
+    }
+
+    struct Fold: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Fold unmounted overlay guests' copy-ups back into sharing (what unify does for them).",
+            discussion: """
+                Files the guest's updates wrote into its upper layer are hashed and become stubs of \
+                shared objects; the guest sees exactly what it saw. A new generation is built and \
+                switched to in one step, so a killed fold leaves the previous one in force. A \
+                mounted guest is left for its next start. Plain guests are refused (unify them).
+                """)
+        @OptionGroup var target: Target
+        @OptionGroup var output: OutputOptions
+        func run() throws { try report(runEngine { try Overlay.fold(target.options) }, output: output) }
     }
 
     struct Export: ParsableCommand {

@@ -453,3 +453,64 @@ func pseudoRandomDigest(_ count: Int, seed: UInt64) -> String {
     defer { unlink(f) }
     return String(run(["/usr/bin/sha256sum", f]).out.prefix(64))
 }
+
+let lxcStart = "/usr/bin/lxc-start"
+
+@Suite("overlay guests as real LXC containers", .serialized,
+       .enabled(if: isRoot && FileManager.default.isExecutableFile(atPath: lxcStart), "needs root and LXC (apt-get install lxc)"))
+struct OverlayLXCTests {
+    @Test("two privileged LXC containers on overlay guests through the contrib hook: a write stays in its container and survives the fold")
+    func containers() throws {
+        let s = Scratch("ovlxc")
+        let store = s.sub("store"), lxcpath = s.sub("lxc")
+        let hook = packageRoot.appendingPathComponent("contrib/lxc/hashify-lxc-hook").path
+        let names = ["c1", "c2"]
+        let roots = names.map { "\(lxcpath)/\($0)/rootfs" }
+        for (name, root) in zip(names, roots) {
+            installProgram("/bin/sh", into: root)
+            installProgram("/bin/sleep", into: root)
+            for d in ["proc", "sys", "tmp"] { mkdirs("\(root)/\(d)") }
+            writeFile("\(root)/usr/lib/shared.so", pseudoRandom(8000, seed: 77))
+            writeFile("\(root)/init.sh", "#!/bin/sh\necho \"\(name) was here\" > /usr/lib/shared.so\nexec /bin/sleep 300\n", mode: 0o755)
+            writeFile("\(lxcpath)/\(name)/config", """
+                lxc.uts.name = \(name)
+                lxc.rootfs.path = dir:\(root)
+                lxc.init.cmd = /init.sh
+                lxc.net.0.type = empty
+                lxc.apparmor.profile = unconfined
+                lxc.environment = PATH=/bin
+                lxc.hook.pre-start = \(hook) \(store)
+                lxc.hook.post-stop = \(hook) \(store)
+
+                """)
+        }
+        settle()
+        #expect(overlay(["convert", "-q", "--no-mount"] + roots, store: store).status == 0)
+        let objects = manifest([s.sub("store/data")])
+        func lxc(_ tool: String, _ args: [String]) -> (status: Int32, out: String, err: String) {
+            run(["/usr/bin/env", "HASHIFY=\(hashifyBinary)", "/usr/bin/\(tool)", "-P", lxcpath] + args)
+        }
+        defer { for n in names { _ = lxc("lxc-stop", ["-n", n, "-k"]) } }
+        for n in names {
+            let r = lxc("lxc-start", ["-n", n, "-l", "INFO", "-o", s.sub("\(n).log")])
+            #expect(r.status == 0, "lxc-start \(n): \(r.err) \((try? String(contentsOfFile: s.sub("\(n).log"), encoding: .utf8)) ?? "")")
+        }
+        var seen: [String] = []
+        for _ in 0..<50 {
+            seen = roots.map { (try? String(contentsOfFile: "\($0)/usr/lib/shared.so", encoding: .utf8)) ?? "" }
+            if seen == ["c1 was here\n", "c2 was here\n"] { break }
+            usleep(100_000)
+        }
+        #expect(seen == ["c1 was here\n", "c2 was here\n"], "each container sees its own write")
+        for r in roots { #expect(isOverlayMount(r), "the pre-start hook mounted \(r)") }
+        #expect(manifest([s.sub("store/data")]) == objects, "no shared object changed")
+        for n in names { #expect(lxc("lxc-stop", ["-n", n, "-k"]).status == 0) }
+        for r in roots { #expect(!isOverlayMount(r), "the post-stop hook unmounted \(r)") }
+        let fold = overlay(["fold", "--json"] + roots, store: store)
+        #expect(fold.status == 0, "\(fold.err)")
+        #expect(overlay(["mount"] + roots, store: store).status == 0)
+        let after = roots.map { (try? String(contentsOfFile: "\($0)/usr/lib/shared.so", encoding: .utf8)) ?? "" }
+        #expect(after == ["c1 was here\n", "c2 was here\n"], "the fold keeps each write private")
+        #expect(overlay(["umount"] + roots, store: store).status == 0)
+    }
+}

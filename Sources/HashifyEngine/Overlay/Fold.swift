@@ -110,6 +110,20 @@ extension Overlay {
         return result
     }
 
+    /// `hashify overlay fold`: the fold alone, for overlay guests only (what a
+    /// container's start hook runs; `unify` does it too, beside hardlink mode).
+    public static func fold(_ options: OverlayOptions) throws -> OverlayReport {
+        let started = Timestamp.now()
+        let s = try session(options, createRecords: false)
+        for g in s.guests { _ = try activeGuest(g) }
+        var report = OverlayReport(command: "overlay fold", store: s.store.path.string)
+        for g in s.guests {
+            report.guests.append(try fold(g.record!, root: g.root, session: s, dryRun: false))
+        }
+        report.seconds = elapsed(since: started)
+        return report
+    }
+
     /// The fold step of `unify` for the roots that are overlay guests of the store.
     public static func fold(roots: [FilePath], store: Store, dryRun: Bool) throws -> [OverlayReport.Guest] {
         guard let dataPath = RootValidation.canonical(store.path)?.appending("data") else { return [] }
