@@ -45,6 +45,18 @@ struct Status: ParsableCommand {
             out += "links     \(h.objectsNearLinkLimit) objects near the link limit (\(h.linkLimit))\n"
             if h.unfinishedRuns > 0 { out += "warning   \(h.unfinishedRuns) interrupted runs left temporary names: the next unify or gc removes them\n" }
             out += "re-run    would link \(r.rerunWouldLinkPaths) paths and save \(formatBytes(r.rerunWouldSaveBytes))\n"
+            if let o = r.overlay {
+                let ow = max(13, o.guests.map { $0.root.count }.max() ?? 0)
+                out += "\n" + "OVERLAY GUEST".rightPadded(ow) + "  GEN  MOUNTED  SHARED FILES  SHARED BYTES  COPY-UPS\n"
+                for g in o.guests {
+                    out += g.root.rightPadded(ow) + String(g.generation).leftPadded(5) + (g.mounted ? "yes" : "no").leftPadded(9)
+                    out += String(g.sharedFiles).leftPadded(14) + formatBytes(g.sharedBytes).leftPadded(14)
+                    out += formatBytes(g.copyUpBytes).leftPadded(10) + (g.foldPending ? (g.mounted ? "  (fold at next start)" : "  (unify folds)") : "") + "\n"
+                }
+                out += "data      \(o.dataObjects) objects, \(formatBytes(o.dataBytes)); \(o.unreferencedDataObjects) unreferenced (\(formatBytes(o.unreferencedDataBytes))): hashify gc removes them\n"
+                out += "reserve   \(formatBytes(o.freeBytes)) free for copy-ups; a routine update needs about \(formatBytes(o.routineUpdateBytes))\n"
+                for w in o.warnings { out += "warning   \(w)\n" }
+            }
             for n in r.notes { out += "note      \(n)\n" }
             return out
         }
@@ -83,7 +95,11 @@ struct Verify: ParsableCommand {
         let report = runEngine { try VerifyCommand.run(target.location, repair: repair, waitForLock: !target.noWait) }
         try finish(report, output: output) { r in
             var out = "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
-            if r.damaged.isEmpty { out += "ok        every object matches its name\n" }
+            if r.dataObjectsChecked > 0 || !r.damagedDataObjects.isEmpty { out += "checked   \(r.dataObjectsChecked) data objects (overlay mode)\n" }
+            for d in r.damagedDataObjects {
+                out += "DAMAGED   data\(d.object): " + (d.missing ? "missing, but stubs point at it\n" : d.recordedDigest.isEmpty ? "no record of its digest, but stubs point at it\n" : "content changed (now \(d.digest))\n")
+            }
+            if r.damaged.isEmpty && r.damagedDataObjects.isEmpty { out += "ok        every object matches its name\n" }
             for d in r.damaged {
                 let what = [d.contentChanged ? "content" : nil, d.metadataChanged ? "metadata" : nil].compactMap { $0 }.joined(separator: " and ")
                 out += "DAMAGED   \(d.object): \(what) changed; linked by \(d.paths.count) paths\(d.repaired ? " — repaired" : "")\n"
@@ -112,6 +128,7 @@ struct GC: ParsableCommand {
         try finish(report, output: output) { r in
             var out = "hashify gc\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
             out += "\(r.dryRun ? "would remove" : "removed")  \(r.objectsRemoved) unreferenced objects, \(formatBytes(r.bytesFreed)) freed\n"
+            if r.dataObjectsRemoved > 0 { out += "\(r.dryRun ? "would remove" : "removed")  \(r.dataObjectsRemoved) data objects no overlay guest uses, \(formatBytes(r.dataBytesFreed)) freed\n" }
             if r.temporariesRemoved > 0 { out += "cleaned   \(r.temporariesRemoved) temporary names of interrupted runs\n" }
             out += skippedAndNotes(r.skipped, notes: r.notes)
             return out

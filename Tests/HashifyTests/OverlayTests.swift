@@ -240,6 +240,51 @@ struct OverlayTests {
         #expect(again.status == 0 && again.out.contains("already mounted"), "\(again.out)")
     }
 
+    @Test("status shows overlay guests and the copy-on-write reserve; gc removes unused data objects; verify finds damaged ones")
+    func maintenance() throws {
+        let s = Scratch("ovmaint")
+        let store = s.sub("store")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        try makeRichGuest(a, index: 0)
+        try makeRichGuest(b, index: 1)
+        settle()
+        #expect(overlay(["convert", "-q", a, b], store: store).status == 0)
+        writeFile("\(a)/var/log/big", pseudoRandom(200_000, seed: 5))
+        let status = jsonReport(hashify(["status", "--json", "--store", store]).out)
+        let ov = status["overlay"] as? [String: Any] ?? [:]
+        let rows = ov["guests"] as? [[String: Any]] ?? []
+        #expect(rows.count == 2)
+        let rowA = rows.first { ($0["root"] as? String)?.hasSuffix("/a") == true } ?? [:]
+        #expect(rowA["mounted"] as? Bool == true)
+        #expect((rowA["copyUpBytes"] as? Int ?? 0) >= 200_000)
+        #expect(rowA["foldPending"] as? Bool == true)
+        #expect((rowA["sharedFiles"] as? Int ?? 0) > 30)
+        #expect((ov["freeBytes"] as? Int ?? 0) > 0 && (ov["routineUpdateBytes"] as? Int ?? 0) >= 200_000)
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+
+        // b leaves overlay mode: the objects only b used are garbage.
+        #expect(overlay(["export", "-q", b], store: store).status == 0)
+        let plan = jsonReport(hashify(["gc", "-n", "--json", "--store", store]).out)
+        #expect((plan["dataObjectsRemoved"] as? Int ?? 0) >= 1, "b's private files: \(plan)")
+        let m = guestManifest(a)
+        let gc = jsonReport(hashify(["gc", "--json", "--store", store]).out)
+        #expect(gc["dataObjectsRemoved"] as? Int == plan["dataObjectsRemoved"] as? Int)
+        #expect(guestManifest(a) == m, "gc kept every object a uses")
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+
+        // Damage in the store (not reachable by guests): verify reports it.
+        let stub = run(["/bin/sh", "-c", "ls -d \(store)/overlay/*/g1/meta/usr/bin/tool"]).out.trimmingCharacters(in: .whitespacesAndNewlines)
+        let redirect = run(["/usr/bin/getfattr", "--only-values", "-n", "trusted.overlay.redirect", stub]).out
+        #expect(redirect.hasPrefix("/"))
+        let fd = open("\(store)/data\(redirect)", O_WRONLY)
+        _ = pwrite(fd, "damage", 6, 0)
+        close(fd)
+        let v = hashify(["verify", "--json", "--store", store])
+        #expect(v.status == 1)
+        let damaged = jsonReport(v.out)["damagedDataObjects"] as? [[String: Any]] ?? []
+        #expect(damaged.map { $0["object"] as? String } == [redirect])
+    }
+
     @Test("a guest forging overlay xattrs through its mount reads nothing it did not have")
     func forgedOverlayAttributes() throws {
         let s = Scratch("ovhostile")

@@ -63,6 +63,8 @@ public struct StatusReport: Sendable, Codable {
     /// What `unify` would still link and save now.
     public var rerunWouldLinkPaths = 0
     public var rerunWouldSaveBytes: UInt64 = 0
+    /// Overlay guests, data objects and the copy-on-write reserve (absent without overlay guests).
+    public var overlay: OverlayStatus?
     public var notes: [String] = []
 }
 
@@ -96,6 +98,8 @@ public enum StatusCommand {
         }
         report.storeHealth.indexEntries = ContentIndex.count(in: store)
         report.storeHealth.unfinishedRuns = store.unfinishedRuns().count
+        report.overlay = Overlay.status(store: store)
+        if report.overlay != nil { report.notes.removeAll { $0.hasPrefix("no guest roots known") } }
         return report
     }
 }
@@ -120,10 +124,13 @@ public struct VerifyReport: Sendable, Codable {
     public var objectsChecked = 0
     public var bytesRead: UInt64 = 0
     public var damaged: [Damaged] = []
+    /// Overlay mode's data objects re-hashed, and those damaged or missing.
+    public var dataObjectsChecked = 0
+    public var damagedDataObjects: [Overlay.DamagedObject] = []
     public var pathsSplit = 0
     public var skipped: [UnifyReport.SkippedPath] = []
     /// 0 every object intact; 1 damage found (repaired or not) or errors.
-    public var exitStatus: Int32 { damaged.isEmpty && skipped.allSatisfy { !$0.error } ? 0 : 1 }
+    public var exitStatus: Int32 { damaged.isEmpty && damagedDataObjects.isEmpty && skipped.allSatisfy { !$0.error } ? 0 : 1 }
 }
 
 public enum VerifyCommand {
@@ -150,6 +157,10 @@ public enum VerifyCommand {
                                                               reason: "verify-failed", detail: "\(error)", error: true))
             }
         }
+        let data = Overlay.verify(store: store, buffer: buffer)
+        report.dataObjectsChecked = data.checked
+        report.bytesRead += data.bytes
+        report.damagedDataObjects = data.damaged
         if bad.isEmpty { return report }
         // Every guest path that links a damaged object.
         let roots = guests.isEmpty ? [] : try RootValidation.openRoots(guests)
@@ -197,6 +208,9 @@ public struct GCReport: Sendable, Codable {
     public var objectsRemoved = 0
     public var bytesFreed: UInt64 = 0
     public var temporariesRemoved = 0
+    /// Overlay mode's data objects no generation of any guest references.
+    public var dataObjectsRemoved = 0
+    public var dataBytesFreed: UInt64 = 0
     public var skipped: [UnifyReport.SkippedPath] = []
     public var notes: [String] = []
     public var exitStatus: Int32 { skipped.contains { $0.error } ? 1 : 0 }
@@ -234,6 +248,7 @@ public enum GCCommand {
             }
             try ContentIndex.remove(dropped, in: store)
         }
+        (report.dataObjectsRemoved, report.dataBytesFreed) = try Overlay.collectGarbage(store: store, dryRun: dryRun)
         return report
     }
 }

@@ -1,0 +1,191 @@
+import HashifySystem
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What `status` shows of overlay mode: each overlay guest, the data
+/// objects, and the copy-on-write reserve (the disk that copy-ups hold now and
+/// would claim when guests rewrite shared files).
+public struct OverlayStatus: Sendable, Codable {
+    /// One overlay guest.
+    public struct Guest: Sendable, Codable {
+        public var root: String
+        public var generation: Int
+        public var mounted: Bool
+        /// Regular files whose data is a shared object (stubs).
+        public var sharedFiles = 0
+        /// Their size: what rewriting every shared file would copy up.
+        public var sharedBytes: UInt64 = 0
+        /// Allocated bytes of the guest's upper layer: what its copy-ups hold now.
+        public var copyUpBytes: UInt64 = 0
+        /// Whether the upper layer holds anything a fold would take back.
+        public var foldPending = false
+    }
+    public var guests: [Guest] = []
+    public var dataObjects = 0
+    public var dataBytes: UInt64 = 0
+    /// Data objects no generation's metadata layer references (gc removes them).
+    public var unreferencedDataObjects = 0
+    public var unreferencedDataBytes: UInt64 = 0
+    /// Free bytes on the store's filesystem (for unprivileged writers: what `df` shows as available).
+    public var freeBytes: UInt64 = 0
+    /// What a routine update of every overlay guest is taken to copy up: a
+    /// tenth of each guest's shared bytes (a package update rewrites that
+    /// order of a guest's files), at least its current copy-ups again.
+    public var routineUpdateBytes: UInt64 = 0
+    public var warnings: [String] = []
+}
+
+extension Overlay {
+    /// The data redirects the stubs of a metadata layer (or metacopy files of an upper layer) reference,
+    /// with the count and size of such stubs.
+    struct LayerScan {
+        var referenced = Set<[UInt8]>()
+        var stubs = 0
+        var stubBytes: UInt64 = 0
+        var allocatedBytes: UInt64 = 0
+        var entries = 0
+
+        mutating func scan(_ dir: Directory) {
+            let mount = (try? dir.stat())?.mountID
+            for name in (try? dir.entryNames()) ?? [] {
+                guard let st = try? dir.stat(name) else { continue }
+                entries += 1
+                if st.isDirectory {
+                    if st.mountID == mount, let sub = try? dir.openDirectory(name) { scan(sub) }
+                    continue
+                }
+                allocatedBytes += st.allocatedBytes
+                guard st.isRegular, let f = try? dir.openFileForReading(name),
+                      f.extendedAttribute("trusted.overlay.metacopy") != nil,
+                      let r = f.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r) else { continue }
+                referenced.insert(r)
+                stubs += 1
+                stubBytes += st.size
+            }
+        }
+    }
+
+    /// Every data redirect any generation of any guest record references
+    /// (metadata layers and, to be safe, upper layers), and per record its scan of the generation in force.
+    static func references(in store: Store) -> (Set<[UInt8]>, [(OverlayGuest, OverlayGuest.State?, LayerScan)]) {
+        var all = Set<[UInt8]>()
+        var perGuest: [(OverlayGuest, OverlayGuest.State?, LayerScan)] = []
+        for g in OverlayGuest.all(in: store) {
+            let state = g.readState()
+            var current = LayerScan()
+            for name in (try? g.directory.entryNames()) ?? [] {
+                let s = String(decoding: name.bytes, as: UTF8.self)
+                guard s.hasPrefix("g"), let n = Int(s.dropFirst()), let gen = try? g.generation(n) else { continue }
+                var scan = LayerScan()
+                scan.scan(gen.meta)
+                var upper = LayerScan()
+                upper.scan(gen.upper)
+                all.formUnion(scan.referenced)
+                all.formUnion(upper.referenced)
+                if n == state?.generation {
+                    current = scan
+                    current.allocatedBytes = upper.allocatedBytes
+                    current.entries = upper.entries
+                }
+            }
+            perGuest.append((g, state, current))
+        }
+        return (all, perGuest)
+    }
+
+    /// `status` for overlay mode (nil when the store has no overlay guests).
+    public static func status(store: Store) -> OverlayStatus? {
+        let (referenced, guests) = references(in: store)
+        guard !guests.isEmpty, let objects = try? DataObjects(store: store) else { return nil }
+        var out = OverlayStatus()
+        for (g, state, scan) in guests {
+            guard let state else { continue }
+            let mounted = (try? g.generation(state.generation)).map { gen in
+                (try? Directory.open(path: g.rootPath)).map { OverlayMount.isMounted(gen, at: $0) } ?? false
+            } ?? false
+            var entry = OverlayStatus.Guest(root: g.rootPath.string, generation: state.generation, mounted: mounted)
+            entry.sharedFiles = scan.stubs
+            entry.sharedBytes = scan.stubBytes
+            entry.copyUpBytes = scan.allocatedBytes
+            entry.foldPending = scan.entries > 0
+            out.routineUpdateBytes += max(scan.stubBytes / 10, scan.allocatedBytes)
+            if state.phase != .active { out.warnings.append("\(g.rootPath): interrupted (\(state.phase.rawValue)); the next overlay command or unify finishes or undoes it") }
+            out.guests.append(entry)
+        }
+        out.guests.sort { $0.root < $1.root }
+        for o in (try? objects.list()) ?? [] {
+            out.dataObjects += 1
+            out.dataBytes += o.stat.allocatedBytes
+            if !referenced.contains(o.redirect) {
+                out.unreferencedDataObjects += 1
+                out.unreferencedDataBytes += o.stat.allocatedBytes
+            }
+        }
+        var fs = statvfs()
+        if fstatvfs(store.directory.fd, &fs) == 0 { out.freeBytes = UInt64(fs.f_bavail) * UInt64(fs.f_frsize) }
+        if out.freeBytes < out.routineUpdateBytes {
+            out.warnings.append("only \(formatBytes(out.freeBytes)) free for copy-ups: a routine update of the overlay guests needs about \(formatBytes(out.routineUpdateBytes)) (rewriting every shared file: \(formatBytes(out.guests.reduce(0) { $0 + $1.sharedBytes })))")
+        }
+        return out
+    }
+
+    /// A data object that does not hold what its record says, or a stub's object that is missing.
+    public struct DamagedObject: Sendable, Codable {
+        public var object: String
+        /// The digest the index records ("" when it has no record).
+        public var recordedDigest: String
+        /// What the content hashes to now ("" when missing).
+        public var digest: String
+        public var missing: Bool
+    }
+
+    /// `verify` for data objects: each re-hashed against its recorded digest,
+    /// and every object a stub references present.
+    static func verify(store: Store, buffer: UnsafeMutableRawBufferPointer) -> (checked: Int, bytes: UInt64, damaged: [DamagedObject]) {
+        guard let objects = try? DataObjects(store: store) else { return (0, 0, []) }
+        var damaged: [DamagedObject] = []
+        var checked = 0
+        var bytes: UInt64 = 0
+        let (referenced, _) = references(in: store)
+        for o in (try? objects.list()) ?? [] {
+            let name = String(decoding: o.redirect, as: UTF8.self)
+            guard let recorded = o.digest else {
+                if referenced.contains(o.redirect) {
+                    damaged.append(DamagedObject(object: name, recordedDigest: "", digest: "", missing: false))
+                }
+                continue
+            }
+            do {
+                let f = try objects.open(o.redirect)
+                let (d, read) = try ContentHasher.contentDigest(of: f, size: o.stat.size, buffer: buffer)
+                checked += 1
+                bytes += read
+                if d != recorded { damaged.append(DamagedObject(object: name, recordedDigest: recorded.hex, digest: d.hex, missing: false)) }
+            } catch {
+                damaged.append(DamagedObject(object: name, recordedDigest: recorded.hex, digest: "", missing: true))
+            }
+        }
+        for r in referenced where (try? objects.stat(r))?.isRegular != true {
+            damaged.append(DamagedObject(object: String(decoding: r, as: UTF8.self), recordedDigest: objects.digests[r]?.hex ?? "", digest: "", missing: true))
+        }
+        return (checked, bytes, damaged.sorted { $0.object < $1.object })
+    }
+
+    /// `gc` for data objects: those no generation of any guest references are removed.
+    static func collectGarbage(store: Store, dryRun: Bool) throws -> (removed: Int, bytes: UInt64) {
+        guard (try? store.directory.stat(FileName("data-index"))) != nil || !OverlayGuest.all(in: store).isEmpty,
+              let objects = try? DataObjects(store: store) else { return (0, 0) }
+        for g in OverlayGuest.all(in: store) where !dryRun { try recover(g) }
+        let (referenced, _) = references(in: store)
+        var unused = Set<[UInt8]>()
+        var bytes: UInt64 = 0
+        for o in try objects.list() where !referenced.contains(o.redirect) {
+            unused.insert(o.redirect)
+            bytes += o.stat.allocatedBytes
+        }
+        if !dryRun && !unused.isEmpty { try objects.remove(unused) }
+        return (unused.count, bytes)
+    }
+}
