@@ -18,10 +18,11 @@ public struct LinkOutcome: Sendable {
 
 /// How a unify run makes the members of each identity group share one copy.
 ///
-/// This is the one stage of `unify` that changes what is stored under a
+/// This is the stage of `unify` that changes what is stored under a plain
 /// guest's names: walk, plan and hash only read, and every strategy shares
-/// them. `hardlink` (`HardlinkLinker`) is the one built today; a later
-/// overlay fold or reflink mode plugs in here, beside it.
+/// them. `hardlink` (`HardlinkLinker`) is the one built today; a reflink mode
+/// plugs in here, beside it. Overlay guests are not changed path by path but
+/// get a whole new generation of layers: that fold lives in `Overlay/`.
 protocol LinkStrategy: AnyObject {
     /// Called with (names done, names planned) as the work goes on.
     var progress: (@Sendable (Int, Int) -> Void)? { get set }
