@@ -285,6 +285,66 @@ struct OverlayTests {
         #expect(damaged.map { $0["object"] as? String } == [redirect])
     }
 
+    @Test("converting a guest unified in hardlink mode: its shared inodes keep serving the plain guests; objects are copies")
+    func convertAfterHardlinkMode() throws {
+        let s = Scratch("ovhl")
+        let store = s.sub("store")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        try makeRichGuest(a, index: 0)
+        try makeRichGuest(b, index: 1)
+        settle()
+        #expect(hashify(["unify", "-q", "--no-default-excludes", "--store", store, a, b]).status == 0)
+        #expect(linkCount("\(b)/usr/lib/lib5.so") == 3, "a, b and the store share one inode")
+        let plainA = guestManifest(a), plainB = guestManifest(b)
+        let r = overlay(["convert", "--json", a], store: store)
+        #expect(r.status == 0, "\(r.err)")
+        let g = (jsonReport(r.out)["guests"] as? [[String: Any]])?.first ?? [:]
+        #expect((g["bytesCopied"] as? Int ?? 0) > 0, "shared inodes are copied into data objects, not linked")
+        #expect(guestManifest(a) == plainA)
+        #expect(guestManifest(b) == plainB)
+        #expect(linkCount("\(b)/usr/lib/lib5.so") == 2, "a's name is gone; b and the store keep the inode")
+        writeFile("\(a)/usr/lib/lib5.so", "changed in a\n")
+        let fd = open("\(a)/usr/lib/lib6.so", O_WRONLY)
+        _ = pwrite(fd, "in place", 8, 0)
+        close(fd)
+        #expect(guestManifest(b) == plainB, "b unchanged")
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0, "hardlink objects and data objects intact")
+    }
+
+    @Test("exporting a running guest that swaps a directory for a symlink to outside: nothing outside is read or changed")
+    func exportWhileSwapping() throws {
+        let s = Scratch("ovswap")
+        let store = s.sub("store")
+        let g = s.sub("guests/g"), outside = s.sub("outside")
+        try makeRichGuest(g, index: 0)
+        for i in 0..<50 { writeFile("\(g)/opt/d/f\(i)", pseudoRandom(3000 + i, seed: UInt64(i + 300))) }
+        for i in 0..<50 { writeFile("\(outside)/d/secret\(i)", "outside \(i)\n") }
+        settle()
+        #expect(overlay(["convert", "-q", g], store: store).status == 0)
+        let outsideBefore = manifest([outside], inodes: true)
+        let swapper = Background { stop in
+            let d = "\(g)/opt/d", real = "\(g)/opt/d.real"
+            while !stop.isSet {
+                rename(d, real)
+                symlink("\(outside)/d", d)
+                usleep(300)
+                unlink(d)
+                rename(real, d)
+                usleep(200)
+            }
+        }
+        for i in 0..<6 {
+            let r = overlay(["export", "-q", g, s.sub("copy\(i)")], store: store)
+            #expect(r.status == 0 || r.status == 1, "\(r.err)")
+        }
+        swapper.join()
+        #expect(manifest([outside], inodes: true) == outsideBefore, "outside untouched")
+        for i in 0..<6 {
+            let found = run(["/usr/bin/grep", "-rl", "outside ", s.sub("copy\(i)")]).out
+            #expect(found.isEmpty, "no outside content copied: \(found)")
+        }
+    }
+
     @Test("a guest forging overlay xattrs through its mount reads nothing it did not have")
     func forgedOverlayAttributes() throws {
         let s = Scratch("ovhostile")

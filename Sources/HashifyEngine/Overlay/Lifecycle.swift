@@ -66,9 +66,8 @@ extension Overlay {
     static func plainCopier(result: OverlayReport.Guest) -> (TreeCopier, () -> OverlayReport.Guest) {
         var result = result
         let copier = TreeCopier(escapeOverlayAttributes: false) { file, dest in
-            let f = try file.directory.openFileForReading(file.name)
             let out = try dest.createFile(file.name, mode: 0o600)
-            try f.cloneContent(to: out, size: file.stat.size)
+            try file.handle.cloneContent(to: out, size: file.stat.size)
             guard try out.stat().size == file.stat.size else { throw Errno.ioError }
             result.bytesCopied += file.stat.size
             result.stubs += 1
@@ -124,14 +123,22 @@ extension Overlay {
         let gen = try guest.generation(state.generation)
         let live = try Directory.open(path: guest.rootPath)
         let (copier, outcome) = plainCopier(result: OverlayReport.Guest(root: root.string, action: "exported to \(dest)"))
-        if OverlayMount.isMounted(gen, at: live) {
-            try copier.copy(live, into: try parent.openDirectory(temp))
-        } else {
-            try withPrivateMount(guest, gen, session: s) { try copier.copy($0, into: try parent.openDirectory(temp)) }
+        do {
+            if OverlayMount.isMounted(gen, at: live) {
+                // A running guest: what vanishes while it is read is left out, as any backup would.
+                copier.skipVanished = true
+                try copier.copy(live, into: try parent.openDirectory(temp))
+            } else {
+                try withPrivateMount(guest, gen, session: s) { try copier.copy($0, into: try parent.openDirectory(temp)) }
+            }
+        } catch {
+            try? parent.removeTree(temp)
+            throw error
         }
         try parent.syncFilesystem()
         try parent.rename(temp, to: parent, as: name, flags: .noReplace)
         var result = outcome()
+        if copier.vanished > 0 { result.notes.append("\(copier.vanished) entries vanished while the running guest was read") }
         result.seconds = elapsed(since: started)
         return result
     }

@@ -191,7 +191,7 @@ public enum Overlay {
     /// Reads a file under a read lease (no writer may have it open or open it
     /// meanwhile) and returns it with its digest, checked unchanged.
     static func leasedDigest(_ file: TreeCopier.SourceFile, buffer: UnsafeMutableRawBufferPointer, lease: Bool) throws -> (OpenFile, ContentDigest) {
-        let f = try file.directory.openFileForReading(file.name)
+        let f = file.handle
         if lease {
             do { try f.takeReadLease() } catch Errno.resourceTemporarilyUnavailable {
                 throw InputError("\(escapedPath(file.path)): open for writing (is the guest running?)")

@@ -16,6 +16,8 @@ final class TreeCopier {
         var directory: Directory
         var name: FileName
         var stat: FileStat
+        /// The file, open for reading (`O_NOFOLLOW`, `O_NOATIME`).
+        var handle: OpenFile
         /// The path below the source root, for messages.
         var path: [UInt8]
         /// Where in the tree the file is (the policy's own per-directory state).
@@ -45,6 +47,10 @@ final class TreeCopier {
     private var mountID: UInt64 = 0
     private(set) var entries = 0
     var onEntry: ((Int) -> Void)?
+    /// Entries that vanish while being copied are left out (a live guest's
+    /// tree read for a backup), instead of failing the copy.
+    var skipVanished = false
+    private(set) var vanished = 0
 
     init(escapeOverlayAttributes: Bool, context: ContextPolicy? = nil, regularFile: @escaping RegularFilePolicy) {
         self.escapeOverlayAttributes = escapeOverlayAttributes
@@ -65,40 +71,49 @@ final class TreeCopier {
         var names = try source.entryNames()
         names.sort()
         for name in names {
-            let st = try source.stat(name)
-            let sub = path.isEmpty ? name.bytes : path + [0x2f] + name.bytes
-            entries += 1
-            onEntry?(entries)
-            switch st.fileType {
-            case 0o040000:
-                if st.mountID != mountID { throw MountInside(path: sub) }
-                let from = try source.openDirectory(name)
-                try destination.makeDirectory(name, mode: 0o700)
-                let to = try destination.openDirectory(name)
-                try copyContents(from, into: to, path: sub, context: context?(parent, name))
-                try applyDirectoryAttributes(of: from, stat: st, to: to)
-            case 0o100000:
-                if st.linkCount > 1, let (dir, first, left) = links[st.inode] {
-                    try dir.link(first, to: destination, as: name)
-                    if left <= 1 { links[st.inode] = nil } else { links[st.inode] = (dir, first, left - 1) }
-                    continue
-                }
-                let file = SourceFile(directory: source, name: name, stat: st, path: sub, context: parent)
-                let made = try regularFile(file, destination)
-                try made.setOwner(uid: st.uid, gid: st.gid)
-                try made.setMode(st.mode)
-                let xattrs = try source.openFileForReading(name).extendedAttributes()
-                for a in xattrs { try made.setExtendedAttribute(rename(a)) }
-                try made.setModificationTime(st.modificationTime)
-                if st.linkCount > 1 { links[st.inode] = (destination, name, st.linkCount - 1) }
-            case 0o120000:
-                try destination.makeSymlink(name, target: try source.readLink(name))
-                try applyAttributes(of: source, name, stat: st, to: destination, isSymlink: true)
-            default:
-                // FIFOs, sockets, character and block devices.
-                try destination.makeNode(name, mode: st.mode & 0o170000 | 0o600, device: st.deviceNumber)
-                try applyAttributes(of: source, name, stat: st, to: destination, isSymlink: false)
+            do {
+                try copyEntry(name, of: source, into: destination, path: path, context: parent)
+            } catch Errno.noSuchFileOrDirectory where skipVanished {
+                vanished += 1
+                try? destination.removeTree(name)
             }
+        }
+    }
+
+    private func copyEntry(_ name: FileName, of source: Directory, into destination: Directory, path: [UInt8], context parent: AnyObject?) throws {
+        let st = try source.stat(name)
+        let sub = path.isEmpty ? name.bytes : path + [0x2f] + name.bytes
+        entries += 1
+        onEntry?(entries)
+        switch st.fileType {
+        case 0o040000:
+            if st.mountID != mountID { throw MountInside(path: sub) }
+            let from = try source.openDirectory(name)
+            try destination.makeDirectory(name, mode: 0o700)
+            let to = try destination.openDirectory(name)
+            try copyContents(from, into: to, path: sub, context: context?(parent, name))
+            try applyDirectoryAttributes(of: from, stat: st, to: to)
+        case 0o100000:
+            if st.linkCount > 1, let (dir, first, left) = links[st.inode] {
+                try dir.link(first, to: destination, as: name)
+                if left <= 1 { links[st.inode] = nil } else { links[st.inode] = (dir, first, left - 1) }
+                return
+            }
+            let handle = try source.openFileForReading(name)
+            let file = SourceFile(directory: source, name: name, stat: st, handle: handle, path: sub, context: parent)
+            let made = try regularFile(file, destination)
+            try made.setOwner(uid: st.uid, gid: st.gid)
+            try made.setMode(st.mode)
+            for a in try handle.extendedAttributes() { try made.setExtendedAttribute(rename(a)) }
+            try made.setModificationTime(st.modificationTime)
+            if st.linkCount > 1 { links[st.inode] = (destination, name, st.linkCount - 1) }
+        case 0o120000:
+            try destination.makeSymlink(name, target: try source.readLink(name))
+            try applyAttributes(of: source, name, stat: st, to: destination, isSymlink: true)
+        default:
+            // FIFOs, sockets, character and block devices.
+            try destination.makeNode(name, mode: st.mode & 0o170000 | 0o600, device: st.deviceNumber)
+            try applyAttributes(of: source, name, stat: st, to: destination, isSymlink: false)
         }
     }
 
