@@ -25,6 +25,21 @@ final class Background: @unchecked Sendable {
     func join() { stop.set(); done.wait() }
 }
 
+/// Swaps directory `dir` for a symlink to `target` and back, again and again, until joined.
+func symlinkSwapper(_ dir: String, to target: String, holdMicroseconds: UInt32 = 200) -> Background {
+    Background { stop in
+        let real = dir + ".real"
+        while !stop.isSet {
+            rename(dir, real)
+            symlink(target, dir)
+            usleep(holdMicroseconds)
+            unlink(dir)
+            rename(real, dir)
+            usleep(holdMicroseconds / 2)
+        }
+    }
+}
+
 @Suite("live and hostile guests", .serialized)
 struct HostileTests {
     @Test("a directory swapped for a symlink to outside the roots: nothing outside is changed or linked")
@@ -40,17 +55,7 @@ struct HostileTests {
         settle()
         let outsideBefore = manifest([outside], inodes: true)
         let guestsBefore = manifest([a, b])
-        let swapper = Background { stop in
-            let d = "\(a)/usr/lib/d", real = "\(a)/usr/lib/d.real"
-            while !stop.isSet {
-                rename(d, real)
-                symlink("\(outside)/d", d)
-                usleep(200)
-                unlink(d)
-                rename(real, d)
-                usleep(100)
-            }
-        }
+        let swapper = symlinkSwapper("\(a)/usr/lib/d", to: "\(outside)/d")
         for _ in 0..<8 {
             let r = hashify(["unify", "--json", a, b])
             #expect(r.status == 0 || r.status == 1, "\(r.err)")

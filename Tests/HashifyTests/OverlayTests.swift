@@ -322,17 +322,7 @@ struct OverlayTests {
         settle()
         #expect(overlay(["convert", "-q", g], store: store).status == 0)
         let outsideBefore = manifest([outside], inodes: true)
-        let swapper = Background { stop in
-            let d = "\(g)/opt/d", real = "\(g)/opt/d.real"
-            while !stop.isSet {
-                rename(d, real)
-                symlink("\(outside)/d", d)
-                usleep(300)
-                unlink(d)
-                rename(real, d)
-                usleep(200)
-            }
-        }
+        let swapper = symlinkSwapper("\(g)/opt/d", to: "\(outside)/d", holdMicroseconds: 300)
         for i in 0..<6 {
             let r = overlay(["export", "-q", g, s.sub("copy\(i)")], store: store)
             #expect(r.status == 0 || r.status == 1, "\(r.err)")
