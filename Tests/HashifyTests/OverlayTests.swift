@@ -119,6 +119,9 @@ struct OverlayTests {
         chmod("\(guests[2])/usr/bin/tool", 0o700)
         unlink("\(guests[2])/usr/lib/lib2.so")
         rename("\(guests[1])/srv", "\(guests[1])/srv-renamed")
+        // A directory removed and made again: opaque in the upper layer.
+        #expect(run(["/bin/rm", "-rf", "\(guests[0])/usr/share"]).status == 0)
+        writeFile("\(guests[0])/usr/share/again", pseudoRandom(3000, seed: 31))
         settle()
         let changed = guests.map(guestManifest)
         #expect(overlay(["umount"] + guests, store: store).status == 0)
