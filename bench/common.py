@@ -136,7 +136,7 @@ def manifest_lines(roots):
         out.append('# ' + os.path.basename(r))
         fd = os.open(r, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            manifest_mod.walk(fd, b'', os.fstat(fd).st_dev, {'dir_mtime': True, 'inodes': False}, out)
+            manifest_mod.walk(fd, b'', os.fstat(fd).st_dev, {'dir_mtime': True, 'inodes': False, 'links': False}, out)
         finally:
             os.close(fd)
     return out

@@ -60,17 +60,16 @@ extension Overlay {
         var state = OverlayGuest.State(phase: .converting, generation: 1, rootInode: rootStat.inode)
         try guest.writeState(state)
         let gen = try guest.makeGeneration(1)
-        let objects = s.objects
-        let buffer = s.buffer
+        let filler = StubFiller(objects: s.objects, threads: fillThreads)
         let copier = TreeCopier(escapeOverlayAttributes: true) { file, dest in
-            let (f, digest) = try leasedDigest(file, buffer: buffer, lease: true)
             // The guest's own inode becomes the object when no name outside the guest links it.
             let link = file.stat.linkCount == 1 && !hardlinkObjects.contains(file.stat.inode)
-            return try makeEntry(file, in: dest, from: f, digest: digest, objects: objects, linkSource: link, result: &result)
+            return try makeEntry(file, in: dest, filler: filler, lease: true, linkSource: link, result: &result)
         }
-        try copier.copy(source, into: gen.meta)
+        do { try copier.copy(source, into: gen.meta) } catch { _ = try? filler.finish(); throw error }
+        merge(try filler.finish(), into: &result)
         try copyRootAttributes(from: source, to: gen.upper)
-        try objects.sync()
+        try s.objects.sync()
 
         // The switch: an empty mount point takes the tree's place in one rename.
         state.phase = .switching

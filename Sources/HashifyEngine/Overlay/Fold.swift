@@ -81,26 +81,28 @@ extension Overlay {
         state.phase = .folding
         try guest.writeState(state)
         let next = try guest.makeGeneration(state.generation + 1)
-        let objects = s.objects
-        let buffer = s.buffer
+        let filler = StubFiller(objects: s.objects, threads: fillThreads)
         let copier = TreeCopier(escapeOverlayAttributes: true, context: { parent, name in
             (parent as? FoldContext)?.child(name)
         }) { file, dest in
             let size = file.stat.size
             let context = file.context as? FoldContext
-            if size > inlineLimit, let r = context?.unchangedRedirect(file.name, size: size), objects.isLive(r) {
+            if size > inlineLimit, let r = context?.unchangedRedirect(file.name, size: size), filler.isLive(r) {
                 result.filesUnchanged += 1
                 result.stubs += 1
                 return try makeStub(file.name, in: dest, size: size, redirect: r)
             }
-            let (f, digest) = try leasedDigest(file, buffer: buffer, lease: false)
             result.filesHashed += 1
-            return try makeEntry(file, in: dest, from: f, digest: digest, objects: objects, linkSource: false, result: &result)
+            return try makeEntry(file, in: dest, filler: filler, lease: false, linkSource: false, result: &result)
         }
         try withPrivateMount(guest, old, session: s) { merged in
-            try copier.copy(merged, into: next.meta, rootContext: FoldContext(upper: old.upper, meta: old.meta))
+            do {
+                try copier.copy(merged, into: next.meta, rootContext: FoldContext(upper: old.upper, meta: old.meta))
+            } catch { _ = try? filler.finish(); throw error }
+            merge(try filler.finish(), into: &result)
             try copyRootAttributes(from: merged, to: next.upper)
         }
+        let objects = s.objects
         try objects.sync()
         state.phase = .active
         state.generation = next.number

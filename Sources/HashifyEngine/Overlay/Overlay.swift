@@ -68,7 +68,6 @@ public enum Overlay {
         var objects: DataObjects
         var dataPath: FilePath
         var guests: [(root: FilePath, canonical: FilePath, record: OverlayGuest?)]
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
     }
 
     static func session(_ options: OverlayOptions, createRecords: Bool) throws -> Session {
@@ -172,12 +171,15 @@ public enum Overlay {
 
     // MARK: building a metadata layer
 
-    /// Makes a stub: a sparse file of the real size pointing at an object.
-    static func makeStub(_ name: FileName, in dir: Directory, size: UInt64, redirect: [UInt8]) throws -> OpenFile {
+    /// Makes a stub: a sparse file of the real size pointing at an object
+    /// (the redirect is set here, or by a `StubFiller` once the content is hashed).
+    static func makeStub(_ name: FileName, in dir: Directory, size: UInt64, redirect: [UInt8]?) throws -> OpenFile {
         let stub = try dir.createFile(name, mode: 0o600)
         try stub.truncate(size)
         try stub.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.overlay.metacopy".utf8), value: []))
-        try stub.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
+        if let redirect {
+            try stub.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
+        }
         return stub
     }
 
@@ -190,47 +192,49 @@ public enum Overlay {
 
     /// Reads a file under a read lease (no writer may have it open or open it
     /// meanwhile) and returns it with its digest, checked unchanged.
-    static func leasedDigest(_ file: TreeCopier.SourceFile, buffer: UnsafeMutableRawBufferPointer, lease: Bool) throws -> (OpenFile, ContentDigest) {
-        let f = file.handle
+    static func leasedDigest(_ f: OpenFile, stat: FileStat, path: [UInt8], buffer: UnsafeMutableRawBufferPointer, lease: Bool) throws -> (OpenFile, ContentDigest) {
         if lease {
             do { try f.takeReadLease() } catch Errno.resourceTemporarilyUnavailable {
-                throw InputError("\(escapedPath(file.path)): open for writing (is the guest running?)")
+                throw InputError("\(escapedPath(path)): open for writing (is the guest running?)")
             }
         }
         let before = try f.stat()
-        guard before.sameContentState(as: file.stat) else { throw InputError("\(escapedPath(file.path)): changed while being read (is the guest running?)") }
+        guard before.sameContentState(as: stat) else { throw InputError("\(escapedPath(path)): changed while being read (is the guest running?)") }
         let (digest, read) = try ContentHasher.contentDigest(of: f, size: before.size, buffer: buffer)
         let after = try f.stat()
         guard read == before.size, after.sameContentState(as: before), !lease || f.holdsReadLease else {
-            throw InputError("\(escapedPath(file.path)): changed while being read (is the guest running?)")
+            throw InputError("\(escapedPath(path)): changed while being read (is the guest running?)")
         }
         return (f, digest)
     }
 
-    /// Makes the metadata-layer entry for a regular file whose content was
-    /// read as `digest`: a whole copy when it is small, else a stub of the
-    /// object holding that content (made from `f` when there is none yet:
-    /// `f`'s inode linked when `linkSource`, else cloned or copied).
-    static func makeEntry(_ file: TreeCopier.SourceFile, in dest: Directory, from f: OpenFile, digest: ContentDigest,
-                          objects: DataObjects, linkSource: Bool, result: inout OverlayReport.Guest) throws -> OpenFile {
+    /// Makes the metadata-layer entry for a regular file: a whole copy when
+    /// it is small, else a stub that `filler` gives the redirect of the object
+    /// holding its content (made from the file when there is none yet: its
+    /// inode linked when `linkSource`, else cloned or copied).
+    static func makeEntry(_ file: TreeCopier.SourceFile, in dest: Directory, filler: StubFiller, lease: Bool, linkSource: Bool,
+                          result: inout OverlayReport.Guest) throws -> OpenFile {
         let size = file.stat.size
-        _ = lseek(f.fd, 0, SEEK_SET)
         if size <= inlineLimit {
             result.inlineFiles += 1
-            return try makeInline(file.name, in: dest, from: f, size: size)
-        }
-        let redirect: [UInt8]
-        if let r = objects.redirect(for: digest) {
-            redirect = r
-            result.filesSharingObjects += 1
-        } else {
-            redirect = try objects.add(f, digest: digest, size: size, linkSource: linkSource)
-            result.objectsCreated += 1
-            if linkSource { result.bytesLinked += file.stat.allocatedBytes } else { result.bytesCopied += file.stat.allocatedBytes }
+            return try makeInline(file.name, in: dest, from: file.handle, size: size)
         }
         result.stubs += 1
-        return try makeStub(file.name, in: dest, size: size, redirect: redirect)
+        let stub = try makeStub(file.name, in: dest, size: size, redirect: nil)
+        filler.fill(stub, from: file, lease: lease, linkSource: linkSource)
+        return stub
     }
+
+    /// Adds what a filler counted to a guest's report.
+    static func merge(_ c: StubFiller.Counts, into result: inout OverlayReport.Guest) {
+        result.objectsCreated += c.objectsCreated
+        result.filesSharingObjects += c.filesSharingObjects
+        result.bytesLinked += c.bytesLinked
+        result.bytesCopied += c.bytesCopied
+    }
+
+    /// Threads that read files while a metadata layer is built.
+    static let fillThreads = 8
 
     /// Gives the upper root the guest root's attributes (overlayfs shows the
     /// top layer's attributes for the merged root).

@@ -1,0 +1,105 @@
+import Dispatch
+import HashifySystem
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Hashes the files of a metadata layer being built on several threads and
+/// gives each stub its redirect when its digest is known, so that walking
+/// and making stubs (one thread) overlaps reading (as many as the disk
+/// serves). A stub gets its attributes from the copier at once; its redirect
+/// arrives later, which moves only its ctime. `finish` waits for every file
+/// and throws the first error: the generation is switched to only after that.
+final class StubFiller: @unchecked Sendable {
+    /// What the filler counted, merged into the guest's report at the end.
+    struct Counts {
+        var objectsCreated = 0
+        var filesSharingObjects = 0
+        var bytesLinked: UInt64 = 0
+        var bytesCopied: UInt64 = 0
+    }
+
+    /// The first failure of a worker (rethrown by `finish`: bad input stays bad input).
+    struct Failure: Error, CustomStringConvertible {
+        var message: String
+        var isInputError: Bool
+        var description: String { message }
+    }
+
+    private let objects: DataObjects
+    private let objectLock = Mutex(())
+    private let queue = DispatchQueue(label: "hashify.stubs", attributes: .concurrent)
+    private let group = DispatchGroup()
+    private let slots: DispatchSemaphore
+    private let buffers: Mutex<[ReadBuffer]>
+    private let state = Mutex<(counts: Counts, error: Failure?)>((Counts(), nil))
+
+    /// `threads` files are read at once (each holds its source, its stub and a 1 MiB buffer).
+    init(objects: DataObjects, threads: Int) {
+        self.objects = objects
+        slots = DispatchSemaphore(value: threads)
+        buffers = Mutex((0..<threads).map { _ in ReadBuffer() })
+    }
+
+    deinit { group.wait() }
+
+    /// Queues `file` (open) whose stub `stub` is made: it is hashed (under a
+    /// read lease when `lease`), its object found or made (the source inode
+    /// linked when `linkSource`), and the stub given the object's redirect.
+    func fill(_ stub: OpenFile, from file: TreeCopier.SourceFile, lease: Bool, linkSource: Bool) {
+        if state.withLock({ $0.error != nil }) { return }
+        let (handle, stat, path) = (file.handle, file.stat, file.path)
+        slots.wait()
+        group.enter()
+        queue.async { [self] in
+            defer { slots.signal(); group.leave() }
+            let buffer = buffers.withLock { $0.removeLast() }
+            defer { buffers.withLock { $0.append(buffer) } }
+            do {
+                let (f, digest) = try Overlay.leasedDigest(handle, stat: stat, path: path, buffer: buffer.bytes, lease: lease)
+                _ = lseek(f.fd, 0, SEEK_SET)
+                var counts = Counts()
+                let redirect: [UInt8] = try objectLock.withLock { _ in
+                    if let r = objects.redirect(for: digest) {
+                        counts.filesSharingObjects += 1
+                        return r
+                    }
+                    let r = try objects.add(f, digest: digest, size: stat.size, linkSource: linkSource)
+                    counts.objectsCreated += 1
+                    if linkSource { counts.bytesLinked += stat.allocatedBytes } else { counts.bytesCopied += stat.allocatedBytes }
+                    return r
+                }
+                try stub.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
+                state.withLock {
+                    $0.counts.objectsCreated += counts.objectsCreated
+                    $0.counts.filesSharingObjects += counts.filesSharingObjects
+                    $0.counts.bytesLinked += counts.bytesLinked
+                    $0.counts.bytesCopied += counts.bytesCopied
+                }
+            } catch {
+                let failure = Failure(message: "\(error)", isInputError: error is InputError)
+                state.withLock { if $0.error == nil { $0.error = failure } }
+            }
+        }
+    }
+
+    /// Whether a redirect names a live object (the fold asks while files are being filled).
+    func isLive(_ redirect: [UInt8]) -> Bool {
+        objectLock.withLock { _ in objects.isLive(redirect) }
+    }
+
+    /// Waits for every queued file; throws the first error.
+    func finish() throws -> Counts {
+        group.wait()
+        let (counts, error) = state.withLock { ($0.counts, $0.error) }
+        if let error { throw error.isInputError ? InputError(error.message) as any Error : error }
+        return counts
+    }
+}
+
+/// A 1 MiB read buffer a worker borrows from the filler's pool.
+private final class ReadBuffer: @unchecked Sendable {
+    let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+    deinit { bytes.deallocate() }
+}
