@@ -46,7 +46,13 @@ extension Overlay {
                 report.guests.append(try mountGuest(record, root: g.root, session: s))
                 continue
             }
-            report.guests.append(try convertOne(record, root: g.root, session: s, hardlinkObjects: hardlinkObjects, mount: options.mount))
+            do {
+                report.guests.append(try convertOne(record, root: g.root, session: s, hardlinkObjects: hardlinkObjects, mount: options.mount))
+            } catch {
+                // Before the switch this undoes the work at once (the guest is its plain tree); after it, it finishes it.
+                _ = try? recover(record)
+                throw error
+            }
         }
         report.seconds = elapsed(since: started)
         return report
@@ -72,6 +78,8 @@ extension Overlay {
         try s.objects.sync()
 
         // The switch: an empty mount point takes the tree's place in one rename.
+        // A guest started while it was being read would lose what it writes now: checked again right before.
+        try checkNotInUse(root, canonical: guest.rootPath, mountedOverlay: false)
         state.phase = .switching
         try guest.writeState(state)
         let plain = FileName("plain")
@@ -85,7 +93,9 @@ extension Overlay {
         guard let now = try? parent.stat(name), now.inode == rootStat.inode else {
             throw InputError("\(root): replaced while it was being converted")
         }
+        let parentTime = try parent.stat().modificationTime
         try guest.directory.rename(plain, to: parent, as: name, flags: .exchange)
+        try? parent.setModificationTime(parentTime)
         _ = fsync(parent.fd)
         state.phase = .active
         try guest.writeState(state)

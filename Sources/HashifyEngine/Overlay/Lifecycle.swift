@@ -164,7 +164,9 @@ extension Overlay {
         st.phase = .restoring
         st.rootInode = mountPoint.inode
         try guest.writeState(st)
+        let parentTime = try parent.stat().modificationTime
         try guest.directory.rename(exportName, to: parent, as: name, flags: .exchange)
+        try? parent.setModificationTime(parentTime)
         _ = fsync(parent.fd)
         try guest.writeState(nil)
         try guest.removeGenerations(except: nil)
