@@ -204,7 +204,7 @@ struct OverlayTests {
         // A process whose working directory is inside the guest.
         let p = try sleeper(in: "\(g)/usr")
         let busy = overlay(["convert", g], store: store)
-        p.terminate()
+        kill(p.processIdentifier, SIGKILL)
         p.waitUntilExit()
         #expect(busy.status == 2)
         #expect(busy.err.contains("in use by") && busy.err.contains("\(p.processIdentifier)"), "\(busy.err)")
@@ -225,6 +225,16 @@ struct OverlayTests {
             let r = overlay([verb, g], store: store)
             #expect(r.status == 2 && r.err.contains("not an overlay guest"), "\(verb): \(r.err)")
         }
+        // A filesystem without trusted xattrs (ramfs) cannot hold overlay layers.
+        let rf = s.sub("ramfs")
+        mkdirs(rf)
+        #expect(run(["/bin/mount", "-t", "ramfs", "hashify-test", rf]).status == 0)
+        defer { unmount(rf) }
+        try makeRichGuest("\(rf)/g", index: 0)
+        let rfBefore = manifest(["\(rf)/g"], links: true)
+        let nx = overlay(["convert", "\(rf)/g"], store: "\(rf)/store")
+        #expect(nx.status == 2 && nx.err.contains("trusted xattrs"), "\(nx.err)")
+        #expect(manifest(["\(rf)/g"], links: true) == rfBefore)
         #expect(manifest([g], links: true) == before)
         #expect(!isOverlayMount(g))
         // Converted, mounted and in use: umount and export refuse and name the process.
@@ -232,7 +242,7 @@ struct OverlayTests {
         let q = try sleeper(in: "\(g)/etc")
         let um = overlay(["umount", g], store: store)
         let ex = overlay(["export", g], store: store)
-        q.terminate()
+        kill(q.processIdentifier, SIGKILL)
         q.waitUntilExit()
         #expect(um.status == 2 && um.err.contains("\(q.processIdentifier)"), "\(um.err)")
         #expect(ex.status == 2, "\(ex.err)")
