@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <malloc.h>
+#include <stdlib.h>
 #include <signal.h>
 #include <stdio.h>
 #include <sys/file.h>
@@ -236,3 +237,30 @@ int hashify_set_times_at(int dirfd, const char *name, int64_t asec, uint32_t ans
 int hashify_clone_file(int srcfd, int destfd) { return ioctl(destfd, FICLONE, srcfd); }
 
 unsigned hashify_umask(unsigned mask) { return (unsigned)umask((mode_t)mask); }
+
+#include <sys/mman.h>
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+struct hashify_cachestat_range { uint64_t off, len; };
+struct hashify_cachestat { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; };
+
+int64_t hashify_cached_bytes(int fd, uint64_t size) {
+    long page = sysconf(_SC_PAGESIZE);
+    struct hashify_cachestat_range range = {0, 0};
+    struct hashify_cachestat cs;
+    if (syscall(__NR_cachestat, fd, &range, &cs, 0) == 0) return (int64_t)(cs.nr_cache * (uint64_t)page);
+    if (size == 0) return 0;
+    void *m = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+    if (m == MAP_FAILED) return -1;
+    size_t pages = (size + page - 1) / page;
+    unsigned char *vec = malloc(pages);
+    int64_t cached = -1;
+    if (vec && mincore(m, size, vec) == 0) {
+        cached = 0;
+        for (size_t i = 0; i < pages; i++) if (vec[i] & 1) cached += page;
+    }
+    free(vec);
+    munmap(m, size);
+    return cached;
+}

@@ -11,6 +11,12 @@ public final class OpenFile: @unchecked Sendable {
     public init(adopting fd: Int32) { self.fd = fd }
     deinit { close(fd) }
 
+    /// Opens a file named by a whole path, read-only: only for paths the
+    /// kernel provides (`/proc/PID/map_files/…`), never for paths inside a guest.
+    public static func open(path: [UInt8]) throws -> OpenFile {
+        OpenFile(adopting: try withCName(path) { p in try retrying { hashify_openat(AT_FDCWD, p, O_RDONLY | HASHIFY_O_CLOEXEC, 0) } })
+    }
+
     /// The corresponding C function is `fstat()` (as `statx` with `AT_EMPTY_PATH`).
     public func stat() throws -> FileStat {
         var s = hashify_stat()

@@ -531,18 +531,10 @@ struct OverlayProgramTests {
         let guests = (1...3).map { s.sub("guests/g\($0)") }
         for g in guests { installProgram("/usr/bin/perl", into: g) }
         func runPerl() throws -> Int {
-            let procs = try guests.map { g -> Process in
-                let p = Process()
-                p.executableURL = URL(fileURLWithPath: "/usr/sbin/chroot")
-                p.arguments = [g, "/usr/bin/perl", "-e", "my $x = 0; $x += $_ for 1..200000; sleep 60"]
-                p.environment = ["LC_ALL": "C", "PATH": "/usr/bin:/bin"]
-                try p.run()
-                return p
-            }
-            usleep(1_500_000)
+            let procs = try startPerl(in: guests)
             // chroot execs perl: the pids are perl's.
             let pss = filePss(procs.map(\.processIdentifier))
-            for p in procs { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+            stop(procs)
             return pss
         }
         let plain = try runPerl()

@@ -106,6 +106,10 @@ int hashify_clone_file(int srcfd, int destfd);
 /// umask(2); returns the previous mask.
 unsigned hashify_umask(unsigned mask);
 
+/// Bytes of the open file `fd` (of `size` bytes) in the page cache:
+/// cachestat(2) (Linux 6.5), else mincore(2) over a read-only mapping. -1 on error.
+int64_t hashify_cached_bytes(int fd, uint64_t size);
+
 /// getrandom(2) filling the whole buffer.
 int hashify_random(void *buf, size_t len);
 

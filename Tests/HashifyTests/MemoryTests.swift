@@ -1,0 +1,127 @@
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Starts perl, chrooted, in each guest; returns the processes (the test kills them).
+func startPerl(in guests: [String]) throws -> [Process] {
+    let procs = try guests.map { g -> Process in
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/sbin/chroot")
+        p.arguments = [g, "/usr/bin/perl", "-e", "my $x = 0; $x += $_ for 1..200000; sleep 120"]
+        p.environment = ["LC_ALL": "C", "PATH": "/usr/bin:/bin"]
+        try p.run()
+        return p
+    }
+    usleep(1_500_000)
+    return procs
+}
+
+func stop(_ procs: [Process]) {
+    for p in procs { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+}
+
+/// An independent sum of the file-backed Pss (Pss minus anonymous pages) of processes, from smaps.
+func smapsFilePss(_ pids: [Int32]) -> UInt64 {
+    var total: UInt64 = 0
+    for pid in pids {
+        var inFile = false
+        var pss: UInt64 = 0
+        for line in run(["/bin/cat", "/proc/\(pid)/smaps"]).out.split(separator: "\n") {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            if let first = f.first, first.contains("-"), f.count >= 5, first.allSatisfy({ $0.isHexDigit || $0 == "-" }) {
+                inFile = f[4] != "0" && f.count >= 6 && f[5].hasPrefix("/")
+                continue
+            }
+            guard inFile, f.count >= 2, let kb = UInt64(f[1]) else { continue }
+            if f[0] == "Pss:" { pss = kb }
+            if f[0] == "Anonymous:" { total += (pss > kb ? pss - kb : 0) * 1024 }
+        }
+    }
+    return total
+}
+
+func memReport(_ args: [String]) -> [String: Any] {
+    let r = hashify(["mem", "--json"] + args)
+    precondition(r.status == 0, "hashify mem: \(r.err)")
+    return jsonReport(r.out)
+}
+
+func guestFigures(_ report: [String: Any], _ root: String) -> [String: Any] {
+    let gs = report["guests"] as? [[String: Any]] ?? []
+    return gs.first { $0["guest"] as? String == root }?["figures"] as? [String: Any] ?? [:]
+}
+
+func sum(_ report: [String: Any], _ roots: [String], _ key: String) -> Int {
+    roots.reduce(0) { $0 + (guestFigures(report, $1)[key] as? Int ?? 0) }
+}
+
+@Suite("hashify mem on real processes", .serialized, .enabled(if: isRoot, "reading every process's smaps needs root"))
+struct MemoryTests {
+    @Test("before unify: duplicated MiB per guest; after: the restart list; after restart: duplicated near zero, shared up; agrees with smaps")
+    func hardlinkCycle() throws {
+        let s = Scratch("mem")
+        let guests = (1...3).map { s.sub("guests/g\($0)") }
+        for g in guests { installProgram("/usr/bin/perl", into: g) }
+        settle()
+        var procs = try startPerl(in: guests)
+        defer { stop(procs) }
+        let before = memReport(guests)
+        let independent = smapsFilePss(procs.map(\.processIdentifier))
+        let fileBacked = sum(before, guests, "fileBackedBytes")
+        print("mem before unify: file-backed \(fileBacked), smaps \(independent), duplicated \(sum(before, guests, "duplicatedBytes")), shared \(sum(before, guests, "sharedBytes"))")
+        #expect(abs(Double(fileBacked) - Double(independent)) <= 0.05 * Double(independent), "mem \(fileBacked) vs smaps \(independent)")
+        for g in guests { #expect(guestFigures(before, g)["processes"] as? Int == 1) }
+        // Three separate copies of perl and its libraries: two of them are duplicates.
+        #expect(Double(sum(before, guests, "duplicatedBytes")) > 0.5 * Double(fileBacked))
+
+        #expect(hashify(["unify", "-q"] + guests).status == 0)
+        let after = memReport(guests)
+        let restart = after["processesToRestart"] as? [[String: Any]] ?? []
+        let pids = Set(procs.map { Int($0.processIdentifier) })
+        let listed = restart.filter { pids.contains($0["pid"] as? Int ?? -1) }
+        #expect(listed.count >= 2, "perl processes to restart: \(restart)")
+        #expect(listed.allSatisfy { ($0["bytes"] as? Int ?? 0) > 0 && ($0["command"] as? String) == "perl" })
+
+        stop(procs)
+        procs = try startPerl(in: guests)
+        let restarted = memReport(guests)
+        let dup = sum(restarted, guests, "duplicatedBytes")
+        print("mem after restart: duplicated \(dup), shared \(sum(restarted, guests, "sharedBytes"))")
+        #expect(Double(dup) < 0.05 * Double(fileBacked), "duplicated after restart: \(dup)")
+        #expect(sum(restarted, guests, "sharedBytes") > sum(before, guests, "sharedBytes"))
+        #expect((restarted["processesToRestart"] as? [[String: Any]] ?? []).filter { pids.contains($0["pid"] as? Int ?? -1) }.isEmpty)
+        #expect(Double(sum(restarted, guests, "fileBackedBytes")) < 0.6 * Double(fileBacked), "one copy instead of three")
+    }
+
+    @Test("overlay guests' mappings are resolved to their shared data objects: shared, not duplicated")
+    func overlayShared() throws {
+        let s = Scratch("memov")
+        let store = s.sub("store")
+        let guests = (1...2).map { s.sub("guests/g\($0)") }
+        for g in guests { installProgram("/usr/bin/perl", into: g) }
+        settle()
+        #expect(overlay(["convert", "-q"] + guests, store: store).status == 0)
+        let procs = try startPerl(in: guests)
+        defer { stop(procs) }
+        let r = memReport(["--store", store] + guests)
+        let file = sum(r, guests, "fileBackedBytes"), shared = sum(r, guests, "sharedBytes"), dup = sum(r, guests, "duplicatedBytes")
+        print("mem overlay: file-backed \(file), shared \(shared), duplicated \(dup), store cached \(r["storeCachedBytes"] ?? 0)")
+        #expect(Double(shared) > 0.9 * Double(file))
+        #expect(Double(dup) < 0.05 * Double(file))
+        #expect((r["storeCachedBytes"] as? Int ?? 0) > 0)
+    }
+
+    @Test("bad input: a root that is not a directory; reading as nobody is partial and says so")
+    func badInput() throws {
+        let s = Scratch("membad")
+        let r = hashify(["mem", s.sub("missing")])
+        #expect(r.status == 2 && r.err.contains("no such guest root"), "\(r.err)")
+        let nobody = run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", hashifyBinary, "mem", "--json"])
+        #expect(nobody.status == 0, "\(nobody.err)")
+        let report = jsonReport(nobody.out)
+        #expect(report["partial"] as? Bool == true)
+        #expect((report["unreadableProcesses"] as? Int ?? 0) > 0)
+    }
+}
