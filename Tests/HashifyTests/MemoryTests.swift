@@ -125,3 +125,44 @@ struct MemoryTests {
         #expect((report["unreadableProcesses"] as? Int ?? 0) > 0)
     }
 }
+
+/// Whether this machine has KSM that root can start.
+let ksmAvailable = isRoot && access("/sys/kernel/mm/ksm/run", W_OK) == 0
+
+@Suite("hashify ksm", .serialized, .enabled(if: ksmAvailable, "needs root and /sys/kernel/mm/ksm (CONFIG_KSM)"))
+struct KSMTests {
+    @Test("ksm run: a process allocating identical anonymous pages gets them merged; ksm status shows it; ksmd's settings are put back")
+    func mergesAnonymousPages() throws {
+        let knobs = ["run", "pages_to_scan", "sleep_millisecs"]
+        let saved = knobs.map { (try? String(contentsOfFile: "/sys/kernel/mm/ksm/\($0)", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "" }
+        func set(_ knob: String, _ value: String) { _ = run(["/bin/sh", "-c", "echo \(value) > /sys/kernel/mm/ksm/\(knob)"]) }
+        defer { for (k, v) in zip(knobs, saved).reversed() where !v.isEmpty { set(k, v) } }
+        set("pages_to_scan", "5000")
+        set("sleep_millisecs", "10")
+        set("run", "1")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: hashifyBinary)
+        p.arguments = ["ksm", "run", "--", "/usr/bin/python3", "-c", "b = bytearray(b'Z' * (16 << 20)); import time; time.sleep(60)"]
+        try p.run()
+        defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+        var merged = 0
+        for _ in 0..<100 {
+            merged = Int(run(["/bin/cat", "/proc/\(p.processIdentifier)/ksm_merging_pages"]).out.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            if merged > 1000 { break }
+            usleep(200_000)
+        }
+        #expect(merged > 1000, "pages merged: \(merged)")
+        #expect(run(["/bin/cat", "/proc/\(p.processIdentifier)/ksm_stat"]).out.contains("ksm_merge_any: yes"))
+        let status = jsonReport(hashify(["ksm", "status", "--json"]).out)
+        #expect(status["running"] as? Bool == true)
+        let host = (status["guests"] as? [[String: Any]] ?? []).first { $0["guest"] as? String == "host" } ?? [:]
+        #expect((host["mergedBytes"] as? Int ?? 0) >= merged * 4096 / 2)
+        #expect((host["mergeAnyProcesses"] as? Int ?? 0) >= 1)
+    }
+
+    @Test("ksm run without a command is bad usage")
+    func noCommand() {
+        let r = hashify(["ksm", "run"])
+        #expect(r.status == 2 && r.err.contains("give the command"), "\(r.err)")
+    }
+}

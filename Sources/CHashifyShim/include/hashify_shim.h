@@ -110,6 +110,11 @@ unsigned hashify_umask(unsigned mask);
 /// cachestat(2) (Linux 6.5), else mincore(2) over a read-only mapping. -1 on error.
 int64_t hashify_cached_bytes(int fd, uint64_t size);
 
+/// prctl(PR_SET_MEMORY_MERGE, 1): the whole process becomes KSM-mergeable (Linux 6.4; survives execve from 6.7).
+int hashify_set_memory_merge(void);
+/// execvp(2) of a NULL-terminated argv.
+int hashify_execvp(const char *file, char *const argv[]);
+
 /// getrandom(2) filling the whole buffer.
 int hashify_random(void *buf, size_t len);
 

@@ -57,32 +57,10 @@ public enum MemoryScanner {
         let started = Timestamp.now()
         var report = MemoryReport()
         // The guests: given, or the store's.
-        let storePath = options.store ?? (options.roots.isEmpty ? nil : RootValidation.defaultStorePath(for: options.roots))
-        let store = try storePath.flatMap { try Store.open(at: $0, create: false) }
-        if options.store != nil && store == nil { throw InputError("\(options.store!): no hashify store here") }
-        var rootPaths = options.roots
-        if rootPaths.isEmpty, let store {
-            rootPaths = store.rememberedGuests() + OverlayGuest.all(in: store).filter { $0.readState() != nil }.map(\.rootPath)
-        }
-        if rootPaths.isEmpty && store == nil && options.roots.isEmpty {
-            report.notes.append("no guest roots given and no store: every process counts as the host's")
-        }
+        let (rootPaths, store, notes) = try guestPaths(options)
+        report.notes += notes
         let objects = store.flatMap { try? DataObjects(store: $0) }
-        var guests: [GuestRoot] = []
-        for r in rootPaths {
-            guard let c = RootValidation.canonical(r), let dir = try? Directory.open(path: c), let st = try? dir.stat() else {
-                throw InputError("\(r): no such guest root directory")
-            }
-            if guests.contains(where: { $0.canonical == c }) { continue }
-            var g = GuestRoot(label: r.string, canonical: c, stat: st)
-            if let store, let record = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),
-               let state = record.readState(), let gen = try? record.generation(state.generation), OverlayMount.isMounted(gen, at: dir) {
-                g.overlayDevice = st.device
-                g.upper = gen.upper
-                g.stubs = stubInodes(gen.meta)
-            }
-            guests.append(g)
-        }
+        let guests = try loadGuests(rootPaths, store: store)
 
         // Every process.
         guard let proc = try? Directory.open(path: "/proc") else { throw InputError("/proc is not mounted") }
@@ -90,12 +68,7 @@ public enum MemoryScanner {
         let me = Int(getpid())
         for name in (try? proc.entryNames()) ?? [] {
             guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)), pid != me else { continue }
-            let guest: Int
-            if let st = try? Directory.open(path: FilePath("/proc/\(pid)/root")).stat() {
-                guest = guests.firstIndex { $0.stat.device == st.device && $0.stat.inode == st.inode } ?? -1
-            } else {
-                guest = -1
-            }
+            let guest = guest(of: pid, among: guests)
             do {
                 guard let maps = try ProcessMaps.read(pid: pid, in: proc) else { continue }
                 if maps.mapped.isEmpty && maps.anonymousPss == 0 { continue }  // kernel threads
@@ -219,6 +192,45 @@ public enum MemoryScanner {
         }
         report.seconds = Double(Timestamp.now().totalNanoseconds - started.totalNanoseconds) / 1e9
         return report
+    }
+
+    /// The guest roots, checked, with what `mem` needs of the overlay guests among them.
+    static func loadGuests(_ rootPaths: [FilePath], store: Store?) throws -> [GuestRoot] {
+        var guests: [GuestRoot] = []
+        for r in rootPaths {
+            guard let c = RootValidation.canonical(r), let dir = try? Directory.open(path: c), let st = try? dir.stat() else {
+                throw InputError("\(r): no such guest root directory")
+            }
+            if guests.contains(where: { $0.canonical == c }) { continue }
+            var g = GuestRoot(label: r.string, canonical: c, stat: st)
+            if let store, let record = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),
+               let state = record.readState(), let gen = try? record.generation(state.generation), OverlayMount.isMounted(gen, at: dir) {
+                g.overlayDevice = st.device
+                g.upper = gen.upper
+                g.stubs = stubInodes(gen.meta)
+            }
+            guests.append(g)
+        }
+        return guests
+    }
+
+    /// The guest roots `mem` and `ksm status` look at: given, or the store's guests.
+    static func guestPaths(_ options: MemoryOptions) throws -> ([FilePath], Store?, [String]) {
+        let storePath = options.store ?? (options.roots.isEmpty ? nil : RootValidation.defaultStorePath(for: options.roots))
+        let store = try storePath.flatMap { try Store.open(at: $0, create: false) }
+        if options.store != nil && store == nil { throw InputError("\(options.store!): no hashify store here") }
+        var rootPaths = options.roots
+        if rootPaths.isEmpty, let store {
+            rootPaths = store.rememberedGuests() + OverlayGuest.all(in: store).filter { $0.readState() != nil }.map(\.rootPath)
+        }
+        let notes = rootPaths.isEmpty ? ["no guest roots given and no store: every process counts as the host's"] : []
+        return (rootPaths, store, notes)
+    }
+
+    /// The index of the guest whose root is the process's root, or -1 (the host).
+    static func guest(of pid: Int, among guests: [GuestRoot]) -> Int {
+        guard let st = try? Directory.open(path: FilePath("/proc/\(pid)/root")).stat() else { return -1 }
+        return guests.firstIndex { $0.stat.device == st.device && $0.stat.inode == st.inode } ?? -1
     }
 
     /// Stub inode → redirect of a metadata layer.
