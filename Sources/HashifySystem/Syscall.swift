@@ -37,3 +37,12 @@ public func peakResidentBytes() -> UInt64 {
     getrusage(RUSAGE_SELF.rawValue, &usage)
     return UInt64(max(0, usage.ru_maxrss)) * 1024
 }
+
+/// The running kernel's release as (major, minor), from uname(2).
+public func kernelVersion() -> (Int, Int) {
+    var u = utsname()
+    uname(&u)
+    let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    let parts = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
+    return parts.count == 2 ? (parts[0], parts[1]) : (0, 0)
+}

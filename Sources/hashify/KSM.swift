@@ -33,16 +33,11 @@ struct KSMCommand: ParsableCommand {
     struct Status: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Show ksmd's state and settings and, per guest, what its processes have merged.")
-        @Argument(help: "Guest root directories (default: the guests of the store).")
-        var roots: [String] = []
-        @Option(help: "The store (default: .hashify beside the roots).")
-        var store: String?
+        @OptionGroup var selection: GuestSelection
         @OptionGroup var output: OutputOptions
 
         func run() throws {
-            var o = MemoryOptions(roots: roots.map { FilePath($0) })
-            o.store = store.map { FilePath($0) }
-            let r = runEngine { try KSM.status(o) }
+            let r = runEngine { try KSM.status(selection.options) }
             emit(r, output: output) { r in
                 let s = r.settings
                 func v(_ k: String) -> String { s[k].map(String.init) ?? "-" }

@@ -17,16 +17,11 @@ struct Mem: ParsableCommand {
             that map a copy unify replaced, with what their restart would free. Nothing is changed.
             """)
 
-    @Argument(help: "Guest root directories (default: the guests of the store).")
-    var roots: [String] = []
-    @Option(help: "The store (default: .hashify beside the roots).")
-    var store: String?
+    @OptionGroup var selection: GuestSelection
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        var o = MemoryOptions(roots: roots.map { FilePath($0) })
-        o.store = store.map { FilePath($0) }
-        let r = runEngine { try MemoryScanner.run(o) }
+        let r = runEngine { try MemoryScanner.run(selection.options) }
         emit(r, output: output) { r in
             func mib(_ b: UInt64) -> String { formatBytes(b) }
             let w = max(5, r.guests.map { $0.guest.count }.max() ?? 5)
@@ -52,5 +47,19 @@ struct Mem: ParsableCommand {
             for n in r.notes { out += "note      \(n)\n" }
             return out
         }
+    }
+}
+
+/// The guests `mem` and `ksm status` look at.
+struct GuestSelection: ParsableArguments {
+    @Argument(help: "Guest root directories (default: the guests of the store).")
+    var roots: [String] = []
+    @Option(help: "The store (default: .hashify beside the roots).")
+    var store: String?
+
+    var options: MemoryOptions {
+        var o = MemoryOptions(roots: roots.map { FilePath($0) })
+        o.store = store.map { FilePath($0) }
+        return o
     }
 }

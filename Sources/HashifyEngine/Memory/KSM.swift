@@ -44,15 +44,6 @@ public enum KSM {
         return out
     }
 
-    /// The kernel release as (major, minor).
-    static func kernelVersion() -> (Int, Int) {
-        var u = utsname()
-        uname(&u)
-        let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        let parts = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
-        return parts.count == 2 ? (parts[0], parts[1]) : (0, 0)
-    }
-
     /// A warning when ksmd is not merging, with how to start it (nil when it runs).
     public static func notRunningWarning() -> String? {
         let run = readSysfs()["run"]

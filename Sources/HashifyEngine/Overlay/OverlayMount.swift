@@ -89,12 +89,9 @@ enum OverlayMount {
 
     /// Why this kernel or filesystem cannot hold overlay guests, or nil when it can.
     static func unsupportedReason(store: Store) -> String? {
-        var u = utsname()
-        uname(&u)
-        let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        let parts = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
-        if parts.count == 2, (parts[0], parts[1]) < (6, 5) {
-            return "Linux \(release) has no data-only overlay layers (Linux 6.5 or later is needed)"
+        let (major, minor) = kernelVersion()
+        if (major, minor) < (6, 5) {
+            return "Linux \(major).\(minor) has no data-only overlay layers (Linux 6.5 or later is needed)"
         }
         let probe = FileName("xattr-probe")
         try? store.directory.unlink(probe)
