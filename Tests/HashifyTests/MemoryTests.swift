@@ -166,3 +166,30 @@ struct KSMTests {
         #expect(r.status == 2 && r.err.contains("give the command"), "\(r.err)")
     }
 }
+
+@Suite("hashify mem on reflinked copies", .serialized,
+       .enabled(if: isRoot && FileManager.default.isExecutableFile(atPath: "/usr/sbin/mkfs.xfs"), "needs root and mkfs.xfs (xfsprogs)"))
+struct ReflinkMemoryTests {
+    @Test("two reflinked copies of perl on XFS, both running: shared extents on disk, but duplicated in memory")
+    func reflinkIsDuplicated() throws {
+        let s = Scratch("memxfs")
+        let image = s.sub("xfs.img"), mnt = s.sub("xfs")
+        #expect(run(["/usr/bin/truncate", "-s", "512M", image]).status == 0)
+        #expect(run(["/usr/sbin/mkfs.xfs", "-q", "-m", "reflink=1", image]).status == 0)
+        mkdirs(mnt)
+        let m = run(["/bin/mount", "-o", "loop", image, mnt])
+        #expect(m.status == 0, "\(m.err)")
+        defer { _ = run(["/bin/umount", mnt]) }
+        let a = "\(mnt)/guests/a", b = "\(mnt)/guests/b"
+        installProgram("/usr/bin/perl", into: a)
+        mkdirs("\(mnt)/guests")
+        #expect(run(["/bin/cp", "-a", "--reflink=always", a, b]).status == 0, "reflink copy")
+        let procs = try startPerl(in: [a, b])
+        defer { stop(procs) }
+        let r = memReport([a, b])
+        let file = sum(r, [a, b], "fileBackedBytes"), dup = sum(r, [a, b], "duplicatedBytes")
+        print("mem on reflinked XFS copies: file-backed \(file), duplicated \(dup)")
+        #expect(Double(dup) > 0.3 * Double(file), "one of the two copies is a duplicate in memory")
+        #expect(sum(r, [a, b], "sharedBytes") == 0)
+    }
+}
