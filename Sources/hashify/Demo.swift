@@ -9,8 +9,9 @@ struct Demo: ParsableCommand {
         abstract: "Build sample guests from host files, unify them and show what was saved.",
         discussion: """
             Copies parts of the host's /usr (with owners, modes, mtimes and xattrs) into three \
-            guests in a new temporary directory, shows disk use, runs unify on them, shows disk \
-            use again and how many inodes are now shared, then removes what it made.
+            guests in a new temporary directory and (as root) starts one perl process per guest, \
+            chrooted. Shows disk use and the processes' total Pss, runs unify, restarts the \
+            processes, shows both again and how many inodes are now shared, then removes what it made.
             """
     )
 
@@ -48,6 +49,17 @@ struct Demo: ParsableCommand {
                 try? removeTree(built.directory)
             }
         }
+        // One long-running program per guest, to show memory as well as disk.
+        var programs = DemoProcesses()
+        var pssBefore: UInt64?
+        if let why = DemoProcesses.unavailableReason {
+            say("  (no memory figures: \(why))")
+        } else {
+            try programs.install(into: built.roots)
+            programs.start(in: built.roots)
+            pssBefore = programs.totalPss()
+        }
+        defer { programs.stop() }
         let before = try DiskUsage.measure(built.roots)
         say("  \(built.roots.count) guests, \(before.files) files, \(formatBytes(before.bytes)) on disk (du)")
         let options = UnifyOptions(roots: built.roots)
@@ -63,6 +75,16 @@ struct Demo: ParsableCommand {
             now shared: \(after.sharedInodes) inodes, linked from \(after.sharedPaths) paths \
             (one copy each on disk and in the page cache)
             """)
+        if let pssBefore {
+            programs.stop()
+            programs.start(in: built.roots)
+            let pssAfter = programs.totalPss()
+            let name = programs.argv[0].split(separator: "/").last.map(String.init) ?? "program"
+            say("""
+                memory (total Pss of one \(name) process per guest): before \(formatBytes(pssBefore)), \
+                after unify and a restart \(formatBytes(pssAfter)) (hashify mem shows who maps what)
+                """)
+        }
         status = report.exitStatus
         if status != 0 { throw ExitCode(status) }
     }
