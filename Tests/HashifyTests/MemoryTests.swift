@@ -193,3 +193,19 @@ struct ReflinkMemoryTests {
         #expect(sum(r, [a, b], "sharedBytes") == 0)
     }
 }
+
+@Suite("hashify demo", .enabled(if: isRoot, "the demo's memory part runs chrooted programs (root)"))
+struct DemoTests {
+    @Test("the demo saves disk and memory and leaves nothing behind")
+    func demo() throws {
+        let s = Scratch("demo")
+        let r = hashify(["demo", "--directory", s.path])
+        #expect(r.status == 0, "\(r.err)")
+        let line = r.out.split(separator: "\n").first { $0.hasPrefix("memory (total Pss") } ?? ""
+        #expect(!line.isEmpty, "\(r.out)")
+        #expect(r.out.contains("saved ("))
+        let left = try FileManager.default.contentsOfDirectory(atPath: s.path)
+        #expect(left.isEmpty, "the demo removes its guests: \(left)")
+        #expect(run(["/usr/bin/pgrep", "-f", s.path]).out.isEmpty, "no demo process left")
+    }
+}
