@@ -90,14 +90,15 @@ def included_trees(roots):
 
 
 class XfsImage:
-    """A sparse XFS image loop-mounted at mountpoint for the with-block;
-    unmounted (the loop device goes with it) and removed afterwards, also on error."""
-    def __init__(self, image, mountpoint, size='40G'):
-        self.image, self.mountpoint, self.size = image, mountpoint, size
+    """A sparse XFS (or, with fs='btrfs', btrfs) image loop-mounted at mountpoint for the
+    with-block; unmounted (the loop device goes with it) and removed afterwards, also on error."""
+    def __init__(self, image, mountpoint, size='40G', fs='xfs'):
+        self.image, self.mountpoint, self.size, self.fs = image, mountpoint, size, fs
 
     def __enter__(self):
         subprocess.run(['truncate', '-s', self.size, self.image], check=True)
-        subprocess.run(['mkfs.xfs', '-q', '-f', '-m', 'reflink=1', self.image], check=True)
+        mkfs = ['mkfs.xfs', '-q', '-f', '-m', 'reflink=1'] if self.fs == 'xfs' else ['mkfs.btrfs', '-q', '-f']
+        subprocess.run(mkfs + [self.image], check=True, stdout=subprocess.DEVNULL)
         os.makedirs(self.mountpoint, exist_ok=True)
         subprocess.run(['mount', '-o', 'loop', self.image, self.mountpoint], check=True)
         return self.mountpoint
