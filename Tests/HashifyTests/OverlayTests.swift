@@ -604,6 +604,11 @@ struct OverlayLXCTests {
         #expect(seen == ["c1 was here\n", "c2 was here\n"], "each container sees its own write")
         for r in roots { #expect(isOverlayMount(r), "the pre-start hook mounted \(r)") }
         #expect(manifest([s.sub("store/data")]) == objects, "no shared object changed")
+        // hashify mem finds each container's process in its guest (its own mount namespace), sharing sleep and libc.
+        let mem = memReport(["--store", store] + roots)
+        for r in roots { #expect((guestFigures(mem, r)["processes"] as? Int ?? 0) >= 1, "container processes of \(r): \(mem)") }
+        #expect(sum(mem, roots, "sharedBytes") > 0)
+        #expect(sum(mem, roots, "duplicatedBytes") == 0)
         for n in names { #expect(lxc("lxc-stop", ["-n", n, "-k"]).status == 0) }
         for r in roots { #expect(!isOverlayMount(r), "the post-stop hook unmounted \(r)") }
         let fold = overlay(["fold", "--json"] + roots, store: store)

@@ -59,5 +59,7 @@ public struct MemoryReport: Sendable, Codable {
         public var copies: Int
         /// Resident bytes beyond one copy.
         public var duplicatedBytes: UInt64
+        /// Page cache the extra copies hold (`cachestat`): mapped or not.
+        public var cachedBytes: UInt64
     }
 }

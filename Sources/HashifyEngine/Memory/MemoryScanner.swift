@@ -73,8 +73,12 @@ public enum MemoryScanner {
                 guard let maps = try ProcessMaps.read(pid: pid, in: proc) else { continue }
                 if maps.mapped.isEmpty && maps.anonymousPss == 0 { continue }  // kernel threads
                 processes.append((maps, guest))
-            } catch {
+            } catch Errno.permissionDenied {
                 report.unreadableProcesses += 1
+            } catch Errno.notPermitted {
+                report.unreadableProcesses += 1
+            } catch {
+                continue  // it exited while being read
             }
         }
 
@@ -147,8 +151,12 @@ public enum MemoryScanner {
             let kept = ks.max { physical[$0]!.resident < physical[$1]!.resident }!
             let extra = ks.filter { $0 != kept }
             duplicate.formUnion(extra)
+            let cached = extra.reduce(UInt64(0)) { sum, k in
+                sum + cachedBytes(try? open(physical[k]!.source, objects: objects), size: physical[k]!.size ?? 0)
+            }
             report.duplicatedFiles.append(MemoryReport.DuplicatedFile(path: escapedPath(physical[kept]!.path), copies: ks.count,
-                                                                      duplicatedBytes: extra.reduce(0) { $0 + physical[$1]!.resident }))
+                                                                      duplicatedBytes: extra.reduce(0) { $0 + physical[$1]!.resident },
+                                                                      cachedBytes: cached))
         }
         report.duplicatedFiles.sort { $0.duplicatedBytes > $1.duplicatedBytes }
         report.duplicatedFiles = Array(report.duplicatedFiles.prefix(20))
@@ -228,9 +236,19 @@ public enum MemoryScanner {
     }
 
     /// The index of the guest whose root is the process's root, or -1 (the host).
+    /// Failing that, a process in LXC's `lxc.payload.NAME` cgroup belongs to
+    /// the guest whose root is `…/NAME/rootfs` (LXC's own layout).
     static func guest(of pid: Int, among guests: [GuestRoot]) -> Int {
-        guard let st = try? Directory.open(path: FilePath("/proc/\(pid)/root")).stat() else { return -1 }
-        return guests.firstIndex { $0.stat.device == st.device && $0.stat.inode == st.inode } ?? -1
+        if let st = try? Directory.open(path: FilePath("/proc/\(pid)/root")).stat(),
+           let i = guests.firstIndex(where: { $0.stat.device == st.device && $0.stat.inode == st.inode }) {
+            return i
+        }
+        guard let proc = try? Directory.open(path: "/proc"), let group = ProcessMaps.group(pid: pid, in: proc),
+              group.hasPrefix("lxc:") else { return -1 }
+        let name = String(group.dropFirst(4))
+        return guests.firstIndex { g in
+            g.canonical.lastComponent?.string == "rootfs" && g.canonical.removingLastComponent().lastComponent?.string == name
+        } ?? -1
     }
 
     /// Stub inode → redirect of a metadata layer.
