@@ -13,8 +13,11 @@ struct Hashify: ParsableCommand {
         abstract: "Share identical files of container guests: one copy on disk and in the page cache.",
         discussion: """
             hashify finds the files that container root filesystems ("guests") have in common \
-            and replaces the copies with hard links to one object in a store beside the guests, \
-            without changing anything a guest can see. Run it again after every round of updates.
+            and makes them share one copy, without changing anything a guest can see: in hardlink \
+            mode (unify) the copies become hard links to one object in a store beside the guests; \
+            in overlay mode (overlay convert) each guest becomes a copy-on-write overlay over shared \
+            data objects, so no guest can change another's files. Run unify again after every \
+            round of updates; hashify mem shows what the guests' memory costs and who must restart.
 
             Exit status: 0 done; 1 done, but some files were skipped because of errors; \
             2 bad usage or input (nothing changed); 3 the store is locked by another run (--no-wait).

@@ -6,7 +6,7 @@ import SystemPackage
 
 struct Unify: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Hard-link identical files of guest roots to shared store objects.",
+        abstract: "Hard-link identical files of guest roots to shared store objects (and fold overlay guests).",
         discussion: """
             Each ROOT is a guest's root directory (for LXC: /var/lib/lxc/NAME/rootfs). \
             Two files are merged only when their SHA-256 and their whole identity are equal: \
@@ -18,6 +18,10 @@ struct Unify: ParsableCommand {
             dpkg configuration files are never unified. A PATTERN starting with / is a glob over \
             guest-absolute paths and covers everything below what it matches; one without / \
             matches single names. --include wins over --exclude.
+
+            Roots that are overlay guests of the store (hashify overlay convert) are not walked: \
+            their copy-ups are folded back into sharing when they are unmounted, and a mounted one \
+            is reported for its next start.
             """
     )
 
