@@ -556,6 +556,25 @@ func pseudoRandomDigest(_ count: Int, seed: UInt64) -> String {
 
 let lxcStart = "/usr/bin/lxc-start"
 
+/// A privileged LXC container LXCPATH/NAME: a rootfs with sh and sleep whose
+/// init runs `initScript` and sleeps, and a config (with `extraConfig` lines).
+func makeLXCContainer(lxcpath: String, name: String, initScript: String, extraConfig: String = "") {
+    let root = "\(lxcpath)/\(name)/rootfs"
+    installProgram("/bin/sh", into: root)
+    installProgram("/bin/sleep", into: root)
+    for d in ["proc", "sys", "tmp"] { mkdirs("\(root)/\(d)") }
+    writeFile("\(root)/init.sh", "#!/bin/sh\n\(initScript)\nexec /bin/sleep 300\n", mode: 0o755)
+    writeFile("\(lxcpath)/\(name)/config", """
+        lxc.uts.name = \(name)
+        lxc.rootfs.path = dir:\(root)
+        lxc.init.cmd = /init.sh
+        lxc.net.0.type = empty
+        lxc.apparmor.profile = unconfined
+        lxc.environment = PATH=/bin
+
+        """ + extraConfig)
+}
+
 @Suite("overlay guests as real LXC containers", .serialized,
        .enabled(if: isRoot && FileManager.default.isExecutableFile(atPath: lxcStart), "needs root and LXC (apt-get install lxc)"))
 struct OverlayLXCTests {
@@ -567,22 +586,9 @@ struct OverlayLXCTests {
         let names = ["c1", "c2"]
         let roots = names.map { "\(lxcpath)/\($0)/rootfs" }
         for (name, root) in zip(names, roots) {
-            installProgram("/bin/sh", into: root)
-            installProgram("/bin/sleep", into: root)
-            for d in ["proc", "sys", "tmp"] { mkdirs("\(root)/\(d)") }
             writeFile("\(root)/usr/lib/shared.so", pseudoRandom(8000, seed: 77))
-            writeFile("\(root)/init.sh", "#!/bin/sh\necho \"\(name) was here\" > /usr/lib/shared.so\nexec /bin/sleep 300\n", mode: 0o755)
-            writeFile("\(lxcpath)/\(name)/config", """
-                lxc.uts.name = \(name)
-                lxc.rootfs.path = dir:\(root)
-                lxc.init.cmd = /init.sh
-                lxc.net.0.type = empty
-                lxc.apparmor.profile = unconfined
-                lxc.environment = PATH=/bin
-                lxc.hook.pre-start = \(hook) \(store)
-                lxc.hook.post-stop = \(hook) \(store)
-
-                """)
+            makeLXCContainer(lxcpath: lxcpath, name: name, initScript: "echo \"\(name) was here\" > /usr/lib/shared.so",
+                             extraConfig: "lxc.hook.pre-start = \(hook) \(store)\nlxc.hook.post-stop = \(hook) \(store)\n")
         }
         settle()
         #expect(overlay(["convert", "-q", "--no-mount"] + roots, store: store).status == 0)

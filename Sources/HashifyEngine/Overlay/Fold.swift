@@ -80,7 +80,33 @@ extension Overlay {
         }
         state.phase = .folding
         try guest.writeState(state)
-        let next = try guest.makeGeneration(state.generation + 1)
+        let built = try buildGeneration(state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
+        result.stubs = built.stubs
+        result.inlineFiles = built.inlineFiles
+        result.objectsCreated = built.objectsCreated
+        result.filesSharingObjects = built.filesSharingObjects
+        result.bytesCopied = built.bytesCopied
+        result.filesUnchanged = built.filesUnchanged
+        result.filesHashed = built.filesHashed
+        let next = try guest.generation(state.generation + 1)
+        state.phase = .active
+        state.generation = next.number
+        try guest.writeState(state)
+        try guest.removeGenerations(except: next.number)
+        result.seconds = elapsed(since: started)
+        return result
+    }
+
+    /// Builds generation `number` of `guest` from what `source`'s generation
+    /// `generation` shows (read through its mount, or a private read-only
+    /// one): files its upper layer does not hold keep their objects unread,
+    /// the rest are hashed and become stubs of an existing or a new object.
+    /// For a fold, `source` is the guest itself; for a clone, the guest cloned.
+    static func buildGeneration(_ number: Int, of guest: OverlayGuest, from source: OverlayGuest, generation: Int,
+                                session s: Session) throws -> OverlayReport.Guest {
+        var result = OverlayReport.Guest(root: guest.rootPath.string, action: "built")
+        let old = try source.generation(generation)
+        let next = try guest.makeGeneration(number)
         let filler = StubFiller(objects: s.objects, threads: fillThreads)
         let copier = TreeCopier(escapeOverlayAttributes: true, context: { parent, name in
             (parent as? FoldContext)?.child(name)
@@ -95,20 +121,21 @@ extension Overlay {
             result.filesHashed += 1
             return try makeEntry(file, in: dest, filler: filler, lease: false, linkSource: false, result: &result)
         }
-        try withPrivateMount(guest, old, session: s) { merged in
+        let build = { (merged: Directory) throws in
             do {
                 try copier.copy(merged, into: next.meta, rootContext: FoldContext(upper: old.upper, meta: old.meta))
             } catch { _ = try? filler.finish(); throw error }
             merge(try filler.finish(), into: &result)
             try copyRootAttributes(from: merged, to: next.upper)
         }
-        let objects = s.objects
-        try objects.sync()
-        state.phase = .active
-        state.generation = next.number
-        try guest.writeState(state)
-        try guest.removeGenerations(except: next.number)
-        result.seconds = elapsed(since: started)
+        let live = try Directory.open(path: source.rootPath)
+        if OverlayMount.isMounted(old, at: live) {
+            copier.skipVanished = true
+            try build(live)
+        } else {
+            try withPrivateMount(source, old, session: s, build)
+        }
+        try s.objects.sync()
         return result
     }
 

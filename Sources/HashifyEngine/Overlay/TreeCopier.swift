@@ -25,8 +25,9 @@ final class TreeCopier {
     }
 
     /// Makes regular file `file.name` in `destination` (content or stub) and
-    /// returns it open, for the copier to give it its attributes.
-    typealias RegularFilePolicy = (_ file: SourceFile, _ destination: Directory) throws -> OpenFile
+    /// returns it open, for the copier to give it its attributes; or nil when
+    /// it linked the source inode itself (a clone's shared objects), which has them.
+    typealias RegularFilePolicy = (_ file: SourceFile, _ destination: Directory) throws -> OpenFile?
     /// Per-directory context the policy may keep (for a fold: the matching
     /// directories of the old layers); given the parent's context and the name.
     typealias ContextPolicy = (_ parent: AnyObject?, _ name: FileName) -> AnyObject?
@@ -101,11 +102,12 @@ final class TreeCopier {
             }
             let handle = try source.openFileForReading(name)
             let file = SourceFile(directory: source, name: name, stat: st, handle: handle, path: sub, context: parent)
-            let made = try regularFile(file, destination)
-            try made.setOwner(uid: st.uid, gid: st.gid)
-            try made.setMode(st.mode)
-            for a in try handle.extendedAttributes() { try made.setExtendedAttribute(rename(a)) }
-            try made.setModificationTime(st.modificationTime)
+            if let made = try regularFile(file, destination) {
+                try made.setOwner(uid: st.uid, gid: st.gid)
+                try made.setMode(st.mode)
+                for a in try handle.extendedAttributes() { try made.setExtendedAttribute(rename(a)) }
+                try made.setModificationTime(st.modificationTime)
+            }
             if st.linkCount > 1 { links[st.inode] = (destination, name, st.linkCount - 1) }
         case 0o120000:
             try destination.makeSymlink(name, target: try source.readLink(name))

@@ -1,0 +1,50 @@
+import ArgumentParser
+import HashifyEngine
+import SystemPackage
+
+/// `hashify clone SRC DST`: a new guest from an existing one in seconds.
+struct CloneCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "clone",
+        abstract: "Make a new guest from an existing (unified) one in seconds.",
+        discussion: """
+            Hardlink mode: files of SRC that are store objects are linked, everything else (dpkg \
+            conffiles and the default-excluded mutable trees among it) is copied with every \
+            attribute; guest-local hard links are kept. An overlay guest gets a new metadata layer \
+            over the same data objects and an empty upper layer, and is mounted. DST must not exist; \
+            the clone is built under a temporary name and appears in one step, so a killed clone \
+            leaves nothing under DST's name. --lxc NAME also writes LXCPATH/NAME/config from the \
+            source container's, with the new name and rootfs and without its MAC addresses \
+            (DST must be LXCPATH/NAME/rootfs).
+            """)
+    @Argument(help: "The guest to clone.")
+    var source: String
+    @Argument(help: "The new guest's root (must not exist).")
+    var destination: String
+    @Option(help: "The store (default: .hashify beside SRC).")
+    var store: String?
+    @Option(help: "Write an LXC config for the clone under this container name.")
+    var lxc: String?
+    @Flag(help: "Overlay guests: leave the clone unmounted.")
+    var noMount = false
+    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
+    var noWait = false
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        var o = CloneOptions(source: FilePath(source), destination: FilePath(destination))
+        o.store = store.map { FilePath($0) }
+        o.lxcName = lxc
+        o.mount = !noMount
+        o.waitForLock = !noWait
+        let r = runEngine { try Clone.run(o) }
+        try finish(r, output: output) { r in
+            var out = "\(r.destination): cloned from \(r.source) (\(r.mode) mode): \(r.filesShared) files shared, "
+            out += "\(r.filesCopied) copied (\(formatBytes(r.bytesCopied))), \((r.seconds * 100).rounded() / 100) s\n"
+            if let c = r.lxcConfig { out += "lxc config: \(c)\n" }
+            return out
+        }
+    }
+}
+
+extension CloneReport: StatusReporting {}
