@@ -3,6 +3,9 @@ import FoundationEssentials
 import HashifyEngine
 import HashifySystem
 import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct Unify: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -55,12 +58,22 @@ struct Unify: ParsableCommand {
     @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
     var noWait = false
 
+    @Option(help: "Also write the run's figures to FILE in Prometheus text format (node_exporter's textfile collector), atomically.")
+    var metrics: String?
+
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
         if roots.isEmpty { throw ValidationError("give at least one guest root") }
         if minSize < 1 { throw ValidationError("--min-size must be at least 1 (empty files are never linked)") }
         if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1") }
+        if let m = metrics {
+            let parent = FilePath(m).removingLastComponent()
+            var st = stat()
+            if FilePath(m).lastComponent == nil || (!parent.isEmpty && parent.withPlatformString { lstat($0, &st) } != 0) {
+                throw ValidationError("--metrics \(m): its directory does not exist")
+            }
+        }
     }
 
     func run() throws {
@@ -76,6 +89,7 @@ struct Unify: ParsableCommand {
         options.waitForLock = !noWait
         let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
         let report = runEngine { try Unifier(options: options, progress: progress).run() }
+        if let m = metrics { runEngine { try MetricsFile.write(report, to: FilePath(m)) } }
         try finish(report, output: output) { $0.humanReadable(verbose: output.verbose) }
     }
 }
