@@ -31,6 +31,15 @@ struct Unify: ParsableCommand {
     @Argument(help: "Guest root directories.")
     var roots: [String] = []
 
+    @Flag(help: "Also unify every guest the container managers on this host have: LXC (/var/lib/lxc), systemd-nspawn (/var/lib/machines), Incus/LXD dir pools.")
+    var all = false
+
+    @Option(help: "With --all: an LXC lxcpath to search (repeatable; given, it replaces the default places).")
+    var lxcpath: [String] = []
+
+    @Option(help: "With --all: the nspawn machines directory (given, it replaces the default places).")
+    var machines: String?
+
     @Option(help: "The store (default: .hashify in the nearest common parent of the roots; same filesystem).")
     var store: String?
 
@@ -64,7 +73,8 @@ struct Unify: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
-        if roots.isEmpty { throw ValidationError("give at least one guest root") }
+        if roots.isEmpty && !all { throw ValidationError("give at least one guest root, or --all") }
+        if !all && (!lxcpath.isEmpty || machines != nil) { throw ValidationError("--lxcpath and --machines go with --all") }
         if minSize < 1 { throw ValidationError("--min-size must be at least 1 (empty files are never linked)") }
         if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1") }
         if let m = metrics {
@@ -77,7 +87,27 @@ struct Unify: ParsableCommand {
     }
 
     func run() throws {
-        var options = UnifyOptions(roots: roots.map { FilePath($0) })
+        var discovered: [GuestDiscovery.Found] = []
+        var allRoots = roots.map { FilePath($0) }
+        if all {
+            var places = GuestDiscovery.Places()
+            if !lxcpath.isEmpty || machines != nil {
+                places.lxcPaths = lxcpath.map { FilePath($0) }
+                places.machines = FilePath(machines ?? "/nonexistent")
+                places.incusPools = []
+            }
+            discovered = GuestDiscovery.find(places)
+            let candidates = discovered.filter { $0.unusable == nil }.map { FilePath($0.root) }
+            let storePath = store.map { FilePath($0) } ?? (candidates.isEmpty ? nil : RootValidation.defaultStorePath(for: candidates))
+            let overlays = storePath.map { Overlay.overlayGuests(among: candidates, storePath: $0) } ?? []
+            let found = GuestDiscovery.usable(&discovered, store: storePath, overlayGuests: overlays)
+            allRoots += found.filter { !allRoots.contains($0) }
+            if allRoots.isEmpty {
+                let left = discovered.map { "\($0.name) (\($0.root)): \($0.unusable ?? "")" }.joined(separator: "; ")
+                fail("--all found no guest hashify can use" + (left.isEmpty ? "" : ": " + left))
+            }
+        }
+        var options = UnifyOptions(roots: allRoots)
         options.store = store.map { FilePath($0) }
         options.dryRun = dryRun
         options.excludes = exclude.map(argumentBytes)
@@ -88,7 +118,10 @@ struct Unify: ParsableCommand {
         options.threads = threads ?? UnifyOptions.defaultThreads(processors: ProcessInfo.processInfo.activeProcessorCount)
         options.waitForLock = !noWait
         let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
-        let report = runEngine { try Unifier(options: options, progress: progress).run() }
+        var report = runEngine { try Unifier(options: options, progress: progress).run() }
+        for d in discovered {
+            report.notes.append(d.unusable.map { "\(d.name) (\(d.root)) left alone: \($0)" } ?? "\(d.name) is \(d.root)")
+        }
         if let m = metrics { runEngine { try MetricsFile.write(report, to: FilePath(m)) } }
         try finish(report, output: output) { $0.humanReadable(verbose: output.verbose) }
     }
