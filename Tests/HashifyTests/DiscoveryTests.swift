@@ -53,3 +53,23 @@ struct DiscoveryTests {
         #expect(hashify(["unify", "--lxcpath", s.sub("lxc"), s.path]).status == 2, "--lxcpath goes with --all")
     }
 }
+
+@Suite("contrib: systemd units", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze"), "needs systemd-analyze"))
+struct UnitTests {
+    @Test("hashify.service and hashify.timer pass systemd-analyze verify; the completions generate")
+    func unitsVerify() throws {
+        let s = Scratch("units")
+        let contrib = packageRoot.appendingPathComponent("contrib/systemd").path
+        let service = try String(contentsOfFile: "\(contrib)/hashify.service.in", encoding: .utf8)
+        let sbin = (hashifyBinary as NSString).deletingLastPathComponent
+        writeFile(s.sub("hashify.service"), service.replacingOccurrences(of: "@SBINDIR@", with: sbin))
+        writeFile(s.sub("hashify.timer"), try String(contentsOfFile: "\(contrib)/hashify.timer", encoding: .utf8))
+        let r = run(["/usr/bin/systemd-analyze", "verify", "--man=no", s.sub("hashify.service"), s.sub("hashify.timer")])
+        #expect(r.status == 0, "\(r.out) \(r.err)")
+        #expect(service.contains("unify --all --quiet") && service.contains("IOSchedulingClass=idle") && service.contains("Nice="))
+        for shell in ["bash", "zsh", "fish"] {
+            let c = hashify(["--generate-completion-script", shell])
+            #expect(c.status == 0 && c.out.contains("overlay") && c.out.contains("clone"), "\(shell) completion")
+        }
+    }
+}
