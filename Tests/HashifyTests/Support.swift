@@ -160,7 +160,8 @@ func unmount(_ path: String) { _ = run(["/bin/umount", path]) }
 
 /// Mount points at or below `path` (from /proc/self/mountinfo, deepest first).
 func mountPoints(under path: String) -> [String] {
-    guard let info = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+    // Not String(contentsOfFile:): /proc files report size 0 and would read as empty.
+    let info = run(["/bin/cat", "/proc/self/mountinfo"]).out
     var points: [String] = []
     for line in info.split(separator: "\n") {
         let f = line.split(separator: " ")
