@@ -90,7 +90,7 @@ public enum KSM {
                 let f = line.split(separator: 0x20, maxSplits: 1)
                 if f.count == 2 { fields[String(decoding: f[0], as: UTF8.self).replacingColon()] = String(decoding: f[1], as: UTF8.self) }
             }
-            let g = MemoryScanner.guest(of: pid, among: guests)
+            let g = MemoryScanner.guest(of: pid, among: guests, proc: proc)
             let slot = g < 0 ? guests.count : g
             rows[slot].processes += 1
             if fields["ksm_merge_any"] == "yes" { rows[slot].mergeAnyProcesses += 1 }

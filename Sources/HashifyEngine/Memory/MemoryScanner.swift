@@ -28,6 +28,11 @@ public enum MemoryScanner {
         var stubs: [UInt64: [UInt8]] = [:]
         var upper: Directory?
         var overlayDevice: UInt64?
+        /// NAME when the root is LXC's `…/NAME/rootfs` (its processes' cgroup is `lxc.payload.NAME`).
+        var lxcName: String? {
+            guard canonical.lastComponent?.string == "rootfs" else { return nil }
+            return canonical.removingLastComponent().lastComponent?.string
+        }
     }
 
     /// The inode that holds the page cache of some mappings.
@@ -68,7 +73,7 @@ public enum MemoryScanner {
         let me = Int(getpid())
         for name in (try? proc.entryNames()) ?? [] {
             guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)), pid != me else { continue }
-            let guest = guest(of: pid, among: guests)
+            let guest = guest(of: pid, among: guests, proc: proc)
             do {
                 guard let maps = try ProcessMaps.read(pid: pid, in: proc) else { continue }
                 if maps.mapped.isEmpty && maps.anonymousPss == 0 { continue }  // kernel threads
@@ -215,7 +220,9 @@ public enum MemoryScanner {
                let state = record.readState(), let gen = try? record.generation(state.generation), OverlayMount.isMounted(gen, at: dir) {
                 g.overlayDevice = st.device
                 g.upper = gen.upper
-                g.stubs = stubInodes(gen.meta)
+                var scan = Overlay.LayerScan()
+                scan.scan(gen.meta)
+                g.stubs = scan.stubInodes
             }
             guests.append(g)
         }
@@ -238,33 +245,16 @@ public enum MemoryScanner {
     /// The index of the guest whose root is the process's root, or -1 (the host).
     /// Failing that, a process in LXC's `lxc.payload.NAME` cgroup belongs to
     /// the guest whose root is `…/NAME/rootfs` (LXC's own layout).
-    static func guest(of pid: Int, among guests: [GuestRoot]) -> Int {
+    static func guest(of pid: Int, among guests: [GuestRoot], proc: Directory) -> Int {
         if let st = try? Directory.open(path: FilePath("/proc/\(pid)/root")).stat(),
            let i = guests.firstIndex(where: { $0.stat.device == st.device && $0.stat.inode == st.inode }) {
             return i
         }
-        guard let proc = try? Directory.open(path: "/proc"), let group = ProcessMaps.group(pid: pid, in: proc),
+        // The cgroup is read only when some guest is an LXC rootfs.
+        guard guests.contains(where: { $0.lxcName != nil }), let group = ProcessMaps.group(pid: pid, in: proc),
               group.hasPrefix("lxc:") else { return -1 }
         let name = String(group.dropFirst(4))
-        return guests.firstIndex { g in
-            g.canonical.lastComponent?.string == "rootfs" && g.canonical.removingLastComponent().lastComponent?.string == name
-        } ?? -1
-    }
-
-    /// Stub inode → redirect of a metadata layer.
-    static func stubInodes(_ meta: Directory) -> [UInt64: [UInt8]] {
-        var out: [UInt64: [UInt8]] = [:]
-        func scan(_ dir: Directory) {
-            for name in (try? dir.entryNames()) ?? [] {
-                guard let st = try? dir.stat(name) else { continue }
-                if st.isDirectory, let sub = try? dir.openDirectory(name) { scan(sub); continue }
-                guard st.isRegular, let f = try? dir.openFileForReading(name),
-                      let r = f.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r) else { continue }
-                out[st.inode] = r
-            }
-        }
-        scan(meta)
-        return out
+        return guests.firstIndex { $0.lxcName == name } ?? -1
     }
 
     /// The guest's copy-up of a mapped file, when its upper layer holds one

@@ -80,19 +80,13 @@ extension Overlay {
         }
         state.phase = .folding
         try guest.writeState(state)
-        let built = try buildGeneration(state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
-        result.stubs = built.stubs
-        result.inlineFiles = built.inlineFiles
-        result.objectsCreated = built.objectsCreated
-        result.filesSharingObjects = built.filesSharingObjects
-        result.bytesCopied = built.bytesCopied
-        result.filesUnchanged = built.filesUnchanged
-        result.filesHashed = built.filesHashed
-        let next = try guest.generation(state.generation + 1)
+        result = try buildGeneration(state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
+        result.root = root.string
+        result.action = "folded"
         state.phase = .active
-        state.generation = next.number
+        state.generation += 1
         try guest.writeState(state)
-        try guest.removeGenerations(except: next.number)
+        try guest.removeGenerations(except: state.generation)
         result.seconds = elapsed(since: started)
         return result
     }

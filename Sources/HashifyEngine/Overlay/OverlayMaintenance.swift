@@ -42,6 +42,8 @@ extension Overlay {
     /// with the count and size of such stubs.
     struct LayerScan {
         var referenced = Set<[UInt8]>()
+        /// Stub inode → redirect (what `mem` resolves an overlay mapping's inode with).
+        var stubInodes: [UInt64: [UInt8]] = [:]
         var stubs = 0
         var stubBytes: UInt64 = 0
         var allocatedBytes: UInt64 = 0
@@ -61,6 +63,7 @@ extension Overlay {
                       f.extendedAttribute("trusted.overlay.metacopy") != nil,
                       let r = f.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r) else { continue }
                 referenced.insert(r)
+                stubInodes[st.inode] = r
                 stubs += 1
                 stubBytes += st.size
             }
