@@ -11,6 +11,9 @@ public struct UnifyOptions: Sendable {
     public var dryRun = false
     public var excludes: [[UInt8]] = []
     public var includes: [[UInt8]] = []
+    /// Patterns of single guests, added to `excludes` and `includes` for them (by root as given).
+    public var guestExcludes: [FilePath: [[UInt8]]] = [:]
+    public var guestIncludes: [FilePath: [[UInt8]]] = [:]
     public var defaultExcludes = true
     public var minimumSize: UInt64 = 1
     public var ignoreModificationTime = false
@@ -89,10 +92,13 @@ public struct Unifier {
         var report = UnifyReport(dryRun: options.dryRun, store: storePath.string)
 
         // Walk.
-        let filter = PathFilter(excludes: (options.defaultExcludes ? PathFilter.defaultExcludes.map { Array($0.utf8) } : []) + options.excludes,
-                                includes: options.includes)
+        let excludes = (options.defaultExcludes ? PathFilter.defaultExcludes.map { Array($0.utf8) } : []) + options.excludes
         let conffiles = roots.map { DpkgConffiles.read(guestRoot: $0.directory) }
-        var walker = Walker(filter: filter, minimumSize: max(1, options.minimumSize))
+        var walker = Walker(filter: PathFilter(excludes: excludes, includes: options.includes), minimumSize: max(1, options.minimumSize))
+        for (g, root) in roots.enumerated() {
+            let ex = options.guestExcludes[root.path] ?? [], inc = options.guestIncludes[root.path] ?? []
+            if !ex.isEmpty || !inc.isEmpty { walker.guestFilters[g] = PathFilter(excludes: excludes + ex, includes: options.includes + inc) }
+        }
         let sink = progress
         walker.onProgress = { n in sink?.update(phase: .walk, done: n, total: nil, bytes: 0, totalBytes: nil) }
         var clock = Timestamp.now()
@@ -223,6 +229,10 @@ public struct Unifier {
 
         for s in skips { perGuest[s.guest].skipped += 1 }
         report.skipped = skippedPaths(skips, roots: roots)
+        if let store, !options.dryRun {
+            store.recordOpenForWriting(report.skipped.filter { $0.reason == SkipReason.openForWriting.code }.map { ($0.root, $0.path) },
+                                       roots: roots.map(\.path.string))
+        }
         report.totals.errors = skips.filter { $0.reason.isError }.count
         report.totals.skipped = skips.count
         report.guests = perGuest

@@ -21,7 +21,7 @@ struct CloneCommand: ParsableCommand {
     var source: String
     @Argument(help: "The new guest's root (must not exist).")
     var destination: String
-    @Option(help: "The store (default: .hashify beside SRC).")
+    @Option(help: "The store (default: the config's, else .hashify beside SRC).")
     var store: String?
     @Option(help: "Write an LXC config for the clone under this container name.")
     var lxc: String?
@@ -29,11 +29,12 @@ struct CloneCommand: ParsableCommand {
     var noMount = false
     @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
     var noWait = false
+    @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         var o = CloneOptions(source: FilePath(source), destination: FilePath(destination))
-        o.store = store.map { FilePath($0) }
+        o.store = configOption.store(store)
         o.lxcName = lxc
         o.mount = !noMount
         o.waitForLock = !noWait

@@ -38,7 +38,7 @@ struct KSMCommand: ParsableCommand {
 
         func run() throws {
             let r = runEngine { try KSM.status(selection.options) }
-            emit(r, output: output) { r in
+            emit(r, output: output, names: selection.names) { r in
                 let s = r.settings
                 func v(_ k: String) -> String { s[k].map(String.init) ?? "-" }
                 var out = "hashify ksm status — ksmd \(r.running ? "running" : "not running")\n"

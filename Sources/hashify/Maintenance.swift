@@ -23,19 +23,27 @@ struct Status: ParsableCommand {
 
     @Argument(help: "Guest root directories (default: the ones the store remembers).")
     var roots: [String] = []
-    @Option(help: "The store (default: .hashify beside the roots).")
+    @Option(help: "The store (default: the config's, else .hashify beside the roots).")
     var store: String?
+    @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let location = StoreLocation(store: store.map { FilePath($0) }, roots: roots.map { FilePath($0) })
-        let report = runEngine { try StatusCommand.run(location, unifyOptions: UnifyOptions(roots: [])) }
-        emit(report, output: output) { r in
+        let config = configOption.settings
+        let location = StoreLocation(store: configOption.store(store), roots: roots.map { FilePath($0) })
+        var options = UnifyOptions(roots: [])
+        options.excludes = config?.excludes ?? []
+        options.includes = config?.includes ?? []
+        options.defaultExcludes = config?.defaultExcludes ?? true
+        options.minimumSize = config?.minimumSize ?? 1
+        options.ignoreModificationTime = config?.ignoreModificationTime ?? false
+        let report = runEngine { try StatusCommand.run(location, unifyOptions: options) }
+        emit(report, output: output, names: config.guestNames) { r in
             var out = "hashify status — store \(r.store)\n\n"
-            let w = max(5, r.guests.map { $0.root.count }.max() ?? 5)
+            let w = max(5, r.guests.map { $0.label.count }.max() ?? 5)
             out += "GUEST".rightPadded(w) + "      FILES       BYTES     SHARED  BYTES SHARED\n"
             for g in r.guests {
-                out += g.root.rightPadded(w)
+                out += g.label.rightPadded(w)
                 out += String(g.filesScanned).leftPadded(11) + formatBytes(g.bytesScanned).leftPadded(12)
                 out += String(g.pathsShared).leftPadded(11) + formatBytes(g.bytesShared).leftPadded(14) + "\n"
             }
@@ -46,10 +54,10 @@ struct Status: ParsableCommand {
             if h.unfinishedRuns > 0 { out += "warning   \(h.unfinishedRuns) interrupted runs left temporary names: the next unify or gc removes them\n" }
             out += "re-run    would link \(r.rerunWouldLinkPaths) paths and save \(formatBytes(r.rerunWouldSaveBytes))\n"
             if let o = r.overlay {
-                let ow = max(13, o.guests.map { $0.root.count }.max() ?? 0)
+                let ow = max(13, o.guests.map { $0.label.count }.max() ?? 0)
                 out += "\n" + "OVERLAY GUEST".rightPadded(ow) + "  GEN  MOUNTED  SHARED FILES  SHARED BYTES  COPY-UPS\n"
                 for g in o.guests {
-                    out += g.root.rightPadded(ow) + String(g.generation).leftPadded(5) + (g.mounted ? "yes" : "no").leftPadded(9)
+                    out += g.label.rightPadded(ow) + String(g.generation).leftPadded(5) + (g.mounted ? "yes" : "no").leftPadded(9)
                     out += String(g.sharedFiles).leftPadded(14) + formatBytes(g.sharedBytes).leftPadded(14)
                     out += formatBytes(g.copyUpBytes).leftPadded(10) + (g.foldPending ? (g.mounted ? "  (fold at next start)" : "  (unify folds)") : "") + "\n"
                 }
@@ -57,6 +65,7 @@ struct Status: ParsableCommand {
                 out += "reserve   \(formatBytes(o.freeBytes)) free for copy-ups; a routine update needs about \(formatBytes(o.routineUpdateBytes))\n"
                 for w in o.warnings { out += "warning   \(w)\n" }
             }
+            for b in r.sharingBreakers { out += "breaker   \(b.guest.map { "\($0):\(b.path)" } ?? b.root + b.path): \(b.detail)\n" }
             for n in r.notes { out += "note      \(n)\n" }
             return out
         }
@@ -68,12 +77,14 @@ struct Status: ParsableCommand {
 struct StoreArguments: ParsableArguments {
     @Argument(help: "Guest root directories (default: the ones the store remembers).")
     var roots: [String] = []
-    @Option(help: "The store (default: .hashify beside the roots).")
+    @Option(help: "The store (default: the config's, else .hashify beside the roots).")
     var store: String?
     @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
     var noWait = false
+    @OptionGroup var configOption: ConfigOption
 
-    var location: StoreLocation { StoreLocation(store: store.map { FilePath($0) }, roots: roots.map { FilePath($0) }) }
+    var location: StoreLocation { StoreLocation(store: configOption.store(store), roots: roots.map { FilePath($0) }) }
+    var names: GuestNames { configOption.settings.guestNames }
 }
 
 struct Verify: ParsableCommand {
@@ -93,7 +104,7 @@ struct Verify: ParsableCommand {
 
     func run() throws {
         let report = runEngine { try VerifyCommand.run(target.location, repair: repair, waitForLock: !target.noWait) }
-        try finish(report, output: output) { r in
+        try finish(report, output: output, names: target.names) { r in
             var out = "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
             if r.dataObjectsChecked > 0 || !r.damagedDataObjects.isEmpty { out += "checked   \(r.dataObjectsChecked) data objects (overlay mode)\n" }
             for d in r.damagedDataObjects {
@@ -103,7 +114,7 @@ struct Verify: ParsableCommand {
             for d in r.damaged {
                 let what = [d.contentChanged ? "content" : nil, d.metadataChanged ? "metadata" : nil].compactMap { $0 }.joined(separator: " and ")
                 out += "DAMAGED   \(d.object): \(what) changed; linked by \(d.paths.count) paths\(d.repaired ? " — repaired" : "")\n"
-                for p in d.paths { out += "            \(p.root)\(p.path)\n" }
+                for p in d.paths { out += "            \(p.location)\n" }
             }
             if r.repair { out += "split     \(r.pathsSplit) paths\n" }
             out += skippedAndNotes(r.skipped)
@@ -125,7 +136,7 @@ struct GC: ParsableCommand {
 
     func run() throws {
         let report = runEngine { try GCCommand.run(target.location, dryRun: dryRun, waitForLock: !target.noWait) }
-        try finish(report, output: output) { r in
+        try finish(report, output: output, names: target.names) { r in
             var out = "hashify gc\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
             out += "\(r.dryRun ? "would remove" : "removed")  \(r.objectsRemoved) unreferenced objects, \(formatBytes(r.bytesFreed)) freed\n"
             if r.dataObjectsRemoved > 0 { out += "\(r.dryRun ? "would remove" : "removed")  \(r.dataObjectsRemoved) data objects no overlay guest uses, \(formatBytes(r.dataBytesFreed)) freed\n" }
@@ -152,12 +163,13 @@ struct Split: ParsableCommand {
     var root: [String] = []
     @Option(help: "With --root: only paths matching (guest-absolute glob; repeatable).")
     var include: [String] = []
-    @Option(help: "The store (default: .hashify beside the roots).")
+    @Option(help: "The store (default: the config's, else .hashify beside the roots).")
     var store: String?
     @Flag(name: [.customShort("n"), .long], help: "Report what would be split; change nothing.")
     var dryRun = false
     @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
     var noWait = false
+    @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
@@ -166,12 +178,12 @@ struct Split: ParsableCommand {
     }
 
     func run() throws {
-        let location = StoreLocation(store: store.map { FilePath($0) }, roots: root.map { FilePath($0) })
+        let location = StoreLocation(store: configOption.store(store), roots: root.map { FilePath($0) })
         let report = runEngine {
             try SplitCommand.run(location, paths: paths.map { FilePath($0).lexicallyNormalized() },
                                  includes: include.map(argumentBytes), dryRun: dryRun, waitForLock: !noWait)
         }
-        try finish(report, output: output) { r in
+        try finish(report, output: output, names: configOption.settings.guestNames) { r in
             var out = "hashify split\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
             out += "\(r.dryRun ? "would split" : "split")     \(r.pathsSplit) paths (\(r.notUnified) matching paths were not unified)\n"
             out += skippedAndNotes(r.skipped)

@@ -22,7 +22,7 @@ struct Mem: ParsableCommand {
 
     func run() throws {
         let r = runEngine { try MemoryScanner.run(selection.options) }
-        emit(r, output: output) { r in
+        emit(r, output: output, names: selection.names) { r in
             func mib(_ b: UInt64) -> String { formatBytes(b) }
             let w = max(5, r.guests.map { $0.guest.count }.max() ?? 5)
             var out = "hashify mem\(r.partial ? " (partial: \(r.unreadableProcesses) processes could not be read)" : "")\n\n"
@@ -54,12 +54,14 @@ struct Mem: ParsableCommand {
 struct GuestSelection: ParsableArguments {
     @Argument(help: "Guest root directories (default: the guests of the store).")
     var roots: [String] = []
-    @Option(help: "The store (default: .hashify beside the roots).")
+    @Option(help: "The store (default: the config's, else .hashify beside the roots).")
     var store: String?
+    @OptionGroup var configOption: ConfigOption
 
     var options: MemoryOptions {
         var o = MemoryOptions(roots: roots.map { FilePath($0) })
-        o.store = store.map { FilePath($0) }
+        o.store = configOption.store(store)
         return o
     }
+    var names: GuestNames { configOption.settings.guestNames }
 }

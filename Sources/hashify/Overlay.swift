@@ -24,18 +24,21 @@ struct OverlayCommand: ParsableCommand {
     struct Target: ParsableArguments {
         @Argument(help: "Guest root directories (for LXC: /var/lib/lxc/NAME/rootfs).")
         var roots: [String] = []
-        @Option(help: "The store (default: .hashify in the nearest common parent of the roots; same filesystem).")
+        @Option(help: "The store (default: the config's, else .hashify in the nearest common parent of the roots; same filesystem).")
         var store: String?
         @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
         var noWait = false
+        @OptionGroup var configOption: ConfigOption
 
         func validate() throws {
             if roots.isEmpty { throw ValidationError("give at least one guest root") }
         }
 
+        var names: GuestNames { configOption.settings.guestNames }
+
         var options: OverlayOptions {
             var o = OverlayOptions(roots: roots.map { FilePath($0) })
-            o.store = store.map { FilePath($0) }
+            o.store = configOption.store(store)
             o.waitForLock = !noWait
             return o
         }
@@ -60,7 +63,7 @@ struct OverlayCommand: ParsableCommand {
         func run() throws {
             var o = target.options
             o.mount = !noMount
-            try report(runEngine { try Overlay.convert(o) }, output: output)
+            try report(runEngine { try Overlay.convert(o) }, output: output, names: target.names)
         }
     }
 
@@ -70,7 +73,7 @@ struct OverlayCommand: ParsableCommand {
             discussion: "Options: the guest's metadata layer over the store's data as a data-only layer, metacopy=on, redirect_dir=on, index=on.")
         @OptionGroup var target: Target
         @OptionGroup var output: OutputOptions
-        func run() throws { try report(runEngine { try Overlay.mount(target.options) }, output: output) }
+        func run() throws { try report(runEngine { try Overlay.mount(target.options) }, output: output, names: target.names) }
     }
 
     struct Umount: ParsableCommand {
@@ -78,7 +81,7 @@ struct OverlayCommand: ParsableCommand {
             abstract: "Unmount overlay guests; refuses, naming them, while processes use a guest.")
         @OptionGroup var target: Target
         @OptionGroup var output: OutputOptions
-        func run() throws { try report(runEngine { try Overlay.umount(target.options) }, output: output) }
+        func run() throws { try report(runEngine { try Overlay.umount(target.options) }, output: output, names: target.names) }
     }
 
     struct Fold: ParsableCommand {
@@ -92,7 +95,7 @@ struct OverlayCommand: ParsableCommand {
                 """)
         @OptionGroup var target: Target
         @OptionGroup var output: OutputOptions
-        func run() throws { try report(runEngine { try Overlay.fold(target.options) }, output: output) }
+        func run() throws { try report(runEngine { try Overlay.fold(target.options) }, output: output, names: target.names) }
     }
 
     struct Export: ParsableCommand {
@@ -108,18 +111,19 @@ struct OverlayCommand: ParsableCommand {
         var root: String
         @Argument(help: "Where the plain copy goes (default: in place of the guest).")
         var destination: String?
-        @Option(help: "The store (default: .hashify beside the root).")
+        @Option(help: "The store (default: the config's, else .hashify beside the root).")
         var store: String?
         @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
         var noWait = false
+        @OptionGroup var configOption: ConfigOption
         @OptionGroup var output: OutputOptions
 
         func run() throws {
             var o = OverlayOptions(roots: [FilePath(root)])
-            o.store = store.map { FilePath($0) }
+            o.store = configOption.store(store)
             o.waitForLock = !noWait
             o.destination = destination.map { FilePath($0) }
-            try report(runEngine { try Overlay.export(o) }, output: output)
+            try report(runEngine { try Overlay.export(o) }, output: output, names: configOption.settings.guestNames)
         }
     }
 }
@@ -127,11 +131,11 @@ struct OverlayCommand: ParsableCommand {
 extension OverlayReport: StatusReporting {}
 
 /// Prints an overlay report (a line per guest) and exits with its status.
-private func report(_ r: OverlayReport, output: OutputOptions) throws {
-    try finish(r, output: output) { r in
+private func report(_ r: OverlayReport, output: OutputOptions, names: GuestNames) throws {
+    try finish(r, output: output, names: names) { r in
         var out = ""
         for g in r.guests {
-            out += "\(g.root): \(g.action)"
+            out += "\(g.label): \(g.action)"
             var parts: [String] = []
             if g.stubs > 0 { parts.append("\(g.stubs) files") }
             if g.objectsCreated > 0 { parts.append("\(g.objectsCreated) new objects") }

@@ -28,7 +28,7 @@ struct Unify: ParsableCommand {
             """
     )
 
-    @Argument(help: "Guest root directories.")
+    @Argument(help: "Guest root directories (default: the guests the config names).")
     var roots: [String] = []
 
     @Flag(help: "Also unify every guest the container managers on this host have: LXC (/var/lib/lxc), systemd-nspawn (/var/lib/machines), Incus/LXD dir pools.")
@@ -40,28 +40,31 @@ struct Unify: ParsableCommand {
     @Option(help: "With --all: the nspawn machines directory (given, it replaces the default places).")
     var machines: String?
 
-    @Option(help: "The store (default: .hashify in the nearest common parent of the roots; same filesystem).")
+    @Option(help: "The store (default: the config's, else .hashify in the nearest common parent of the roots; same filesystem).")
     var store: String?
+
+    @Option(help: "hardlink: link plain guests' files to store objects; overlay: convert stopped plain guests to overlay guests instead (running ones wait for a later run). Default: the config's, else hardlink.")
+    var mode: HashifyConfig.Mode?
 
     @Flag(name: [.customShort("n"), .long], help: "Plan and report exactly what would be linked and saved; change nothing.")
     var dryRun = false
 
-    @Option(name: .long, help: "Exclude matching paths (repeatable).")
+    @Option(name: .long, help: "Exclude matching paths (repeatable; added to the config's).")
     var exclude: [String] = []
 
-    @Option(name: .long, help: "Include matching paths even when excluded (repeatable).")
+    @Option(name: .long, help: "Include matching paths even when excluded (repeatable; added to the config's).")
     var include: [String] = []
 
     @Flag(help: "Do not apply the default exclude list.")
     var noDefaultExcludes = false
 
-    @Option(help: "Leave files smaller than this many bytes alone (at least 1: empty files are never linked).")
-    var minSize: UInt64 = 1
+    @Option(help: "Leave files smaller than this many bytes alone (at least 1: empty files are never linked; default: the config's, else 1).")
+    var minSize: UInt64?
 
     @Flag(help: "Merge files that differ only in mtime (each merged path gets the kept file's mtime).")
     var ignoreMtime = false
 
-    @Option(help: "Hashing threads (default: the number of CPUs, at least 4 and at most 16: reads from disk overlap).")
+    @Option(help: "Hashing threads (default: the config's, else the number of CPUs, at least 4 and at most 16: reads from disk overlap).")
     var threads: Int?
 
     @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
@@ -70,12 +73,12 @@ struct Unify: ParsableCommand {
     @Option(help: "Also write the run's figures to FILE in Prometheus text format (node_exporter's textfile collector), atomically.")
     var metrics: String?
 
+    @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
-        if roots.isEmpty && !all { throw ValidationError("give at least one guest root, or --all") }
         if !all && (!lxcpath.isEmpty || machines != nil) { throw ValidationError("--lxcpath and --machines go with --all") }
-        if minSize < 1 { throw ValidationError("--min-size must be at least 1 (empty files are never linked)") }
+        if let m = minSize, m < 1 { throw ValidationError("--min-size must be at least 1 (empty files are never linked)") }
         if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1") }
         if let m = metrics {
             let parent = FilePath(m).removingLastComponent()
@@ -87,18 +90,24 @@ struct Unify: ParsableCommand {
     }
 
     func run() throws {
+        let config = configOption.settings
+        var names = config.guestNames
         var discovered: [GuestDiscovery.Found] = []
+        // The command line's roots replace the config's guests.
         var allRoots = roots.map { FilePath($0) }
-        if all {
-            var places = GuestDiscovery.Places()
+        if roots.isEmpty, let config { allRoots = config.namedRoots.map(\.root) }
+        let storeOption = configOption.store(store)
+        if all || (roots.isEmpty && config?.all == true) {
+            var places = config?.places ?? GuestDiscovery.Places()
             if !lxcpath.isEmpty || machines != nil {
                 places.lxcPaths = lxcpath.map { FilePath($0) }
                 places.machines = FilePath(machines ?? "/nonexistent")
                 places.incusPools = []
             }
             discovered = GuestDiscovery.find(places)
+            for d in discovered { names.add(d.name, root: FilePath(d.root)) }
             let candidates = discovered.filter { $0.unusable == nil }.map { FilePath($0.root) }
-            let storePath = store.map { FilePath($0) } ?? (candidates.isEmpty ? nil : RootValidation.defaultStorePath(for: candidates))
+            let storePath = storeOption ?? (candidates.isEmpty ? nil : RootValidation.defaultStorePath(for: candidates))
             let overlays = storePath.map { Overlay.overlayGuests(among: candidates, storePath: $0) } ?? []
             let found = GuestDiscovery.usable(&discovered, store: storePath, overlayGuests: overlays)
             allRoots += found.filter { !allRoots.contains($0) }
@@ -107,23 +116,76 @@ struct Unify: ParsableCommand {
                 fail("--all found no guest hashify can use" + (left.isEmpty ? "" : ": " + left))
             }
         }
+        if allRoots.isEmpty {
+            fail(config == nil ? "give at least one guest root, or --all" : "give at least one guest root, or --all (\(config!.file?.string ?? "the config") names no guests)")
+        }
         var options = UnifyOptions(roots: allRoots)
-        options.store = store.map { FilePath($0) }
+        options.store = storeOption
         options.dryRun = dryRun
-        options.excludes = exclude.map(argumentBytes)
-        options.includes = include.map(argumentBytes)
-        options.defaultExcludes = !noDefaultExcludes
-        options.minimumSize = minSize
-        options.ignoreModificationTime = ignoreMtime
-        options.threads = threads ?? UnifyOptions.defaultThreads(processors: ProcessInfo.processInfo.activeProcessorCount)
+        options.excludes = (config?.excludes ?? []) + exclude.map(argumentBytes)
+        options.includes = (config?.includes ?? []) + include.map(argumentBytes)
+        options.defaultExcludes = !noDefaultExcludes && (config?.defaultExcludes ?? true)
+        options.minimumSize = minSize ?? config?.minimumSize ?? 1
+        options.ignoreModificationTime = ignoreMtime || (config?.ignoreModificationTime ?? false)
+        options.threads = threads ?? config?.threads ?? UnifyOptions.defaultThreads(processors: ProcessInfo.processInfo.activeProcessorCount)
         options.waitForLock = !noWait
+        var notes: [String] = []
+        if let config {
+            for root in allRoots {
+                guard let g = config.guest(named: names.name(of: root.string), root: root) else { continue }
+                options.guestExcludes[root] = g.excludes
+                options.guestIncludes[root] = g.includes
+            }
+            for (name, g) in config.guests.sorted(by: { $0.key < $1.key }) where g.root == nil {
+                if !allRoots.contains(where: { r in names.name(of: r.string).map { $0 == name || $0.hasSuffix(":" + name) } ?? false }) {
+                    notes.append("\(config.file?.string ?? "config"): [guest.\(name)] matches no guest of this run")
+                }
+            }
+        }
+        if (mode ?? config?.mode ?? .hardlink) == .overlay {
+            notes += convertPlainGuests(&options, names: names)
+        }
         let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
-        var report = runEngine { try Unifier(options: options, progress: progress).run() }
+        var report = options.roots.isEmpty ? UnifyReport(dryRun: dryRun, store: options.store?.string ?? "")
+                                           : runEngine { try Unifier(options: options, progress: progress).run() }
         for d in discovered {
             report.notes.append(d.unusable.map { "\(d.name) (\(d.root)) left alone: \($0)" } ?? "\(d.name) is \(d.root)")
         }
+        report.notes += notes
+        report = named(report, names)
         if let m = metrics { runEngine { try MetricsFile.write(report, to: FilePath(m)) } }
         try finish(report, output: output) { $0.humanReadable(verbose: output.verbose) }
+    }
+
+    /// Overlay mode: each plain guest that is not running becomes an overlay
+    /// guest (then folded with the others); the rest are left for a later run.
+    private func convertPlainGuests(_ options: inout UnifyOptions, names: GuestNames) -> [String] {
+        let storePath = options.store ?? RootValidation.defaultStorePath(for: options.roots)
+        options.store = storePath
+        let overlays = Overlay.overlayGuests(among: options.roots, storePath: storePath)
+        var notes: [String] = []
+        var keep: [FilePath] = []
+        for root in options.roots {
+            if overlays.contains(root) { keep.append(root); continue }
+            let label = names.name(of: root.string) ?? root.string
+            if dryRun { notes.append("\(label) would be converted to an overlay guest (mode overlay)"); continue }
+            var o = OverlayOptions(roots: [root])
+            o.store = storePath
+            o.waitForLock = options.waitForLock
+            do {
+                _ = try Overlay.convert(o)
+                notes.append("\(label) converted to an overlay guest (mode overlay)")
+                keep.append(root)
+            } catch let e as InputError {
+                notes.append("\(label) left as it is until a later run (mode overlay): \(e.description)")
+            } catch is Store.Busy {
+                fail("the store is in use by another hashify run (without --no-wait, hashify waits)", status: 3)
+            } catch {
+                notes.append("\(label) could not be converted (mode overlay): \(error)")
+            }
+        }
+        options.roots = keep
+        return notes
     }
 }
 
@@ -138,18 +200,19 @@ extension GCReport: StatusReporting {}
 extension SplitReport: StatusReporting {}
 
 /// Prints a report as `emit` does, then exits with the report's status.
-func finish<R: StatusReporting>(_ report: R, output: OutputOptions, human: (R) -> String) throws {
-    emit(report, output: output, human: human)
+func finish<R: StatusReporting>(_ report: R, output: OutputOptions, names: GuestNames? = nil, human: (R) -> String) throws {
+    emit(report, output: output, names: names, human: human)
     if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
 }
 
 /// The text lines for skipped paths and notes that the maintenance reports end with.
 func skippedAndNotes(_ skipped: [UnifyReport.SkippedPath], notes: [String] = []) -> String {
-    skipped.map { "skipped   \($0.root)\($0.path): \($0.detail)\n" }.joined() + notes.map { "note      \($0)\n" }.joined()
+    skipped.map { "skipped   \($0.location): \($0.detail)\n" }.joined() + notes.map { "note      \($0)\n" }.joined()
 }
 
-/// Prints a report as JSON or as text, as the output options say.
-func emit<R: Encodable>(_ report: R, output: OutputOptions, human: (R) -> String) {
+/// Prints a report as JSON or as text, as the output options say, its guests named by `names`.
+func emit<R: Encodable>(_ report: R, output: OutputOptions, names: GuestNames? = nil, human: (R) -> String) {
+    let report = names.map { named(report, $0) } ?? report
     if output.json {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]

@@ -65,7 +65,21 @@ public struct StatusReport: Sendable, Codable {
     public var rerunWouldSaveBytes: UInt64 = 0
     /// Overlay guests, data objects and the copy-on-write reserve (absent without overlay guests).
     public var overlay: OverlayStatus?
+    /// What keeps files of a guest from staying shared.
+    public var sharingBreakers: [SharingBreaker] = []
     public var notes: [String] = []
+
+    /// Something in a guest that keeps its files from staying shared.
+    public struct SharingBreaker: Sendable, Codable {
+        public var root: String
+        /// `prelink`, or `held-open-for-writing`.
+        public var kind: String
+        /// The guest path it concerns.
+        public var path: String
+        public var detail: String
+        /// The guest's name, when it has one.
+        public var guest: String?
+    }
 }
 
 public enum StatusCommand {
@@ -100,7 +114,45 @@ public enum StatusCommand {
         report.storeHealth.unfinishedRuns = store.unfinishedRuns().count
         report.overlay = Overlay.status(store: store)
         if report.overlay != nil { report.notes.removeAll { $0.hasPrefix("no guest roots known") } }
+        report.sharingBreakers = SharingBreakers.find(roots: guests.map(\.string) + (report.overlay?.guests.map(\.root) ?? []), store: store)
         return report
+    }
+}
+
+/// Finds what keeps guests' files from staying shared: prelink installed
+/// (it rewrites every library and program in place in each guest, so
+/// unified copies are replaced by private ones after each of its runs), and
+/// files that runs in a row found open for writing (a process holds them:
+/// they are never linked while it does).
+enum SharingBreakers {
+    static let prelinkPaths: [[String]] = [["usr", "sbin", "prelink"], ["usr", "bin", "prelink"], ["etc", "prelink.conf"]]
+
+    static func find(roots: [String], store: Store) -> [StatusReport.SharingBreaker] {
+        var out: [StatusReport.SharingBreaker] = []
+        for root in roots {
+            guard let dir = try? Directory.open(path: FilePath(root)) else { continue }
+            if let p = prelinkPaths.first(where: { exists($0, in: dir) }) {
+                let cron = exists(["etc", "cron.daily", "prelink"], in: dir) ? " (its daily cron job runs it)" : ""
+                out.append(.init(root: root, kind: "prelink", path: "/" + p.joined(separator: "/"),
+                                 detail: "prelink is installed\(cron): it rewrites libraries and programs in place in each guest, so they do not stay shared; remove it (apt purge prelink) or disable it"))
+            }
+        }
+        let scanned = Set(roots)
+        for h in store.heldOpen() where h.runs >= 2 && scanned.contains(h.root) {
+            out.append(.init(root: h.root, kind: "held-open-for-writing", path: h.path,
+                             detail: "open for writing in the last \(h.runs) runs: never linked while a process holds it (a database or log? exclude it)"))
+        }
+        return out
+    }
+
+    /// Whether the guest path exists, looked up one component at a time without following symlinks.
+    static func exists(_ components: [String], in root: Directory) -> Bool {
+        var dir = root
+        for c in components.dropLast() {
+            guard let d = try? dir.openDirectory(FileName(c)) else { return false }
+            dir = d
+        }
+        return (try? dir.stat(FileName(components.last!))) != nil
     }
 }
 

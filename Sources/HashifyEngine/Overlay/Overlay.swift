@@ -39,6 +39,8 @@ public struct OverlayReport: Sendable, Codable {
         public var filesHashed = 0
         public var seconds = 0.0
         public var notes: [String] = []
+        /// The guest's name, when it has one.
+        public var guest: String?
     }
     public var schema = 1
     public var command: String

@@ -21,6 +21,8 @@ public struct OverlayStatus: Sendable, Codable {
         public var copyUpBytes: UInt64 = 0
         /// Whether the upper layer holds anything a fold would take back.
         public var foldPending = false
+        /// The guest's name, when it has one.
+        public var guest: String?
     }
     public var guests: [Guest] = []
     public var dataObjects = 0

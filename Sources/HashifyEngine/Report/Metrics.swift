@@ -23,11 +23,11 @@ public enum MetricsFile {
         }
         let t = r.totals
         metric("hashify_guests", "gauge", "Guest roots the last run was given.", [("", Double(t.guests))])
-        metric("hashify_files", "gauge", "Regular files scanned, per guest.", r.guests.map { (label("guest", $0.root), Double($0.filesScanned)) })
+        metric("hashify_files", "gauge", "Regular files scanned, per guest.", r.guests.map { (label("guest", $0.label), Double($0.filesScanned)) })
         metric("hashify_shared_paths", "gauge", "Paths that link a store object after the run, per guest.",
-               r.guests.map { (label("guest", $0.root), Double($0.pathsShared)) })
+               r.guests.map { (label("guest", $0.label), Double($0.pathsShared)) })
         metric("hashify_shared_bytes", "gauge", "Apparent size of the paths that link a store object, per guest.",
-               r.guests.map { (label("guest", $0.root), Double($0.bytesShared)) })
+               r.guests.map { (label("guest", $0.label), Double($0.bytesShared)) })
         metric("hashify_run_linked_paths", "gauge", "Paths the last run replaced by a link to a store object.", [("", Double(t.pathsLinked))])
         metric("hashify_run_saved_bytes", "gauge", "Allocated bytes the last run freed.", [("", Double(t.bytesSaved))])
         metric("hashify_duplicated_bytes", "gauge", "Allocated bytes still to gain: identical files the last run could not merge.",

@@ -48,6 +48,8 @@ public struct UnifyReport: Sendable, Codable {
         public var pathsShared = 0
         /// Their apparent size, counted per path.
         public var bytesShared: UInt64 = 0
+        /// The guest's name (LXC container, nspawn machine, config entry), when it has one.
+        public var guest: String?
     }
 
     public struct SkippedPath: Sendable, Codable {
@@ -56,6 +58,8 @@ public struct UnifyReport: Sendable, Codable {
         public var reason: String
         public var detail: String
         public var error: Bool
+        /// The guest's name, when it has one.
+        public var guest: String?
     }
 
     public var schema = 1
@@ -76,6 +80,11 @@ public struct UnifyReport: Sendable, Codable {
     public var notes: [String] = []
     /// Overlay guests among the roots: what their fold did (they are not walked as plain guests).
     public var overlayGuests: [OverlayReport.Guest] = []
+
+    public init(dryRun: Bool, store: String) {
+        self.dryRun = dryRun
+        self.store = store
+    }
 
     /// 0 done, 1 done with files skipped because of errors (or an overlay guest whose fold failed).
     public var exitStatus: Int32 { totals.errors > 0 || overlayGuests.contains { !$0.notes.isEmpty && $0.action == "left as it was" } ? 1 : 0 }
@@ -112,10 +121,10 @@ extension UnifyReport {
         for n in notes { out += "note      \(n)\n" }
         if t.temporariesRemoved > 0 { out += "cleaned   \(t.temporariesRemoved) temporary names of an interrupted run\n" }
         out += "\n"
-        let w = max(5, guests.map { $0.root.count }.max() ?? 5)
+        let w = max(5, guests.map { $0.label.count }.max() ?? 5)
         out += "GUEST".rightPadded(w) + "      FILES     LINKED      FREED      SAVED  SKIPPED\n"
         for g in guests {
-            out += g.root.rightPadded(w)
+            out += g.label.rightPadded(w)
             out += pad(g.filesScanned, 11) + pad(g.pathsLinked, 11) + pad(g.inodesFreed, 11)
             out += formatBytes(g.bytesSaved).leftPadded(11) + pad(g.skipped, 9) + "\n"
         }
@@ -123,7 +132,7 @@ extension UnifyReport {
         if !skipped.isEmpty {
             out += "\nskipped \(skipped.count) paths (\(t.errors) because of errors):\n"
             let shown = verbose ? skipped : Array(skipped.prefix(20))
-            for s in shown { out += "  \(s.root)\(s.path): \(s.detail)\n" }
+            for s in shown { out += "  \(s.location): \(s.detail)\n" }
             if shown.count < skipped.count { out += "  … \(skipped.count - shown.count) more (--verbose or --json lists all)\n" }
         }
         if !processesToRestart.isEmpty {
@@ -138,10 +147,10 @@ extension UnifyReport {
     /// What the fold did to each overlay guest.
     private func overlaySection(width: Int) -> String {
         if overlayGuests.isEmpty { return "" }
-        let w = max(width, overlayGuests.map { $0.root.count }.max() ?? 0)
+        let w = max(width, overlayGuests.map { $0.label.count }.max() ?? 0)
         var out = "\n" + "OVERLAY GUEST".rightPadded(w) + "  ACTION\n"
         for g in overlayGuests {
-            out += g.root.rightPadded(w) + "  " + g.action
+            out += g.label.rightPadded(w) + "  " + g.action
             if g.action == "folded" {
                 out += ": \(g.filesHashed) files read, \(g.filesUnchanged) unchanged, \(g.objectsCreated) new objects"
             }

@@ -144,17 +144,59 @@ public final class Store: @unchecked Sendable {
         all = all.filter { (try? Directory.open(path: $0)) != nil }
         var data: [UInt8] = []
         for r in all { data += Array(r.string.utf8) + [0] }
-        let temp = FileName("guests.new")
+        replaceFile("guests", with: data)
+    }
+
+    /// Replaces the store file `name` with `data` in one step (best effort: these files are hints).
+    private func replaceFile(_ name: String, with data: [UInt8]) {
+        let temp = FileName(name + ".new")
         try? directory.unlink(temp)
         guard let f = try? directory.createFile(temp, mode: 0o600) else { return }
         try? f.write(data)
-        try? directory.rename(temp, to: directory, as: FileName("guests"))
+        try? directory.rename(temp, to: directory, as: FileName(name))
     }
 
     /// Guest roots earlier runs were given.
     public func rememberedGuests() -> [FilePath] {
         guard let data = try? directory.openFileForReading(FileName("guests")).readAll() else { return [] }
         return data.split(separator: 0).map { FilePath(String(decoding: $0, as: UTF8.self)) }
+    }
+
+    // MARK: files held open for writing
+
+    /// A path some process had open for writing in `runs` runs in a row.
+    public struct HeldOpen: Sendable, Equatable {
+        public var root: String
+        public var path: String
+        public var runs: Int
+    }
+
+    /// Records the paths this run found open for writing in `roots`
+    /// (STORE/open-for-writing): each one's count of runs in a row goes up,
+    /// those of `roots` not found again are dropped, other guests' are kept.
+    public func recordOpenForWriting(_ found: [(root: String, path: String)], roots: [String]) {
+        let scanned = Set(roots)
+        var previous: [String: Int] = [:]
+        var kept: [HeldOpen] = []
+        for h in heldOpen() {
+            if scanned.contains(h.root) { previous[h.root + "\0" + h.path] = h.runs } else { kept.append(h) }
+        }
+        var seen = Set<String>()
+        for f in found where seen.insert(f.root + "\0" + f.path).inserted {
+            kept.append(HeldOpen(root: f.root, path: f.path, runs: (previous[f.root + "\0" + f.path] ?? 0) + 1))
+        }
+        var data: [UInt8] = []
+        for h in kept { data += Array("\(h.runs)".utf8) + [0] + Array(h.root.utf8) + [0] + Array(h.path.utf8) + [0] }
+        replaceFile("open-for-writing", with: data)
+    }
+
+    /// The paths earlier runs found open for writing, with how many runs in a row.
+    public func heldOpen() -> [HeldOpen] {
+        guard let data = try? directory.openFileForReading(FileName("open-for-writing")).readAll() else { return [] }
+        let fields = data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        return stride(from: 0, to: fields.count - 2, by: 3).compactMap { i in
+            Int(fields[i]).map { HeldOpen(root: fields[i + 1], path: fields[i + 2], runs: $0) }
+        }
     }
 
     // MARK: runs

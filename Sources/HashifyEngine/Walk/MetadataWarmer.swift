@@ -14,15 +14,16 @@ import Glibc
 /// excluded directory entered.
 final class MetadataWarmer: Sendable {
     private let roots: [GuestRoot]
-    private let filter: PathFilter
+    private let filters: [PathFilter]
     /// The guest the walk is in (the warmer stops at it).
     private let walking = Atomic(0)
     private let stopped = Atomic(false)
     private let done = DispatchGroup()
 
-    init(roots: [GuestRoot], filter: PathFilter) {
+    /// `filters[g]` is guest g's filter (the walk's).
+    init(roots: [GuestRoot], filters: [PathFilter]) {
         self.roots = roots
-        self.filter = filter
+        self.filters = filters
     }
 
     func start() {
@@ -52,6 +53,7 @@ final class MetadataWarmer: Sendable {
 
     private func warm(_ g: Int) {
         let root = roots[g]
+        let filter = filters[g]
         // Directories to visit, opened only when their turn comes.
         var pending: [(parent: Directory?, name: [UInt8], path: [UInt8], scope: PathFilter.Scope)] = [(nil, [], [], filter.rootScope)]
         while let (parent, name, path, scope) = pending.popLast() {

@@ -31,6 +31,8 @@ public struct Walker {
     public static let temporaryPrefix: [UInt8] = Array(".hashify~".utf8)
 
     public var filter: PathFilter
+    /// Filters of single guests (by index) that replace `filter` for them.
+    public var guestFilters: [Int: PathFilter] = [:]
     public var minimumSize: UInt64
     /// Called every few thousand entries with (entries seen so far).
     public var onProgress: ((Int) -> Void)?
@@ -74,11 +76,13 @@ public struct Walker {
         var result = Result()
         result.inventory.device = roots.first?.stat.device ?? 0
         var seen = 0
-        let warmer = MetadataWarmer(roots: roots, filter: filter)
+        let filters = roots.indices.map { guestFilters[$0] ?? filter }
+        let warmer = MetadataWarmer(roots: roots, filters: filters)
         warmer.start()
         defer { warmer.stop() }
         for (g, root) in roots.enumerated() {
             warmer.walkReached(g)
+            let filter = filters[g]
             var counts = GuestCounts()
             let guest = UInt16(g)
             let rootID = result.inventory.addDirectory(parent: -1, guest: guest, name: nil, length: 0, stat: root.stat)

@@ -1,0 +1,288 @@
+import HashifySystem
+import SystemPackage
+import TOMLKit
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The host's settings for hashify, read from `/etc/hashify/hashify.toml`
+/// (or `--config FILE`): the store, the mode, where the guests are, the
+/// excludes and includes (global and per guest), the minimum size and the
+/// threads. Command-line options override it. A file that does not parse or
+/// holds an unknown key, a value of the wrong type or a relative path is
+/// refused with its file, line and what is wrong, before anything changes.
+public struct HashifyConfig: Sendable {
+    /// Where the config is read from when `--config` is not given.
+    public static let defaultPath = FilePath("/etc/hashify/hashify.toml")
+
+    /// How `unify` shares the files of plain guests.
+    public enum Mode: String, Sendable, CaseIterable {
+        /// Hard links to store objects (guests stay plain directories).
+        case hardlink
+        /// Stopped plain guests are converted to overlay guests; running ones wait for a later run.
+        case overlay
+    }
+
+    /// Settings of one guest (`[guest.NAME]`).
+    public struct Guest: Sendable, Equatable {
+        /// A guest no container manager knows, given by its root.
+        public var root: FilePath?
+        public var excludes: [[UInt8]] = []
+        public var includes: [[UInt8]] = []
+    }
+
+    /// The file the settings came from.
+    public var file: FilePath?
+    public var store: FilePath?
+    public var mode: Mode = .hardlink
+    public var threads: Int?
+    public var minimumSize: UInt64?
+    public var defaultExcludes: Bool?
+    public var ignoreModificationTime: Bool?
+    public var excludes: [[UInt8]] = []
+    public var includes: [[UInt8]] = []
+    /// `[guests] all`: every guest of the container managers (as `unify --all`).
+    public var all = false
+    public var lxcPaths: [FilePath]?
+    public var machines: FilePath?
+    public var incusPools: [FilePath]?
+    /// `[guests] roots`: more guest roots, by path.
+    public var roots: [FilePath] = []
+    /// Per-guest settings by name: `web1` or `lxc:web1` (the name `--all` reports).
+    public var guests: [String: Guest] = [:]
+
+    public init() {}
+
+    /// Reads the config at `path`; nil when `path` is the default and no file is there.
+    public static func load(_ path: FilePath?) throws -> HashifyConfig? {
+        let file = path ?? defaultPath
+        let bytes: [UInt8]
+        do {
+            bytes = try OpenFile.open(path: Array(file.string.utf8)).readAll()
+        } catch Errno.noSuchFileOrDirectory where path == nil {
+            return nil
+        } catch {
+            throw InputError("\(file): \(error)")
+        }
+        guard let text = String(validating: bytes, as: UTF8.self) else { throw InputError("\(file): not UTF-8 text (TOML files are UTF-8)") }
+        var config = try parse(text, file: file.string)
+        config.file = file
+        return config
+    }
+
+    /// Parses TOML text; errors name `file` and the line.
+    public static func parse(_ text: String, file: String) throws -> HashifyConfig {
+        let table: TOMLTable
+        do {
+            table = try TOMLTable(string: text)
+        } catch let e as TOMLParseError {
+            throw InputError("\(file):\(e.source.begin.line): \(e.description)")
+        } catch {
+            throw InputError("\(file): \(error)")
+        }
+        var reader = Reader(text: text, file: file)
+        return try reader.config(table)
+    }
+
+    /// The guest settings for a guest named `name` (`lxc:web1`) or rooted at `root`.
+    public func guest(named name: String?, root: FilePath) -> Guest? {
+        if let name {
+            if let g = guests[name] { return g }
+            if let colon = name.firstIndex(of: ":"), let g = guests[String(name[name.index(after: colon)...])] { return g }
+        }
+        return guests.values.first { $0.root == root }
+    }
+
+    /// The places `--all` searches, as configured (the managers' defaults for what is not).
+    public var places: GuestDiscovery.Places {
+        var p = GuestDiscovery.Places()
+        if let l = lxcPaths { p.lxcPaths = l }
+        if let m = machines { p.machines = m }
+        if let i = incusPools { p.incusPools = i }
+        return p
+    }
+
+    /// Roots the config names by path: `[guests] roots` and every `[guest.NAME] root`, with their names.
+    public var namedRoots: [(name: String?, root: FilePath)] {
+        roots.map { (nil, $0) } + guests.sorted { $0.key < $1.key }.compactMap { g in g.value.root.map { (g.key, $0) } }
+    }
+}
+
+/// Turns a parsed TOML table into settings, checking every key and type.
+private struct Reader {
+    let text: String
+    let file: String
+    lazy var lines: [Substring] = text.split(separator: "\n", omittingEmptySubsequences: false)
+
+    mutating func config(_ t: TOMLTable) throws -> HashifyConfig {
+        var c = HashifyConfig()
+        try known(t, at: [], ["store", "mode", "threads", "min-size", "default-excludes", "ignore-mtime", "exclude", "include", "guests", "guest"])
+        c.store = try path(t, "store", at: [])
+        if let m = try string(t, "mode", at: []) {
+            guard let mode = HashifyConfig.Mode(rawValue: m) else {
+                throw fault(at: [], "mode", "must be \(HashifyConfig.Mode.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: " or ")), not \"\(m)\"")
+            }
+            c.mode = mode
+        }
+        if let n = try integer(t, "threads", at: []) {
+            guard n >= 1 && n <= 256 else { throw fault(at: [], "threads", "must be from 1 to 256, not \(n)") }
+            c.threads = n
+        }
+        if let n = try integer(t, "min-size", at: []) {
+            guard n >= 1 else { throw fault(at: [], "min-size", "must be at least 1 (empty files are never linked), not \(n)") }
+            c.minimumSize = UInt64(n)
+        }
+        c.defaultExcludes = try bool(t, "default-excludes", at: [])
+        c.ignoreModificationTime = try bool(t, "ignore-mtime", at: [])
+        c.excludes = try patterns(t, "exclude", at: [])
+        c.includes = try patterns(t, "include", at: [])
+        if let g = try table(t, "guests", at: []) {
+            let at = ["guests"]
+            try known(g, at: at, ["all", "lxcpath", "machines", "incus-pools", "roots"])
+            c.all = try bool(g, "all", at: at) ?? false
+            c.lxcPaths = try paths(g, "lxcpath", at: at)
+            c.machines = try path(g, "machines", at: at)
+            c.incusPools = try paths(g, "incus-pools", at: at)
+            c.roots = try paths(g, "roots", at: at) ?? []
+        }
+        if let guests = try table(t, "guest", at: []) {
+            for name in guests.keys.sorted() {
+                let at = ["guest", name]
+                guard let g = try table(guests, name, at: ["guest"]) else { continue }
+                try known(g, at: at, ["root", "exclude", "include"])
+                c.guests[name] = HashifyConfig.Guest(root: try path(g, "root", at: at),
+                                                     excludes: try patterns(g, "exclude", at: at),
+                                                     includes: try patterns(g, "include", at: at))
+            }
+        }
+        return c
+    }
+
+    // MARK: typed look-ups
+
+    mutating func known(_ t: TOMLTable, at table: [String], _ keys: Set<String>) throws {
+        for k in t.keys.sorted() where !keys.contains(k) {
+            let expected = keys.sorted().joined(separator: ", ")
+            throw fault(at: table, k, "unknown key (\(table.isEmpty ? "top level" : "[\(table.joined(separator: "."))]") takes \(expected))")
+        }
+    }
+
+    mutating func value(_ t: TOMLTable, _ key: String, at table: [String], _ type: TOMLType, _ what: String) throws -> (any TOMLValueConvertible)? {
+        guard let v = t[key] else { return nil }
+        if v.type != type { throw fault(at: table, key, "must be \(what), not \(Reader.article(v.type))") }
+        return v
+    }
+
+    mutating func string(_ t: TOMLTable, _ key: String, at table: [String]) throws -> String? {
+        try value(t, key, at: table, .string, "a string")?.string
+    }
+
+    mutating func integer(_ t: TOMLTable, _ key: String, at table: [String]) throws -> Int? {
+        try value(t, key, at: table, .int, "an integer")?.int
+    }
+
+    mutating func bool(_ t: TOMLTable, _ key: String, at table: [String]) throws -> Bool? {
+        try value(t, key, at: table, .bool, "true or false")?.bool
+    }
+
+    mutating func table(_ t: TOMLTable, _ key: String, at table: [String]) throws -> TOMLTable? {
+        try value(t, key, at: table, .table, "a table")?.table
+    }
+
+    mutating func strings(_ t: TOMLTable, _ key: String, at table: [String]) throws -> [String]? {
+        guard let a = try value(t, key, at: table, .array, "an array of strings")?.array else { return nil }
+        return try a.map { v in
+            guard let s = v.string else { throw fault(at: table, key, "must be an array of strings, but holds \(Reader.article(v.type))") }
+            return s
+        }
+    }
+
+    mutating func patterns(_ t: TOMLTable, _ key: String, at table: [String]) throws -> [[UInt8]] {
+        let list = try strings(t, key, at: table) ?? []
+        if list.contains("") { throw fault(at: table, key, "holds an empty pattern") }
+        return list.map { Array($0.utf8) }
+    }
+
+    mutating func absolute(_ s: String, _ key: String, at table: [String]) throws -> FilePath {
+        guard s.hasPrefix("/") else { throw fault(at: table, key, "must be an absolute path, not \"\(s)\"") }
+        return FilePath(s).lexicallyNormalized()
+    }
+
+    mutating func path(_ t: TOMLTable, _ key: String, at table: [String]) throws -> FilePath? {
+        guard let s = try string(t, key, at: table) else { return nil }
+        return try absolute(s, key, at: table)
+    }
+
+    mutating func paths(_ t: TOMLTable, _ key: String, at table: [String]) throws -> [FilePath]? {
+        guard let list = try strings(t, key, at: table) else { return nil }
+        return try list.map { try absolute($0, key, at: table) }
+    }
+
+    // MARK: where in the file
+
+    /// An error naming the file, the line of `key` in `table` (when found) and what is wrong.
+    mutating func fault(at table: [String], _ key: String, _ message: String) -> InputError {
+        let name = (table + [key]).map(Reader.quotedIfNeeded).joined(separator: ".")
+        if let line = line(of: key, in: table) { return InputError("\(file):\(line): \(name): \(message)") }
+        return InputError("\(file): \(name): \(message)")
+    }
+
+    /// "a string", "an integer".
+    static func article(_ t: TOMLType) -> String {
+        let name = "\(t)"
+        return ("aeiou".contains(name.first ?? "x") ? "an " : "a ") + name
+    }
+
+    static func quotedIfNeeded(_ k: String) -> String {
+        k.allSatisfy { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" } && !k.isEmpty ? k : "\"\(k)\""
+    }
+
+    /// The first line that defines `key` in `[table]` (or the table header itself).
+    mutating func line(of key: String, in table: [String]) -> Int? {
+        var current: [String] = []
+        var headerLine: Int?
+        for (i, raw) in lines.enumerated() {
+            let l = raw.trimmingCharacters(in: " \t\r")
+            if l.hasPrefix("[") {
+                let inner = l.drop { $0 == "[" }.prefix { $0 != "]" }
+                current = Reader.splitKey(String(inner))
+                if current == table + [key] { return i + 1 }
+                if current == table { headerLine = i + 1 }
+                continue
+            }
+            guard current == table, let eq = l.firstIndex(of: "=") else { continue }
+            let k = Reader.splitKey(String(l[..<eq]))
+            if k.first == key { return i + 1 }
+        }
+        return headerLine
+    }
+
+    /// `a."b.c".d` → ["a", "b.c", "d"] (whitespace and quotes removed).
+    static func splitKey(_ s: String) -> [String] {
+        var parts: [String] = []
+        var cur = ""
+        var quote: Character?
+        for ch in s {
+            if let q = quote {
+                if ch == q { quote = nil } else { cur.append(ch) }
+            } else if ch == "\"" || ch == "'" {
+                quote = ch
+            } else if ch == "." {
+                parts.append(cur); cur = ""
+            } else if ch != " " && ch != "\t" {
+                cur.append(ch)
+            }
+        }
+        parts.append(cur)
+        return parts
+    }
+}
+
+extension StringProtocol {
+    func trimmingCharacters(in set: String) -> Substring {
+        let s = self[...]
+        guard let start = s.firstIndex(where: { !set.contains($0) }) else { return "" }
+        let end = s.lastIndex(where: { !set.contains($0) })!
+        return Substring(s[start...end])
+    }
+}
