@@ -7,8 +7,9 @@
 # Installs: PREFIX/sbin/hashify, the man pages (PREFIX/share/man/man1, generated
 # from the argument parser), bash/zsh/fish completions, the systemd units
 # (PREFIX/lib/systemd/system: hashify.service, hashify.timer; then
-# `systemctl enable --now hashify.timer`), the LXC hook (PREFIX/share/hashify)
-# and the apt hook example (PREFIX/share/hashify/apt/99hashify).
+# `systemctl enable --now hashify.timer`), the LXC hook (PREFIX/share/hashify),
+# the apt hook example (PREFIX/share/hashify/apt/99hashify) and the example
+# config (PREFIX/share/hashify/hashify.toml: copy it to /etc/hashify/).
 set -eu
 cd "$(dirname "$0")"
 PREFIX=${PREFIX:-/usr/local}
@@ -29,4 +30,5 @@ sed "s|@SBINDIR@|$PREFIX/sbin|g" contrib/systemd/hashify.service.in > "$root/lib
 install -m 644 contrib/systemd/hashify.timer "$root/lib/systemd/system/hashify.timer"
 install -m 755 contrib/lxc/hashify-lxc-hook "$root/share/hashify/hashify-lxc-hook"
 sed "s|/usr/local/sbin|$PREFIX/sbin|g" contrib/apt/99hashify > "$root/share/hashify/apt/99hashify"
+install -m 644 contrib/hashify.toml "$root/share/hashify/hashify.toml"
 echo "installed hashify in $root (enable the timer: systemctl enable --now hashify.timer)"

@@ -129,6 +129,7 @@ void hashify_coarse_now(int64_t *sec, uint32_t *nsec) {
 ssize_t hashify_flistxattr(int fd, char *list, size_t size) { return flistxattr(fd, list, size); }
 ssize_t hashify_fgetxattr(int fd, const char *name, void *value, size_t size) { return fgetxattr(fd, name, value, size); }
 int hashify_fsetxattr(int fd, const char *name, const void *value, size_t size) { return fsetxattr(fd, name, value, size, 0); }
+int hashify_fremovexattr(int fd, const char *name) { return fremovexattr(fd, name); }
 ssize_t hashify_llistxattr(const char *path, char *list, size_t size) { return llistxattr(path, list, size); }
 ssize_t hashify_lgetxattr(const char *path, const char *name, void *value, size_t size) { return lgetxattr(path, name, value, size); }
 int hashify_lsetxattr(const char *path, const char *name, const void *value, size_t size) { return lsetxattr(path, name, value, size, 0); }

@@ -175,6 +175,11 @@ public final class Directory: @unchecked Sendable {
     /// Sets one extended attribute of this directory (`fsetxattr`).
     public func setExtendedAttribute(_ a: ExtendedAttribute) throws { try setExtendedAttributeOf(descriptor: fd, a) }
 
+    /// Removes one extended attribute of the directory (`fremovexattr`; absent is no error).
+    public func removeExtendedAttribute(_ name: String) throws {
+        if hashify_fremovexattr(fd, name) != 0 && errno != ENODATA { throw Errno(rawValue: errno) }
+    }
+
     /// Flushes the whole filesystem this directory is on (`syncfs(2)`).
     public func syncFilesystem() throws { _ = try retrying { hashify_syncfs(self.fd) } }
 

@@ -23,7 +23,7 @@ struct Hashify: ParsableCommand {
             2 bad usage or input (nothing changed); 3 the store is locked by another run (--no-wait).
             """,
         version: "0.1.0",
-        subcommands: [Unify.self, OverlayCommand.self, CloneCommand.self, Mem.self, KSMCommand.self, Status.self, Verify.self, GC.self, Split.self, Demo.self]
+        subcommands: [Unify.self, OverlayCommand.self, CloneCommand.self, Mem.self, KSMCommand.self, Status.self, ManifestCommandLine.self, Verify.self, GC.self, Split.self, Demo.self]
     )
 }
 

@@ -1,5 +1,6 @@
 import Foundation
 import HashifyEngine
+import SystemPackage
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -134,6 +135,12 @@ struct ConfigTests {
         } catch let e as InputError {
             #expect(e.description.hasPrefix("t.toml:2: guest.\"a.b\".exlude: unknown key"), "\(e.description)")
         }
+    }
+
+    @Test("the example config contrib/hashify.toml parses")
+    func example() throws {
+        let c = try HashifyConfig.load(FilePath(packageRoot.appendingPathComponent("contrib/hashify.toml").path))
+        #expect(c?.mode == .hardlink && c?.all == true && c?.guests.isEmpty == true)
     }
 
     @Test("mode = \"overlay\": a stopped plain guest is converted and shares with the others, a running one is left as it was",

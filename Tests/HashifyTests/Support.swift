@@ -48,8 +48,12 @@ func run(_ argv: [String], input: String? = nil) -> (status: Int32, out: String,
     p.standardError = e
     p.standardInput = FileHandle.nullDevice
     do { try p.run() } catch { return (127, "", "\(error)") }
+    // Both pipes drained at once: a program that fills one while the other is read would block forever.
+    nonisolated(unsafe) var ed = Data()
+    let stderrRead = DispatchGroup()
+    DispatchQueue.global().async(group: stderrRead) { ed = e.fileHandleForReading.readDataToEndOfFile() }
     let od = o.fileHandleForReading.readDataToEndOfFile()
-    let ed = e.fileHandleForReading.readDataToEndOfFile()
+    stderrRead.wait()
     p.waitUntilExit()
     return (p.terminationStatus, String(decoding: od, as: UTF8.self), String(decoding: ed, as: UTF8.self))
 }

@@ -67,6 +67,8 @@ void hashify_coarse_now(int64_t *sec, uint32_t *nsec);
 ssize_t hashify_flistxattr(int fd, char *list, size_t size);
 ssize_t hashify_fgetxattr(int fd, const char *name, void *value, size_t size);
 int hashify_fsetxattr(int fd, const char *name, const void *value, size_t size);
+/// fremovexattr.
+int hashify_fremovexattr(int fd, const char *name);
 /// lsetxattr / llistxattr / lgetxattr on a path (used on /proc/self/fd/N/name for symlinks).
 ssize_t hashify_llistxattr(const char *path, char *list, size_t size);
 ssize_t hashify_lgetxattr(const char *path, const char *name, void *value, size_t size);

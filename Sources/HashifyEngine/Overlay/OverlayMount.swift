@@ -28,12 +28,26 @@ enum OverlayMount {
 
     /// Mounts generation `g` on the directory `target` (reached through its
     /// descriptor, so the mount lands on the very directory that was checked).
+    ///
+    /// Layers restored from a backup are new inodes: overlayfs' index then no
+    /// longer matches the file handles it recorded (the upper root's
+    /// `trusted.overlay.origin`, the index directory's upper) and refuses
+    /// with ESTALE. When the generation holds no copy-ups (it was folded
+    /// before the backup, as the README says), those records describe nothing
+    /// and are dropped, and the mount is tried once more; otherwise the error stands.
     static func mount(_ g: OverlayGuest.Generation, data: FilePath, on target: Directory, readOnly: Bool = false) throws {
         let opts = options(g, data: data)
-        let r = withCName(target.procPath) { t in
-            hashify_mount("hashify", t, "overlay", readOnly ? HASHIFY_MS_RDONLY : 0, opts)
+        func attempt() -> Int32 {
+            withCName(target.procPath) { t in hashify_mount("hashify", t, "overlay", readOnly ? HASHIFY_MS_RDONLY : 0, opts) }
         }
-        if r != 0 { throw Errno(rawValue: errno) }
+        if attempt() == 0 { return }
+        let e = errno
+        guard e == ESTALE, !Overlay.hasCopyUps(g) else {
+            throw e == ESTALE ? InputError("the overlay's index does not match its layers (restored from a backup?) and the guest has copy-ups; export it from where it was made") : Errno(rawValue: e)
+        }
+        try g.upper.removeExtendedAttribute("trusted.overlay.origin")
+        if (try? g.work.stat(FileName("index"))) != nil { try g.work.removeTree(FileName("index")) }
+        if attempt() != 0 { throw Errno(rawValue: errno) }
     }
 
     /// Unmounts what is mounted at `path` (never lazily: a busy guest stays

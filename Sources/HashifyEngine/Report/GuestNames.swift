@@ -8,6 +8,7 @@ import Glibc
 /// wherever one is known, and keep the path in `--json` beside it.
 public struct GuestNames: Sendable {
     private var byRoot: [String: String] = [:]
+    private var named: [(name: String, root: FilePath)] = []
 
     public init(_ pairs: [(name: String, root: FilePath)] = []) {
         for (name, root) in pairs { add(name, root: root) }
@@ -19,11 +20,19 @@ public struct GuestNames: Sendable {
     }
 
     public mutating func add(_ name: String, root: FilePath) {
+        named.append((name, root))
         byRoot[root.lexicallyNormalized().string] = name
         if let c = RootValidation.canonical(root) { byRoot[c.string] = name }
     }
 
     public var isEmpty: Bool { byRoot.isEmpty }
+
+    /// The root of the guest called `name` (`lxc:web1`, or `web1` when one manager alone has it).
+    public func root(named name: String) -> FilePath? {
+        if let exact = named.last(where: { $0.name == name }) { return exact.root }
+        let bare = named.filter { $0.name.split(separator: ":", maxSplits: 1).last.map(String.init) == name }
+        return Set(bare.map(\.root)).count == 1 ? bare[0].root : nil
+    }
 
     /// The name of the guest at `root` (as a report prints it), if it has one.
     public func name(of root: String) -> String? {

@@ -1,0 +1,38 @@
+import ArgumentParser
+import HashifyEngine
+import SystemPackage
+
+/// `hashify manifest GUEST`: what is unified in one guest, for audits.
+struct ManifestCommandLine: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "manifest",
+        abstract: "List one guest's entries, each regular file marked shared or private with how many guests use its copy.",
+        discussion: """
+            One line per entry, as the guest sees it: SHARING GUESTS TYPE MODE UID:GID MTIME SHA-256 PATH \
+            (-> symlink target) [xattr names]; --json gives every xattr value too. A file is shared when \
+            its copy is a store object (hardlink mode: GUESTS counts the guests the store knows that link \
+            it) or its overlay stub's data object (overlay mode). Every file is read to give its digest; \
+            nothing is changed. GUEST is a root directory or a name: lxc:NAME, nspawn:NAME, a config \
+            entry, or a bare NAME when only one guest has it.
+            """)
+    @Argument(help: "The guest: its root directory or its name.")
+    var guest: String
+    @Option(help: "The store (default: the config's, else .hashify beside the root).")
+    var store: String?
+    @OptionGroup var configOption: ConfigOption
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        let names = configOption.settings.guestNames
+        let root: FilePath
+        if guest.contains("/") {
+            root = FilePath(guest)
+        } else if let r = names.root(named: guest) {
+            root = r
+        } else {
+            fail("\(guest): no guest of that name (give its root directory, or lxc:NAME / nspawn:NAME)")
+        }
+        let report = runEngine { try ManifestCommand.run(root: root, store: configOption.store(store)) }
+        emit(report, output: output, names: names) { $0.humanReadable() }
+    }
+}
