@@ -118,7 +118,7 @@ struct HostileTests {
         let initial = pseudoRandom(10_000, seed: 5)
         for r in [a, b] { writeFile("\(r)/usr/log", initial) }
         settle()
-        let fd = open("\(a)/usr/log", O_WRONLY | O_APPEND)
+        let fd = open("\(a)/usr/log", O_WRONLY | O_CLOEXEC | O_APPEND)
         #expect(fd >= 0)
         let r = hashify(["unify", "--json", a, b])
         #expect(r.status == 0, "\(r.err)")
@@ -148,7 +148,7 @@ struct HostileTests {
             var n = 0
             while !stop.isSet {
                 let chunk = Array("line \(n)\n".utf8)
-                let fd = open(path, O_WRONLY | O_APPEND)
+                let fd = open(path, O_WRONLY | O_CLOEXEC | O_APPEND)
                 if fd >= 0 {
                     _ = chunk.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
                     close(fd)

@@ -40,7 +40,7 @@ struct StoreTests {
         let path = "\(roots[1])/usr/share/same-size"
         var st = stat()
         lstat(path, &st)
-        let fd = open(path, O_WRONLY)
+        let fd = open(path, O_WRONLY | O_CLOEXEC)
         _ = pwrite(fd, "X", 1, 0)
         var ts = [st.st_atim, st.st_mtim]
         futimens(fd, &ts)
@@ -125,7 +125,7 @@ struct StoreTests {
         #expect((jsonReport(r.out)["damaged"] as? [Any])?.isEmpty == true)
         // A guest writes into a shared file in place: every guest sees it.
         let victim = "\(roots[0])/usr/bin/tool"
-        let fd = open(victim, O_WRONLY)
+        let fd = open(victim, O_WRONLY | O_CLOEXEC)
         _ = pwrite(fd, "EVIL", 4, 100)
         close(fd)
         settle()
@@ -196,7 +196,7 @@ struct StoreTests {
         for r in roots { writeFile("\(r)/usr/new", pseudoRandom(999, seed: 1)) }
         settle()
         // Hold the store lock as another run would.
-        let fd = open(s.sub("guests/.hashify/lock"), O_RDWR)
+        let fd = open(s.sub("guests/.hashify/lock"), O_RDWR | O_CLOEXEC)
         #expect(flock(fd, LOCK_EX) == 0)
         let busy = hashify(["unify", "--no-wait"] + roots)
         #expect(busy.status == 3)

@@ -95,7 +95,7 @@ func mkdirs(_ path: String, mode: mode_t = 0o755) {
 func writeFile(_ path: String, _ content: [UInt8], mode: mode_t = 0o644, uid: uid_t = 0, gid: gid_t = 0,
                mtime: Int64 = 1_700_000_000, mtimeNsec: Int = 123_456_789, xattrs: [(String, [UInt8])] = []) {
     mkdirs((path as NSString).deletingLastPathComponent)
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    let fd = open(path, O_WRONLY | O_CLOEXEC | O_CREAT | O_TRUNC, 0o600)
     precondition(fd >= 0, "open \(path): \(errno)")
     content.withUnsafeBytes { _ = write(fd, $0.baseAddress, $0.count) }
     if isRoot { fchown(fd, uid, gid) }
