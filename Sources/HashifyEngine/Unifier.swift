@@ -230,7 +230,7 @@ public struct Unifier {
         for s in skips { perGuest[s.guest].skipped += 1 }
         report.skipped = skippedPaths(skips, roots: roots)
         if let store, !options.dryRun {
-            store.recordOpenForWriting(report.skipped.filter { $0.reason == SkipReason.openForWriting.code }.map { ($0.root, $0.path) },
+            store.recordOpenForWriting(skips.filter { $0.reason == .openForWriting }.map { (roots[$0.guest].path.string, escapedPath($0.path)) },
                                        roots: roots.map(\.path.string))
         }
         report.totals.errors = skips.filter { $0.reason.isError }.count

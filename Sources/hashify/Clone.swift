@@ -34,7 +34,7 @@ struct CloneCommand: ParsableCommand {
 
     func run() throws {
         var o = CloneOptions(source: FilePath(source), destination: FilePath(destination))
-        o.store = configOption.store(store)
+        o.store = configOption.load().store(store)
         o.lxcName = lxc
         o.mount = !noMount
         o.waitForLock = !noWait

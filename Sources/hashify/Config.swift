@@ -7,24 +7,32 @@ struct ConfigOption: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Read settings from FILE (default: /etc/hashify/hashify.toml, when it exists).", valueName: "file"))
     var config: String?
 
-    /// The settings; a bad file ends the command with its file, line and what is wrong (status 2).
-    var settings: HashifyConfig? { runEngine { try HashifyConfig.load(config.map { FilePath($0) }) } }
-
-    /// The store the config names, unless the command line gives one.
-    func store(_ given: String?) -> FilePath? { given.map { FilePath($0) } ?? settings?.store }
+    /// The settings, read once per command; a bad file ends the command with
+    /// its file, line and what is wrong (status 2).
+    func load() -> HostSettings { HostSettings(config: runEngine { try HashifyConfig.load(config.map { FilePath($0) }) }) }
 }
 
-extension HashifyConfig {
-    /// The names of the host's guests: the container managers' (at the configured places) and the config's own entries.
-    var guestNames: GuestNames {
-        var names = GuestNames.discover(places)
-        for (name, root) in namedRoots { if let name { names.add(name, root: root) } }
-        return names
-    }
+/// What a command takes from the config file (absent: the defaults).
+struct HostSettings {
+    let config: HashifyConfig?
+
+    /// The store the command line gives, else the config's.
+    func store(_ given: String?) -> FilePath? { given.map { FilePath($0) } ?? config?.store }
+
+    /// The names of the host's guests, for the report.
+    var names: GuestNames { config.guestNames() }
 }
 
 extension Optional where Wrapped == HashifyConfig {
-    var guestNames: GuestNames { self?.guestNames ?? GuestNames.discover(GuestDiscovery.Places()) }
+    /// The names of the host's guests: those of the container managers
+    /// (`found`, when the command discovered them already; else looked up at
+    /// the configured places) and the config's own entries.
+    func guestNames(found: [GuestDiscovery.Found]? = nil) -> GuestNames {
+        let managed = found ?? GuestDiscovery.find(self?.places ?? GuestDiscovery.Places())
+        var names = GuestNames(managed.map { ($0.name, FilePath($0.root)) })
+        for (name, root) in self?.namedRoots ?? [] { if let name { names.add(name, root: root) } }
+        return names
+    }
 }
 
 extension HashifyConfig.Mode: ExpressibleByArgument {}

@@ -37,8 +37,9 @@ struct KSMCommand: ParsableCommand {
         @OptionGroup var output: OutputOptions
 
         func run() throws {
-            let r = runEngine { try KSM.status(selection.options) }
-            emit(r, output: output, names: selection.names) { r in
+            let (options, host) = selection.resolve()
+            let r = runEngine { try KSM.status(options) }
+            emit(r, output: output, names: host.names) { r in
                 let s = r.settings
                 func v(_ k: String) -> String { s[k].map(String.init) ?? "-" }
                 var out = "hashify ksm status — ksmd \(r.running ? "running" : "not running")\n"

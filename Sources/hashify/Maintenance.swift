@@ -29,8 +29,9 @@ struct Status: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let config = configOption.settings
-        let location = StoreLocation(store: configOption.store(store), roots: roots.map { FilePath($0) })
+        let host = configOption.load()
+        let config = host.config
+        let location = StoreLocation(store: host.store(store), roots: roots.map { FilePath($0) })
         var options = UnifyOptions(roots: [])
         options.excludes = config?.excludes ?? []
         options.includes = config?.includes ?? []
@@ -38,7 +39,7 @@ struct Status: ParsableCommand {
         options.minimumSize = config?.minimumSize ?? 1
         options.ignoreModificationTime = config?.ignoreModificationTime ?? false
         let report = runEngine { try StatusCommand.run(location, unifyOptions: options) }
-        emit(report, output: output, names: config.guestNames) { r in
+        emit(report, output: output, names: host.names) { r in
             var out = "hashify status — store \(r.store)\n\n"
             let w = max(5, r.guests.map { $0.label.count }.max() ?? 5)
             out += "GUEST".rightPadded(w) + "      FILES       BYTES     SHARED  BYTES SHARED\n"
@@ -83,8 +84,11 @@ struct StoreArguments: ParsableArguments {
     var noWait = false
     @OptionGroup var configOption: ConfigOption
 
-    var location: StoreLocation { StoreLocation(store: configOption.store(store), roots: roots.map { FilePath($0) }) }
-    var names: GuestNames { configOption.settings.guestNames }
+    /// The store and guests, with the config (read once) for the report's names.
+    func resolve() -> (StoreLocation, HostSettings) {
+        let host = configOption.load()
+        return (StoreLocation(store: host.store(store), roots: roots.map { FilePath($0) }), host)
+    }
 }
 
 struct Verify: ParsableCommand {
@@ -103,8 +107,9 @@ struct Verify: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let report = runEngine { try VerifyCommand.run(target.location, repair: repair, waitForLock: !target.noWait) }
-        try finish(report, output: output, names: target.names) { r in
+        let (location, host) = target.resolve()
+        let report = runEngine { try VerifyCommand.run(location, repair: repair, waitForLock: !target.noWait) }
+        try finish(report, output: output, names: host.names) { r in
             var out = "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
             if r.dataObjectsChecked > 0 || !r.damagedDataObjects.isEmpty { out += "checked   \(r.dataObjectsChecked) data objects (overlay mode)\n" }
             for d in r.damagedDataObjects {
@@ -135,8 +140,9 @@ struct GC: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let report = runEngine { try GCCommand.run(target.location, dryRun: dryRun, waitForLock: !target.noWait) }
-        try finish(report, output: output, names: target.names) { r in
+        let (location, host) = target.resolve()
+        let report = runEngine { try GCCommand.run(location, dryRun: dryRun, waitForLock: !target.noWait) }
+        try finish(report, output: output, names: host.names) { r in
             var out = "hashify gc\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
             out += "\(r.dryRun ? "would remove" : "removed")  \(r.objectsRemoved) unreferenced objects, \(formatBytes(r.bytesFreed)) freed\n"
             if r.dataObjectsRemoved > 0 { out += "\(r.dryRun ? "would remove" : "removed")  \(r.dataObjectsRemoved) data objects no overlay guest uses, \(formatBytes(r.dataBytesFreed)) freed\n" }
@@ -178,12 +184,13 @@ struct Split: ParsableCommand {
     }
 
     func run() throws {
-        let location = StoreLocation(store: configOption.store(store), roots: root.map { FilePath($0) })
+        let host = configOption.load()
+        let location = StoreLocation(store: host.store(store), roots: root.map { FilePath($0) })
         let report = runEngine {
             try SplitCommand.run(location, paths: paths.map { FilePath($0).lexicallyNormalized() },
                                  includes: include.map(argumentBytes), dryRun: dryRun, waitForLock: !noWait)
         }
-        try finish(report, output: output, names: configOption.settings.guestNames) { r in
+        try finish(report, output: output, names: host.names) { r in
             var out = "hashify split\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
             out += "\(r.dryRun ? "would split" : "split")     \(r.pathsSplit) paths (\(r.notUnified) matching paths were not unified)\n"
             out += skippedAndNotes(r.skipped)

@@ -23,7 +23,8 @@ struct ManifestCommandLine: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let names = configOption.settings.guestNames
+        let host = configOption.load()
+        let names = host.names
         let root: FilePath
         if guest.contains("/") {
             root = FilePath(guest)
@@ -32,7 +33,7 @@ struct ManifestCommandLine: ParsableCommand {
         } else {
             fail("\(guest): no guest of that name (give its root directory, or lxc:NAME / nspawn:NAME)")
         }
-        let report = runEngine { try ManifestCommand.run(root: root, store: configOption.store(store)) }
+        let report = runEngine { try ManifestCommand.run(root: root, store: host.store(store)) }
         emit(report, output: output, names: names) { $0.humanReadable() }
     }
 }

@@ -21,8 +21,9 @@ struct Mem: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let r = runEngine { try MemoryScanner.run(selection.options) }
-        emit(r, output: output, names: selection.names) { r in
+        let (options, host) = selection.resolve()
+        let r = runEngine { try MemoryScanner.run(options) }
+        emit(r, output: output, names: host.names) { r in
             func mib(_ b: UInt64) -> String { formatBytes(b) }
             let w = max(5, r.guests.map { $0.guest.count }.max() ?? 5)
             var out = "hashify mem\(r.partial ? " (partial: \(r.unreadableProcesses) processes could not be read)" : "")\n\n"
@@ -58,10 +59,11 @@ struct GuestSelection: ParsableArguments {
     var store: String?
     @OptionGroup var configOption: ConfigOption
 
-    var options: MemoryOptions {
+    /// The selection, with the config (read once) for the report's names.
+    func resolve() -> (MemoryOptions, HostSettings) {
+        let host = configOption.load()
         var o = MemoryOptions(roots: roots.map { FilePath($0) })
-        o.store = configOption.store(store)
-        return o
+        o.store = host.store(store)
+        return (o, host)
     }
-    var names: GuestNames { configOption.settings.guestNames }
 }

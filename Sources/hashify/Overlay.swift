@@ -34,13 +34,13 @@ struct OverlayCommand: ParsableCommand {
             if roots.isEmpty { throw ValidationError("give at least one guest root") }
         }
 
-        var names: GuestNames { configOption.settings.guestNames }
-
-        var options: OverlayOptions {
+        /// The options, with the config (read once) for the report's names.
+        func resolve() -> (OverlayOptions, HostSettings) {
+            let host = configOption.load()
             var o = OverlayOptions(roots: roots.map { FilePath($0) })
-            o.store = configOption.store(store)
+            o.store = host.store(store)
             o.waitForLock = !noWait
-            return o
+            return (o, host)
         }
     }
 
@@ -61,9 +61,9 @@ struct OverlayCommand: ParsableCommand {
         @OptionGroup var output: OutputOptions
 
         func run() throws {
-            var o = target.options
+            var (o, host) = target.resolve()
             o.mount = !noMount
-            try report(runEngine { try Overlay.convert(o) }, output: output, names: target.names)
+            try report(runEngine { try Overlay.convert(o) }, output: output, names: host.names)
         }
     }
 
@@ -73,7 +73,10 @@ struct OverlayCommand: ParsableCommand {
             discussion: "Options: the guest's metadata layer over the store's data as a data-only layer, metacopy=on, redirect_dir=on, index=on.")
         @OptionGroup var target: Target
         @OptionGroup var output: OutputOptions
-        func run() throws { try report(runEngine { try Overlay.mount(target.options) }, output: output, names: target.names) }
+        func run() throws {
+            let (o, host) = target.resolve()
+            try report(runEngine { try Overlay.mount(o) }, output: output, names: host.names)
+        }
     }
 
     struct Umount: ParsableCommand {
@@ -81,7 +84,10 @@ struct OverlayCommand: ParsableCommand {
             abstract: "Unmount overlay guests; refuses, naming them, while processes use a guest.")
         @OptionGroup var target: Target
         @OptionGroup var output: OutputOptions
-        func run() throws { try report(runEngine { try Overlay.umount(target.options) }, output: output, names: target.names) }
+        func run() throws {
+            let (o, host) = target.resolve()
+            try report(runEngine { try Overlay.umount(o) }, output: output, names: host.names)
+        }
     }
 
     struct Fold: ParsableCommand {
@@ -95,7 +101,10 @@ struct OverlayCommand: ParsableCommand {
                 """)
         @OptionGroup var target: Target
         @OptionGroup var output: OutputOptions
-        func run() throws { try report(runEngine { try Overlay.fold(target.options) }, output: output, names: target.names) }
+        func run() throws {
+            let (o, host) = target.resolve()
+            try report(runEngine { try Overlay.fold(o) }, output: output, names: host.names)
+        }
     }
 
     struct Export: ParsableCommand {
@@ -119,11 +128,12 @@ struct OverlayCommand: ParsableCommand {
         @OptionGroup var output: OutputOptions
 
         func run() throws {
+            let host = configOption.load()
             var o = OverlayOptions(roots: [FilePath(root)])
-            o.store = configOption.store(store)
+            o.store = host.store(store)
             o.waitForLock = !noWait
             o.destination = destination.map { FilePath($0) }
-            try report(runEngine { try Overlay.export(o) }, output: output, names: configOption.settings.guestNames)
+            try report(runEngine { try Overlay.export(o) }, output: output, names: host.names)
         }
     }
 }

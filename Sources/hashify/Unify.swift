@@ -90,14 +90,15 @@ struct Unify: ParsableCommand {
     }
 
     func run() throws {
-        let config = configOption.settings
-        var names = config.guestNames
+        let host = configOption.load()
+        let config = host.config
         var discovered: [GuestDiscovery.Found] = []
         // The command line's roots replace the config's guests.
         var allRoots = roots.map { FilePath($0) }
         if roots.isEmpty, let config { allRoots = config.namedRoots.map(\.root) }
-        let storeOption = configOption.store(store)
-        if all || (roots.isEmpty && config?.all == true) {
+        let storeOption = host.store(store)
+        let discovering = all || (roots.isEmpty && config?.all == true)
+        if discovering {
             var places = config?.places ?? GuestDiscovery.Places()
             if !lxcpath.isEmpty || machines != nil {
                 places.lxcPaths = lxcpath.map { FilePath($0) }
@@ -105,7 +106,6 @@ struct Unify: ParsableCommand {
                 places.incusPools = []
             }
             discovered = GuestDiscovery.find(places)
-            for d in discovered { names.add(d.name, root: FilePath(d.root)) }
             let candidates = discovered.filter { $0.unusable == nil }.map { FilePath($0.root) }
             let storePath = storeOption ?? (candidates.isEmpty ? nil : RootValidation.defaultStorePath(for: candidates))
             let overlays = storePath.map { Overlay.overlayGuests(among: candidates, storePath: $0) } ?? []
@@ -116,6 +116,7 @@ struct Unify: ParsableCommand {
                 fail("--all found no guest hashify can use" + (left.isEmpty ? "" : ": " + left))
             }
         }
+        let names = config.guestNames(found: discovering ? discovered : nil)
         if allRoots.isEmpty {
             fail(config == nil ? "give at least one guest root, or --all" : "give at least one guest root, or --all (\(config!.file?.string ?? "the config") names no guests)")
         }

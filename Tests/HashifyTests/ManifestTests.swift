@@ -192,3 +192,39 @@ struct BackupTests {
         #expect(overlay(["umount"] + roots, store: store).status == 0)
     }
 }
+
+@Suite("status: what keeps files from staying shared")
+struct SharingBreakerTests {
+    @Test("prelink in a guest and a file held open for writing across two runs are named; a file open in one run only is not")
+    func breakers() throws {
+        let s = Scratch("breakers")
+        let roots = (0..<2).map { s.sub("guests/g\($0)") }
+        for (i, r) in roots.enumerated() { makeGuest(r, index: i) }
+        writeFile("\(roots[1])/usr/sbin/prelink", pseudoRandom(2000, seed: 3), mode: 0o755)
+        writeFile("\(roots[0])/usr/lib/db.bin", pseudoRandom(3000, seed: 5))
+        writeFile("\(roots[1])/usr/lib/db.bin", pseudoRandom(3000, seed: 5))
+        writeFile("\(roots[0])/usr/lib/once.bin", pseudoRandom(3000, seed: 6))
+        writeFile("\(roots[1])/usr/lib/once.bin", pseudoRandom(3000, seed: 6))
+        settle()
+        let held = open("\(roots[0])/usr/lib/db.bin", O_WRONLY | O_CLOEXEC)
+        defer { close(held) }
+        let once = open("\(roots[0])/usr/lib/once.bin", O_WRONLY | O_CLOEXEC)
+        let first = hashify(["unify", "--json"] + roots)
+        close(once)
+        #expect(Set((jsonReport(first.out)["skipped"] as? [[String: Any]] ?? []).compactMap { $0["path"] as? String }) == ["/usr/lib/db.bin", "/usr/lib/once.bin"])
+        let status1 = jsonReport(hashify(["status", "--json"] + roots).out)["sharingBreakers"] as? [[String: Any]] ?? []
+        #expect(status1.map { $0["kind"] as? String } == ["prelink"], "one run is not yet a pattern: \(status1)")
+        _ = hashify(["unify", "-q"] + roots)
+        let status = hashify(["status", "--json"] + roots)
+        #expect(status.status == 0, "\(status.err)")
+        let breakers = jsonReport(status.out)["sharingBreakers"] as? [[String: Any]] ?? []
+        let byKind = Dictionary(breakers.map { ($0["kind"] as? String ?? "", $0) }, uniquingKeysWith: { a, _ in a })
+        #expect(byKind.count == 2, "\(breakers)")
+        #expect(byKind["prelink"]?["root"] as? String == roots[1] && byKind["prelink"]?["path"] as? String == "/usr/sbin/prelink")
+        #expect(byKind["held-open-for-writing"]?["root"] as? String == roots[0])
+        #expect(byKind["held-open-for-writing"]?["path"] as? String == "/usr/lib/db.bin")
+        let detail = byKind["held-open-for-writing"]?["detail"] as? String ?? ""
+        #expect(detail.contains("last 2 runs"))
+        #expect(hashify(["status"] + roots).out.contains("breaker   \(roots[1])/usr/sbin/prelink: prelink is installed"))
+    }
+}

@@ -80,8 +80,7 @@ public struct HashifyConfig: Sendable {
         } catch {
             throw InputError("\(file): \(error)")
         }
-        var reader = Reader(text: text, file: file)
-        return try reader.config(table)
+        return try Reader(text: text, file: file).config(table)
     }
 
     /// The guest settings for a guest named `name` (`lxc:web1`) or rooted at `root`.
@@ -110,11 +109,15 @@ public struct HashifyConfig: Sendable {
 
 /// Turns a parsed TOML table into settings, checking every key and type.
 private struct Reader {
-    let text: String
     let file: String
-    lazy var lines: [Substring] = text.split(separator: "\n", omittingEmptySubsequences: false)
+    let lines: [Substring]
 
-    mutating func config(_ t: TOMLTable) throws -> HashifyConfig {
+    init(text: String, file: String) {
+        self.file = file
+        lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+    }
+
+    func config(_ t: TOMLTable) throws -> HashifyConfig {
         var c = HashifyConfig()
         try known(t, at: [], ["store", "mode", "threads", "min-size", "default-excludes", "ignore-mtime", "exclude", "include", "guests", "guest"])
         c.store = try path(t, "store", at: [])
@@ -160,36 +163,36 @@ private struct Reader {
 
     // MARK: typed look-ups
 
-    mutating func known(_ t: TOMLTable, at table: [String], _ keys: Set<String>) throws {
+    func known(_ t: TOMLTable, at table: [String], _ keys: Set<String>) throws {
         for k in t.keys.sorted() where !keys.contains(k) {
             let expected = keys.sorted().joined(separator: ", ")
             throw fault(at: table, k, "unknown key (\(table.isEmpty ? "top level" : "[\(table.joined(separator: "."))]") takes \(expected))")
         }
     }
 
-    mutating func value(_ t: TOMLTable, _ key: String, at table: [String], _ type: TOMLType, _ what: String) throws -> (any TOMLValueConvertible)? {
+    func value(_ t: TOMLTable, _ key: String, at table: [String], _ type: TOMLType, _ what: String) throws -> (any TOMLValueConvertible)? {
         guard let v = t[key] else { return nil }
         if v.type != type { throw fault(at: table, key, "must be \(what), not \(Reader.article(v.type))") }
         return v
     }
 
-    mutating func string(_ t: TOMLTable, _ key: String, at table: [String]) throws -> String? {
+    func string(_ t: TOMLTable, _ key: String, at table: [String]) throws -> String? {
         try value(t, key, at: table, .string, "a string")?.string
     }
 
-    mutating func integer(_ t: TOMLTable, _ key: String, at table: [String]) throws -> Int? {
+    func integer(_ t: TOMLTable, _ key: String, at table: [String]) throws -> Int? {
         try value(t, key, at: table, .int, "an integer")?.int
     }
 
-    mutating func bool(_ t: TOMLTable, _ key: String, at table: [String]) throws -> Bool? {
+    func bool(_ t: TOMLTable, _ key: String, at table: [String]) throws -> Bool? {
         try value(t, key, at: table, .bool, "true or false")?.bool
     }
 
-    mutating func table(_ t: TOMLTable, _ key: String, at table: [String]) throws -> TOMLTable? {
+    func table(_ t: TOMLTable, _ key: String, at table: [String]) throws -> TOMLTable? {
         try value(t, key, at: table, .table, "a table")?.table
     }
 
-    mutating func strings(_ t: TOMLTable, _ key: String, at table: [String]) throws -> [String]? {
+    func strings(_ t: TOMLTable, _ key: String, at table: [String]) throws -> [String]? {
         guard let a = try value(t, key, at: table, .array, "an array of strings")?.array else { return nil }
         return try a.map { v in
             guard let s = v.string else { throw fault(at: table, key, "must be an array of strings, but holds \(Reader.article(v.type))") }
@@ -197,23 +200,23 @@ private struct Reader {
         }
     }
 
-    mutating func patterns(_ t: TOMLTable, _ key: String, at table: [String]) throws -> [[UInt8]] {
+    func patterns(_ t: TOMLTable, _ key: String, at table: [String]) throws -> [[UInt8]] {
         let list = try strings(t, key, at: table) ?? []
         if list.contains("") { throw fault(at: table, key, "holds an empty pattern") }
         return list.map { Array($0.utf8) }
     }
 
-    mutating func absolute(_ s: String, _ key: String, at table: [String]) throws -> FilePath {
+    func absolute(_ s: String, _ key: String, at table: [String]) throws -> FilePath {
         guard s.hasPrefix("/") else { throw fault(at: table, key, "must be an absolute path, not \"\(s)\"") }
         return FilePath(s).lexicallyNormalized()
     }
 
-    mutating func path(_ t: TOMLTable, _ key: String, at table: [String]) throws -> FilePath? {
+    func path(_ t: TOMLTable, _ key: String, at table: [String]) throws -> FilePath? {
         guard let s = try string(t, key, at: table) else { return nil }
         return try absolute(s, key, at: table)
     }
 
-    mutating func paths(_ t: TOMLTable, _ key: String, at table: [String]) throws -> [FilePath]? {
+    func paths(_ t: TOMLTable, _ key: String, at table: [String]) throws -> [FilePath]? {
         guard let list = try strings(t, key, at: table) else { return nil }
         return try list.map { try absolute($0, key, at: table) }
     }
@@ -221,7 +224,7 @@ private struct Reader {
     // MARK: where in the file
 
     /// An error naming the file, the line of `key` in `table` (when found) and what is wrong.
-    mutating func fault(at table: [String], _ key: String, _ message: String) -> InputError {
+    func fault(at table: [String], _ key: String, _ message: String) -> InputError {
         let name = (table + [key]).map(Reader.quotedIfNeeded).joined(separator: ".")
         if let line = line(of: key, in: table) { return InputError("\(file):\(line): \(name): \(message)") }
         return InputError("\(file): \(name): \(message)")
@@ -238,7 +241,7 @@ private struct Reader {
     }
 
     /// The first line that defines `key` in `[table]` (or the table header itself).
-    mutating func line(of key: String, in table: [String]) -> Int? {
+    func line(of key: String, in table: [String]) -> Int? {
         var current: [String] = []
         var headerLine: Int?
         for (i, raw) in lines.enumerated() {

@@ -73,24 +73,34 @@ public enum ManifestCommand {
             return try overlayManifest(root: root, store: store)
         }
         var report = ManifestReport(root: root.string, store: path.string, mode: "hardlink")
-        // How many guests link each store object: every guest the store knows, and this one.
-        var others = store.rememberedGuests().filter { RootValidation.canonical($0) != canonical }
-        others = others.filter { !Overlay.overlayGuests(among: [$0], storePath: path).contains($0) }
-        let opened: [GuestRoot]
-        if let all = try? RootValidation.openRoots([root] + others) { opened = all } else { opened = try RootValidation.openRoots([root]) }
-        let walk = walkAll(opened, store: store)
-        var guestsOfObject: [UInt64: Int] = [:]
-        for (i, e) in walk.inventory.inodes.enumerated() where e.isStoreObject {
-            var seen = Set<UInt16>()
-            for n in walk.inventory.names(of: Int32(i)) { seen.insert(walk.inventory.guest(ofName: n)) }
-            guestsOfObject[walk.inventory.inodes[i].inode] = seen.count
+        // How many guests link each store object: this one (it is listed below) and every other guest the store knows.
+        let objects = Set(try store.objectGenerations().keys)
+        let remembered = store.rememberedGuests().filter { RootValidation.canonical($0) != canonical }
+        let overlayGuests = Overlay.overlayGuests(among: remembered, storePath: path)
+        let others = remembered.filter { !overlayGuests.contains($0) }
+        var otherGuestsOfObject: [UInt64: Int] = [:]
+        do {
+            otherGuestsOfObject = try guestsLinkingObjects(others, store: store)
+        } catch {
+            report.notes.append("the store's other guests could not be read (\(error)): GUESTS counts this guest only")
         }
         let device = try dir.stat().device
-        try list(dir, into: &report) { name, st, _ in
-            if st.device == device, let n = guestsOfObject[st.inode] { return ("shared", n) }
-            return ("private", 1)
+        try list(dir, into: &report) { _, st, _ in
+            guard st.device == device, objects.contains(st.inode) else { return ("private", 1) }
+            return ("shared", 1 + (otherGuestsOfObject[st.inode] ?? 0))
         }
         return report
+    }
+
+    /// Store object inode → how many of `roots` link it.
+    static func guestsLinkingObjects(_ roots: [FilePath], store: Store) throws -> [UInt64: Int] {
+        if roots.isEmpty { return [:] }
+        let walk = walkAll(try RootValidation.openRoots(roots), store: store)
+        var count: [UInt64: Int] = [:]
+        for (i, e) in walk.inventory.inodes.enumerated() where e.isStoreObject {
+            count[e.inode] = Set(walk.inventory.names(of: Int32(i)).map { walk.inventory.guest(ofName: $0) }).count
+        }
+        return count
     }
 
     /// An overlay guest: the merged view (its mount, or a private read-only
@@ -174,13 +184,11 @@ public enum ManifestCommand {
     static func entry(path: [UInt8], stat st: FileStat, xattrs: [ExtendedAttribute]) -> ManifestReport.Entry {
         let types: [UInt32: String] = [0o100000: "file", 0o040000: "directory", 0o120000: "symlink", 0o010000: "fifo",
                                        0o140000: "socket", 0o020000: "char-device", 0o060000: "block-device"]
-        let perm = String(st.mode & 0o7777, radix: 8)
-        let ns = String(st.modificationTime.nanoseconds)
         var xa: [String: String] = [:]
         for a in xattrs { xa[escapedPath(a.name)] = a.value.map { String($0, radix: 16).leftPaddedZero(2) }.joined() }
         return ManifestReport.Entry(path: escapedPath(path), type: types[st.mode & 0o170000] ?? "unknown",
-                                    mode: String(repeating: "0", count: max(0, 4 - perm.count)) + perm, uid: st.uid, gid: st.gid,
-                                    mtime: "\(st.modificationTime.seconds).\(String(repeating: "0", count: 9 - ns.count))\(ns)", xattrs: xa)
+                                    mode: String(st.mode & 0o7777, radix: 8).leftPaddedZero(4), uid: st.uid, gid: st.gid,
+                                    mtime: "\(st.modificationTime.seconds).\(String(st.modificationTime.nanoseconds).leftPaddedZero(9))", xattrs: xa)
     }
 }
 

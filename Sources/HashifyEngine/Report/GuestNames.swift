@@ -14,11 +14,6 @@ public struct GuestNames: Sendable {
         for (name, root) in pairs { add(name, root: root) }
     }
 
-    /// The guests of the container managers at `places` (their usable and unusable ones alike).
-    public static func discover(_ places: GuestDiscovery.Places) -> GuestNames {
-        GuestNames(GuestDiscovery.find(places).map { ($0.name, FilePath($0.root)) })
-    }
-
     public mutating func add(_ name: String, root: FilePath) {
         named.append((name, root))
         byRoot[root.lexicallyNormalized().string] = name

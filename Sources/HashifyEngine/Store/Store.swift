@@ -176,14 +176,15 @@ public final class Store: @unchecked Sendable {
     /// those of `roots` not found again are dropped, other guests' are kept.
     public func recordOpenForWriting(_ found: [(root: String, path: String)], roots: [String]) {
         let scanned = Set(roots)
+        func key(_ root: String, _ path: String) -> String { root + "\0" + path }
         var previous: [String: Int] = [:]
         var kept: [HeldOpen] = []
         for h in heldOpen() {
-            if scanned.contains(h.root) { previous[h.root + "\0" + h.path] = h.runs } else { kept.append(h) }
+            if scanned.contains(h.root) { previous[key(h.root, h.path)] = h.runs } else { kept.append(h) }
         }
         var seen = Set<String>()
-        for f in found where seen.insert(f.root + "\0" + f.path).inserted {
-            kept.append(HeldOpen(root: f.root, path: f.path, runs: (previous[f.root + "\0" + f.path] ?? 0) + 1))
+        for f in found where seen.insert(key(f.root, f.path)).inserted {
+            kept.append(HeldOpen(root: f.root, path: f.path, runs: (previous[key(f.root, f.path)] ?? 0) + 1))
         }
         var data: [UInt8] = []
         for h in kept { data += Array("\(h.runs)".utf8) + [0] + Array(h.root.utf8) + [0] + Array(h.path.utf8) + [0] }
