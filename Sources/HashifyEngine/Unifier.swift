@@ -19,6 +19,8 @@ public struct UnifyOptions: Sendable {
     public var ignoreModificationTime = false
     public var threads = 4
     public var waitForLock = true
+    /// `.overlay`: plain guests that are not running are converted to overlay guests first (the rest wait).
+    public var mode: HashifyConfig.Mode = .hardlink
     public init(roots: [FilePath]) { self.roots = roots }
 
     /// Hashing threads for a machine: one per CPU, but at least 4 (on a cold
@@ -53,8 +55,14 @@ public struct Unifier {
     public func run() throws -> UnifyReport {
         if options.roots.isEmpty { throw InputError("no guest root given") }
         let storePath = options.store ?? RootValidation.defaultStorePath(for: options.roots)
-        let overlay = Overlay.overlayGuests(among: options.roots, storePath: storePath)
-        let plain = options.roots.filter { !overlay.contains($0) }
+        var overlay = Overlay.overlayGuests(among: options.roots, storePath: storePath)
+        var plain = options.roots.filter { !overlay.contains($0) }
+        var conversion = Conversion()
+        if options.mode == .overlay {
+            conversion = try convert(plain, storePath: storePath)
+            overlay.formUnion(conversion.converted)
+            plain = []
+        }
         var report: UnifyReport
         if plain.isEmpty {
             report = UnifyReport(dryRun: options.dryRun, store: storePath.string)
@@ -73,7 +81,44 @@ public struct Unifier {
             report.mode = plain.isEmpty ? "overlay" : "hardlink+overlay"
             report.seconds += Overlay.elapsed(since: started)
         }
+        report.overlayGuests += conversion.failed
+        report.notes += conversion.notes
         return report
+    }
+
+    /// What overlay mode's conversions did.
+    struct Conversion {
+        var converted = Set<FilePath>()
+        var notes: [String] = []
+        /// Guests whose conversion failed (not refused): the run exits with status 1.
+        var failed: [OverlayReport.Guest] = []
+    }
+
+    /// Overlay mode: each plain guest that is not running becomes an overlay
+    /// guest (then folded with the others); a refused one (running, a mount
+    /// point, …) is left as it is for a later run, and is not hard-linked meanwhile.
+    func convert(_ plain: [FilePath], storePath: FilePath) throws -> Conversion {
+        var c = Conversion()
+        for root in plain {
+            if options.dryRun { c.notes.append("\(root) would be converted to an overlay guest (mode overlay)"); continue }
+            var o = OverlayOptions(roots: [root])
+            o.store = storePath
+            o.waitForLock = options.waitForLock
+            do {
+                _ = try Overlay.convert(o)
+                c.notes.append("\(root) converted to an overlay guest (mode overlay)")
+                c.converted.insert(root)
+            } catch let e as InputError {
+                c.notes.append("\(root) left as it is until a later run (mode overlay): \(e.description)")
+            } catch let busy as Store.Busy {
+                throw busy
+            } catch {
+                var g = OverlayReport.Guest(root: root.string, action: "left as it was")
+                g.notes.append("conversion to an overlay guest failed: \(error)")
+                c.failed.append(g)
+            }
+        }
+        return c
     }
 
     func runHardlink() throws -> UnifyReport {

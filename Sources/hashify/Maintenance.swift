@@ -3,6 +3,11 @@ import HashifyEngine
 import HashifySystem
 import SystemPackage
 
+/// Exits with status 3: another run holds the store (and --no-wait was given).
+func failStoreBusy() -> Never {
+    fail("the store is in use by another hashify run (without --no-wait, hashify waits)", status: 3)
+}
+
 /// Runs an engine call, turning bad input into exit 2 and a busy store into exit 3.
 func runEngine<T>(_ body: () throws -> T) -> T {
     do {
@@ -10,7 +15,7 @@ func runEngine<T>(_ body: () throws -> T) -> T {
     } catch let e as InputError {
         fail(e.description)
     } catch is Store.Busy {
-        fail("the store is in use by another hashify run (without --no-wait, hashify waits)", status: 3)
+        failStoreBusy()
     } catch {
         fail("\(error)", status: 1)
     }

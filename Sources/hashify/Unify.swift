@@ -143,12 +143,9 @@ struct Unify: ParsableCommand {
                 }
             }
         }
-        if (mode ?? config?.mode ?? .hardlink) == .overlay {
-            notes += convertPlainGuests(&options, names: names)
-        }
+        options.mode = mode ?? config?.mode ?? .hardlink
         let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
-        var report = options.roots.isEmpty ? UnifyReport(dryRun: dryRun, store: options.store?.string ?? "")
-                                           : runEngine { try Unifier(options: options, progress: progress).run() }
+        var report = runEngine { try Unifier(options: options, progress: progress).run() }
         for d in discovered {
             report.notes.append(d.unusable.map { "\(d.name) (\(d.root)) left alone: \($0)" } ?? "\(d.name) is \(d.root)")
         }
@@ -156,37 +153,6 @@ struct Unify: ParsableCommand {
         report = named(report, names)
         if let m = metrics { runEngine { try MetricsFile.write(report, to: FilePath(m)) } }
         try finish(report, output: output) { $0.humanReadable(verbose: output.verbose) }
-    }
-
-    /// Overlay mode: each plain guest that is not running becomes an overlay
-    /// guest (then folded with the others); the rest are left for a later run.
-    private func convertPlainGuests(_ options: inout UnifyOptions, names: GuestNames) -> [String] {
-        let storePath = options.store ?? RootValidation.defaultStorePath(for: options.roots)
-        options.store = storePath
-        let overlays = Overlay.overlayGuests(among: options.roots, storePath: storePath)
-        var notes: [String] = []
-        var keep: [FilePath] = []
-        for root in options.roots {
-            if overlays.contains(root) { keep.append(root); continue }
-            let label = names.name(of: root.string) ?? root.string
-            if dryRun { notes.append("\(label) would be converted to an overlay guest (mode overlay)"); continue }
-            var o = OverlayOptions(roots: [root])
-            o.store = storePath
-            o.waitForLock = options.waitForLock
-            do {
-                _ = try Overlay.convert(o)
-                notes.append("\(label) converted to an overlay guest (mode overlay)")
-                keep.append(root)
-            } catch let e as InputError {
-                notes.append("\(label) left as it is until a later run (mode overlay): \(e.description)")
-            } catch is Store.Busy {
-                fail("the store is in use by another hashify run (without --no-wait, hashify waits)", status: 3)
-            } catch {
-                notes.append("\(label) could not be converted (mode overlay): \(error)")
-            }
-        }
-        options.roots = keep
-        return notes
     }
 }
 
