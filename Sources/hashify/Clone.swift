@@ -34,13 +34,14 @@ struct CloneCommand: ParsableCommand {
 
     func run() throws {
         var o = CloneOptions(source: FilePath(source), destination: FilePath(destination))
-        o.store = configOption.load().store(store)
+        let host = configOption.load()
+        o.store = host.store(store)
         o.lxcName = lxc
         o.mount = !noMount
         o.waitForLock = !noWait
         let r = runEngine { try Clone.run(o) }
-        try finish(r, output: output) { r in
-            var out = "\(r.destination): cloned from \(r.source) (\(r.mode) mode): \(r.filesShared) files shared, "
+        try finish(r, output: output, names: host.names) { r in
+            var out = "\(r.destination): cloned from \(r.sourceGuest ?? r.source) (\(r.mode) mode): \(r.filesShared) files shared, "
             out += "\(r.filesCopied) copied (\(formatBytes(r.bytesCopied))), \((r.seconds * 100).rounded() / 100) s\n"
             if let c = r.lxcConfig { out += "lxc config: \(c)\n" }
             return out

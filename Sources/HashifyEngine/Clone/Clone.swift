@@ -32,6 +32,8 @@ public struct CloneReport: Sendable, Codable {
     public var lxcConfig: String?
     public var seconds = 0.0
     public var exitStatus: Int32 = 0
+    /// The source's name, when it has one.
+    public var sourceGuest: String?
 }
 
 /// `hashify clone SRC DST` (VServer's vclone): a new guest from an existing

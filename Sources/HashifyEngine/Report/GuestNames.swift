@@ -129,6 +129,10 @@ extension OverlayStatus.Guest {
     public var label: String { guest ?? root }
 }
 
+extension CloneReport: GuestNaming {
+    public mutating func name(_ names: GuestNames) { sourceGuest = names.name(of: source) }
+}
+
 extension KSM.Status: GuestNaming {
     public mutating func name(_ names: GuestNames) {
         var cache = NameCache(names: names)
