@@ -34,7 +34,7 @@ final class HardlinkLinker: LinkStrategy {
     var distrusted = Set<Int32>()
     var temporaries: TemporaryNames
     var outcome = LinkOutcome()
-    let closer = BackgroundCloser(limit: DescriptorBudget().pendingCloses)
+    let closer = BackgroundCloser(threads: DescriptorBudget().closingThreads, limit: DescriptorBudget().pendingCloses)
     /// Objects held under lease at most (from the descriptor budget).
     let heldLimit = DescriptorBudget().heldObjects
     var progress: (@Sendable (Int, Int) -> Void)?
@@ -198,7 +198,39 @@ final class HardlinkLinker: LinkStrategy {
 
     // MARK: replacing
 
-    /// Every name of every victim, in walk order (so one directory at a time).
+    /// The names of victims, a directory at a time (a directory's names stay
+    /// in walk order), the directories of one guest-relative path of all
+    /// guests one after another: a group's victims in the guests then follow
+    /// each other within moments, so its object is opened and leased once
+    /// for them all instead of once per guest.
+    func namesInLinkingOrder(isVictim: (Int32) -> Bool) -> [Int32] {
+        var firstName = [Int32](repeating: -1, count: inventory.directories.count)
+        var count = [Int32](repeating: 0, count: inventory.directories.count)
+        var victims = 0
+        for (n, e) in inventory.names.enumerated() where isVictim(e.inodeIndex) {
+            let d = Int(e.directory)
+            if firstName[d] < 0 { firstName[d] = Int32(n) }
+            count[d] += 1
+            victims += 1
+        }
+        var order: [Int32] = []
+        order.reserveCapacity(victims)
+        for d in inventory.directoriesByRelativePath() where count[Int(d)] > 0 {
+            // A directory's names are contiguous in the table (the walk lists one directory at a time).
+            var n = firstName[Int(d)], left = count[Int(d)]
+            while left > 0 {
+                let e = inventory.names[Int(n)]
+                if e.directory == d && isVictim(e.inodeIndex) {
+                    order.append(n)
+                    left -= 1
+                }
+                n += 1
+            }
+        }
+        return order
+    }
+
+    /// Every name of every victim, one directory at a time (`namesInLinkingOrder`).
     func run(_ groups: [Planner.Group]) -> LinkOutcome {
         // By inode: the group it is a victim of, or one of the states below.
         let notVictim: Int32 = -1, promoted: Int32 = -2, failed: Int32 = -3
@@ -213,7 +245,7 @@ final class HardlinkLinker: LinkStrategy {
         outcome.freed = [Bool](repeating: false, count: inventory.inodes.count)
         var failedGroups = Set<Int>()
         var done = 0
-        for nameIndex in Int32(0)..<Int32(inventory.names.count) {
+        for nameIndex in namesInLinkingOrder(isVictim: { victimGroup[Int($0)] != notVictim }) {
             let victim = inventory.names[Int(nameIndex)].inodeIndex
             let state = victimGroup[Int(victim)]
             if state == notVictim || state == promoted { continue }
