@@ -6,7 +6,7 @@ import Testing
 /// of one path back to back; the order must still hold every directory once.
 @Suite("linking order")
 struct LinkingOrderTests {
-    @Test("directories by relative path: each once, one path's guests together in guest order, paths in walk order")
+    @Test("directories by relative path: each once, one path's guests together in guest order, paths in walk order; names by directory")
     func directoriesByRelativePath() throws {
         let s = Scratch("order")
         let roots = (1...3).map { s.sub("g\($0)") }
@@ -42,5 +42,13 @@ struct LinkingOrderTests {
             .map { inventory.directoryPath(Int32($0)) }
         let firstSeen = paths.reduce(into: [[UInt8]]()) { acc, p in if !acc.contains(p) { acc.append(p) } }
         #expect(Array(firstSeen.filter { firstGuest.contains($0) }) == firstGuest)
+        // Each directory's names are one range of the name table, found by nameRange.
+        var covered = 0
+        for d in 0..<Int32(inventory.directories.count) {
+            let range = inventory.nameRange(ofDirectory: d)
+            #expect(range.allSatisfy { inventory.names[Int($0)].directory == d })
+            covered += range.count
+        }
+        #expect(covered == inventory.names.count)
     }
 }

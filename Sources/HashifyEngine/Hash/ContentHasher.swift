@@ -16,8 +16,8 @@ import Glibc
 public struct ContentHasher: Sendable {
     public var threads: Int
     public var bufferSize = 128 << 10
-    /// The first representative of each group up to this size is kept in
-    /// memory: the others are compared with those bytes, read once.
+    /// The representatives of each group that fit in this many bytes side by
+    /// side are kept in memory: the others are compared with those bytes, read once.
     public var cacheSize = 1 << 20
     /// When false (a dry run), a group whose every member is read gets no
     /// SHA-256: equality is established by exact comparison alone, and each
@@ -89,8 +89,8 @@ public struct ContentHasher: Sendable {
         var stat: FileStat
         var before: Timestamp
         var digest: ContentDigest
-        /// True when its bytes (the very bytes hashed) are in the cache.
-        var cached: Bool
+        /// Where its bytes (the very bytes hashed) are in the cache, if they are.
+        var cacheOffset: Int?
     }
 
     static func hashGroup(_ group: ArraySlice<Int32>, inventory: Inventory, opener: DirectoryOpener, contents: InodeContents,
@@ -120,10 +120,10 @@ public struct ContentHasher: Sendable {
                     digest = d
                 }
                 for rep in reps.prefix(Self.comparedRepresentatives) where digest == nil {
-                    if rep.cached {
+                    if let offset = rep.cacheOffset {
                         // Compared with the bytes that were hashed.
                         out.bytesRead += st.size
-                        if try sameContent(file, UnsafeRawBufferPointer(rebasing: cache[0..<Int(st.size)]), buffer: a) {
+                        if try sameContent(file, UnsafeRawBufferPointer(rebasing: cache[offset..<offset + Int(st.size)]), buffer: a) {
                             digest = rep.digest
                         }
                         continue
@@ -135,18 +135,23 @@ public struct ContentHasher: Sendable {
                     if equal { digest = rep.digest }
                 }
                 if digest == nil {
-                    let cacheIt = reps.isEmpty && st.size <= UInt64(cache.count)
+                    // The representatives that fit side by side in the cache are kept there,
+                    // so members are compared with them without reading them again.
+                    let offset = reps.count * Int(st.size)
+                    let cacheOffset = reps.count < Self.comparedRepresentatives && UInt64(offset) + st.size <= UInt64(cache.count)
+                        ? offset : nil
                     // Only the representatives every later member is compared with may go
                     // without SHA-256; the rest are told apart by their digests.
                     let standIn = reps.count < Self.comparedRepresentatives ? standIn : nil
-                    let (d, total) = cacheIt ? try readAndDigest(file, size: st.size, into: cache, standIn: standIn)
-                                             : try contentDigest(of: file, size: st.size, buffer: a, standIn: standIn)
+                    let (d, total) = try cacheOffset.map {
+                        try readAndDigest(file, size: st.size, into: UnsafeMutableRawBufferPointer(rebasing: cache[$0...]), standIn: standIn)
+                    } ?? contentDigest(of: file, size: st.size, buffer: a, standIn: standIn)
                     out.bytesRead += total
                     guard total == st.size else { throw ChangedWhileRead() }
                     digest = d
                     // Only the representatives later members are compared with stay open.
                     if reps.count < Self.comparedRepresentatives {
-                        reps.append(Representative(file: file, stat: st, before: before, digest: d, cached: cacheIt))
+                        reps.append(Representative(file: file, stat: st, before: before, digest: d, cacheOffset: cacheOffset))
                     }
                 }
                 let after = try file.stat()

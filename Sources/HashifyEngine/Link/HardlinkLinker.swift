@@ -16,7 +16,9 @@ import Glibc
 /// the victim; if a guest renamed something else there meanwhile, the
 /// exchange is undone and nothing of the guest's is lost.
 ///
-/// Objects stay leased for a short batch; before their leases go, the
+/// Names are replaced a directory at a time, all guests' copies of one
+/// relative path back to back, so a group's object serves every guest while
+/// it is still open and leased. Objects stay leased for a short batch; before their leases go, the
 /// coarse clock is let pass their last ctime, so the index entries written
 /// for them cannot miss a write that follows.
 final class HardlinkLinker: LinkStrategy {
@@ -198,39 +200,18 @@ final class HardlinkLinker: LinkStrategy {
 
     // MARK: replacing
 
-    /// The names of victims, a directory at a time (a directory's names stay
-    /// in walk order), the directories of one guest-relative path of all
-    /// guests one after another: a group's victims in the guests then follow
-    /// each other within moments, so its object is opened and leased once
-    /// for them all instead of once per guest.
-    func namesInLinkingOrder(isVictim: (Int32) -> Bool) -> [Int32] {
-        var firstName = [Int32](repeating: -1, count: inventory.directories.count)
-        var count = [Int32](repeating: 0, count: inventory.directories.count)
-        var victims = 0
-        for (n, e) in inventory.names.enumerated() where isVictim(e.inodeIndex) {
-            let d = Int(e.directory)
-            if firstName[d] < 0 { firstName[d] = Int32(n) }
-            count[d] += 1
-            victims += 1
+    /// Calls `body` with every name, a directory at a time (a
+    /// directory's names in walk order), the directories of one
+    /// guest-relative path of all guests one after another: a group's victims
+    /// in the guests then follow each other within moments, so its object is
+    /// opened and leased once for them all instead of once per guest.
+    func forEachNameInLinkingOrder(_ body: (Int32) -> Void) {
+        for d in inventory.directoriesByRelativePath() {
+            for n in inventory.nameRange(ofDirectory: d) { body(n) }
         }
-        var order: [Int32] = []
-        order.reserveCapacity(victims)
-        for d in inventory.directoriesByRelativePath() where count[Int(d)] > 0 {
-            // A directory's names are contiguous in the table (the walk lists one directory at a time).
-            var n = firstName[Int(d)], left = count[Int(d)]
-            while left > 0 {
-                let e = inventory.names[Int(n)]
-                if e.directory == d && isVictim(e.inodeIndex) {
-                    order.append(n)
-                    left -= 1
-                }
-                n += 1
-            }
-        }
-        return order
     }
 
-    /// Every name of every victim, one directory at a time (`namesInLinkingOrder`).
+    /// Every name of every victim, one directory at a time (`forEachNameInLinkingOrder`).
     func run(_ groups: [Planner.Group]) -> LinkOutcome {
         // By inode: the group it is a victim of, or one of the states below.
         let notVictim: Int32 = -1, promoted: Int32 = -2, failed: Int32 = -3
@@ -245,10 +226,10 @@ final class HardlinkLinker: LinkStrategy {
         outcome.freed = [Bool](repeating: false, count: inventory.inodes.count)
         var failedGroups = Set<Int>()
         var done = 0
-        for nameIndex in namesInLinkingOrder(isVictim: { victimGroup[Int($0)] != notVictim }) {
+        forEachNameInLinkingOrder { nameIndex in
             let victim = inventory.names[Int(nameIndex)].inodeIndex
             let state = victimGroup[Int(victim)]
-            if state == notVictim || state == promoted { continue }
+            if state == notVictim || state == promoted { return }
             if done & 255 == 0 { progress?(done, total) }
             done += 1
             // Keep object leases short: release them every 50 ms or at the budget's count.
@@ -259,14 +240,14 @@ final class HardlinkLinker: LinkStrategy {
             }
             if state == failed {
                 skip(nameIndex, .changedDuringRun)
-                continue
+                return
             }
             let g = Int(state)
             let group = groups[g]
             let dirID = inventory.names[Int(nameIndex)].directory
             if failedGroups.contains(g) {
                 skip(nameIndex, .changedDuringRun)
-                continue
+                return
             }
             do {
                 let dir = try directories.enter(dirID)
@@ -292,7 +273,7 @@ final class HardlinkLinker: LinkStrategy {
                     objectOf[g] = Object(inode: victim, generation: generation)
                     victimGroup[Int(victim)] = promoted
                     outcome.objectsCreated += 1
-                    continue
+                    return
                 }
                 let victimInode = inventory.inodes[Int(victim)].inode
                 guard let out = try exchange(temp, with: name, in: dir, expectedInode: victimInode,

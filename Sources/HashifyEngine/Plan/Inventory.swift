@@ -220,41 +220,58 @@ public struct Inventory: Sendable {
     /// guest-relative path come one after another (in guest order), the
     /// paths in the order the walk first met them. Linking in this order
     /// uses each store object for all guests within moments, while it is
-    /// still open and leased. Paths are told apart by a 64-bit hash of
-    /// their names (FNV-1a over each level): a collision only changes the
-    /// order, never what is done.
+    /// still open and leased. A path is known by its parent path's slot and
+    /// a 64-bit hash of its name: a collision only changes the order, never
+    /// what is done. About 8 bytes a directory while it runs.
     public func directoriesByRelativePath() -> [Int32] {
-        var key = [UInt64](repeating: 0, count: directories.count)
-        var firstSlot: [UInt64: Int32] = [:]
         var slotOf = [Int32](repeating: 0, count: directories.count)
         var slotCount: [Int32] = []
+        var slots: [UInt64: Int32] = [:]
         arena.withUnsafeBufferPointer { a in
             for (d, e) in directories.enumerated() {
-                var h: UInt64 = e.parent < 0 ? 0xcbf2_9ce4_8422_2325 : key[Int(e.parent)]
-                h = (h ^ 0x2f) &* 0x100_0000_01b3
+                // FNV-1a over the name, seeded with the parent's slot (roots: slot 0).
+                var h: UInt64 = 0xcbf2_9ce4_8422_2325 ^ (e.parent < 0 ? UInt64.max : UInt64(slotOf[Int(e.parent)]))
                 for i in Int(e.nameStart)..<Int(e.nameStart) + Int(e.nameLength) { h = (h ^ UInt64(a[i])) &* 0x100_0000_01b3 }
-                key[d] = h
-                if let s = firstSlot[h] {
+                if e.parent < 0 { h = 0 }
+                if let s = slots[h] {
                     slotOf[d] = s
                     slotCount[Int(s)] += 1
                 } else {
                     let s = Int32(slotCount.count)
-                    firstSlot[h] = s
+                    slots[h] = s
                     slotOf[d] = s
                     slotCount.append(1)
                 }
             }
         }
-        // Counting sort by slot, stable (guest order within a slot).
-        var start = [Int32](repeating: 0, count: slotCount.count + 1)
-        for (s, c) in slotCount.enumerated() { start[s + 1] = start[s] + c }
+        slots = [:]
+        // Counting sort by slot, stable (guest order within a slot); slotOf becomes the order.
+        var next = [Int32](repeating: 0, count: slotCount.count)
+        var sum: Int32 = 0
+        for (s, c) in slotCount.enumerated() { next[s] = sum; sum += c }
+        slotCount = []
         var order = [Int32](repeating: 0, count: directories.count)
         for d in directories.indices {
             let s = Int(slotOf[d])
-            order[Int(start[s])] = Int32(d)
-            start[s] += 1
+            order[Int(next[s])] = Int32(d)
+            next[s] += 1
         }
         return order
+    }
+
+    /// The names of directory `d`: the walk lists one directory at a time,
+    /// so the name table is ordered by directory and a directory's names
+    /// are one range of it (found by binary search).
+    public func nameRange(ofDirectory d: Int32) -> Range<Int32> {
+        func lowerBound(_ target: Int32) -> Int32 {
+            var lo = 0, hi = names.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if names[mid].directory < target { lo = mid + 1 } else { hi = mid }
+            }
+            return Int32(lo)
+        }
+        return lowerBound(d)..<lowerBound(d + 1)
     }
 
     /// The chain of directories from the guest root down to d (root first).
