@@ -17,7 +17,7 @@ final class BackgroundCloser {
     private let batchSize: Int
     private var batch: [OpenFile] = []
 
-    init(threads: Int = 4, limit: Int = 64) {
+    init(threads: Int, limit: Int) {
         queues = (0..<threads).map { DispatchQueue(label: "hashify.close.\($0)") }
         slots = DispatchSemaphore(value: limit)
         batchSize = max(1, min(16, limit / (threads * 2)))

@@ -36,9 +36,9 @@ final class HardlinkLinker: LinkStrategy {
     var distrusted = Set<Int32>()
     var temporaries: TemporaryNames
     var outcome = LinkOutcome()
-    let closer = BackgroundCloser(threads: DescriptorBudget().closingThreads, limit: DescriptorBudget().pendingCloses)
+    let closer: BackgroundCloser
     /// Objects held under lease at most (from the descriptor budget).
-    let heldLimit = DescriptorBudget().heldObjects
+    let heldLimit: Int
     var progress: (@Sendable (Int, Int) -> Void)?
     /// Generation of each inode that is a store object (by inode index).
     let objectGenerations: [Int32: Int]
@@ -54,6 +54,9 @@ final class HardlinkLinker: LinkStrategy {
         self.keeperOpener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
         self.contents = contents
         self.objectGenerations = objectGenerations
+        let budget = DescriptorBudget()
+        closer = BackgroundCloser(threads: budget.closingThreads, limit: budget.pendingCloses)
+        heldLimit = budget.heldObjects
     }
 
     struct Mismatch: Error {}

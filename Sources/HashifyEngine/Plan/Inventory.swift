@@ -99,7 +99,10 @@ public struct Inventory: Sendable {
         return Int32(directories.count - 1)
     }
 
+    /// Adds a name in `directory`. Names come a directory at a time, in the
+    /// order directories were added (`nameRange(ofDirectory:)` relies on it).
     mutating func addFile(directory: Int32, name: UnsafePointer<CChar>, length: Int, stat: FileStat) {
+        precondition(names.last.map { $0.directory <= directory } ?? true, "names must be added a directory at a time")
         let (start, len) = storeName(name, length: length)
         let nameIndex = Int32(names.count)
         if let existing = index(ofInode: stat.inode) {
@@ -229,10 +232,12 @@ public struct Inventory: Sendable {
         var slots: [UInt64: Int32] = [:]
         arena.withUnsafeBufferPointer { a in
             for (d, e) in directories.enumerated() {
-                // FNV-1a over the name, seeded with the parent's slot (roots: slot 0).
-                var h: UInt64 = 0xcbf2_9ce4_8422_2325 ^ (e.parent < 0 ? UInt64.max : UInt64(slotOf[Int(e.parent)]))
-                for i in Int(e.nameStart)..<Int(e.nameStart) + Int(e.nameLength) { h = (h ^ UInt64(a[i])) &* 0x100_0000_01b3 }
-                if e.parent < 0 { h = 0 }
+                // Every root is the path "/" (key 0); below it, FNV-1a over the name seeded with the parent's slot.
+                var h: UInt64 = 0
+                if e.parent >= 0 {
+                    h = 0xcbf2_9ce4_8422_2325 ^ UInt64(slotOf[Int(e.parent)])
+                    for i in Int(e.nameStart)..<Int(e.nameStart) + Int(e.nameLength) { h = (h ^ UInt64(a[i])) &* 0x100_0000_01b3 }
+                }
                 if let s = slots[h] {
                     slotOf[d] = s
                     slotCount[Int(s)] += 1
