@@ -59,6 +59,16 @@ public final class Directory: @unchecked Sendable {
         return OpenFile(adopting: fd)
     }
 
+    /// Creates a file without a name in this directory (`O_TMPFILE`): it
+    /// vanishes with its descriptor unless linked (`OpenFile.link(into:as:)`).
+    /// The corresponding C function is `openat()` with `O_TMPFILE`.
+    public func createUnnamedFile(mode: UInt32) throws -> OpenFile {
+        let fd = try withCName(Array(".".utf8)) { n in
+            try retrying { hashify_openat(self.fd, n, O_RDWR | HASHIFY_O_TMPFILE | HASHIFY_O_CLOEXEC, mode) }
+        }
+        return OpenFile(adopting: fd)
+    }
+
     /// Opens `name` for reading and writing (the store's lock and index files).
     public func openOrCreateFile(_ name: FileName, mode: UInt32) throws -> OpenFile {
         let fd = try name.withCString { n in

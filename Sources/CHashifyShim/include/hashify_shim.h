@@ -36,6 +36,7 @@ extern const int HASHIFY_O_PATH;
 extern const int HASHIFY_O_NOATIME;
 extern const int HASHIFY_O_DIRECTORY;
 extern const int HASHIFY_O_NOFOLLOW;
+extern const int HASHIFY_O_TMPFILE;
 extern const int HASHIFY_O_CLOEXEC;
 extern const int HASHIFY_O_NONBLOCK;
 extern const int HASHIFY_F_RDLCK;

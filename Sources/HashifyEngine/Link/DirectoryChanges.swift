@@ -61,23 +61,37 @@ struct TemporaryNames {
 /// Raised when a name no longer refers to the inode hashify checked.
 struct NameMoved: Error {}
 
+/// Raised when a writer opened the victim while the exchange was under way
+/// (its lease broke): the exchange was undone, the writer's file is at its name.
+struct WriterArrived: Error {}
+
 /// Puts `temp` (already in `dir`, holding inode `tempInode`) in place of
-/// `name` with one atomic `renameat2(RENAME_EXCHANGE)`, then removes what came
-/// out — but only if it is `expectedInode`. If a guest renamed another file
-/// to `name` meanwhile, the exchange is undone and `NameMoved` thrown; the
-/// guest's file is never removed. Returns what came out as it was before its
-/// temporary name was removed, or nil when the temporary name was left
-/// because it no longer held `tempInode` (reported by the caller).
-func exchange(_ temp: FileName, with name: FileName, in dir: Directory, expectedInode: UInt64, tempInode: UInt64) throws -> FileStat? {
+/// `name` with one atomic `renameat2(RENAME_EXCHANGE)`, announced in the
+/// journal first, then removes what came out — but only if it is
+/// `expectedInode`, and only while `lease` (the victim's read lease, when the
+/// caller holds one) is unbroken: a writer that opened the victim during the
+/// exchange is waiting on that lease, so the exchange is undone and the
+/// victim stays at its name, where the writer's data lands (`WriterArrived`).
+/// If a guest renamed another file to `name` meanwhile, the exchange is
+/// undone and `NameMoved` thrown; the guest's file is never removed. Returns
+/// what came out as it was before its temporary name was removed, or nil
+/// when the temporary name was left because it no longer held `tempInode`
+/// (reported by the caller).
+func exchange(
+    _ temp: FileName, with name: FileName, in dir: Directory, expectedInode: UInt64, tempInode: UInt64,
+    journal: RunJournal, lease: OpenFile? = nil
+) throws -> FileStat? {
+    journal.exchanging(temp, with: name, ours: tempInode, expected: expectedInode)
     try dir.rename(temp, to: dir, as: name, flags: .exchange)
     let out = try dir.stat(temp)
-    if out.inode == expectedInode {
+    if out.inode == expectedInode && lease?.holdsReadLease != false {
         try dir.unlink(temp)
         return out
     }
     try dir.rename(temp, to: dir, as: name, flags: .exchange)
     if (try? dir.stat(temp))?.inode == tempInode {
         try? dir.unlink(temp)
+        if out.inode == expectedInode { throw WriterArrived() }
         throw NameMoved()
     }
     return nil

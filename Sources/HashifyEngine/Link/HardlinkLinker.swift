@@ -68,7 +68,7 @@ final class HardlinkLinker: LinkStrategy {
     static func reason(for error: any Error, operation: String) -> SkipReason {
         if error is Mismatch || error is NameMoved || error is DirectoryOpener.DirectoryChanged { return .changedDuringRun }
         let e = errnoCode(error)
-        if e == EAGAIN { return .openForWriting }
+        if e == EAGAIN || error is WriterArrived { return .openForWriting }
         if e == ENOENT || e == ELOOP || e == ENOTDIR || e == ESTALE { return .changedDuringRun }
         return .failed(operation: operation, errno: e)
     }
@@ -280,7 +280,8 @@ final class HardlinkLinker: LinkStrategy {
                 }
                 let victimInode = inventory.inodes[Int(victim)].inode
                 guard let out = try exchange(temp, with: name, in: dir, expectedInode: victimInode,
-                                             tempInode: inventory.inodes[Int(object.inode)].inode) else {
+                                             tempInode: inventory.inodes[Int(object.inode)].inode,
+                                             journal: journal, lease: victimFile) else {
                     journal.keep(temp)
                     skip(nameIndex, .unknownTemporary)
                     throw Mismatch()

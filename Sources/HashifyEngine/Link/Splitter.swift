@@ -37,6 +37,8 @@ final class Splitter {
                 let reason: SkipReason
                 if error is LeftTemporary {
                     reason = .unknownTemporary
+                } else if error is WriterArrived {
+                    reason = .openForWriting
                 } else if error is NameMoved || error is DirectoryOpener.DirectoryChanged || error is HardlinkLinker.Mismatch {
                     reason = .changedDuringRun
                 } else {
@@ -54,21 +56,23 @@ final class Splitter {
         defer { source.releaseLease() }
         let st = try source.stat()
         guard st.inode == expectedInode, st.device == inventory.device, st.isRegular else { throw HardlinkLinker.Mismatch() }
+        // The copy is made without a name and gets its temporary name only
+        // once complete and noted in the journal: a kill leaves no copy that
+        // recovery could not tell from a guest's file.
+        let copy = try dir.createUnnamedFile(mode: 0o600)
+        try source.copyContent(to: copy, size: st.size)
+        try copy.setOwner(uid: st.uid, gid: st.gid)
+        try copy.setMode(st.mode)  // after chown, which clears setuid/setgid
+        for a in try source.extendedAttributes() { try copy.setExtendedAttribute(a) }
+        try copy.setModificationTime(st.modificationTime)
+        let check = try source.stat()
+        guard check.sameContentState(as: st) else { throw HardlinkLinker.Mismatch() }
+        let copyInode = try copy.stat().inode
         let temp = temporaries.next(.copy)
-        let copy = try dir.createFile(temp, mode: 0o600)
-        do {
-            try source.copyContent(to: copy, size: st.size)
-            try copy.setOwner(uid: st.uid, gid: st.gid)
-            try copy.setMode(st.mode)  // after chown, which clears setuid/setgid
-            for a in try source.extendedAttributes() { try copy.setExtendedAttribute(a) }
-            try copy.setModificationTime(st.modificationTime)
-            let check = try source.stat()
-            guard check.sameContentState(as: st) else { throw HardlinkLinker.Mismatch() }
-        } catch {
-            try? dir.unlink(temp)  // only our unfinished copy is there
-            throw error
-        }
-        guard try exchange(temp, with: name, in: dir, expectedInode: st.inode, tempInode: try copy.stat().inode) != nil else {
+        directories.journal.created(temp, inode: copyInode)
+        try copy.link(into: dir, as: temp)
+        guard try exchange(temp, with: name, in: dir, expectedInode: st.inode, tempInode: copyInode,
+                           journal: directories.journal, lease: source) != nil else {
             directories.journal.keep(temp)
             throw LeftTemporary()
         }

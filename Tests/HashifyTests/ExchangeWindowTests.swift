@@ -1,0 +1,169 @@
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// hashify run under strace with every `renameat2` held back, so that a test
+/// can act inside the window of an exchange: before it (the journal already
+/// announces it) and between it and its undo.
+final class SlowedRun {
+    let tracer = Process()
+
+    /// Starts `hashify args` with each renameat2 delayed by `delay` seconds.
+    init(_ args: [String], delay: Double) throws {
+        tracer.executableURL = URL(fileURLWithPath: "/usr/bin/strace")
+        tracer.arguments = ["-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat2",
+                            "-e", "inject=renameat2:delay_enter=\(Int(delay * 1_000_000))", hashifyBinary] + args
+        tracer.standardOutput = FileHandle.nullDevice
+        tracer.standardError = FileHandle.nullDevice
+        try tracer.run()
+    }
+
+    static var available: Bool { FileManager.default.isExecutableFile(atPath: "/usr/bin/strace") }
+
+    /// The first temporary name the run makes in one of `dirs` (made before
+    /// its exchange, which is then held back): (directory, name), waiting up to 20 s.
+    func temporaryName(in dirs: [String]) -> (dir: String, temp: String)? {
+        for _ in 0..<2000 {
+            for d in dirs {
+                if let t = ((try? FileManager.default.contentsOfDirectory(atPath: d)) ?? []).first(where: {
+                    $0.hasPrefix(".hashify~")
+                }) {
+                    return (d, t)
+                }
+            }
+            usleep(10_000)
+        }
+        return nil
+    }
+
+    /// The traced hashify process (the tracer's child).
+    var hashifyPID: pid_t? {
+        let children = run(["/bin/cat", "/proc/\(tracer.processIdentifier)/task/\(tracer.processIdentifier)/children"]).out
+        return children.split(separator: " ").first.flatMap { pid_t($0) }
+    }
+
+    func killHashify() {
+        if let pid = hashifyPID { kill(pid, SIGKILL) }
+        tracer.waitUntilExit()
+    }
+
+}
+
+/// Waits until `path` is the inode `ino` (up to 20 s).
+func waitForInode(_ path: String, _ ino: UInt64) -> Bool {
+    for _ in 0..<2000 {
+        var st = stat()
+        if lstat(path, &st) == 0, UInt64(st.st_ino) == ino { return true }
+        usleep(10_000)
+    }
+    return false
+}
+
+/// Waits until `path` has the mtime `other` has (up to 20 s).
+func waitForModificationTime(_ path: String, of other: String) -> Bool {
+    for _ in 0..<2000 {
+        var a = stat(), b = stat()
+        if lstat(path, &a) == 0, lstat(other, &b) == 0, a.st_mtim.tv_sec == b.st_mtim.tv_sec,
+            a.st_mtim.tv_nsec == b.st_mtim.tv_nsec
+        {
+            return true
+        }
+        usleep(5_000)
+    }
+    return false
+}
+
+func readText(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "<unreadable>" }
+
+@Suite("the window of an exchange: guests that act while hashify replaces a path", .serialized)
+struct ExchangeWindowTests {
+    /// Two guests holding one identical file; returns (roots, store, relative path).
+    func twoGuests(_ s: Scratch) -> ([String], String) {
+        let roots = [s.sub("guests/g1"), s.sub("guests/g2")]
+        for r in roots {
+            writeFile("\(r)/usr/lib/a.so", String(repeating: "the same library in both guests\n", count: 600))
+            settleDirectoryTimes(r)
+        }
+        settle()
+        return (roots, s.sub("guests/.hashify"))
+    }
+
+    /// The guest's rename onto the name lands between hashify's exchange and its
+    /// undo, and hashify is killed there: the guest's new file sits under the
+    /// temporary name. The next run must put it back at its name.
+    func renameInWindowThenKill(_ s: Scratch, command: [String], roots: [String]) throws {
+        let slowed = try SlowedRun(command, delay: 1.0)
+        // The path being replaced: the one in whose directory the temporary name is.
+        guard let (dir, temp) = slowed.temporaryName(in: roots.map { "\($0)/usr/lib" }) else {
+            slowed.killHashify()
+            Issue.record("no temporary name made")
+            return
+        }
+        let name = "a.so"
+        // A private copy is ready for its exchange once it carries the original's mtime.
+        #expect(waitForModificationTime("\(dir)/\(temp)", of: "\(dir)/\(name)"))
+        writeFile("\(dir)/new", "the guest's new file\n")
+        let newInode = inode("\(dir)/new")
+        #expect(rename("\(dir)/new", "\(dir)/\(name)") == 0)
+        // The exchange moves the guest's file to the temporary name; kill before the undo.
+        #expect(waitForInode("\(dir)/\(temp)", newInode), "the exchange did not happen")
+        slowed.killHashify()
+        let r = hashify(["unify", "-q"] + roots)
+        #expect(r.status == 0, "\(r.err)")
+        #expect(readText("\(dir)/\(name)") == "the guest's new file\n", "the guest's rename was undone or its file lost")
+        #expect(run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.isEmpty)
+    }
+
+    @Test("unify killed inside an exchange a guest raced: the guest's file is put back at its name")
+    func linkKilledInWindow() throws {
+        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        let s = Scratch("xwin")
+        let (roots, _) = twoGuests(s)
+        try renameInWindowThenKill(s, command: ["unify", "-q"] + roots, roots: roots)
+    }
+
+    @Test("split killed inside an exchange a guest raced: the guest's file is put back, never deleted")
+    func splitKilledInWindow() throws {
+        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        let s = Scratch("xwin")
+        let (roots, store) = twoGuests(s)
+        #expect(hashify(["unify", "-q"] + roots).status == 0)
+        #expect(linkCount("\(roots[0])/usr/lib/a.so") == 3)
+        try renameInWindowThenKill(s, command: ["split", "-q", "--store", store, "\(roots[0])/usr/lib/a.so"],
+                                   roots: roots)
+    }
+
+    @Test("a writer that opens the file while its exchange is under way loses nothing")
+    func writerHeldOffByLease() throws {
+        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        let s = Scratch("xwin")
+        let (roots, _) = twoGuests(s)
+        let original = readText("\(roots[0])/usr/lib/a.so")
+        let slowed = try SlowedRun(["unify", "-q"] + roots, delay: 1.5)
+        guard slowed.temporaryName(in: roots.map { "\($0)/usr/lib" }) != nil else {
+            slowed.killHashify()
+            Issue.record("no temporary name made")
+            return
+        }
+        // The victim is the copy not yet linked into the store.
+        guard let victim = roots.map({ "\($0)/usr/lib/a.so" }).first(where: { linkCount($0) == 1 }) else {
+            slowed.killHashify()
+            Issue.record("no victim")
+            return
+        }
+        // The writer's open waits on hashify's lease; its write must land in the file at its name.
+        let writer = Process()
+        writer.executableURL = URL(fileURLWithPath: "/bin/sh")
+        writer.arguments = ["-c", "printf 'written by a guest' >> '\(victim)'"]
+        try writer.run()
+        slowed.tracer.waitUntilExit()
+        writer.waitUntilExit()
+        #expect(slowed.tracer.terminationStatus == 0)
+        #expect(readText(victim) == original + "written by a guest", "the guest's write was lost")
+        let other = roots.map { "\($0)/usr/lib/a.so" }.first { $0 != victim }!
+        #expect(readText(other) == original, "the write reached another guest")
+        #expect(run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.isEmpty)
+    }
+}
