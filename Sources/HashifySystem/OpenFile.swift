@@ -48,12 +48,20 @@ public final class OpenFile: @unchecked Sendable {
 
     /// Reads the whole file from offset 0.
     public func readAll() throws -> [UInt8] {
+        try readAll(limit: Int.max)!
+    }
+
+    /// Reads the whole file from offset 0 if it holds at most `limit` bytes;
+    /// nil when it holds more (what is read is bounded: a file the tool is
+    /// given may be `/dev/zero`).
+    public func readAll(limit: Int) throws -> [UInt8]? {
         var out: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
         var offset: UInt64 = 0
         while true {
             let n = try chunk.withUnsafeMutableBytes { try read(into: $0, at: offset) }
             if n == 0 { return out }
+            if out.count + n > limit { return nil }
             out.append(contentsOf: chunk[0..<n])
             offset += UInt64(n)
         }

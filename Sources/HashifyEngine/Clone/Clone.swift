@@ -67,7 +67,7 @@ public enum Clone {
         if let n = options.lxcName { lxc = try lxcConfig(name: n, source: source, destination: options.destination, parent: parentPath) }
         try store.lock(wait: options.waitForLock)
         var report = CloneReport(source: options.source.string, destination: options.destination.string, mode: "hardlink")
-        if let record = try OverlayGuest.open(store: store, canonicalRoot: source, create: false), record.readState() != nil {
+        if let record = try OverlayGuest.open(store: store, canonicalRoot: source, create: false), try record.readState() != nil {
             report.mode = "overlay"
             try cloneOverlay(record, to: parent, as: dstName, destinationPath: options.destination, store: store, mount: options.mount, report: &report)
         } else {

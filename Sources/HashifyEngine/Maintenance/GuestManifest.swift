@@ -110,7 +110,7 @@ public enum ManifestCommand {
         var options = OverlayOptions(roots: [root])
         options.store = store.path
         let s = try Overlay.session(options, createRecords: false)  // holds the store's lock: no fold runs meanwhile
-        guard let record = s.guests.first?.record, let state = record.readState(), state.phase == .active else {
+        guard let record = s.guests.first?.record, let state = try record.readState(), state.phase == .active else {
             throw InputError("\(root): not an active overlay guest")
         }
         let gen = try record.generation(state.generation)

@@ -217,7 +217,7 @@ public enum MemoryScanner {
             if guests.contains(where: { $0.canonical == c }) { continue }
             var g = GuestRoot(label: r.string, canonical: c, stat: st)
             if let store, let record = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),
-               let state = record.readState(), let gen = try? record.generation(state.generation), OverlayMount.isMounted(gen, at: dir) {
+               let state = try? record.readState(), let gen = try? record.generation(state.generation), OverlayMount.isMounted(gen, at: dir) {
                 g.overlayDevice = st.device
                 g.upper = gen.upper
                 var scan = Overlay.LayerScan()
@@ -236,7 +236,7 @@ public enum MemoryScanner {
         if options.store != nil && store == nil { throw InputError("\(options.store!): no hashify store here") }
         var rootPaths = options.roots
         if rootPaths.isEmpty, let store {
-            rootPaths = store.rememberedGuests() + OverlayGuest.all(in: store).filter { $0.readState() != nil }.map(\.rootPath)
+            rootPaths = store.rememberedGuests() + OverlayGuest.all(in: store).filter { (try? $0.readState()) != nil }.map(\.rootPath)
         }
         let notes = rootPaths.isEmpty ? ["no guest roots given and no store: every process counts as the host's"] : []
         return (rootPaths, store, notes)

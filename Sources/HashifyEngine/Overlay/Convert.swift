@@ -25,7 +25,7 @@ extension Overlay {
         for g in s.guests {
             if let record = g.record { try recover(record) }
             let dir = try Directory.open(path: g.canonical)
-            if let record = g.record, let state = record.readState(), state.phase == .active {
+            if let record = g.record, let state = try record.readState(), state.phase == .active {
                 if let gen = try? record.generation(state.generation), OverlayMount.isMounted(gen, at: dir) { continue }
                 if OverlayMount.isMountPoint(dir) { throw InputError("\(g.root): a mount point, but not of its overlay (unmount it first)") }
                 continue
@@ -42,7 +42,7 @@ extension Overlay {
             let g = s.guests[i]
             let record = try g.record ?? OverlayGuest.open(store: s.store, canonicalRoot: g.canonical, create: true)!
             s.guests[i].record = record
-            if let state = record.readState(), state.phase == .active {
+            if let state = try record.readState(), state.phase == .active {
                 report.guests.append(try mountGuest(record, root: g.root, session: s))
                 continue
             }

@@ -61,7 +61,7 @@ extension Overlay {
     /// generation in force. A mounted guest is left for its next start.
     static func fold(_ guest: OverlayGuest, root: FilePath, session s: Session, dryRun: Bool) throws -> OverlayReport.Guest {
         let started = Timestamp.now()
-        guard var state = dryRun ? guest.readState() : try recover(guest), state.phase == .active else {
+        guard var state = dryRun ? try guest.readState() : try recover(guest), state.phase == .active else {
             return OverlayReport.Guest(root: root.string, action: "not an overlay guest")
         }
         let old = try guest.generation(state.generation)
@@ -171,7 +171,7 @@ extension Overlay {
         var out = Set<FilePath>()
         for r in roots {
             guard let c = RootValidation.canonical(r), let g = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),
-                  g.readState() != nil else { continue }
+                  g.hasState || !g.generationNumbers().isEmpty else { continue }
             out.insert(r)
         }
         return out

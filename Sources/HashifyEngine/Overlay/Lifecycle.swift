@@ -169,7 +169,6 @@ extension Overlay {
         try? parent.setModificationTime(parentTime)
         _ = fsync(parent.fd)
         try guest.writeState(nil)
-        try guest.removeGenerations(except: nil)
         var result = outcome()
         result.seconds = elapsed(since: started)
         return result

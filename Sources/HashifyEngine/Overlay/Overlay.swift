@@ -113,25 +113,23 @@ public enum Overlay {
     /// plain or has exactly one generation in force. Returns the state after.
     @discardableResult
     static func recover(_ guest: OverlayGuest) throws -> OverlayGuest.State? {
+        guard var state = try guest.readState() else { return nil }
         try guest.unmountPrivate()
-        guard var state = guest.readState() else {
-            try guest.removeGenerations(except: nil)
-            return nil
-        }
         let root = try? Directory.open(path: guest.rootPath)
         let rootInode = (try? root?.stat())??.inode
         switch state.phase {
         case .active:
             break
+        case .plain:
+            try guest.writeState(nil)
+            return nil
         case .converting:
             try guest.writeState(nil)
-            try guest.removeGenerations(except: nil)
             return nil
         case .switching:
             if rootInode == state.rootInode {
                 // The exchange did not happen: the guest is still its plain tree.
                 try guest.writeState(nil)
-                try guest.removeGenerations(except: nil)
                 return nil
             }
             state.phase = .active
@@ -143,7 +141,6 @@ public enum Overlay {
             if rootInode != state.rootInode {
                 // The plain copy is in place: the guest is plain again.
                 try guest.writeState(nil)
-                try guest.removeGenerations(except: nil)
                 return nil
             }
             state.phase = .active

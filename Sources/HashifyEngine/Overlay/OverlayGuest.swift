@@ -36,6 +36,8 @@ final class OverlayGuest {
         case exporting
         /// The plain copy is complete; the mount point ROOT (inode `rootInode`) is being exchanged for it.
         case restoring
+        /// The guest is a plain directory again; its generations are being removed.
+        case plain
     }
 
     struct State: Equatable {
@@ -103,21 +105,63 @@ final class OverlayGuest {
 
     // MARK: state
 
-    func readState() -> State? {
-        guard let text = try? directory.openFileForReading(FileName("state")).readAll() else { return nil }
+    /// The record's state: nil when there is none (the guest is plain). A
+    /// state that cannot be read, names an unknown phase, or a generation the
+    /// record does not hold throws `damaged`: nothing is done on its word.
+    func readState() throws(InputError) -> State? {
+        let file: OpenFile
+        do { file = try directory.openFileForReading(FileName("state")) } catch Errno.noSuchFileOrDirectory {
+            let generations = generationNumbers()
+            if !generations.isEmpty {
+                throw damaged("no state, but generation\(generations.count == 1 ? "" : "s") \(generations.map { "g\($0)" }.joined(separator: ", "))")
+            }
+            return nil
+        } catch {
+            throw damaged("state unreadable: \(error)")
+        }
+        guard let text = try? file.readAll(limit: 4096) else { throw damaged("state unreadable or over 4 KiB") }
         var fields: [String: String] = [:]
         for line in text.split(separator: 0x0a) {
             let parts = line.split(separator: 0x20, maxSplits: 1)
             if parts.count == 2 { fields[String(decoding: parts[0], as: UTF8.self)] = String(decoding: parts[1], as: UTF8.self) }
         }
-        guard let p = fields["phase"].flatMap(Phase.init(rawValue:)), let g = fields["generation"].flatMap(Int.init) else { return nil }
-        return State(phase: p, generation: g, rootInode: fields["root-inode"].flatMap { UInt64($0) } ?? 0)
+        guard let p = fields["phase"].flatMap(Phase.init(rawValue:)), let g = fields["generation"].flatMap(Int.init), g >= 0,
+            let inode = UInt64(fields["root-inode"] ?? "0")
+        else {
+            throw damaged("state not in the form hashify writes")
+        }
+        let state = State(phase: p, generation: g, rootInode: inode)
+        // Every phase but these has its generation built and in place.
+        if ![.converting, .plain].contains(p), !generationNumbers().contains(g) {
+            throw damaged("state names generation \(g), which the record does not hold")
+        }
+        return state
     }
 
-    /// Replaces the state (nil: the guest is a plain directory again).
+    /// Whether the record has a state file (readable or not).
+    var hasState: Bool { (try? directory.stat(FileName("state"))) != nil }
+
+    /// The reason a record is not used: it names the record and says nothing was changed.
+    func damaged(_ why: String) -> InputError {
+        InputError("\(path): damaged overlay record of \(rootPath) (\(why)); left as it is, nothing changed")
+    }
+
+    /// The generations the record holds (gN directories).
+    func generationNumbers() -> [Int] {
+        ((try? directory.entryNames()) ?? []).compactMap { name -> Int? in
+            let s = String(decoding: name.bytes, as: UTF8.self)
+            guard s.hasPrefix("g"), let n = Int(s.dropFirst()), "g\(n)" == s else { return nil }
+            return n
+        }.sorted()
+    }
+
+    /// Replaces the state (nil: the guest is a plain directory again: noted as
+    /// `plain` first, so that its generations go only on the record's own word).
     func writeState(_ state: State?) throws {
         guard let state else {
-            try? directory.unlink(FileName("state"))
+            try writeState(State(phase: .plain, generation: 0))
+            try removeGenerations(except: nil)
+            try directory.unlink(FileName("state"))
             _ = fsync(directory.fd)
             return
         }

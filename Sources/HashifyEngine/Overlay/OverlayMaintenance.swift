@@ -78,7 +78,7 @@ extension Overlay {
         var all = Set<[UInt8]>()
         var perGuest: [(OverlayGuest, OverlayGuest.State?, LayerScan)] = []
         for g in OverlayGuest.all(in: store) {
-            let state = g.readState()
+            let state = try? g.readState()
             var current = LayerScan()
             for name in (try? g.directory.entryNames()) ?? [] {
                 let s = String(decoding: name.bytes, as: UTF8.self)
@@ -106,7 +106,10 @@ extension Overlay {
         guard !guests.isEmpty, let objects = try? DataObjects(store: store) else { return nil }
         var out = OverlayStatus()
         for (g, state, scan) in guests {
-            guard let state else { continue }
+            guard let state else {
+                do { _ = try g.readState() } catch { out.warnings.append(error.description) }
+                continue
+            }
             let mounted = (try? g.generation(state.generation)).map { gen in
                 (try? Directory.open(path: g.rootPath)).map { OverlayMount.isMounted(gen, at: $0) } ?? false
             } ?? false
