@@ -11,10 +11,10 @@ final class SlowedRun {
     let tracer = Process()
 
     /// Starts `hashify args` with each renameat2 delayed by `delay` seconds.
-    init(_ args: [String], delay: Double) throws {
+    init(_ args: [String], delay: Double, syscall: String = "renameat2") throws {
         tracer.executableURL = URL(fileURLWithPath: "/usr/bin/strace")
-        tracer.arguments = ["-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat2",
-                            "-e", "inject=renameat2:delay_enter=\(Int(delay * 1_000_000))", hashifyBinary] + args
+        tracer.arguments = ["-f", "-qq", "-o", "/dev/null", "-e", "trace=\(syscall)",
+                            "-e", "inject=\(syscall):delay_enter=\(Int(delay * 1_000_000))", hashifyBinary] + args
         tracer.standardOutput = FileHandle.nullDevice
         tracer.standardError = FileHandle.nullDevice
         try tracer.run()
@@ -165,5 +165,42 @@ struct ExchangeWindowTests {
         let other = roots.map { "\($0)/usr/lib/a.so" }.first { $0 != victim }!
         #expect(readText(other) == original, "the write reached another guest")
         #expect(run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.isEmpty)
+    }
+
+    @Test("a guest's own change to a directory while hashify works in it keeps its mtime (not put back)")
+    func guestChangeToDirectoryKept() throws {
+        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        let s = Scratch("xwin")
+        let roots = [s.sub("guests/g1"), s.sub("guests/g2")]
+        for r in roots {
+            writeFile("\(r)/usr/lib/a.so", String(repeating: "library a\n", count: 900))
+            writeFile("\(r)/usr/lib/b.so", String(repeating: "library b\n", count: 900))
+            settleDirectoryTimes(r)
+        }
+        settle()
+        // Every fcntl (the read leases) held back 0.4 s: after the first victim's
+        // exchange there is a moment before the second victim's.
+        let slowed = try SlowedRun(["unify", "-q"] + roots, delay: 0.4, syscall: "fcntl")
+        // The first victim replaced: a name in one guest now the other guest's inode.
+        var exchanged: String?
+        for _ in 0..<3000 where exchanged == nil {
+            exchanged = ["a.so", "b.so"].lazy.compactMap { n -> String? in
+                let (p, q) = ("\(roots[0])/usr/lib/\(n)", "\(roots[1])/usr/lib/\(n)")
+                return inode(p) == inode(q) ? (linkCount(p) == 3 ? q : nil) : nil
+            }.first
+            usleep(10_000)
+        }
+        guard let exchanged else { slowed.killHashify(); Issue.record("no exchange seen"); return }
+        usleep(800_000)
+        let dir = (exchanged as NSString).deletingLastPathComponent
+        writeFile(dir + "/made-by-the-guest", "new\n")
+        var before = stat()
+        lstat(dir, &before)
+        slowed.tracer.waitUntilExit()
+        #expect(slowed.tracer.terminationStatus == 0)
+        var after = stat()
+        lstat(dir, &after)
+        #expect(after.st_mtim.tv_sec != 1_600_000_000, "the guest's change to the directory was given the walk's mtime back")
+        #expect(after.st_mtim.tv_sec >= before.st_mtim.tv_sec)
     }
 }

@@ -2,8 +2,10 @@ import HashifySystem
 
 /// Changes to guest directories, one directory at a time in walk order:
 /// journals the directory before its first change and gives it its walked
-/// mtime back after the last one (unless someone else changed it since the
-/// walk, which the mtime at the first change shows).
+/// mtime back after the last one, but only while every change to it was
+/// hashify's own: the mtime is compared before each change with the one the
+/// walk saw or the previous change left, and once more at the end, so a
+/// guest's own change to the directory meanwhile keeps the mtime it gave.
 final class DirectoryChanges {
     let inventory: Inventory
     let roots: [GuestRoot]
@@ -11,6 +13,8 @@ final class DirectoryChanges {
     let opener: DirectoryOpener
     private var current: Int32 = -1
     private var currentDirectory: Directory?
+    /// The mtime the directory has if nobody but this run changed it.
+    private var expected: Timestamp?
     private var restore = false
 
     init(inventory: Inventory, roots: [GuestRoot], journal: RunJournal) {
@@ -26,7 +30,8 @@ final class DirectoryChanges {
         finish()
         let d = try opener.open(id)
         let entry = inventory.directories[Int(id)]
-        restore = (try d.stat().modificationTime) == entry.modificationTime
+        expected = entry.modificationTime
+        restore = false
         journal.beginDirectory(root: Array(roots[Int(entry.guest)].path.string.utf8), inode: entry.inode,
                                mtime: entry.modificationTime)
         current = id
@@ -34,10 +39,27 @@ final class DirectoryChanges {
         return d
     }
 
-    /// Gives the current directory its mtime back and closes the journal entry.
+    /// Runs `change` (which changes entries of the current directory),
+    /// noting whether the directory was changed by someone else before it.
+    func change<T>(_ change: () throws -> T) rethrows -> T {
+        guard let d = currentDirectory else { return try change() }
+        if let e = expected, (try? d.stat().modificationTime) != e { expected = nil }  // someone else's change
+        defer {
+            if expected != nil {
+                expected = try? d.stat().modificationTime
+                restore = true
+            }
+        }
+        return try change()
+    }
+
+    /// Gives the current directory its mtime back (when only this run
+    /// changed it) and closes the journal entry.
     func finish() {
         guard current >= 0, let d = currentDirectory else { return }
-        if restore { try? d.setModificationTime(inventory.directories[Int(current)].modificationTime) }
+        if restore, let e = expected, (try? d.stat().modificationTime) == e {
+            try? d.setModificationTime(inventory.directories[Int(current)].modificationTime)
+        }
         journal.endDirectory()
         currentDirectory = nil
         current = -1

@@ -148,7 +148,7 @@ final class HardlinkLinker: LinkStrategy {
     }
 
     func hold(_ f: OpenFile, inode: Int32, group: Int) {
-        if held.isEmpty { heldSince = Timestamp.now().totalNanoseconds }
+        if held.isEmpty { heldSince = MonotonicInstant.now().nanoseconds }
         held[inode] = (f, group)
     }
 
@@ -182,7 +182,7 @@ final class HardlinkLinker: LinkStrategy {
             h.file.releaseLease()
             held[inode] = nil
         }
-        heldSince = Timestamp.now().totalNanoseconds
+        heldSince = MonotonicInstant.now().nanoseconds
     }
 
     /// Links an open (leased) file into the store under the first free generation.
@@ -238,7 +238,7 @@ final class HardlinkLinker: LinkStrategy {
             // Keep object leases short: release them every 50 ms or at the budget's count.
             if held.count >= heldLimit {
                 releaseObjects(groups, all: true)  // waits at most one clock tick
-            } else if done & 31 == 0, !held.isEmpty, Timestamp.now().totalNanoseconds - heldSince > 50_000_000 {
+            } else if done & 31 == 0, !held.isEmpty, MonotonicInstant.now().nanoseconds - heldSince > 50_000_000 {
                 releaseObjects(groups, all: false)
             }
             if state == failed {
@@ -267,8 +267,15 @@ final class HardlinkLinker: LinkStrategy {
                     throw error
                 }
                 let temp = temporaries.next(.link)
+                let victimInode = inventory.inodes[Int(victim)].inode
+                let replaced: FileStat?
                 do {
-                    try objectFile.link(into: dir, as: temp)
+                    replaced = try directories.change {
+                        try objectFile.link(into: dir, as: temp)
+                        return try exchange(temp, with: name, in: dir, expectedInode: victimInode,
+                                            tempInode: inventory.inodes[Int(object.inode)].inode,
+                                            journal: journal, lease: victimFile)
+                    }
                 } catch Errno.tooManyLinks {
                     // The object is full: this victim becomes the next object of the group.
                     let generation = try publish(victimFile, group: group, fromGeneration: object.generation + 1)
@@ -278,10 +285,7 @@ final class HardlinkLinker: LinkStrategy {
                     outcome.objectsCreated += 1
                     return
                 }
-                let victimInode = inventory.inodes[Int(victim)].inode
-                guard let out = try exchange(temp, with: name, in: dir, expectedInode: victimInode,
-                                             tempInode: inventory.inodes[Int(object.inode)].inode,
-                                             journal: journal, lease: victimFile) else {
+                guard let out = replaced else {
                     journal.keep(temp)
                     skip(nameIndex, .unknownTemporary)
                     throw Mismatch()

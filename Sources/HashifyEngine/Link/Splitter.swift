@@ -70,9 +70,12 @@ final class Splitter {
         let copyInode = try copy.stat().inode
         let temp = temporaries.next(.copy)
         directories.journal.created(temp, inode: copyInode)
-        try copy.link(into: dir, as: temp)
-        guard try exchange(temp, with: name, in: dir, expectedInode: st.inode, tempInode: copyInode,
-                           journal: directories.journal, lease: source) != nil else {
+        let replaced = try directories.change {
+            try copy.link(into: dir, as: temp)
+            return try exchange(temp, with: name, in: dir, expectedInode: st.inode, tempInode: copyInode,
+                                journal: directories.journal, lease: source)
+        }
+        guard replaced != nil else {
             directories.journal.keep(temp)
             throw LeftTemporary()
         }
