@@ -73,7 +73,7 @@ public struct Unifier {
             report = try Unifier(options: o, progress: progress).runHardlink()
         }
         if !overlay.isEmpty {
-            let started = Timestamp.now()
+            let started = MonotonicInstant.now()
             _ = prepareProcessForUnification()
             guard let store = try Store.open(at: storePath, create: false) else { return report }
             if !options.dryRun { try store.lock(wait: options.waitForLock) }
@@ -122,7 +122,7 @@ public struct Unifier {
     }
 
     func runHardlink() throws -> UnifyReport {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         _ = prepareProcessForUnification()
         let roots = try RootValidation.openRoots(options.roots)
         let storePath = options.store ?? RootValidation.defaultStorePath(for: options.roots)
@@ -146,11 +146,10 @@ public struct Unifier {
         }
         let sink = progress
         walker.onProgress = { n in sink?.update(phase: .walk, done: n, total: nil, bytes: 0, totalBytes: nil) }
-        var clock = Timestamp.now()
+        var clock = MonotonicInstant.now()
         func lap(_ phase: String) {
-            let now = Timestamp.now()
-            report.phaseSeconds[phase, default: 0] += Double(now.totalNanoseconds - clock.totalNanoseconds) / 1e9
-            clock = now
+            report.phaseSeconds[phase, default: 0] += clock.secondsElapsed
+            clock = MonotonicInstant.now()
         }
         var walk = walker.walk(roots, conffiles: conffiles)
         lap("walk")
@@ -281,17 +280,10 @@ public struct Unifier {
         report.totals.errors = skips.filter { $0.reason.isError }.count
         report.totals.skipped = skips.count
         report.guests = perGuest
-        report.seconds = Double(Timestamp.now().totalNanoseconds - started.totalNanoseconds) / 1e9
+        report.seconds = started.secondsElapsed
         report.peakMemoryBytes = peakResidentBytes()
         return report
     }
 }
 
-extension Timestamp {
-    /// The realtime clock now.
-    public static func now() -> Timestamp {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        return Timestamp(seconds: Int64(ts.tv_sec), nanoseconds: UInt32(ts.tv_nsec))
-    }
-}
+

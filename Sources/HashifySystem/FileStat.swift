@@ -63,3 +63,4 @@ public func coarseNow() -> Timestamp {
     hashify_coarse_now(&s, &ns)
     return Timestamp(seconds: s, nanoseconds: ns)
 }
+

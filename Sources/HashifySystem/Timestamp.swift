@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A point in time with nanosecond precision, as the kernel stores inode times.
 public struct Timestamp: Hashable, Comparable, Sendable, CustomStringConvertible {
     public var seconds: Int64
@@ -26,4 +30,30 @@ public struct Timestamp: Hashable, Comparable, Sendable, CustomStringConvertible
         let ns = String(nanoseconds)
         return "\(seconds).\(String(repeating: "0", count: 9 - ns.count))\(ns)"
     }
+}
+
+extension Timestamp {
+    /// The wall clock now (`CLOCK_REALTIME`): for when something happened,
+    /// never for how long it took (`MonotonicInstant`).
+    public static func wallClockNow() -> Timestamp {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Timestamp(seconds: Int64(ts.tv_sec), nanoseconds: UInt32(ts.tv_nsec))
+    }
+}
+
+/// A point on the monotonic clock (`CLOCK_MONOTONIC`), for durations: unlike
+/// the wall clock it never jumps when the host's time is set.
+public struct MonotonicInstant: Sendable {
+    public let nanoseconds: Int64
+
+    /// The monotonic clock now. The corresponding C function is `clock_gettime(CLOCK_MONOTONIC)`.
+    public static func now() -> MonotonicInstant {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return MonotonicInstant(nanoseconds: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec))
+    }
+
+    /// Seconds from this instant until now.
+    public var secondsElapsed: Double { Double(Self.now().nanoseconds - nanoseconds) / 1e9 }
 }

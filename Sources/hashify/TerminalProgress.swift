@@ -19,7 +19,7 @@ final class TerminalProgress: ProgressSink {
     static func ifTerminal() -> TerminalProgress? { isatty(2) != 0 ? TerminalProgress() : nil }
 
     func update(phase: Phase, done: Int, total: Int?, bytes: UInt64, totalBytes: UInt64?) {
-        let now = Timestamp.now().totalNanoseconds
+        let now = MonotonicInstant.now().nanoseconds
         let line: String? = state.withLock { s in
             if s.phase != phase { s.phase = phase; s.phaseStart = now; s.last = 0 }
             guard now - s.last > 100_000_000 || done == total else { return nil }

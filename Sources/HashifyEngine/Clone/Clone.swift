@@ -45,7 +45,7 @@ public struct CloneReport: Sendable, Codable {
 /// so a killed clone leaves nothing under DST's name.
 public enum Clone {
     public static func run(_ options: CloneOptions) throws -> CloneReport {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         _ = prepareProcessForUnification()
         guard let source = RootValidation.canonical(options.source), (try? Directory.open(path: source)) != nil else {
             throw InputError("\(options.source): no such guest root")
@@ -77,7 +77,7 @@ public enum Clone {
             try OverlayGuest.writeAtomically(lxc.config, as: FileName("config"), in: try Directory.open(path: lxc.path.removingLastComponent()))
             report.lxcConfig = lxc.path.string
         }
-        report.seconds = Double(Timestamp.now().totalNanoseconds - started.totalNanoseconds) / 1e9
+        report.seconds = started.secondsElapsed
         return report
     }
 

@@ -59,7 +59,7 @@ public enum MemoryScanner {
     }
 
     public static func run(_ options: MemoryOptions) throws -> MemoryReport {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         var report = MemoryReport()
         // The guests: given, or the store's.
         let (rootPaths, store, notes) = try guestPaths(options)
@@ -203,7 +203,7 @@ public enum MemoryScanner {
         if report.partial {
             report.notes.append("\(report.unreadableProcesses) processes could not be read (not root, or /proc mounted with hidepid): their memory is left out")
         }
-        report.seconds = Double(Timestamp.now().totalNanoseconds - started.totalNanoseconds) / 1e9
+        report.seconds = started.secondsElapsed
         return report
     }
 

@@ -17,7 +17,7 @@ extension Overlay {
     /// 3. (`active`) The overlay is mounted on ROOT; the old tree, now in the
     ///    store, is removed (its data lives on in the objects).
     public static func convert(_ options: OverlayOptions) throws -> OverlayReport {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         var s = try session(options, createRecords: true)
         if let why = OverlayMount.unsupportedReason(store: s.store) { throw InputError(why) }
         let storeDevice = try s.store.directory.stat().device
@@ -59,7 +59,7 @@ extension Overlay {
     }
 
     static func convertOne(_ guest: OverlayGuest, root: FilePath, session s: Session, hardlinkObjects: Set<UInt64>, mount: Bool) throws -> OverlayReport.Guest {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         var result = OverlayReport.Guest(root: root.string, action: "converted")
         let source = try Directory.open(path: guest.rootPath)
         let rootStat = try source.stat()

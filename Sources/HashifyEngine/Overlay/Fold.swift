@@ -60,7 +60,7 @@ extension Overlay {
     /// rename (`folding` → `active`); a fold killed before leaves the old
     /// generation in force. A mounted guest is left for its next start.
     static func fold(_ guest: OverlayGuest, root: FilePath, session s: Session, dryRun: Bool) throws -> OverlayReport.Guest {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         guard var state = dryRun ? try guest.readState() : try recover(guest), state.phase == .active else {
             return OverlayReport.Guest(root: root.string, action: "not an overlay guest")
         }
@@ -136,7 +136,7 @@ extension Overlay {
     /// `hashify overlay fold`: the fold alone, for overlay guests only (what a
     /// container's start hook runs; `unify` does it too, beside hardlink mode).
     public static func fold(_ options: OverlayOptions) throws -> OverlayReport {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         let s = try session(options, createRecords: false)
         for g in s.guests { _ = try activeGuest(g) }
         var report = OverlayReport(command: "overlay fold", store: s.store.path.string)

@@ -15,7 +15,7 @@ extension Overlay {
 
     /// `hashify overlay mount`: mounts each guest's generation in force.
     public static func mount(_ options: OverlayOptions) throws -> OverlayReport {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         let s = try session(options, createRecords: false)
         for g in s.guests { _ = try activeGuest(g) }
         var report = OverlayReport(command: "overlay mount", store: s.store.path.string)
@@ -27,7 +27,7 @@ extension Overlay {
     /// `hashify overlay umount`: unmounts each guest; refuses, naming them,
     /// while processes use it.
     public static func umount(_ options: OverlayOptions) throws -> OverlayReport {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         let s = try session(options, createRecords: false)
         var mounted: [Bool] = []
         for g in s.guests {
@@ -82,7 +82,7 @@ extension Overlay {
     /// (`exporting`) the copy is built in the store, (`restoring`) exchanged
     /// with the unmounted mount point in one rename, then the records go.
     public static func export(_ options: OverlayOptions) throws -> OverlayReport {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         let s = try session(options, createRecords: false)
         var report = OverlayReport(command: "overlay export", store: s.store.path.string)
         if let dest = options.destination {
@@ -108,7 +108,7 @@ extension Overlay {
     }
 
     static func exportCopy(_ guest: OverlayGuest, state: OverlayGuest.State, root: FilePath, to dest: FilePath, session s: Session) throws -> OverlayReport.Guest {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         guard let last = dest.lastComponent, !dest.removingLastComponent().isEmpty || dest.isRelative else {
             throw InputError("\(dest): not a destination directory name")
         }
@@ -144,7 +144,7 @@ extension Overlay {
     }
 
     static func exportInPlace(_ guest: OverlayGuest, state: OverlayGuest.State, root: FilePath, session s: Session) throws -> OverlayReport.Guest {
-        let started = Timestamp.now()
+        let started = MonotonicInstant.now()
         let gen = try guest.generation(state.generation)
         if OverlayMount.isMounted(gen, at: try Directory.open(path: guest.rootPath)) {
             do { try OverlayMount.unmount(guest.rootPath) } catch { throw InputError("\(root): umount failed: \(error)") }

@@ -251,7 +251,5 @@ public enum Overlay {
         try upper.setModificationTime(st.modificationTime)
     }
 
-    static func elapsed(since t: Timestamp) -> Double {
-        Double(Timestamp.now().totalNanoseconds - t.totalNanoseconds) / 1e9
-    }
+    static func elapsed(since t: MonotonicInstant) -> Double { t.secondsElapsed }
 }

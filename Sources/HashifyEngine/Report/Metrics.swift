@@ -69,7 +69,7 @@ public enum MetricsFile {
         let dir: Directory
         do { dir = try Directory.open(path: parentPath) } catch { throw InputError("--metrics \(path): no directory \(parentPath)") }
         let name = FileName(last.string)
-        let body = text(r, finishedAt: .now(), lastSuccess: previousSuccess(in: dir, name))
+        let body = text(r, finishedAt: .wallClockNow(), lastSuccess: previousSuccess(in: dir, name))
         let temp = FileName(Array(".".utf8) + name.bytes + Array(".hashify-new".utf8))
         try? dir.unlink(temp)
         let f = try dir.createFile(temp, mode: 0o644)
