@@ -17,6 +17,30 @@ public final class OpenFile: @unchecked Sendable {
         OpenFile(adopting: try withCName(path) { p in try retrying { hashify_openat(AT_FDCWD, p, O_RDONLY | HASHIFY_O_CLOEXEC, 0) } })
     }
 
+    /// Reads a file the operator names by path (a config file): a regular
+    /// file of at most `limit` bytes, else `nil` with what it is instead. Opened
+    /// without blocking, so a FIFO or device given by mistake cannot hang the run.
+    public static func readSmallFile(path: [UInt8], limit: Int) throws -> Result<[UInt8], SmallFileProblem> {
+        let f = OpenFile(adopting: try withCName(path) { p in
+            try retrying { hashify_openat(AT_FDCWD, p, O_RDONLY | O_NONBLOCK | HASHIFY_O_CLOEXEC, 0) }
+        })
+        guard try f.stat().isRegular else { return .failure(.notRegular) }
+        guard let bytes = try f.readAll(limit: limit) else { return .failure(.tooLarge(limit)) }
+        return .success(bytes)
+    }
+
+    /// Why `readSmallFile` did not read a file.
+    public enum SmallFileProblem: Error, CustomStringConvertible {
+        case notRegular
+        case tooLarge(Int)
+        public var description: String {
+            switch self {
+            case .notRegular: return "not a regular file"
+            case .tooLarge(let limit): return "larger than \(limit / 1024) KiB"
+            }
+        }
+    }
+
     /// The corresponding C function is `fstat()` (as `statx` with `AT_EMPTY_PATH`).
     public func stat() throws -> FileStat {
         var s = hashify_stat()

@@ -79,7 +79,7 @@ struct Unify: ParsableCommand {
     func validate() throws {
         if !all && (!lxcpath.isEmpty || machines != nil) { throw ValidationError("--lxcpath and --machines go with --all") }
         if let m = minSize, m < 1 { throw ValidationError("--min-size must be at least 1 (empty files are never linked)") }
-        if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1") }
+        if let t = threads, !(1...256).contains(t) { throw ValidationError("--threads must be from 1 to 256, not \(t)") }
         if let m = metrics {
             let parent = FilePath(m).removingLastComponent()
             var st = stat()

@@ -57,6 +57,65 @@ struct BadInputTests {
         #expect(bad.status == 2)
     }
 
+    @Test("refusals of every command create nothing, not even an empty directory in a store")
+    func refusalsCreateNothing() throws {
+        let s = Scratch("bad")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        makeGuest(a, index: 0)
+        makeGuest(b, index: 1)
+        mkdirs(s.sub("not-a-store"))
+        settle()
+        #expect(hashify(["unify", "-q", a, b]).status == 0)
+        let store = s.sub("guests/.hashify")
+        let before = manifest([s.path])
+        for args in [["status", "--store", s.sub("not-a-store")], ["gc", "--store", s.sub("not-a-store"), a],
+                     ["verify", "--store", s.sub("not-a-store"), a], ["split", "--store", s.sub("not-a-store"), "\(a)/usr/bin/tool"],
+                     ["overlay", "mount", "--store", store, a], ["overlay", "export", "--store", store, a],
+                     ["overlay", "fold", "--store", s.sub("not-a-store"), a], ["manifest", "--store", s.sub("not-a-store"), a],
+                     ["clone", "--store", s.sub("not-a-store"), a, s.sub("guests/c")], ["split", "/etc/passwd"],
+                     ["unify", "--threads", "100000", a, b], ["unify", "--threads", "0", a, b],
+                     ["status", "--config", "/dev/zero"], ["status", "--config", s.path]] {
+            let r = hashify(args)
+            #expect(r.status == 2, "\(args): \(r.status) \(r.err)")
+            let after = manifest([s.path])
+            #expect(after == before, "\(args) changed:\n\(manifestDiff(before, after))")
+        }
+    }
+
+    @Test("a garbage list of remembered guests is left out, not printed; relative and symlinked roots are remembered once, by their real path")
+    func rememberedGuests() throws {
+        let s = Scratch("bad")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        makeGuest(a, index: 0)
+        makeGuest(b, index: 1)
+        symlink(s.sub("guests"), s.sub("via-link"))
+        settle()
+        let store = s.sub("guests/.hashify")
+        // Relative roots, then the same guests through a symlink, then by their real paths.
+        var r = run(["/bin/sh", "-c", "cd '\(s.path)/guests' && '\(hashifyBinary)' unify -q a b"])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(hashify(["unify", "-q", s.sub("via-link/a"), s.sub("via-link/b")]).status == 0)
+        #expect(hashify(["unify", "-q", a, b]).status == 0)
+        let remembered = try Data(contentsOf: URL(fileURLWithPath: store + "/guests")).split(separator: 0)
+            .map { String(decoding: $0, as: UTF8.self) }
+        let real = [a, b].map { URL(fileURLWithPath: $0).resolvingSymlinksInPath().path }
+        #expect(remembered.sorted() == real.sorted(), "\(remembered)")
+        // split by a relative path, from inside the guest.
+        r = run(["/bin/sh", "-c", "cd '\(a)/usr' && '\(hashifyBinary)' split -q bin/tool"])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(linkCount("\(a)/usr/bin/tool") == 1)
+        // Garbage in the list: status prints no raw bytes and works; the next unify writes it anew.
+        var garbage = pseudoRandom(3000, seed: 5)
+        garbage[10] = 0x0a
+        try Data(garbage).write(to: URL(fileURLWithPath: store + "/guests"))
+        let st = hashify(["status", "--store", store])
+        #expect(st.status == 0, "\(st.err)")
+        #expect(!(st.out + st.err).unicodeScalars.contains { $0.value < 0x20 && $0 != "\n" }, "raw bytes printed")
+        #expect((st.out + st.err).split(separator: "\n").count < 30)
+        #expect(hashify(["unify", "-q", a, b]).status == 0)
+        #expect(hashify(["status", "--store", store]).out.contains("/guests/a"))
+    }
+
     @Test("store on another filesystem (tmpfs): exit 2 naming the root, nothing changed")
     func storeOnOtherFilesystem() throws {
         guard isRoot else {

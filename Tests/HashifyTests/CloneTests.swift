@@ -34,6 +34,59 @@ struct CloneTests {
         #expect(hashify(["clone", "--store", store, "--lxc", "x", a, s.sub("guests/x")]).status == 2, "--lxc needs an LXC rootfs")
     }
 
+    @Test("a clone inside its source, a source on another filesystem: exit 2, nothing changed")
+    func cloneRefusals() throws {
+        let s = Scratch("clonebad")
+        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        makeGuest(a, index: 0)
+        makeGuest(b, index: 1)
+        settleDirectoryTimes(a)
+        settleDirectoryTimes(b)
+        settle()
+        #expect(hashify(["unify", "-q", a, b]).status == 0)
+        let before = manifest([s.path])
+        for (src, dst) in [(a, "\(a)/usr/clone"), (a, "\(a)/clone"), ("\(a)/usr", "\(a)/usr/x"), (a, "\(a)/usr/../clone")] {
+            let r = hashify(["clone", src, dst])
+            #expect(r.status == 2, "\(src) -> \(dst): \(r.status) \(r.err)")
+            #expect(r.err.contains("inside the source"), "\(r.err)")
+        }
+        let proc = hashify(["clone", "--store", s.sub("guests/.hashify"), "/proc", s.sub("guests/p")])
+        #expect(proc.status == 2, "\(proc.err)")
+        #expect(proc.err.contains("/proc"), "\(proc.err)")
+        let after = manifest([s.path])
+        #expect(after == before, "a refusal changed something:\n\(manifestDiff(before, after))")
+    }
+
+    @Test("the new user's path: unify LXC guests, then clone one with --lxc into a container that does not exist yet")
+    func newUserPath() throws {
+        let s = Scratch("clonelxc")
+        let lxcpath = s.sub("lxc")
+        for (i, n) in ["web1", "web2"].enumerated() {
+            makeGuest("\(lxcpath)/\(n)/rootfs", index: i)
+            writeFile("\(lxcpath)/\(n)/config", "lxc.uts.name = \(n)\nlxc.rootfs.path = dir:\(lxcpath)/\(n)/rootfs\n")
+        }
+        settle()
+        #expect(hashify(["unify", "-q", "\(lxcpath)/web1/rootfs", "\(lxcpath)/web2/rootfs"]).status == 0)
+        #expect(FileManager.default.fileExists(atPath: "\(lxcpath)/.hashify/objects"))
+        // Without --lxc the container directory must exist: one line, nothing made.
+        let missing = hashify(["clone", "\(lxcpath)/web1/rootfs", "\(lxcpath)/web5/rootfs"])
+        #expect(missing.status == 2 && missing.err.contains("\(lxcpath)/web5: no such directory"), "\(missing.err)")
+        #expect(!FileManager.default.fileExists(atPath: "\(lxcpath)/web5"))
+        // With --lxc, LXCPATH/NAME is made as lxc-copy makes it, and the store unify made is found.
+        let r = hashify(["clone", "--lxc", "web4", "\(lxcpath)/web1/rootfs", "\(lxcpath)/web4/rootfs"])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(guestManifest("\(lxcpath)/web4/rootfs") == guestManifest("\(lxcpath)/web1/rootfs"))
+        let config = (try? String(contentsOfFile: "\(lxcpath)/web4/config", encoding: .utf8)) ?? ""
+        #expect(config.contains("lxc.uts.name = web4") && config.contains("rootfs.path = dir:\(lxcpath)/web4/rootfs"))
+        #expect(!FileManager.default.fileExists(atPath: "\(lxcpath)/web1/.hashify"), "a second store was made")
+        // Every command finds the same store for the clone.
+        #expect(hashify(["status", "-q", "\(lxcpath)/web4/rootfs"]).status == 0)
+        #expect(hashify(["unify", "-q", "\(lxcpath)/web4/rootfs"]).status == 0)
+        #expect(hashify(["split", "-q", "\(lxcpath)/web4/rootfs/usr/bin/tool"]).status == 0)
+        #expect(!FileManager.default.fileExists(atPath: "\(lxcpath)/web4/.hashify"), "a second store was made")
+        #expect(linkCount("\(lxcpath)/web4/rootfs/usr/bin/tool") == 1)
+    }
+
     @Test("overlay mode: a clone is a new overlay guest over the same objects; writes stay in it")
     func overlayClone() throws {
         let s = Scratch("ovclone")

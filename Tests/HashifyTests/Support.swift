@@ -181,3 +181,9 @@ func mountPoints(under path: String) -> [String] {
 func unmountAll(under path: String) {
     for p in mountPoints(under: path) { _ = run(["/bin/umount", "-l", p]) }
 }
+
+/// The lines of two manifests that differ (- before, + after), for failure messages.
+func manifestDiff(_ before: String, _ after: String) -> String {
+    let a = Set(before.split(separator: "\n")), b = Set(after.split(separator: "\n"))
+    return (a.subtracting(b).sorted().map { "- \($0)" } + b.subtracting(a).sorted().map { "+ \($0)" }).joined(separator: "\n")
+}

@@ -50,35 +50,77 @@ public enum Clone {
         guard let source = RootValidation.canonical(options.source), (try? Directory.open(path: source)) != nil else {
             throw InputError("\(options.source): no such guest root")
         }
-        guard let name = options.destination.lastComponent else { throw InputError("\(options.destination): not a directory name") }
+        guard let name = options.destination.lastComponent, name.kind == .regular else {
+            throw InputError("\(options.destination): not a directory name")
+        }
         let parentPath = options.destination.removingLastComponent().isEmpty ? FilePath(".") : options.destination.removingLastComponent()
-        let parent: Directory
-        do { parent = try Directory.open(path: parentPath) } catch { throw InputError("\(parentPath): no such directory") }
+        // With --lxc, LXCPATH/NAME is made when missing, as lxc-copy does (after every check).
+        var parent = try? Directory.open(path: parentPath)
+        let madeParent = parent == nil && options.lxcName != nil
+        let existingParent = madeParent ? parentPath.removingLastComponent() : parentPath
+        guard let canonicalParent = RootValidation.canonical(existingParent.isEmpty ? "." : existingParent),
+            let existing = try? Directory.open(path: canonicalParent), parent != nil || madeParent
+        else {
+            throw InputError("\(parent == nil && options.lxcName == nil ? parentPath : existingParent): no such directory")
+        }
+        let canonicalDestination = madeParent
+            ? canonicalParent.appending(parentPath.lastComponent!).appending(name) : canonicalParent.appending(name)
+        if canonicalDestination == source || RootValidation.isInside(canonicalDestination, source)
+            || RootValidation.isInside(source, canonicalDestination)
+        {
+            throw InputError("\(options.destination): inside the source \(options.source) or containing it (a clone must be beside it)")
+        }
         let dstName = FileName(name.string)
-        if (try? parent.stat(dstName)) != nil { throw InputError("\(options.destination): already exists") }
+        if let parent, (try? parent.stat(dstName)) != nil { throw InputError("\(options.destination): already exists") }
         let storePath = options.store ?? RootValidation.defaultStorePath(for: [options.source])
         guard let store = try Store.open(at: storePath, create: false) else {
             throw InputError("\(storePath): no hashify store here (unify or convert the source first, or give --store)")
         }
-        if try parent.stat().device != store.directory.stat().device {
-            throw InputError("\(parentPath): not on the filesystem of the store \(storePath)")
+        if try existing.stat().device != store.directory.stat().device {
+            throw InputError("\(existingParent): not on the filesystem of the store \(storePath)")
+        }
+        let overlaySource = try OverlayGuest.open(store: store, canonicalRoot: source, create: false)
+            .flatMap { try $0.readState() != nil ? $0 : nil }
+        if overlaySource == nil, try Directory.open(path: source).stat().device != store.directory.stat().device {
+            throw InputError("\(options.source): not on the filesystem of the store \(storePath)")
         }
         var lxc: (config: [UInt8], path: FilePath)?
-        if let n = options.lxcName { lxc = try lxcConfig(name: n, source: source, destination: options.destination, parent: parentPath) }
+        if let n = options.lxcName { lxc = try lxcConfig(name: n, source: source, destination: options.destination, parent: parentPath,
+                                                                 absolute: canonicalDestination) }
         try store.lock(wait: options.waitForLock)
+        if madeParent {
+            let lxcName = FileName(parentPath.lastComponent!.string)
+            try existing.makeDirectory(lxcName, mode: 0o770)
+            parent = try existing.openDirectory(lxcName)
+        }
+        guard let parent else { throw InputError("\(parentPath): no such directory") }
         var report = CloneReport(source: options.source.string, destination: options.destination.string, mode: "hardlink")
-        if let record = try OverlayGuest.open(store: store, canonicalRoot: source, create: false), try record.readState() != nil {
-            report.mode = "overlay"
-            try cloneOverlay(record, to: parent, as: dstName, destinationPath: options.destination, store: store, mount: options.mount, report: &report)
-        } else {
-            try cloneHardlink(source, to: parent, as: dstName, store: store, report: &report)
+        do {
+            try cloneInto(parent, as: dstName, source: source, overlaySource: overlaySource, options: options, store: store,
+                          report: &report)
+        } catch {
+            if madeParent { try? existing.removeTree(FileName(parentPath.lastComponent!.string)) }
+            throw error
         }
         if let lxc {
-            try OverlayGuest.writeAtomically(lxc.config, as: FileName("config"), in: try Directory.open(path: lxc.path.removingLastComponent()))
+            try OverlayGuest.writeAtomically(lxc.config, as: FileName("config"), in: parent)
             report.lxcConfig = lxc.path.string
         }
         report.seconds = started.secondsElapsed
         return report
+    }
+
+    /// The clone itself, hardlink or overlay mode as the source is.
+    static func cloneInto(_ parent: Directory, as dstName: FileName, source: FilePath, overlaySource: OverlayGuest?,
+                          options: CloneOptions, store: Store, report: inout CloneReport) throws {
+        if let record = overlaySource {
+            report.mode = "overlay"
+            try cloneOverlay(record, to: parent, as: dstName, destinationPath: options.destination, store: store, mount: options.mount, report: &report)
+        } else {
+            try cloneHardlink(source, to: parent, as: dstName, store: store, report: &report)
+            // Every later command finds this store for the clone (RootValidation.defaultStorePath).
+            if let c = RootValidation.canonical(options.destination) { store.rememberGuests([c]) }
+        }
     }
 
     /// Hardlink mode: store objects linked, the rest copied, in a temporary
@@ -159,7 +201,8 @@ public enum Clone {
 
     /// The clone's LXC config: the source container's (`…/SRCNAME/config`)
     /// with the new name and rootfs, and without the source's MAC addresses.
-    static func lxcConfig(name: String, source: FilePath, destination: FilePath, parent: FilePath) throws -> ([UInt8], FilePath) {
+    static func lxcConfig(name: String, source: FilePath, destination: FilePath, parent: FilePath,
+                          absolute: FilePath) throws -> ([UInt8], FilePath) {
         guard source.lastComponent?.string == "rootfs" else {
             throw InputError("--lxc: the source \(source) is not an LXC rootfs (…/NAME/rootfs)")
         }
@@ -170,7 +213,6 @@ public enum Clone {
         guard destination.lastComponent?.string == "rootfs", parent.lastComponent?.string == name else {
             throw InputError("--lxc \(name): the destination must be LXCPATH/\(name)/rootfs")
         }
-        guard let absolute = RootValidation.canonical(parent)?.appending("rootfs") else { throw InputError("\(parent): cannot resolve path") }
         var out: [String] = []
         for raw in String(decoding: text, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false) {
             let line = raw.trimmingLeadingSpaces()

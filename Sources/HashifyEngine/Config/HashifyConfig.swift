@@ -58,7 +58,12 @@ public struct HashifyConfig: Sendable {
         let file = path ?? defaultPath
         let bytes: [UInt8]
         do {
-            bytes = try OpenFile.open(path: Array(file.string.utf8)).readAll()
+            switch try OpenFile.readSmallFile(path: Array(file.string.utf8), limit: 1 << 20) {
+            case .success(let b): bytes = b
+            case .failure(let why): throw InputError("\(file): \(why) (a config file is TOML text)")
+            }
+        } catch let e as InputError {
+            throw e
         } catch Errno.noSuchFileOrDirectory where path == nil {
             return nil
         } catch {

@@ -5,15 +5,23 @@ import Glibc
 #endif
 
 /// Where maintenance commands find the store and the guests: `--store`, or
-/// the default store of the given roots; roots given, or those the store remembers.
+/// the default store of the given roots, or the store that knows a guest
+/// holding the given paths; roots given, or those the store remembers.
 public struct StoreLocation: Sendable {
     public var store: FilePath?
     public var roots: [FilePath]
-    public init(store: FilePath?, roots: [FilePath]) { self.store = store; self.roots = roots }
+    /// Paths inside guests (split's): their guest's store is the default.
+    public var paths: [FilePath]
+    public init(store: FilePath?, roots: [FilePath], paths: [FilePath] = []) {
+        self.store = store
+        self.roots = roots
+        self.paths = paths
+    }
 
     func resolve() throws -> (FilePath, Store, [FilePath]) {
-        guard let path = store ?? (roots.isEmpty ? nil : RootValidation.defaultStorePath(for: roots)) else {
-            throw InputError("give --store or the guest roots")
+        let found = roots.isEmpty ? paths.first.flatMap(RootValidation.storeKnowingGuest(of:)) : RootValidation.defaultStorePath(for: roots)
+        guard let path = store ?? found else {
+            throw InputError(paths.isEmpty ? "give --store or the guest roots" : "\(paths[0]): no store knows a guest holding it (give --store or --root)")
         }
         guard let s = try Store.open(at: path, create: false) else {
             throw InputError("\(path): no hashify store here (run unify first, or give --store)")
@@ -333,16 +341,28 @@ public enum SplitCommand {
             for r in guests { byRoot[r] = includes }
         } else {
             // Each path lies below a root; its rest is resolved from the root without following symlinks.
-            for p in paths {
-                guard p.isAbsolute, let root = guests.first(where: { p.starts(with: $0) && p != $0 })
-                        ?? guests.first(where: { r in RootValidation.canonical(r).map { p.starts(with: $0) && p != $0 } ?? false }) else {
-                    throw InputError("\(p): not below a guest root this store knows (give --root ROOT)")
+            for given in paths {
+                // The guest root is found among the path's leading components, each
+                // resolved as the host sees it (relative, through host symlinks); what
+                // lies below the root is never resolved (a guest's symlinks are not followed).
+                var absolute = given
+                if given.isRelative, let cwd = RootValidation.canonical(".") { absolute = cwd.pushing(given) }
+                absolute.lexicallyNormalize()
+                let components = Array(absolute.components)
+                var found: (root: FilePath, rest: ArraySlice<FilePath.Component>)?
+                for k in stride(from: 1, to: components.count, by: 1) {
+                    let prefix = FilePath(root: "/", components[..<k])
+                    guard let c = RootValidation.canonical(prefix) else { break }
+                    if let r = guests.first(where: { $0 == c || RootValidation.canonical($0) == c }) {
+                        found = (r, components[k...])
+                        break
+                    }
                 }
-                let base = p.starts(with: root) ? root : RootValidation.canonical(root)!
-                var rel = p
-                _ = rel.removePrefix(base)
+                guard let (root, rel) = found else {
+                    throw InputError("\(given): not below a guest root this store knows (give --root ROOT)")
+                }
                 var pattern: [UInt8] = []
-                for c in rel.components {
+                for c in rel {
                     pattern.append(0x2f)
                     for b in Array(c.string.utf8) {
                         if b == 0x2a || b == 0x3f || b == 0x5b || b == 0x5c { pattern.append(0x5c) }

@@ -73,7 +73,12 @@ final class OverlayGuest {
     /// The record of the guest at `canonicalRoot`; made when `create`, else nil when there is none.
     static func open(store: Store, canonicalRoot: FilePath, create: Bool) throws -> OverlayGuest? {
         let id = id(for: canonicalRoot)
-        let parent = try overlayDirectory(of: store)
+        let parent: Directory
+        if create {
+            parent = try overlayDirectory(of: store)
+        } else {
+            do { parent = try store.directory.openDirectory(FileName("overlay")) } catch Errno.noSuchFileOrDirectory { return nil }
+        }
         if create {
             do { try parent.makeDirectory(FileName(id), mode: 0o700) } catch Errno.fileExists {}
         }

@@ -39,11 +39,19 @@ public final class Store: @unchecked Sendable {
         runs = try directory.openDirectory(FileName("runs"))
     }
 
+    /// Whether `dir` holds a store (made by any version: `objects/` is its mark).
+    static func isStore(_ dir: Directory) -> Bool {
+        (try? dir.stat(FileName("objects")))?.isDirectory == true
+    }
+
     /// Opens the store at `path`; creates it (mode 0700) when `create`.
-    /// Returns nil when it does not exist and `create` is false.
+    /// Returns nil when there is none and `create` is false: a directory that
+    /// holds no store is then left exactly as it is.
     public static func open(at path: FilePath, create: Bool) throws -> Store? {
         do {
-            return try Store(path: path, directory: try Directory.open(path: path))
+            let dir = try Directory.open(path: path)
+            if !create && !isStore(dir) { return nil }
+            return try Store(path: path, directory: dir)
         } catch Errno.noSuchFileOrDirectory where create {
             let parent = try Directory.open(path: path.removingLastComponent().isEmpty ? "." : path.removingLastComponent())
             let name = FileName(bytes: path.lastComponent.map { Array($0.string.utf8) } ?? [])
@@ -140,7 +148,7 @@ public final class Store: @unchecked Sendable {
     /// gc and split know them without being told; roots that are gone are dropped.
     public func rememberGuests(_ roots: [FilePath]) {
         var all = rememberedGuests()
-        for r in roots where !all.contains(r) { all.append(r) }
+        for r in roots.map({ RootValidation.canonical($0) ?? $0 }) where !all.contains(r) { all.append(r) }
         all = all.filter { (try? Directory.open(path: $0)) != nil }
         var data: [UInt8] = []
         for r in all { data += Array(r.string.utf8) + [0] }
@@ -156,10 +164,25 @@ public final class Store: @unchecked Sendable {
         try? directory.rename(temp, to: directory, as: FileName(name))
     }
 
-    /// Guest roots earlier runs were given.
+    /// Guest roots earlier runs were given (canonical paths). What is not an
+    /// absolute path of printable characters is not a root hashify wrote
+    /// there, and is left out (the next unify writes the file anew).
     public func rememberedGuests() -> [FilePath] {
-        guard let data = try? directory.openFileForReading(FileName("guests")).readAll() else { return [] }
-        return data.split(separator: 0).map { FilePath(String(decoding: $0, as: UTF8.self)) }
+        guard let data = try? directory.openFileForReading(FileName("guests")).readAll(limit: 1 << 20) else { return [] }
+        return data.split(separator: 0).filter { entry in
+            entry.first == 0x2f && !entry.contains { $0 < 0x20 || $0 == 0x7f }
+                && String(validating: entry, as: UTF8.self) != nil
+        }.map { FilePath(String(decoding: $0, as: UTF8.self)) }
+    }
+
+    /// Whether the store has a record of one of `canonicalRoots`: unify ran on
+    /// it with this store, or it is one of the store's overlay guests.
+    func knowsAny(of canonicalRoots: [FilePath]) -> Bool {
+        let remembered = Set(rememberedGuests())
+        let overlay = try? directory.openDirectory(FileName("overlay"))
+        return canonicalRoots.contains { r in
+            remembered.contains(r) || (try? overlay?.stat(FileName(OverlayGuest.id(for: r)))) != nil
+        }
     }
 
     // MARK: files held open for writing

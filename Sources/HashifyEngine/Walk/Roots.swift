@@ -60,14 +60,43 @@ public enum RootValidation {
         return roots
     }
 
-    /// The default store: `.hashify` in the nearest common parent of the roots.
+    /// The default store of guests, the same for every command: the nearest
+    /// `.hashify` store in or above the roots' common parent that knows one of
+    /// them (the one `unify`, `overlay convert` or `clone` made or used for
+    /// them), else `.hashify` in the nearest common parent (where `unify` makes it).
     public static func defaultStorePath(for paths: [FilePath]) -> FilePath {
         let canon = paths.map { canonical($0) ?? $0 }
         var common = canon[0].removingLastComponent()
         for c in canon.dropFirst() {
             while !c.starts(with: common) || c == common { common = common.removingLastComponent() }
         }
+        var dir = common
+        while true {
+            let candidate = dir.appending(".hashify")
+            if let store = try? Store.open(at: candidate, create: false), store.knowsAny(of: canon) { return candidate }
+            let up = dir.removingLastComponent()
+            if up == dir || up.isEmpty { break }
+            dir = up
+        }
         return common.appending(".hashify")
+    }
+
+    /// The nearest `.hashify` store at or above `path` that knows a guest whose root holds `path`.
+    public static func storeKnowingGuest(of path: FilePath) -> FilePath? {
+        guard let c = canonical(path.removingLastComponent()).map({ $0.appending(path.lastComponent?.string ?? "") }) else {
+            return nil
+        }
+        var dir = c.removingLastComponent()
+        while true {
+            let candidate = dir.appending(".hashify")
+            if let store = try? Store.open(at: candidate, create: false) {
+                let roots = store.rememberedGuests() + OverlayGuest.all(in: store).map(\.rootPath)
+                if roots.contains(where: { c.starts(with: $0) && c != $0 }) { return candidate }
+            }
+            let up = dir.removingLastComponent()
+            if up == dir || up.isEmpty { return nil }
+            dir = up
+        }
     }
 
     /// Checks the store location: same filesystem as the roots, not inside
