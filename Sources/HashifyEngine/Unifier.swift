@@ -113,7 +113,7 @@ public struct Unifier {
             } catch let busy as Store.Busy {
                 throw busy
             } catch {
-                var g = OverlayReport.Guest(root: root.string, action: "left as it was")
+                var g = OverlayReport.Guest(root: root.string, action: .leftAsItWas)
                 g.notes.append("conversion to an overlay guest failed: \(error)")
                 c.failed.append(g)
             }

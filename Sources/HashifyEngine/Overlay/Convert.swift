@@ -60,7 +60,7 @@ extension Overlay {
 
     static func convertOne(_ guest: OverlayGuest, root: FilePath, session s: Session, hardlinkObjects: Set<UInt64>, mount: Bool) throws -> OverlayReport.Guest {
         let started = MonotonicInstant.now()
-        var result = OverlayReport.Guest(root: root.string, action: "converted")
+        var result = OverlayReport.Guest(root: root.string, action: .converted)
         let source = try Directory.open(path: guest.rootPath)
         let rootStat = try source.stat()
         var state = OverlayGuest.State(phase: .converting, generation: 1, rootInode: rootStat.inode)
@@ -102,7 +102,7 @@ extension Overlay {
 
         if mount {
             try OverlayMount.mount(gen, data: s.dataPath, on: try parent.openDirectory(name))
-            result.action = "converted and mounted"
+            result.action = .convertedAndMounted
         }
         try guest.directory.removeTree(plain)
         result.seconds = elapsed(since: started)
@@ -116,7 +116,7 @@ extension Overlay {
         }
         let gen = try guest.generation(state.generation)
         let dir = try Directory.open(path: guest.rootPath)
-        if OverlayMount.isMounted(gen, at: dir) { return OverlayReport.Guest(root: root.string, action: "already mounted") }
+        if OverlayMount.isMounted(gen, at: dir) { return OverlayReport.Guest(root: root.string, action: .alreadyMounted) }
         if OverlayMount.isMountPoint(dir) { throw InputError("\(root): something else is mounted here") }
         if try !dir.entryNames().isEmpty { throw InputError("\(root): the mount point is not empty") }
         do {
@@ -124,6 +124,6 @@ extension Overlay {
         } catch {
             throw InputError("\(root): mount failed: \(error)")
         }
-        return OverlayReport.Guest(root: root.string, action: "mounted")
+        return OverlayReport.Guest(root: root.string, action: .mounted)
     }
 }

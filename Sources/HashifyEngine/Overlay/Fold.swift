@@ -62,27 +62,27 @@ extension Overlay {
     static func fold(_ guest: OverlayGuest, root: FilePath, session s: Session, dryRun: Bool) throws -> OverlayReport.Guest {
         let started = MonotonicInstant.now()
         guard var state = dryRun ? try guest.readState() : try recover(guest), state.phase == .active else {
-            return OverlayReport.Guest(root: root.string, action: "not an overlay guest")
+            return OverlayReport.Guest(root: root.string, action: .notAnOverlayGuest)
         }
         let old = try guest.generation(state.generation)
-        var result = OverlayReport.Guest(root: root.string, action: "folded")
+        var result = OverlayReport.Guest(root: root.string, action: .folded)
         if OverlayMount.isMounted(old, at: try Directory.open(path: guest.rootPath)) {
-            result.action = "mounted: fold at next start"
+            result.action = .foldAtNextStart
             return result
         }
         if !hasCopyUps(old) {
-            result.action = "nothing to fold"
+            result.action = .nothingToFold
             return result
         }
         if dryRun {
-            result.action = "would fold"
+            result.action = .wouldFold
             return result
         }
         state.phase = .folding
         try guest.writeState(state)
         result = try buildGeneration(state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
         result.root = root.string
-        result.action = "folded"
+        result.action = .folded
         state.phase = .active
         state.generation += 1
         try guest.writeState(state)
@@ -98,7 +98,7 @@ extension Overlay {
     /// For a fold, `source` is the guest itself; for a clone, the guest cloned.
     static func buildGeneration(_ number: Int, of guest: OverlayGuest, from source: OverlayGuest, generation: Int,
                                 session s: Session) throws -> OverlayReport.Guest {
-        var result = OverlayReport.Guest(root: guest.rootPath.string, action: "built")
+        var result = OverlayReport.Guest(root: guest.rootPath.string, action: .built)
         let old = try source.generation(generation)
         let next = try guest.makeGeneration(number)
         let filler = StubFiller(objects: s.objects, threads: fillThreads)
@@ -157,7 +157,7 @@ extension Overlay {
             do {
                 out.append(try fold(g, root: r, session: s, dryRun: dryRun))
             } catch {
-                var failed = OverlayReport.Guest(root: r.string, action: "left as it was")
+                var failed = OverlayReport.Guest(root: r.string, action: .leftAsItWas)
                 failed.notes.append("fold failed: \(error)")
                 out.append(failed)
             }

@@ -39,13 +39,13 @@ extension Overlay {
         var report = OverlayReport(command: "overlay umount", store: s.store.path.string)
         for (i, g) in s.guests.enumerated() {
             if !mounted[i] {
-                report.guests.append(OverlayReport.Guest(root: g.root.string, action: "not mounted"))
+                report.guests.append(OverlayReport.Guest(root: g.root.string, action: .notMounted))
                 continue
             }
             do { try OverlayMount.unmount(g.canonical) } catch {
                 throw InputError("\(g.root): umount failed: \(error)")
             }
-            report.guests.append(OverlayReport.Guest(root: g.root.string, action: "unmounted"))
+            report.guests.append(OverlayReport.Guest(root: g.root.string, action: .unmounted))
         }
         report.seconds = elapsed(since: started)
         return report
@@ -122,7 +122,7 @@ extension Overlay {
         try parent.makeDirectory(temp, mode: 0o700)
         let gen = try guest.generation(state.generation)
         let live = try Directory.open(path: guest.rootPath)
-        let (copier, outcome) = plainCopier(result: OverlayReport.Guest(root: root.string, action: "exported to \(dest)"))
+        let (copier, outcome) = plainCopier(result: OverlayReport.Guest(root: root.string, action: .exportedTo(dest.string)))
         do {
             if OverlayMount.isMounted(gen, at: live) {
                 // A running guest: what vanishes while it is read is left out, as any backup would.
@@ -155,7 +155,7 @@ extension Overlay {
         let exportName = FileName("export")
         try guest.directory.removeTree(exportName)
         try guest.directory.makeDirectory(exportName, mode: 0o700)
-        let (copier, outcome) = plainCopier(result: OverlayReport.Guest(root: root.string, action: "exported in place"))
+        let (copier, outcome) = plainCopier(result: OverlayReport.Guest(root: root.string, action: .exportedInPlace))
         try withPrivateMount(guest, gen, session: s) { try copier.copy($0, into: try guest.directory.openDirectory(exportName)) }
         try guest.directory.syncFilesystem()
 

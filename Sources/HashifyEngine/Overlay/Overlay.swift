@@ -18,11 +18,50 @@ public struct OverlayOptions: Sendable {
 
 /// What an `overlay` command (or the fold step of `unify`) did, per guest.
 public struct OverlayReport: Sendable, Codable {
+    /// What an overlay command did to one guest (in `--json`: its text).
+    public enum Action: Sendable, Equatable, Codable, CustomStringConvertible {
+        case converted, convertedAndMounted, mounted, alreadyMounted, unmounted, notMounted
+        case folded, wouldFold, nothingToFold, foldAtNextStart, built
+        case exportedInPlace, exportedTo(String)
+        case notAnOverlayGuest
+        /// An error stopped the work on this guest; its notes say which.
+        case leftAsItWas
+
+        static let texts: [(Action, String)] = [
+            (.converted, "converted"), (.convertedAndMounted, "converted and mounted"), (.mounted, "mounted"),
+            (.alreadyMounted, "already mounted"), (.unmounted, "unmounted"), (.notMounted, "not mounted"),
+            (.folded, "folded"), (.wouldFold, "would fold"), (.nothingToFold, "nothing to fold"),
+            (.foldAtNextStart, "mounted: fold at next start"), (.built, "built"), (.exportedInPlace, "exported in place"),
+            (.notAnOverlayGuest, "not an overlay guest"), (.leftAsItWas, "left as it was"),
+        ]
+
+        public var description: String {
+            if case .exportedTo(let dest) = self { return "exported to \(dest)" }
+            return Self.texts.first { $0.0 == self }!.1
+        }
+
+        public init(from decoder: any Decoder) throws {
+            let text = try decoder.singleValueContainer().decode(String.self)
+            if let a = Self.texts.first(where: { $0.1 == text })?.0 {
+                self = a
+            } else if text.hasPrefix("exported to ") {
+                self = .exportedTo(String(text.dropFirst("exported to ".count)))
+            } else {
+                throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "action \(text)"))
+            }
+        }
+
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.singleValueContainer()
+            try c.encode(description)
+        }
+    }
+
     /// One guest's outcome.
     public struct Guest: Sendable, Codable {
         public var root: String
         /// converted, mounted, unmounted, folded, exported, or what was left alone and why.
-        public var action: String
+        public var action: Action
         public var stubs = 0
         /// Files kept whole in the metadata layer (empty, or too small to be worth an object).
         public var inlineFiles = 0

@@ -87,7 +87,7 @@ public struct UnifyReport: Sendable, Codable {
     }
 
     /// 0 done, 1 done with files skipped because of errors (or an overlay guest whose fold failed).
-    public var exitStatus: Int32 { totals.errors > 0 || overlayGuests.contains { !$0.notes.isEmpty && $0.action == "left as it was" } ? 1 : 0 }
+    public var exitStatus: Int32 { totals.errors > 0 || overlayGuests.contains { $0.action == .leftAsItWas } ? 1 : 0 }
 }
 
 /// Formats byte counts the way df -h and du -h do (binary units).
@@ -150,8 +150,8 @@ extension UnifyReport {
         let w = max(width, overlayGuests.map { $0.label.count }.max() ?? 0)
         var out = "\n" + "OVERLAY GUEST".rightPadded(w) + "  ACTION\n"
         for g in overlayGuests {
-            out += g.label.rightPadded(w) + "  " + g.action
-            if g.action == "folded" {
+            out += g.label.rightPadded(w) + "  " + g.action.description
+            if g.action == .folded {
                 out += ": \(g.filesHashed) files read, \(g.filesUnchanged) unchanged, \(g.objectsCreated) new objects"
             }
             out += "\n"
