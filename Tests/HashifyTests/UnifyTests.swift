@@ -128,9 +128,15 @@ struct UnifyTests {
         #expect(manifest(roots, inodes: true) == before)
         #expect(access(s.sub("guests/.hashify"), F_OK) != 0, "a dry run creates no store")
         let real = hashify(["unify", "--json"] + roots)
-        for key in ["pathsLinked", "inodesFreed", "bytesSaved", "bytesSavedMaximum", "identityGroups"] {
+        for key in ["pathsLinked", "inodesFreed", "bytesSaved", "bytesSavedMaximum", "identityGroups", "objectsCreated",
+                    "pathsWithOtherModificationTime"] {
             #expect(totals(dry.out)[key] as? Int == totals(real.out)[key] as? Int, "\(key)")
         }
+        // Per guest too: the dry run is the same outcome, tallied instead of linked.
+        let guests = { (out: String) in (jsonReport(out)["guests"] as? [[String: Any]] ?? []).map { g in
+            ["pathsLinked", "inodesFreed", "bytesSaved", "pathsShared"].map { g[$0] as? Int ?? -1 }
+        } }
+        #expect(guests(dry.out) == guests(real.out))
         #expect((totals(real.out)["pathsLinked"] as? Int ?? 0) > 0)
     }
 
