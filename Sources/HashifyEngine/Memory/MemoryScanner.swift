@@ -60,151 +60,185 @@ public enum MemoryScanner {
 
     public static func run(_ options: MemoryOptions) throws -> MemoryReport {
         let started = MonotonicInstant.now()
+        var scan = try MemoryScan(options)
+        scan.readProcesses()
+        scan.resolveMappings()
+        scan.digestContents()
+        scan.findDuplicates()
+        scan.tallyGuests()
+        scan.report.seconds = started.secondsElapsed
+        return scan.report
+    }
+
+    /// One `mem` run, phase by phase: read every process's mappings, resolve
+    /// them to the inodes holding their page cache, know those inodes'
+    /// contents, find contents resident more than once, and tally per guest.
+    struct MemoryScan {
         var report = MemoryReport()
-        // The guests: given, or the store's.
-        let (rootPaths, store, notes) = try guestPaths(options)
-        report.notes += notes
-        let objects = store.flatMap { try? DataObjects(store: $0) }
-        let guests = try loadGuests(rootPaths, store: store)
-
-        // Every process.
-        guard let proc = try? Directory.open(path: "/proc") else { throw InputError("/proc is not mounted") }
+        let guests: [GuestRoot]
+        let store: Store?
+        let objects: DataObjects?
+        let proc: Directory
+        /// Every process read, with the index of its guest (-1: the host).
         var processes: [(ProcessMaps, Int)] = []
-        let me = Int(getpid())
-        for name in (try? proc.entryNames()) ?? [] {
-            guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)), pid != me else { continue }
-            let guest = guest(of: pid, among: guests, proc: proc)
-            do {
-                guard let maps = try ProcessMaps.read(pid: pid, in: proc) else { continue }
-                if maps.mapped.isEmpty && maps.anonymousPss == 0 { continue }  // kernel threads
-                processes.append((maps, guest))
-            } catch Errno.permissionDenied {
-                report.unreadableProcesses += 1
-            } catch Errno.notPermitted {
-                report.unreadableProcesses += 1
-            } catch {
-                continue  // it exited while being read
-            }
-        }
-
-        // Resolve each mapping to the inode that holds its pages.
         var physical: [Physical: PhysicalInfo] = [:]
+        /// By process: the physical inode of each of its mappings.
         var resolved: [[Physical]] = []
-        for (maps, guest) in processes {
-            var keys: [Physical] = []
-            for m in maps.mapped {
-                var key = Physical(device: m.device, inode: m.inode)
-                var source = Source.mapFile(pid: maps.pid, range: m.range)
-                var digest: ContentDigest?
-                if let o = guests.firstIndex(where: { $0.overlayDevice == m.device }), let redirect = guests[o].stubs[m.inode] {
-                    if let (dir, name, st) = copyUp(of: m.path, in: guests[o]) {
-                        key = Physical(device: st.device, inode: st.inode)
-                        source = .upper(dir, name)
-                    } else if let objects, let st = try? objects.stat(redirect) {
-                        key = Physical(device: st.device, inode: st.inode)
-                        source = .dataObject(redirect)
-                        digest = objects.digests[redirect]
-                    }
-                }
-                var info = physical[key] ?? PhysicalInfo(source: source, deleted: m.deleted, path: m.path)
-                info.resident += m.pss
-                info.guests.insert(guest)
-                if info.digest == nil { info.digest = digest }
-                physical[key] = info
-                keys.append(key)
-            }
-            resolved.append(keys)
-        }
-
-        // Contents: the store's digests, else hashing where another inode has the same size.
         var storeDigests = Set<ContentDigest>()
-        if let store {
-            for o in (try? store.listObjects()) ?? [] {
-                storeDigests.insert(o.digest)
-                let k = Physical(device: o.stat.device, inode: o.stat.inode)
-                if physical[k] != nil { physical[k]!.digest = o.digest; physical[k]!.size = o.stat.size }
-                report.storeCachedBytes += cachedBytes(try? store.prefixDirectory(o.digest.firstByte).openFileForReading(o.name), size: o.stat.size)
-            }
-        }
-        if let objects {
-            for o in (try? objects.list()) ?? [] {
-                if let d = o.digest { storeDigests.insert(d) }
-                report.storeCachedBytes += cachedBytes(try? objects.open(o.redirect), size: o.stat.size)
-            }
-        }
-        var bySize: [UInt64: Int] = [:]
-        for (k, info) in physical {
-            if info.size == nil { physical[k]!.size = (try? open(info.source, objects: objects)?.stat())??.size }
-            if let s = physical[k]!.size { bySize[s, default: 0] += 1 }
-        }
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
-        defer { buffer.deallocate() }
-        for (k, info) in physical where info.digest == nil {
-            guard let size = info.size, size > 0, bySize[size, default: 0] > 1 || info.deleted,
-                  let f = try? open(info.source, objects: objects) else { continue }
-            physical[k]!.digest = try? ContentHasher.contentDigest(of: f, size: size, buffer: buffer).0
-        }
-
-        // Duplicates: the same content resident under several inodes that guests map (what unify
-        // can still merge: the host's own files are not unified); the copy with most pages is the one kept.
-        var byContent: [ContentDigest: [Physical]] = [:]
-        for (k, info) in physical where info.resident > 0 && info.guests.contains(where: { $0 >= 0 }) {
-            if let d = info.digest { byContent[d, default: []].append(k) }
-        }
         var duplicate = Set<Physical>()
-        for (_, ks) in byContent where ks.count > 1 {
-            let kept = ks.max { physical[$0]!.resident < physical[$1]!.resident }!
-            let extra = ks.filter { $0 != kept }
-            duplicate.formUnion(extra)
-            let cached = extra.reduce(UInt64(0)) { sum, k in
-                sum + cachedBytes(try? open(physical[k]!.source, objects: objects), size: physical[k]!.size ?? 0)
-            }
-            report.duplicatedFiles.append(MemoryReport.DuplicatedFile(path: escapedPath(physical[kept]!.path), copies: ks.count,
-                                                                      duplicatedBytes: extra.reduce(0) { $0 + physical[$1]!.resident },
-                                                                      cachedBytes: cached))
-        }
-        report.duplicatedFiles.sort { $0.duplicatedBytes > $1.duplicatedBytes }
-        report.duplicatedFiles = Array(report.duplicatedFiles.prefix(20))
-        // Replaced copies: deleted inodes whose content lives on in the store or under a live inode.
-        let liveDigests = Set(physical.values.filter { !$0.deleted }.compactMap(\.digest)).union(storeDigests)
-        let replaced = Set(physical.filter { $0.value.deleted && $0.value.digest.map(liveDigests.contains) == true }.map(\.key))
 
-        // Per guest.
-        var figures = [MemoryReport.Figures](repeating: MemoryReport.Figures(), count: guests.count + 1)
-        for (i, (maps, guest)) in processes.enumerated() {
-            let slot = guest < 0 ? guests.count : guest
-            figures[slot].processes += 1
-            figures[slot].anonymousBytes += maps.anonymousPss
-            figures[slot].ksmMergedBytes += maps.ksmMerged
-            var restartBytes: UInt64 = 0
-            for (m, k) in zip(maps.mapped, resolved[i]) {
-                figures[slot].fileBackedBytes += m.pss
-                if physical[k]!.guests.count > 1 { figures[slot].sharedBytes += m.pss }
-                if duplicate.contains(k) { figures[slot].duplicatedBytes += m.pss }
-                if replaced.contains(k) { restartBytes += m.pss }
+        init(_ options: MemoryOptions) throws {
+            // The guests: given, or the store's.
+            let (rootPaths, store, notes) = try guestPaths(options)
+            report.notes += notes
+            self.store = store
+            objects = store.flatMap { try? DataObjects(store: $0) }
+            guests = try loadGuests(rootPaths, store: store)
+            guard let proc = try? Directory.open(path: "/proc") else { throw InputError("/proc is not mounted") }
+            self.proc = proc
+        }
+
+        /// Every process but this one, with its guest.
+        mutating func readProcesses() {
+            let me = Int(getpid())
+            for name in (try? proc.entryNames()) ?? [] {
+                guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)), pid != me else { continue }
+                let guest = guest(of: pid, among: guests, proc: proc)
+                do {
+                    guard let maps = try ProcessMaps.read(pid: pid, in: proc) else { continue }
+                    if maps.mapped.isEmpty && maps.anonymousPss == 0 { continue }  // kernel threads
+                    processes.append((maps, guest))
+                } catch Errno.permissionDenied {
+                    report.unreadableProcesses += 1
+                } catch Errno.notPermitted {
+                    report.unreadableProcesses += 1
+                } catch {
+                    continue  // it exited while being read
+                }
             }
-            if replaced.contains(where: { resolved[i].contains($0) }) {
-                report.processesToRestart.append(MemoryReport.Restart(
-                    pid: maps.pid, guest: guest < 0 ? "host" : guests[guest].label,
-                    group: ProcessMaps.group(pid: maps.pid, in: proc), command: maps.command, bytes: restartBytes))
+        }
+
+        /// Each mapping to the inode that holds its pages (an overlay stub's data object or copy-up).
+        mutating func resolveMappings() {
+            for (maps, guest) in processes {
+                var keys: [Physical] = []
+                for m in maps.mapped {
+                    var key = Physical(device: m.device, inode: m.inode)
+                    var source = Source.mapFile(pid: maps.pid, range: m.range)
+                    var digest: ContentDigest?
+                    if let o = guests.firstIndex(where: { $0.overlayDevice == m.device }), let redirect = guests[o].stubs[m.inode] {
+                        if let (dir, name, st) = copyUp(of: m.path, in: guests[o]) {
+                            key = Physical(device: st.device, inode: st.inode)
+                            source = .upper(dir, name)
+                        } else if let objects, let st = try? objects.stat(redirect) {
+                            key = Physical(device: st.device, inode: st.inode)
+                            source = .dataObject(redirect)
+                            digest = objects.digests[redirect]
+                        }
+                    }
+                    var info = physical[key] ?? PhysicalInfo(source: source, deleted: m.deleted, path: m.path)
+                    info.resident += m.pss
+                    info.guests.insert(guest)
+                    if info.digest == nil { info.digest = digest }
+                    physical[key] = info
+                    keys.append(key)
+                }
+                resolved.append(keys)
             }
         }
-        for (i, f) in figures.enumerated() where f.processes > 0 || i < guests.count {
-            report.guests.append(MemoryReport.Guest(guest: i < guests.count ? guests[i].label : "host", figures: f))
-            report.totals.fileBackedBytes += f.fileBackedBytes
-            report.totals.sharedBytes += f.sharedBytes
-            report.totals.duplicatedBytes += f.duplicatedBytes
-            report.totals.anonymousBytes += f.anonymousBytes
-            report.totals.ksmMergedBytes += f.ksmMergedBytes
-            report.totals.processes += f.processes
+
+        /// Contents: the store's digests, else hashing where another inode has the same size.
+        mutating func digestContents() {
+            if let store {
+                for o in (try? store.listObjects()) ?? [] {
+                    storeDigests.insert(o.digest)
+                    let k = Physical(device: o.stat.device, inode: o.stat.inode)
+                    if physical[k] != nil { physical[k]!.digest = o.digest; physical[k]!.size = o.stat.size }
+                    report.storeCachedBytes += cachedBytes(try? store.prefixDirectory(o.digest.firstByte).openFileForReading(o.name),
+                                                           size: o.stat.size)
+                }
+            }
+            if let objects {
+                for o in (try? objects.list()) ?? [] {
+                    if let d = o.digest { storeDigests.insert(d) }
+                    report.storeCachedBytes += cachedBytes(try? objects.open(o.redirect), size: o.stat.size)
+                }
+            }
+            var bySize: [UInt64: Int] = [:]
+            for (k, info) in physical {
+                if info.size == nil { physical[k]!.size = (try? open(info.source, objects: objects)?.stat())??.size }
+                if let s = physical[k]!.size { bySize[s, default: 0] += 1 }
+            }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+            defer { buffer.deallocate() }
+            for (k, info) in physical where info.digest == nil {
+                guard let size = info.size, size > 0, bySize[size, default: 0] > 1 || info.deleted,
+                      let f = try? open(info.source, objects: objects) else { continue }
+                physical[k]!.digest = try? ContentHasher.contentDigest(of: f, size: size, buffer: buffer).0
+            }
         }
-        report.processesToRestart.sort { $0.bytes > $1.bytes }
-        report.partial = report.unreadableProcesses > 0
-        if report.partial {
-            report.notes.append("\(report.unreadableProcesses) processes could not be read (not root, or /proc mounted with hidepid): their memory is left out")
+
+        /// Duplicates: the same content resident under several inodes that guests map (what unify
+        /// can still merge: the host's own files are not unified); the copy with most pages is the one kept.
+        mutating func findDuplicates() {
+            var byContent: [ContentDigest: [Physical]] = [:]
+            for (k, info) in physical where info.resident > 0 && info.guests.contains(where: { $0 >= 0 }) {
+                if let d = info.digest { byContent[d, default: []].append(k) }
+            }
+            for (_, ks) in byContent where ks.count > 1 {
+                let kept = ks.max { physical[$0]!.resident < physical[$1]!.resident }!
+                let extra = ks.filter { $0 != kept }
+                duplicate.formUnion(extra)
+                let cached = extra.reduce(UInt64(0)) { sum, k in
+                    sum + cachedBytes(try? open(physical[k]!.source, objects: objects), size: physical[k]!.size ?? 0)
+                }
+                report.duplicatedFiles.append(MemoryReport.DuplicatedFile(
+                    path: escapedPath(physical[kept]!.path), copies: ks.count,
+                    duplicatedBytes: extra.reduce(0) { $0 + physical[$1]!.resident }, cachedBytes: cached))
+            }
+            report.duplicatedFiles.sort { $0.duplicatedBytes > $1.duplicatedBytes }
+            report.duplicatedFiles = Array(report.duplicatedFiles.prefix(20))
         }
-        report.seconds = started.secondsElapsed
-        return report
+
+        /// Per guest: file-backed, shared, duplicated, anonymous and KSM-merged bytes, and who must restart.
+        mutating func tallyGuests() {
+            // Replaced copies: deleted inodes whose content lives on in the store or under a live inode.
+            let liveDigests = Set(physical.values.filter { !$0.deleted }.compactMap(\.digest)).union(storeDigests)
+            let replaced = Set(physical.filter { $0.value.deleted && $0.value.digest.map(liveDigests.contains) == true }.map(\.key))
+            var figures = [MemoryReport.Figures](repeating: MemoryReport.Figures(), count: guests.count + 1)
+            for (i, (maps, guest)) in processes.enumerated() {
+                let slot = guest < 0 ? guests.count : guest
+                figures[slot].processes += 1
+                figures[slot].anonymousBytes += maps.anonymousPss
+                figures[slot].ksmMergedBytes += maps.ksmMerged
+                var restartBytes: UInt64 = 0
+                for (m, k) in zip(maps.mapped, resolved[i]) {
+                    figures[slot].fileBackedBytes += m.pss
+                    if physical[k]!.guests.count > 1 { figures[slot].sharedBytes += m.pss }
+                    if duplicate.contains(k) { figures[slot].duplicatedBytes += m.pss }
+                    if replaced.contains(k) { restartBytes += m.pss }
+                }
+                if replaced.contains(where: { resolved[i].contains($0) }) {
+                    report.processesToRestart.append(MemoryReport.Restart(
+                        pid: maps.pid, guest: guest < 0 ? "host" : guests[guest].label,
+                        group: ProcessMaps.group(pid: maps.pid, in: proc), command: maps.command, bytes: restartBytes))
+                }
+            }
+            for (i, f) in figures.enumerated() where f.processes > 0 || i < guests.count {
+                report.guests.append(MemoryReport.Guest(guest: i < guests.count ? guests[i].label : "host", figures: f))
+                report.totals.fileBackedBytes += f.fileBackedBytes
+                report.totals.sharedBytes += f.sharedBytes
+                report.totals.duplicatedBytes += f.duplicatedBytes
+                report.totals.anonymousBytes += f.anonymousBytes
+                report.totals.ksmMergedBytes += f.ksmMergedBytes
+                report.totals.processes += f.processes
+            }
+            report.processesToRestart.sort { $0.bytes > $1.bytes }
+            report.partial = report.unreadableProcesses > 0
+            if report.partial {
+                report.notes.append("\(report.unreadableProcesses) processes could not be read (not root, or /proc mounted with hidepid): their memory is left out")
+            }
+        }
     }
 
     /// The guest roots, checked, with what `mem` needs of the overlay guests among them.
