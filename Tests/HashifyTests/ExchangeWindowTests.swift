@@ -203,4 +203,47 @@ struct ExchangeWindowTests {
         #expect(after.st_mtim.tv_sec != 1_600_000_000, "the guest's change to the directory was given the walk's mtime back")
         #expect(after.st_mtim.tv_sec >= before.st_mtim.tv_sec)
     }
+
+    @Test("a system call that fails is reported with its operation, the path and the errno, in the text and in --json")
+    func failureNamesOperationAndPath() throws {
+        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        let s = Scratch("xwin")
+        let (roots, _) = twoGuests(s)
+        // Every exchange fails with EIO: the path is left as it was, and the report says where and why.
+        let r = run(["/usr/bin/strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat2", "-e", "inject=renameat2:error=EIO",
+                     hashifyBinary, "unify", "--json"] + roots)
+        #expect(r.status == 1, "\(r.err)")
+        let skipped = jsonReport(r.out)["skipped"] as? [[String: Any]] ?? []
+        #expect(skipped.count == 1, "\(skipped)")
+        let first = skipped.first ?? [:]
+        #expect(first["reason"] as? String == "exchange-failed")
+        #expect(first["operation"] as? String == "exchange")
+        #expect(first["errno"] as? Int == Int(EIO))
+        #expect(first["path"] as? String == "/usr/lib/a.so")
+        #expect((first["detail"] as? String ?? "").contains("exchange: Input/output error"), "\(first)")
+        #expect(readText("\(roots[1])/usr/lib/a.so") == readText("\(roots[0])/usr/lib/a.so"))
+        #expect(run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.isEmpty)
+    }
+
+    @Test("an overlay fold that fails names the guest's path it failed on")
+    func foldFailureNamesPath() throws {
+        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        let s = Scratch("xwin")
+        let store = s.sub("store")
+        let g = s.sub("guests/g")
+        makeGuest(g, index: 0)
+        settle()
+        #expect(overlay(["convert", "-q", g], store: store).status == 0)
+        writeFile("\(g)/usr/share/written-in-the-guest", pseudoRandom(3000, seed: 8))
+        #expect(overlay(["umount", g], store: store).status == 0)
+        // Giving an entry of the new generation its owner fails: the note says which.
+        let r = run(["/usr/bin/strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fchown", "-e", "inject=fchown:error=EIO:when=2",
+                     hashifyBinary, "unify", "--json", "--store", store, g])
+        #expect(r.status == 1, "\(r.out) \(r.err)")
+        let guests = jsonReport(r.out)["overlayGuests"] as? [[String: Any]] ?? []
+        let notes = (guests.first?["notes"] as? [String] ?? []).joined(separator: " ")
+        #expect(guests.first?["action"] as? String == "left as it was", "\(guests)")
+        #expect(notes.contains("fold failed: ") && notes.contains("Input/output error") && notes.contains(": /"), "\(notes)")
+        #expect(overlay(["mount", g], store: store).status == 0, "the generation in force still mounts")
+    }
 }

@@ -167,7 +167,8 @@ public struct ContentHasher: Sendable {
                 out.skips.append((inode, .changedDuringRun))
             } catch {
                 let e = errnoCode(error)
-                out.skips.append((inode, (e == ENOENT || e == ELOOP || e == ENOTDIR) ? .changedDuringRun : .failed(operation: "read", errno: e)))
+                out.skips.append((inode, (e == ENOENT || e == ELOOP || e == ENOTDIR) ? .changedDuringRun
+                                    : .failed(OperationError(.read, error))))
             }
         }
     }

@@ -104,13 +104,29 @@ func exchange(
     journal: RunJournal, lease: OpenFile? = nil
 ) throws -> FileStat? {
     journal.exchanging(temp, with: name, ours: tempInode, expected: expectedInode)
-    try dir.rename(temp, to: dir, as: name, flags: .exchange)
-    let out = try dir.stat(temp)
+    do {
+        try dir.rename(temp, to: dir, as: name, flags: .exchange)
+    } catch {
+        // Not exchanged: the temporary name still holds this run's inode, which goes again.
+        if (try? dir.stat(temp))?.inode != tempInode || (try? dir.unlink(temp)) == nil { journal.leaveForRecovery() }
+        throw OperationError(.exchange, error)
+    }
+    let out: FileStat
+    do { out = try dir.stat(temp) } catch {
+        journal.leaveForRecovery()
+        throw OperationError(.stat, error)
+    }
     if out.inode == expectedInode && lease?.holdsReadLease != false {
-        try dir.unlink(temp)
+        do { try dir.unlink(temp) } catch {
+            journal.leaveForRecovery()  // the replaced file under its temporary name: the next run removes it
+            throw OperationError(.removeReplaced, error)
+        }
         return out
     }
-    try dir.rename(temp, to: dir, as: name, flags: .exchange)
+    do { try dir.rename(temp, to: dir, as: name, flags: .exchange) } catch {
+        journal.leaveForRecovery()  // the guest's file under the temporary name: recovery puts it back
+        throw OperationError(.exchange, error)
+    }
     if (try? dir.stat(temp))?.inode == tempInode {
         try? dir.unlink(temp)
         if out.inode == expectedInode { throw WriterArrived() }

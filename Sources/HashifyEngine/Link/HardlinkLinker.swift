@@ -65,12 +65,12 @@ final class HardlinkLinker: LinkStrategy {
         outcome.skips.append(Skip(guest: Int(inventory.guest(ofName: nameIndex)), path: inventory.path(ofName: nameIndex), reason: reason))
     }
 
-    static func reason(for error: any Error, operation: String) -> SkipReason {
+    static func reason(for error: any Error, operation: Operation) -> SkipReason {
         if error is Mismatch || error is NameMoved || error is DirectoryOpener.DirectoryChanged { return .changedDuringRun }
         let e = errnoCode(error)
         if e == EAGAIN || error is WriterArrived { return .openForWriting }
         if e == ENOENT || e == ELOOP || e == ENOTDIR || e == ESTALE { return .changedDuringRun }
-        return .failed(operation: operation, errno: e)
+        return .failed(OperationError(operation, error))
     }
 
     /// Checks an open file against the state hashify last saw it in.
@@ -81,8 +81,8 @@ final class HardlinkLinker: LinkStrategy {
 
     /// Opens `name` in `dir`, leases it and checks it under the lease.
     func openLeased(_ dir: Directory, _ name: FileName, inode: Int32) throws -> OpenFile {
-        let f = try directories.opener.retryingWhenOutOfDescriptors { try dir.openFileForReading(name) }
-        try f.takeReadLease()
+        let f = try attempt(.open) { try directories.opener.retryingWhenOutOfDescriptors { try dir.openFileForReading(name) } }
+        try attempt(.lease) { try f.takeReadLease() }
         try verify(f, inode: inode)
         return f
     }
@@ -252,8 +252,11 @@ final class HardlinkLinker: LinkStrategy {
                 skip(nameIndex, .changedDuringRun)
                 return
             }
+            // The step under way, for the report of an error that does not name its own.
+            var step = Operation.openDirectory
             do {
                 let dir = try directories.enter(dirID)
+                step = .open
                 let name = inventory.fileName(nameIndex)
                 let victimFile = try openLeased(dir, name, inode: victim)  // closing it drops the lease
                 let object: Object
@@ -263,12 +266,13 @@ final class HardlinkLinker: LinkStrategy {
                 } catch {
                     failedGroups.insert(g)
                     let keeperName = inventory.inodes[Int(group.keeper)].firstName
-                    skip(keeperName, Self.reason(for: error, operation: "link into store"))
+                    skip(keeperName, Self.reason(for: error, operation: .linkIntoStore))
                     throw error
                 }
                 let temp = temporaries.next(.link)
                 let victimInode = inventory.inodes[Int(victim)].inode
                 let replaced: FileStat?
+                step = .linkTemporary
                 do {
                     replaced = try directories.change {
                         try objectFile.link(into: dir, as: temp)
@@ -313,7 +317,7 @@ final class HardlinkLinker: LinkStrategy {
                 }
             } catch {
                 if !failedGroups.contains(g) || !(error is Mismatch) {
-                    skip(nameIndex, Self.reason(for: error, operation: "replace"))
+                    skip(nameIndex, Self.reason(for: error, operation: step))
                 }
                 // The victim's other names stay with it (never split an inode's names further).
                 victimGroup[Int(victim)] = failed

@@ -105,7 +105,7 @@ enum Recovery {
                     keptFor.insert(id)
                 }
             } catch {
-                skips.append(Skip(guest: guest, path: path, reason: .failed(operation: "clean up", errno: errnoCode(error))))
+                skips.append(Skip(guest: guest, path: path, reason: .failed(OperationError(.cleanUp, error))))
                 keptFor.insert(id)
             }
         }

@@ -42,7 +42,7 @@ final class Splitter {
                 } else if error is NameMoved || error is DirectoryOpener.DirectoryChanged || error is HardlinkLinker.Mismatch {
                     reason = .changedDuringRun
                 } else {
-                    reason = HardlinkLinker.reason(for: error, operation: "split")
+                    reason = HardlinkLinker.reason(for: error, operation: .split)
                 }
                 skips.append(Skip(guest: Int(inventory.guest(ofName: n)), path: inventory.path(ofName: n), reason: reason))
             }

@@ -42,8 +42,13 @@ func walkAll(_ roots: [GuestRoot], store: Store, filter: PathFilter = PathFilter
 
 func skippedPaths(_ skips: [Skip], roots: [GuestRoot]) -> [UnifyReport.SkippedPath] {
     skips.map {
-        UnifyReport.SkippedPath(root: roots[$0.guest].path.string, path: escapedPath($0.path), reason: $0.reason.code,
-                                detail: $0.reason.description, error: $0.reason.isError)
+        var p = UnifyReport.SkippedPath(root: roots[$0.guest].path.string, path: escapedPath($0.path), reason: $0.reason.code,
+                                        detail: $0.reason.description, error: $0.reason.isError)
+        if case .failed(let e) = $0.reason {
+            p.operation = e.operation.rawValue
+            p.errno = e.errno
+        }
+        return p
     }
 }
 

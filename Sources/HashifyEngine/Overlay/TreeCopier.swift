@@ -32,6 +32,13 @@ final class TreeCopier {
     /// directories of the old layers); given the parent's context and the name.
     typealias ContextPolicy = (_ parent: AnyObject?, _ name: FileName) -> AnyObject?
 
+    /// An error while copying one entry, with the entry's path below the source root.
+    struct EntryFailed: Error, CustomStringConvertible {
+        var path: [UInt8]
+        var error: any Error
+        var description: String { "/\(escapedPath(path)): \(error)" }
+    }
+
     /// A source entry that is a mount point (the guest is in use, or the tree is not one filesystem).
     struct MountInside: Error, CustomStringConvertible {
         var path: [UInt8]
@@ -77,6 +84,14 @@ final class TreeCopier {
             } catch Errno.noSuchFileOrDirectory where skipVanished {
                 vanished += 1
                 try? destination.removeTree(name)
+            } catch let e as EntryFailed {
+                throw e
+            } catch let e as MountInside {
+                throw e
+            } catch let e as InputError {
+                throw e
+            } catch {
+                throw EntryFailed(path: path.isEmpty ? name.bytes : path + [0x2f] + name.bytes, error: error)
             }
         }
     }

@@ -60,6 +60,9 @@ public struct UnifyReport: Sendable, Codable {
         public var error: Bool
         /// The guest's name, when it has one.
         public var guest: String?
+        /// For a failure: what was being done, and the errno when the kernel refused it.
+        public var operation: String?
+        public var errno: Int32?
     }
 
     public var schema = 1

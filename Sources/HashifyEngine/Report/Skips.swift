@@ -3,8 +3,9 @@ import SystemPackage
 
 /// Why a file or directory was left alone in this run.
 public enum SkipReason: Hashable, Sendable, CustomStringConvertible {
-    /// The kernel refused an operation (counts as an error: exit status 1).
-    case failed(operation: String, errno: Int32)
+    /// An operation failed (counts as an error: exit status 1): the kernel
+    /// refused it (`errno`), or another error stopped it (`detail`).
+    case failed(OperationError)
     /// Changed after it was read (or while): retried by the next run.
     case changedDuringRun
     /// Someone has it open for writing (the read lease was refused).
@@ -28,7 +29,7 @@ public enum SkipReason: Hashable, Sendable, CustomStringConvertible {
     /// Stable machine-readable code, used in --json.
     public var code: String {
         switch self {
-        case .failed(let op, _): return "\(op)-failed"
+        case .failed(let e): return e.operation.code + "-failed"
         case .changedDuringRun: return "changed-during-run"
         case .openForWriting: return "open-for-writing"
         case .linksOutsideRoots: return "links-outside-roots"
@@ -40,7 +41,7 @@ public enum SkipReason: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .failed(let op, let e): return "\(op): \(Errno(rawValue: e))"
+        case .failed(let e): return e.description
         case .changedDuringRun: return "changed during the run (retried next run)"
         case .openForWriting: return "open for writing (retried next run)"
         case .linksOutsideRoots: return "has hard links outside the scanned roots"
@@ -58,6 +59,48 @@ public struct Skip: Sendable {
     public var reason: SkipReason
 }
 
-func errnoCode(_ error: any Error) -> Int32 {
-    (error as? Errno)?.rawValue ?? 5
+/// What hashify was doing when an error stopped it. Its `code` names it in
+/// `--json` (`CODE-failed`), and stays as it is once published.
+public enum Operation: String, Sendable, Hashable, Codable {
+    case openDirectory = "open directory", readDirectory = "read directory", stat, open, read, lease
+    case linkIntoStore = "link into store", linkTemporary = "link temporary name", exchange
+    case removeReplaced = "remove replaced file", split, cleanUp = "clean up", copy
+
+    /// The operation as one word or words joined by '-'.
+    public var code: String { rawValue.replacingOccurrences(of: " ", with: "-") }
+}
+
+/// An error with its place in the work: the operation it stopped and the
+/// errno when the kernel refused it; any other error keeps its own words in
+/// `detail` (never passed off as an errno). The path is the skip's.
+public struct OperationError: Error, Hashable, Sendable, CustomStringConvertible {
+    public var operation: Operation
+    public var errno: Int32?
+    public var detail: String
+
+    public init(_ operation: Operation, _ error: any Error) {
+        if let e = error as? OperationError {
+            self = e
+        } else if let e = error as? Errno {
+            self.operation = operation
+            self.errno = e.rawValue
+            self.detail = "\(e)"
+        } else {
+            self.operation = operation
+            self.errno = nil
+            self.detail = "\(error)"
+        }
+    }
+
+    public var description: String { "\(operation.rawValue): \(detail)" }
+}
+
+/// Runs `body`; an error it throws is given `operation` (unless it has one already).
+func attempt<T>(_ operation: Operation, _ body: () throws -> T) throws(OperationError) -> T {
+    do { return try body() } catch { throw OperationError(operation, error) }
+}
+
+/// The errno of an error, when the kernel refused something (nil for any other error).
+func errnoCode(_ error: any Error) -> Int32? {
+    (error as? Errno)?.rawValue ?? (error as? OperationError)?.errno
 }

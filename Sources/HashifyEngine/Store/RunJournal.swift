@@ -47,7 +47,15 @@ public final class RunJournal: @unchecked Sendable {
         try? file.write(Array(line.utf8))
     }
 
-    func finish() { store.endRun(runID) }
+    /// Set when a temporary name may be left that only recovery can judge:
+    /// the run's record then stays, and the next run's recovery sees to it.
+    private(set) var leftForRecovery = false
+    func leaveForRecovery() { leftForRecovery = true }
+
+    /// Ends the run: its record goes, unless it left work for recovery.
+    func finish() {
+        if !leftForRecovery { store.endRun(runID) }
+    }
 
     /// A directory an unfinished run was changing when it stopped.
     public struct OpenDirectory: Hashable, Sendable {

@@ -109,8 +109,8 @@ public struct Walker {
                         continue  // vanished: nothing to do
                     } catch {
                         let e = errnoCode(error)
-                        result.skips.append(Skip(guest: g, path: p.path,
-                                                 reason: e == ELOOP || e == ENOTDIR ? .changedDuringRun : .failed(operation: "open", errno: e)))
+                        result.skips.append(Skip(guest: g, path: p.path, reason: e == ELOOP || e == ENOTDIR
+                                                    ? .changedDuringRun : .failed(OperationError(.openDirectory, error))))
                         continue
                     }
                     let id = p.name.withUnsafeBufferPointer { b in
@@ -155,7 +155,7 @@ public struct Walker {
                         } catch Errno.noSuchFileOrDirectory {
                             return
                         } catch {
-                            result.skips.append(Skip(guest: g, path: path(), reason: .failed(operation: "stat", errno: errnoCode(error))))
+                            result.skips.append(Skip(guest: g, path: path(), reason: .failed(OperationError(.stat, error))))
                             return
                         }
                         if st.isDirectory {
@@ -192,7 +192,7 @@ public struct Walker {
                     }
                 } catch {
                     result.skips.append(Skip(guest: g, path: dirPath.isEmpty ? [0x2f] : dirPath,
-                                             reason: .failed(operation: "read directory", errno: errnoCode(error))))
+                                             reason: .failed(OperationError(.readDirectory, error))))
                 }
                 // Visit subdirectories in name order for a stable preorder.
                 subdirs.sort { $0.name.lexicographicallyPrecedes($1.name) }
