@@ -23,6 +23,20 @@ public struct UnifyOptions: Sendable {
     public var mode: HashifyConfig.Mode = .hardlink
     public init(roots: [FilePath]) { self.roots = roots }
 
+    /// The options the host's config gives (the defaults where it is silent
+    /// or absent); the command line adds to them or overrides them.
+    public init(roots: [FilePath], config: HashifyConfig?, processors: Int) {
+        self.roots = roots
+        store = config?.store
+        excludes = config?.excludes ?? []
+        includes = config?.includes ?? []
+        defaultExcludes = config?.defaultExcludes ?? true
+        minimumSize = config?.minimumSize ?? 1
+        ignoreModificationTime = config?.ignoreModificationTime ?? false
+        threads = config?.threads ?? Self.defaultThreads(processors: processors)
+        mode = config?.mode ?? .hardlink
+    }
+
     /// Hashing threads for a machine: one per CPU, but at least 4 (on a cold
     /// cache several reads in flight beat one per core) and at most 16 (each
     /// thread holds 1.25 MiB of buffers).

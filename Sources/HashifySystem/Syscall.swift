@@ -31,6 +31,9 @@ public func openFileLimit() -> UInt64 {
     return UInt64(limit.rlim_cur)
 }
 
+/// The processors online (`sysconf(_SC_NPROCESSORS_ONLN)`), at least 1.
+public func onlineProcessors() -> Int { max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
+
 /// The process's peak resident set size in bytes.
 public func peakResidentBytes() -> UInt64 {
     var usage = rusage()

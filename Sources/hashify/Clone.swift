@@ -21,24 +21,22 @@ struct CloneCommand: ParsableCommand {
     var source: String
     @Argument(help: "The new guest's root (must not exist).")
     var destination: String
-    @Option(help: "The store (default: the config's, else .hashify beside SRC).")
-    var store: String?
+    @OptionGroup var storeOption: StoreOption
     @Option(help: "Write an LXC config for the clone under this container name.")
     var lxc: String?
     @Flag(help: "Overlay guests: leave the clone unmounted.")
     var noMount = false
-    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
-    var noWait = false
+    @OptionGroup var wait: WaitOption
     @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         var o = CloneOptions(source: FilePath(source), destination: FilePath(destination))
         let host = configOption.load()
-        o.store = host.store(store)
+        o.store = host.store(storeOption.store)
         o.lxcName = lxc
         o.mount = !noMount
-        o.waitForLock = !noWait
+        o.waitForLock = wait.waitForLock
         let r = runEngine { try Clone.run(o) }
         try finish(r, output: output, names: host.names) { r in
             var out = "\(r.destination): cloned from \(r.sourceGuest ?? r.source) (\(r.mode) mode): \(r.filesShared) files shared, "

@@ -12,6 +12,23 @@ struct ConfigOption: ParsableArguments {
     func load() -> HostSettings { HostSettings(config: runEngine { try HashifyConfig.load(config.map { FilePath($0) }) }) }
 }
 
+/// `--store DIR`, the same for every command that uses a store.
+struct StoreOption: ParsableArguments {
+    @Option(help: ArgumentHelp("""
+        The store (default: the config's, else the .hashify store at or above the guests that knows them, \
+        else .hashify in their nearest common parent; on the guests' filesystem).
+        """, valueName: "dir"))
+    var store: String?
+}
+
+/// `--no-wait`, the same for every command that takes the store's lock.
+struct WaitOption: ParsableArguments {
+    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
+    var noWait = false
+
+    var waitForLock: Bool { !noWait }
+}
+
 /// What a command takes from the config file (absent: the defaults).
 struct HostSettings {
     let config: HashifyConfig?

@@ -28,21 +28,15 @@ struct Status: ParsableCommand {
 
     @Argument(help: "Guest root directories (default: the ones the store remembers).")
     var roots: [String] = []
-    @Option(help: "The store (default: the config's, else .hashify beside the roots).")
-    var store: String?
+    @OptionGroup var storeOption: StoreOption
     @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         let host = configOption.load()
         let config = host.config
-        let location = StoreLocation(store: host.store(store), roots: roots.map { FilePath($0) })
-        var options = UnifyOptions(roots: [])
-        options.excludes = config?.excludes ?? []
-        options.includes = config?.includes ?? []
-        options.defaultExcludes = config?.defaultExcludes ?? true
-        options.minimumSize = config?.minimumSize ?? 1
-        options.ignoreModificationTime = config?.ignoreModificationTime ?? false
+        let location = StoreLocation(store: host.store(storeOption.store), roots: roots.map { FilePath($0) })
+        let options = UnifyOptions(roots: [], config: config, processors: onlineProcessors())
         let report = runEngine { try StatusCommand.run(location, unifyOptions: options) }
         emit(report, output: output, names: host.names) { r in
             var out = "hashify status — store \(r.store)\n\n"
@@ -83,16 +77,14 @@ struct Status: ParsableCommand {
 struct StoreArguments: ParsableArguments {
     @Argument(help: "Guest root directories (default: the ones the store remembers).")
     var roots: [String] = []
-    @Option(help: "The store (default: the config's, else .hashify beside the roots).")
-    var store: String?
-    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
-    var noWait = false
+    @OptionGroup var storeOption: StoreOption
+    @OptionGroup var wait: WaitOption
     @OptionGroup var configOption: ConfigOption
 
     /// The store and guests, with the config (read once) for the report's names.
     func resolve() -> (StoreLocation, HostSettings) {
         let host = configOption.load()
-        return (StoreLocation(store: host.store(store), roots: roots.map { FilePath($0) }), host)
+        return (StoreLocation(store: host.store(storeOption.store), roots: roots.map { FilePath($0) }), host)
     }
 }
 
@@ -113,7 +105,7 @@ struct Verify: ParsableCommand {
 
     func run() throws {
         let (location, host) = target.resolve()
-        let report = runEngine { try VerifyCommand.run(location, repair: repair, waitForLock: !target.noWait) }
+        let report = runEngine { try VerifyCommand.run(location, repair: repair, waitForLock: target.wait.waitForLock) }
         try finish(report, output: output, names: host.names) { r in
             var out = "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
             if r.dataObjectsChecked > 0 || !r.damagedDataObjects.isEmpty { out += "checked   \(r.dataObjectsChecked) data objects (overlay mode)\n" }
@@ -146,7 +138,7 @@ struct GC: ParsableCommand {
 
     func run() throws {
         let (location, host) = target.resolve()
-        let report = runEngine { try GCCommand.run(location, dryRun: dryRun, waitForLock: !target.noWait) }
+        let report = runEngine { try GCCommand.run(location, dryRun: dryRun, waitForLock: target.wait.waitForLock) }
         try finish(report, output: output, names: host.names) { r in
             var out = "hashify gc\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
             out += "\(r.dryRun ? "would remove" : "removed")  \(r.objectsRemoved) unreferenced objects, \(formatBytes(r.bytesFreed)) freed\n"
@@ -174,12 +166,10 @@ struct Split: ParsableCommand {
     var root: [String] = []
     @Option(help: "With --root: only paths matching (guest-absolute glob; repeatable).")
     var include: [String] = []
-    @Option(help: "The store (default: the config's, else .hashify beside the roots).")
-    var store: String?
+    @OptionGroup var storeOption: StoreOption
     @Flag(name: [.customShort("n"), .long], help: "Report what would be split; change nothing.")
     var dryRun = false
-    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
-    var noWait = false
+    @OptionGroup var wait: WaitOption
     @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
@@ -190,10 +180,10 @@ struct Split: ParsableCommand {
 
     func run() throws {
         let host = configOption.load()
-        let location = StoreLocation(store: host.store(store), roots: root.map { FilePath($0) }, paths: paths.map { FilePath($0) })
+        let location = StoreLocation(store: host.store(storeOption.store), roots: root.map { FilePath($0) }, paths: paths.map { FilePath($0) })
         let report = runEngine {
             try SplitCommand.run(location, paths: paths.map { FilePath($0).lexicallyNormalized() },
-                                 includes: include.map(argumentBytes), dryRun: dryRun, waitForLock: !noWait)
+                                 includes: include.map(argumentBytes), dryRun: dryRun, waitForLock: wait.waitForLock)
         }
         try finish(report, output: output, names: host.names) { r in
             var out = "hashify split\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"

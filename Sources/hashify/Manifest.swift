@@ -17,8 +17,7 @@ struct ManifestCommandLine: ParsableCommand {
             """)
     @Argument(help: "The guest: its root directory or its name.")
     var guest: String
-    @Option(help: "The store (default: the config's, else .hashify beside the root).")
-    var store: String?
+    @OptionGroup var storeOption: StoreOption
     @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
@@ -33,7 +32,7 @@ struct ManifestCommandLine: ParsableCommand {
         } else {
             fail("\(guest): no guest of that name (give its root directory, or lxc:NAME / nspawn:NAME)")
         }
-        let report = runEngine { try ManifestCommand.run(root: root, store: host.store(store)) }
+        let report = runEngine { try ManifestCommand.run(root: root, store: host.store(storeOption.store)) }
         emit(report, output: output, names: names) { $0.humanReadable() }
     }
 }

@@ -55,15 +55,14 @@ struct Mem: ParsableCommand {
 struct GuestSelection: ParsableArguments {
     @Argument(help: "Guest root directories (default: the guests of the store).")
     var roots: [String] = []
-    @Option(help: "The store (default: the config's, else .hashify beside the roots).")
-    var store: String?
+    @OptionGroup var storeOption: StoreOption
     @OptionGroup var configOption: ConfigOption
 
     /// The selection, with the config (read once) for the report's names.
     func resolve() -> (MemoryOptions, HostSettings) {
         let host = configOption.load()
         var o = MemoryOptions(roots: roots.map { FilePath($0) })
-        o.store = host.store(store)
+        o.store = host.store(storeOption.store)
         return (o, host)
     }
 }

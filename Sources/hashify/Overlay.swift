@@ -24,10 +24,8 @@ struct OverlayCommand: ParsableCommand {
     struct Target: ParsableArguments {
         @Argument(help: "Guest root directories (for LXC: /var/lib/lxc/NAME/rootfs).")
         var roots: [String] = []
-        @Option(help: "The store (default: the config's, else .hashify in the nearest common parent of the roots; same filesystem).")
-        var store: String?
-        @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
-        var noWait = false
+        @OptionGroup var storeOption: StoreOption
+        @OptionGroup var wait: WaitOption
         @OptionGroup var configOption: ConfigOption
 
         func validate() throws {
@@ -38,8 +36,8 @@ struct OverlayCommand: ParsableCommand {
         func resolve() -> (OverlayOptions, HostSettings) {
             let host = configOption.load()
             var o = OverlayOptions(roots: roots.map { FilePath($0) })
-            o.store = host.store(store)
-            o.waitForLock = !noWait
+            o.store = host.store(storeOption.store)
+            o.waitForLock = wait.waitForLock
             return (o, host)
         }
     }
@@ -120,18 +118,16 @@ struct OverlayCommand: ParsableCommand {
         var root: String
         @Argument(help: "Where the plain copy goes (default: in place of the guest).")
         var destination: String?
-        @Option(help: "The store (default: the config's, else .hashify beside the root).")
-        var store: String?
-        @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
-        var noWait = false
+        @OptionGroup var storeOption: StoreOption
+        @OptionGroup var wait: WaitOption
         @OptionGroup var configOption: ConfigOption
         @OptionGroup var output: OutputOptions
 
         func run() throws {
             let host = configOption.load()
             var o = OverlayOptions(roots: [FilePath(root)])
-            o.store = host.store(store)
-            o.waitForLock = !noWait
+            o.store = host.store(storeOption.store)
+            o.waitForLock = wait.waitForLock
             o.destination = destination.map { FilePath($0) }
             try report(runEngine { try Overlay.export(o) }, output: output, names: host.names)
         }

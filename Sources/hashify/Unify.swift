@@ -40,8 +40,7 @@ struct Unify: ParsableCommand {
     @Option(help: "With --all: the nspawn machines directory (given, it replaces the default places).")
     var machines: String?
 
-    @Option(help: "The store (default: the config's, else .hashify in the nearest common parent of the roots; same filesystem).")
-    var store: String?
+    @OptionGroup var storeOption: StoreOption
 
     @Option(help: "hardlink: link plain guests' files to store objects; overlay: convert stopped plain guests to overlay guests instead (running ones wait for a later run). Default: the config's, else hardlink.")
     var mode: HashifyConfig.Mode?
@@ -67,8 +66,7 @@ struct Unify: ParsableCommand {
     @Option(help: "Hashing threads (default: the config's, else the number of CPUs, at least 4 and at most 16: reads from disk overlap).")
     var threads: Int?
 
-    @Flag(help: "Exit with status 3 instead of waiting when another run holds the store.")
-    var noWait = false
+    @OptionGroup var wait: WaitOption
 
     @Option(help: "Also write the run's figures to FILE in Prometheus text format (node_exporter's textfile collector), atomically.")
     var metrics: String?
@@ -96,7 +94,7 @@ struct Unify: ParsableCommand {
         // The command line's roots replace the config's guests.
         var allRoots = roots.map { FilePath($0) }
         if roots.isEmpty, let config { allRoots = config.namedRoots.map(\.root) }
-        let storeOption = host.store(store)
+        let storePath = host.store(storeOption.store)
         let discovering = all || (roots.isEmpty && config?.all == true)
         if discovering {
             var places = config?.places ?? GuestDiscovery.Places()
@@ -107,9 +105,9 @@ struct Unify: ParsableCommand {
             }
             discovered = GuestDiscovery.find(places)
             let candidates = discovered.filter { $0.unusable == nil }.map { FilePath($0.root) }
-            let storePath = storeOption ?? (candidates.isEmpty ? nil : RootValidation.defaultStorePath(for: candidates))
-            let overlays = storePath.map { Overlay.overlayGuests(among: candidates, storePath: $0) } ?? []
-            let found = GuestDiscovery.usable(&discovered, store: storePath, overlayGuests: overlays)
+            let discoveredStore = storePath ?? (candidates.isEmpty ? nil : RootValidation.defaultStorePath(for: candidates))
+            let overlays = discoveredStore.map { Overlay.overlayGuests(among: candidates, storePath: $0) } ?? []
+            let found = GuestDiscovery.usable(&discovered, store: discoveredStore, overlayGuests: overlays)
             allRoots += found.filter { !allRoots.contains($0) }
             if allRoots.isEmpty {
                 let left = discovered.map { "\($0.name) (\($0.root)): \($0.unusable ?? "")" }.joined(separator: "; ")
@@ -120,16 +118,18 @@ struct Unify: ParsableCommand {
         if allRoots.isEmpty {
             fail(config == nil ? "give at least one guest root, or --all" : "give at least one guest root, or --all (\(config!.file?.string ?? "the config") names no guests)")
         }
-        var options = UnifyOptions(roots: allRoots)
-        options.store = storeOption
+        // The config's settings, then the command line's on top.
+        var options = UnifyOptions(roots: allRoots, config: config, processors: onlineProcessors())
+        options.store = storePath
         options.dryRun = dryRun
-        options.excludes = (config?.excludes ?? []) + exclude.map(argumentBytes)
-        options.includes = (config?.includes ?? []) + include.map(argumentBytes)
-        options.defaultExcludes = !noDefaultExcludes && (config?.defaultExcludes ?? true)
-        options.minimumSize = minSize ?? config?.minimumSize ?? 1
-        options.ignoreModificationTime = ignoreMtime || (config?.ignoreModificationTime ?? false)
-        options.threads = threads ?? config?.threads ?? UnifyOptions.defaultThreads(processors: ProcessInfo.processInfo.activeProcessorCount)
-        options.waitForLock = !noWait
+        options.excludes += exclude.map(argumentBytes)
+        options.includes += include.map(argumentBytes)
+        if noDefaultExcludes { options.defaultExcludes = false }
+        if let minSize { options.minimumSize = minSize }
+        if ignoreMtime { options.ignoreModificationTime = true }
+        if let threads { options.threads = threads }
+        if let mode { options.mode = mode }
+        options.waitForLock = wait.waitForLock
         var notes: [String] = []
         if let config {
             for root in allRoots {
@@ -143,7 +143,6 @@ struct Unify: ParsableCommand {
                 }
             }
         }
-        options.mode = mode ?? config?.mode ?? .hardlink
         let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
         var report = runEngine { try Unifier(options: options, progress: progress).run() }
         for d in discovered {
