@@ -38,12 +38,7 @@ struct CloneCommand: ParsableCommand {
         o.mount = !noMount
         o.waitForLock = wait.waitForLock
         let r = runEngine { try Clone.run(o) }
-        try finish(r, output: output, names: host.names) { r in
-            var out = "\(r.destination): cloned from \(r.sourceGuest ?? r.source) (\(r.mode) mode): \(r.filesShared) files shared, "
-            out += "\(r.filesCopied) copied (\(formatBytes(r.bytesCopied))), \((r.seconds * 100).rounded() / 100) s\n"
-            if let c = r.lxcConfig { out += "lxc config: \(c)\n" }
-            return out
-        }
+        try finish(r, output: output, names: host.names)
     }
 }
 

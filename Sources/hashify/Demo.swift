@@ -65,7 +65,7 @@ struct Demo: ParsableCommand {
         let options = UnifyOptions(roots: built.roots)
         let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
         let report = try Unifier(options: options, progress: progress).run()
-        emit(report, output: output) { $0.humanReadable(verbose: output.verbose) }
+        emit(report, output: output)
         let after = try DiskUsage.measure(built.roots)
         let saved = before.bytes - min(before.bytes, after.bytes)
         let percent = before.bytes == 0 ? 0 : Int((Double(saved) / Double(before.bytes) * 100).rounded())

@@ -39,22 +39,7 @@ struct KSMCommand: ParsableCommand {
         func run() throws {
             let (options, host) = selection.resolve()
             let r = runEngine { try KSM.status(options) }
-            emit(r, output: output, names: host.names) { r in
-                let s = r.settings
-                func v(_ k: String) -> String { s[k].map(String.init) ?? "-" }
-                var out = "hashify ksm status — ksmd \(r.running ? "running" : "not running")\n"
-                out += "settings  pages_to_scan \(v("pages_to_scan")), sleep_millisecs \(v("sleep_millisecs")), max_page_sharing \(v("max_page_sharing")), merge_across_nodes \(v("merge_across_nodes"))\n"
-                let page: Int64 = 4096
-                out += "merged    pages_shared \(v("pages_shared")), pages_sharing \(v("pages_sharing")) (\(formatBytes(UInt64(max(0, (s["pages_sharing"] ?? 0) * page)))) saved), general_profit \(formatBytes(UInt64(max(0, s["general_profit"] ?? 0))))\n\n"
-                let w = max(5, r.guests.map { $0.guest.count }.max() ?? 5)
-                out += "GUEST".rightPadded(w) + "  PROCS  MERGE-ANY      MERGED      PROFIT\n"
-                for g in r.guests {
-                    out += g.guest.rightPadded(w) + String(g.processes).leftPadded(7) + String(g.mergeAnyProcesses).leftPadded(11)
-                    out += formatBytes(g.mergedBytes).leftPadded(12) + formatBytes(UInt64(max(0, g.profitBytes))).leftPadded(12) + "\n"
-                }
-                for n in r.notes { out += "note      \(n)\n" }
-                return out
-            }
+            emit(r, output: output, names: host.names)
         }
     }
 }

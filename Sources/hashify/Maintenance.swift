@@ -38,37 +38,7 @@ struct Status: ParsableCommand {
         let location = StoreLocation(store: host.store(storeOption.store), roots: roots.map { FilePath($0) })
         let options = UnifyOptions(roots: [], config: config, processors: onlineProcessors())
         let report = runEngine { try StatusCommand.run(location, unifyOptions: options) }
-        emit(report, output: output, names: host.names) { r in
-            var out = "hashify status — store \(r.store)\n\n"
-            let w = max(5, r.guests.map { $0.label.count }.max() ?? 5)
-            out += "GUEST".rightPadded(w) + "      FILES       BYTES     SHARED  BYTES SHARED\n"
-            for g in r.guests {
-                out += g.label.rightPadded(w)
-                out += String(g.filesScanned).leftPadded(11) + formatBytes(g.bytesScanned).leftPadded(12)
-                out += String(g.pathsShared).leftPadded(11) + formatBytes(g.bytesShared).leftPadded(14) + "\n"
-            }
-            let h = r.storeHealth
-            out += "\nstore     \(h.objects) objects, \(formatBytes(h.bytes)); \(h.indexEntries) index entries\n"
-            out += "unused    \(h.unreferencedObjects) objects no guest links (\(formatBytes(h.unreferencedBytes))): hashify gc removes them\n"
-            out += "links     \(h.objectsNearLinkLimit) objects near the link limit (\(h.linkLimit))\n"
-            if h.unfinishedRuns > 0 { out += "warning   \(h.unfinishedRuns) interrupted runs left temporary names: the next unify or gc removes them\n" }
-            out += "re-run    would link \(r.rerunWouldLinkPaths) paths and save \(formatBytes(r.rerunWouldSaveBytes))\n"
-            if let o = r.overlay {
-                let ow = max(13, o.guests.map { $0.label.count }.max() ?? 0)
-                out += "\n" + "OVERLAY GUEST".rightPadded(ow) + "  GEN  MOUNTED  SHARED FILES  SHARED BYTES  COPY-UPS\n"
-                for g in o.guests {
-                    out += g.label.rightPadded(ow) + String(g.generation).leftPadded(5) + (g.mounted ? "yes" : "no").leftPadded(9)
-                    out += String(g.sharedFiles).leftPadded(14) + formatBytes(g.sharedBytes).leftPadded(14)
-                    out += formatBytes(g.copyUpBytes).leftPadded(10) + (g.foldPending ? (g.mounted ? "  (fold at next start)" : "  (unify folds)") : "") + "\n"
-                }
-                out += "data      \(o.dataObjects) objects, \(formatBytes(o.dataBytes)); \(o.unreferencedDataObjects) unreferenced (\(formatBytes(o.unreferencedDataBytes))): hashify gc removes them\n"
-                out += "reserve   \(formatBytes(o.freeBytes)) free for copy-ups; a routine update needs about \(formatBytes(o.routineUpdateBytes))\n"
-                for w in o.warnings { out += "warning   \(w)\n" }
-            }
-            for b in r.sharingBreakers { out += "breaker   \(b.guest.map { "\($0):\(b.path)" } ?? b.root + b.path): \(b.detail)\n" }
-            for n in r.notes { out += "note      \(n)\n" }
-            return out
-        }
+        emit(report, output: output, names: host.names)
     }
 }
 
@@ -106,22 +76,7 @@ struct Verify: ParsableCommand {
     func run() throws {
         let (location, host) = target.resolve()
         let report = runEngine { try VerifyCommand.run(location, repair: repair, waitForLock: target.wait.waitForLock) }
-        try finish(report, output: output, names: host.names) { r in
-            var out = "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
-            if r.dataObjectsChecked > 0 || !r.damagedDataObjects.isEmpty { out += "checked   \(r.dataObjectsChecked) data objects (overlay mode)\n" }
-            for d in r.damagedDataObjects {
-                out += "DAMAGED   data\(d.object): " + (d.missing ? "missing, but stubs point at it\n" : d.recordedDigest.isEmpty ? "no record of its digest, but stubs point at it\n" : "content changed (now \(d.digest))\n")
-            }
-            if r.damaged.isEmpty && r.damagedDataObjects.isEmpty { out += "ok        every object matches its name\n" }
-            for d in r.damaged {
-                let what = [d.contentChanged ? "content" : nil, d.metadataChanged ? "metadata" : nil].compactMap { $0 }.joined(separator: " and ")
-                out += "DAMAGED   \(d.object): \(what) changed; linked by \(d.paths.count) paths\(d.repaired ? " — repaired" : "")\n"
-                for p in d.paths { out += "            \(p.location)\n" }
-            }
-            if r.repair { out += "split     \(r.pathsSplit) paths\n" }
-            out += skippedAndNotes(r.skipped)
-            return out
-        }
+        try finish(report, output: output, names: host.names)
     }
 }
 
@@ -139,14 +94,7 @@ struct GC: ParsableCommand {
     func run() throws {
         let (location, host) = target.resolve()
         let report = runEngine { try GCCommand.run(location, dryRun: dryRun, waitForLock: target.wait.waitForLock) }
-        try finish(report, output: output, names: host.names) { r in
-            var out = "hashify gc\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
-            out += "\(r.dryRun ? "would remove" : "removed")  \(r.objectsRemoved) unreferenced objects, \(formatBytes(r.bytesFreed)) freed\n"
-            if r.dataObjectsRemoved > 0 { out += "\(r.dryRun ? "would remove" : "removed")  \(r.dataObjectsRemoved) data objects no overlay guest uses, \(formatBytes(r.dataBytesFreed)) freed\n" }
-            if r.temporariesRemoved > 0 { out += "cleaned   \(r.temporariesRemoved) temporary names of interrupted runs\n" }
-            out += skippedAndNotes(r.skipped, notes: r.notes)
-            return out
-        }
+        try finish(report, output: output, names: host.names)
     }
 }
 
@@ -185,11 +133,6 @@ struct Split: ParsableCommand {
             try SplitCommand.run(location, paths: paths.map { FilePath($0).lexicallyNormalized() },
                                  includes: include.map(argumentBytes), dryRun: dryRun, waitForLock: wait.waitForLock)
         }
-        try finish(report, output: output, names: host.names) { r in
-            var out = "hashify split\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
-            out += "\(r.dryRun ? "would split" : "split")     \(r.pathsSplit) paths (\(r.notUnified) matching paths were not unified)\n"
-            out += skippedAndNotes(r.skipped)
-            return out
-        }
+        try finish(report, output: output, names: host.names)
     }
 }

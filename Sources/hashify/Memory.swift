@@ -23,31 +23,7 @@ struct Mem: ParsableCommand {
     func run() throws {
         let (options, host) = selection.resolve()
         let r = runEngine { try MemoryScanner.run(options) }
-        emit(r, output: output, names: host.names) { r in
-            func mib(_ b: UInt64) -> String { formatBytes(b) }
-            let w = max(5, r.guests.map { $0.guest.count }.max() ?? 5)
-            var out = "hashify mem\(r.partial ? " (partial: \(r.unreadableProcesses) processes could not be read)" : "")\n\n"
-            out += "GUEST".rightPadded(w) + "  PROCS   FILE-BACKED      SHARED  DUPLICATED   ANONYMOUS  KSM-MERGED\n"
-            for g in r.guests + [MemoryReport.Guest(guest: "total", figures: r.totals)] {
-                let f = g.figures
-                out += g.guest.rightPadded(w) + String(f.processes).leftPadded(7) + mib(f.fileBackedBytes).leftPadded(14)
-                out += mib(f.sharedBytes).leftPadded(12) + mib(f.duplicatedBytes).leftPadded(12)
-                out += mib(f.anonymousBytes).leftPadded(12) + mib(f.ksmMergedBytes).leftPadded(12) + "\n"
-            }
-            out += "\nstore     \(mib(r.storeCachedBytes)) of store objects in the page cache\n"
-            if !r.duplicatedFiles.isEmpty {
-                out += "\nstill duplicated in memory (unify, then restart what maps them):\n"
-                for d in r.duplicatedFiles.prefix(10) { out += "  \(mib(d.duplicatedBytes).leftPadded(10))  \(d.copies) copies  \(d.path)\n" }
-            }
-            if !r.processesToRestart.isEmpty {
-                out += "\nrestart to share memory (they map copies unify replaced):\n"
-                for p in r.processesToRestart {
-                    out += "  \(String(p.pid).leftPadded(7)) \(p.command.rightPadded(16)) \(p.guest)\(p.group.map { " [\($0)]" } ?? "")  frees \(mib(p.bytes))\n"
-                }
-            }
-            for n in r.notes { out += "note      \(n)\n" }
-            return out
-        }
+        emit(r, output: output, names: host.names)
     }
 }
 

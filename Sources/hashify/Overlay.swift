@@ -138,21 +138,5 @@ extension OverlayReport: StatusReporting {}
 
 /// Prints an overlay report (a line per guest) and exits with its status.
 private func report(_ r: OverlayReport, output: OutputOptions, names: GuestNames) throws {
-    try finish(r, output: output, names: names) { r in
-        var out = ""
-        for g in r.guests {
-            out += "\(g.label): \(g.action)"
-            var parts: [String] = []
-            if g.stubs > 0 { parts.append("\(g.stubs) files") }
-            if g.objectsCreated > 0 { parts.append("\(g.objectsCreated) new objects") }
-            if g.filesSharingObjects > 0 { parts.append("\(g.filesSharingObjects) files share existing objects") }
-            if g.bytesLinked > 0 { parts.append("\(formatBytes(g.bytesLinked)) linked") }
-            if g.bytesCopied > 0 { parts.append("\(formatBytes(g.bytesCopied)) copied") }
-            if g.seconds > 0 { parts.append("\((g.seconds * 100).rounded() / 100) s") }
-            if !parts.isEmpty { out += " (" + parts.joined(separator: ", ") + ")" }
-            out += "\n"
-            for n in g.notes { out += "  note: \(n)\n" }
-        }
-        return out
-    }
+    try finish(r, output: output, names: names)
 }

@@ -151,7 +151,7 @@ struct Unify: ParsableCommand {
         report.notes += notes
         report = named(report, names)
         if let m = metrics { runEngine { try MetricsFile.write(report, to: FilePath(m)) } }
-        try finish(report, output: output) { $0.humanReadable(verbose: output.verbose) }
+        try finish(report, output: output)
     }
 }
 
@@ -166,18 +166,13 @@ extension GCReport: StatusReporting {}
 extension SplitReport: StatusReporting {}
 
 /// Prints a report as `emit` does, then exits with the report's status.
-func finish<R: StatusReporting>(_ report: R, output: OutputOptions, names: GuestNames? = nil, human: (R) -> String) throws {
-    emit(report, output: output, names: names, human: human)
+func finish<R: StatusReporting & TextReport>(_ report: R, output: OutputOptions, names: GuestNames? = nil) throws {
+    emit(report, output: output, names: names)
     if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
 }
 
-/// The text lines for skipped paths and notes that the maintenance reports end with.
-func skippedAndNotes(_ skipped: [UnifyReport.SkippedPath], notes: [String] = []) -> String {
-    skipped.map { "skipped   \($0.location): \($0.detail)\n" }.joined() + notes.map { "note      \($0)\n" }.joined()
-}
-
-/// Prints a report as JSON or as text, as the output options say, its guests named by `names`.
-func emit<R: Encodable>(_ report: R, output: OutputOptions, names: GuestNames? = nil, human: (R) -> String) {
+/// Prints a report as JSON or as its text, as the output options say, its guests named by `names`.
+func emit<R: Encodable & TextReport>(_ report: R, output: OutputOptions, names: GuestNames? = nil) {
     let report = names.map { named(report, $0) } ?? report
     if output.json {
         let encoder = JSONEncoder()
@@ -186,6 +181,6 @@ func emit<R: Encodable>(_ report: R, output: OutputOptions, names: GuestNames? =
             print(String(decoding: data, as: UTF8.self))
         }
     } else if !output.quiet {
-        print(human(report), terminator: "")
+        print(report.humanReadable(verbose: output.verbose), terminator: "")
     }
 }

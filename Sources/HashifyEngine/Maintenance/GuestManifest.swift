@@ -194,7 +194,7 @@ public enum ManifestCommand {
 
 extension ManifestReport {
     /// One line per entry: SHARING GUESTS TYPE MODE UID:GID MTIME DIGEST PATH [-> TARGET] [XATTR-NAMES].
-    public func humanReadable() -> String {
+    public func humanReadable(verbose: Bool) -> String {
         var out = ""
         for e in entries {
             let sharing = e.sharing ?? "-"
