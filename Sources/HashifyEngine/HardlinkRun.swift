@@ -66,12 +66,15 @@ struct HardlinkRun {
 
     /// Walks every guest with its excludes, includes and dpkg conffiles.
     mutating func walk() -> Walker.Result {
-        let excludes = (options.defaultExcludes ? PathFilter.defaultExcludes.map { Array($0.utf8) } : []) + options.excludes
+        let excludes =
+            (options.defaultExcludes ? PathFilter.defaultExcludes.map { Array($0.utf8) } : []) + options.excludes
         let conffiles = roots.map { DpkgConffiles.read(guestRoot: $0.directory) }
-        var walker = Walker(filter: PathFilter(excludes: excludes, includes: options.includes),
-                            minimumSize: max(1, options.minimumSize))
+        var walker = Walker(
+            filter: PathFilter(excludes: excludes, includes: options.includes),
+            minimumSize: max(1, options.minimumSize))
         for (g, root) in roots.enumerated() {
-            let ex = options.guestExcludes[root.path] ?? [], inc = options.guestIncludes[root.path] ?? []
+            let ex = options.guestExcludes[root.path] ?? []
+            let inc = options.guestIncludes[root.path] ?? []
             if !ex.isEmpty || !inc.isEmpty {
                 walker.guestFilters[g] = PathFilter(excludes: excludes + ex, includes: options.includes + inc)
             }
@@ -117,8 +120,10 @@ struct HardlinkRun {
         var hasher = ContentHasher(threads: options.threads)
         hasher.needsDigests = !options.dryRun
         let sink = self.sink
-        let hashed = hasher.hashGroups(hashGroups, inventory: inventory, roots: roots.map(\.directory),
-                                       contents: contents) { files, bytes in
+        let hashed = hasher.hashGroups(
+            hashGroups, inventory: inventory, roots: roots.map(\.directory),
+            contents: contents
+        ) { files, bytes in
             sink?.update(phase: .hash, done: files, total: count, bytes: bytes, totalBytes: totalBytes)
         }
         lap("hash")
@@ -126,8 +131,9 @@ struct HardlinkRun {
         report.totals.bytesToHash = totalBytes
         report.totals.indexHits = candidates.members.count - count
         for (inode, reason) in hashed.skips { skips.append(skip(inventory, inode: inode, reason)) }
-        return Plan(inventory: inventory, candidates: candidates, contents: contents,
-                    groups: Planner.groups(inventory, candidates: candidates, contents: contents))
+        return Plan(
+            inventory: inventory, candidates: candidates, contents: contents,
+            groups: Planner.groups(inventory, candidates: candidates, contents: contents))
     }
 
     private func skip(_ inventory: Inventory, inode: Int32, _ reason: SkipReason) -> Skip {
@@ -168,8 +174,9 @@ struct HardlinkRun {
         lap("plan")
         guard let store, !options.dryRun else { return DryRunTally(inventory: plan.inventory).run(plan.groups) }
         let journal = try RunJournal(store: store, runID: makeRunID())
-        let linker = HardlinkLinker(inventory: plan.inventory, roots: roots, store: store, journal: journal,
-                                    contents: plan.contents, objectGenerations: objectGenerations)
+        let linker = HardlinkLinker(
+            inventory: plan.inventory, roots: roots, store: store, journal: journal,
+            contents: plan.contents, objectGenerations: objectGenerations)
         let total = plan.groups.reduce(0) { n, g in
             n + g.victims.reduce(0) { $0 + Int(plan.inventory.inodes[Int($1)].nameCount) }
         }
@@ -190,7 +197,10 @@ struct HardlinkRun {
         report.totals.bytesSaved = outcome.bytesSaved
         report.totals.objectsCreated = outcome.objectsCreated
         report.totals.pathsWithOtherModificationTime = outcome.pathsWithOtherModificationTime
-        for (g, n) in outcome.perGuestPaths { perGuest[g].pathsLinked = n; perGuest[g].pathsShared += n }
+        for (g, n) in outcome.perGuestPaths {
+            perGuest[g].pathsLinked = n
+            perGuest[g].pathsShared += n
+        }
         for (g, n) in outcome.perGuestInodes { perGuest[g].inodesFreed = n }
         for (g, n) in outcome.perGuestBytes { perGuest[g].bytesSaved = n }
         guard let store, !options.dryRun else { return }

@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -45,7 +46,9 @@ public struct UnifyOptions: Sendable {
 
 /// The phases a run reports progress for.
 public enum Phase: String, Sendable {
-    case walk = "scanning", hash = "hashing", link = "linking"
+    case walk = "scanning"
+    case hash = "hashing"
+    case link = "linking"
 }
 
 /// Receives progress; called from worker threads.
@@ -91,7 +94,8 @@ public struct Unifier {
             _ = prepareProcessForUnification()
             guard let store = try Store.open(at: storePath, create: false) else { return report }
             if !options.dryRun { try store.lock(wait: options.waitForLock) }
-            report.overlayGuests = try Overlay.fold(roots: options.roots.filter { overlay.contains($0) }, store: store, dryRun: options.dryRun)
+            report.overlayGuests = try Overlay.fold(
+                roots: options.roots.filter { overlay.contains($0) }, store: store, dryRun: options.dryRun)
             report.mode = plain.isEmpty ? "overlay" : "hardlink+overlay"
             report.seconds += Overlay.elapsed(since: started)
         }
@@ -114,7 +118,10 @@ public struct Unifier {
     func convert(_ plain: [FilePath], storePath: FilePath) throws -> Conversion {
         var c = Conversion()
         for root in plain {
-            if options.dryRun { c.notes.append("\(root) would be converted to an overlay guest (mode overlay)"); continue }
+            if options.dryRun {
+                c.notes.append("\(root) would be converted to an overlay guest (mode overlay)")
+                continue
+            }
             var o = OverlayOptions(roots: [root])
             o.store = storePath
             o.waitForLock = options.waitForLock

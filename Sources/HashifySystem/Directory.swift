@@ -1,5 +1,6 @@
 import CHashifyShim
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -54,7 +55,9 @@ public final class Directory: @unchecked Sendable {
     /// Creates `name` exclusively for writing. The corresponding C function is `openat()` with `O_CREAT | O_EXCL`.
     public func createFile(_ name: FileName, mode: UInt32) throws -> OpenFile {
         let fd = try name.withCString { n in
-            try retrying { hashify_openat(self.fd, n, O_RDWR | O_CREAT | O_EXCL | HASHIFY_O_NOFOLLOW | HASHIFY_O_CLOEXEC, mode) }
+            try retrying {
+                hashify_openat(self.fd, n, O_RDWR | O_CREAT | O_EXCL | HASHIFY_O_NOFOLLOW | HASHIFY_O_CLOEXEC, mode)
+            }
         }
         return OpenFile(adopting: fd)
     }
@@ -81,7 +84,9 @@ public final class Directory: @unchecked Sendable {
     /// also when several threads write. `openat()` with `O_APPEND`.
     public func openForAppending(_ name: FileName, mode: UInt32) throws -> OpenFile {
         let fd = try name.withCString { n in
-            try retrying { hashify_openat(self.fd, n, O_WRONLY | O_APPEND | O_CREAT | HASHIFY_O_NOFOLLOW | HASHIFY_O_CLOEXEC, mode) }
+            try retrying {
+                hashify_openat(self.fd, n, O_WRONLY | O_APPEND | O_CREAT | HASHIFY_O_NOFOLLOW | HASHIFY_O_CLOEXEC, mode)
+            }
         }
         return OpenFile(adopting: fd)
     }
@@ -255,7 +260,10 @@ public final class Directory: @unchecked Sendable {
     public func entryNames() throws -> [FileName] {
         var names: [FileName] = []
         try forEachEntry { p, _, _ in
-            names.append(FileName(bytes: UnsafeBufferPointer(start: UnsafeRawPointer(p).assumingMemoryBound(to: UInt8.self), count: strlen(p))))
+            names.append(
+                FileName(
+                    bytes: UnsafeBufferPointer(
+                        start: UnsafeRawPointer(p).assumingMemoryBound(to: UInt8.self), count: strlen(p))))
         }
         return names
     }

@@ -27,7 +27,10 @@ where C.Element == UInt8 {
     if count < 256 {
         return try withUnsafeTemporaryAllocation(of: CChar.self, capacity: count + 1) { buf in
             var i = 0
-            for b in bytes { buf[i] = CChar(bitPattern: b); i += 1 }
+            for b in bytes {
+                buf[i] = CChar(bitPattern: b)
+                i += 1
+            }
             buf[count] = 0
             return try body(buf.baseAddress!)
         }
@@ -54,8 +57,9 @@ public func escapedPath<C: Collection>(_ bytes: C) -> String where C.Element == 
             // Try to decode one UTF-8 scalar.
             let len = b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc2 ? 2 : 0
             if len > 0 && j + len <= arr.count,
-               let s = String(validating: arr[j..<j + len], as: UTF8.self),
-               let scalar = s.unicodeScalars.first, scalar.properties.generalCategory != .control {
+                let s = String(validating: arr[j..<j + len], as: UTF8.self),
+                let scalar = s.unicodeScalars.first, scalar.properties.generalCategory != .control
+            {
                 out += s
                 j += len
                 continue

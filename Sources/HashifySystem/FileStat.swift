@@ -63,4 +63,3 @@ public func coarseNow() -> Timestamp {
     hashify_coarse_now(&s, &ns)
     return Timestamp(seconds: s, nanoseconds: ns)
 }
-

@@ -1,5 +1,6 @@
 import CHashifyShim
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -14,16 +15,20 @@ public final class OpenFile: @unchecked Sendable {
     /// Opens a file named by a whole path, read-only: only for paths the
     /// kernel provides (`/proc/PID/map_files/…`), never for paths inside a guest.
     public static func open(path: [UInt8]) throws -> OpenFile {
-        OpenFile(adopting: try withCName(path) { p in try retrying { hashify_openat(AT_FDCWD, p, O_RDONLY | HASHIFY_O_CLOEXEC, 0) } })
+        OpenFile(
+            adopting: try withCName(path) { p in
+                try retrying { hashify_openat(AT_FDCWD, p, O_RDONLY | HASHIFY_O_CLOEXEC, 0) }
+            })
     }
 
     /// Reads a file the operator names by path (a config file): a regular
     /// file of at most `limit` bytes, else `nil` with what it is instead. Opened
     /// without blocking, so a FIFO or device given by mistake cannot hang the run.
     public static func readSmallFile(path: [UInt8], limit: Int) throws -> Result<[UInt8], SmallFileProblem> {
-        let f = OpenFile(adopting: try withCName(path) { p in
-            try retrying { hashify_openat(AT_FDCWD, p, O_RDONLY | O_NONBLOCK | HASHIFY_O_CLOEXEC, 0) }
-        })
+        let f = OpenFile(
+            adopting: try withCName(path) { p in
+                try retrying { hashify_openat(AT_FDCWD, p, O_RDONLY | O_NONBLOCK | HASHIFY_O_CLOEXEC, 0) }
+            })
         guard try f.stat().isRegular else { return .failure(.notRegular) }
         guard let bytes = try f.readAll(limit: limit) else { return .failure(.tooLarge(limit)) }
         return .success(bytes)
@@ -189,7 +194,10 @@ func setExtendedAttributeOf(descriptor fd: Int32, _ a: ExtendedAttribute) throws
 public struct ExtendedAttribute: Hashable, Sendable {
     public var name: [UInt8]
     public var value: [UInt8]
-    public init(name: [UInt8], value: [UInt8]) { self.name = name; self.value = value }
+    public init(name: [UInt8], value: [UInt8]) {
+        self.name = name
+        self.value = value
+    }
 }
 
 /// Reads every xattr through the given list/get calls, sorted by name.
@@ -204,7 +212,10 @@ func readExtendedAttributes(
         if size == 0 { return [] }
         names = [CChar](repeating: 0, count: size)
         let n = names.withUnsafeMutableBufferPointer { list($0.baseAddress, size) }
-        if n >= 0 { size = n; break }
+        if n >= 0 {
+            size = n
+            break
+        }
         if errno != ERANGE && errno != EINTR { throw Errno(rawValue: errno) }
     }
     var result: [ExtendedAttribute] = []

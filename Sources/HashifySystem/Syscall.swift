@@ -1,5 +1,6 @@
 import CHashifyShim
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif

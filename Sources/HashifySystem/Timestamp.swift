@@ -22,7 +22,10 @@ public struct Timestamp: Hashable, Comparable, Sendable, CustomStringConvertible
     public init(totalNanoseconds n: Int64) {
         var s = n / 1_000_000_000
         var ns = n % 1_000_000_000
-        if ns < 0 { s -= 1; ns += 1_000_000_000 }
+        if ns < 0 {
+            s -= 1
+            ns += 1_000_000_000
+        }
         self.init(seconds: s, nanoseconds: UInt32(ns))
     }
 

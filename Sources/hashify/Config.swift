@@ -4,20 +4,27 @@ import SystemPackage
 
 /// `--config FILE`: the host's settings (`/etc/hashify/hashify.toml` when it exists).
 struct ConfigOption: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("Read settings from FILE (default: /etc/hashify/hashify.toml, when it exists).", valueName: "file"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Read settings from FILE (default: /etc/hashify/hashify.toml, when it exists).", valueName: "file"))
     var config: String?
 
     /// The settings, read once per command; a bad file ends the command with
     /// its file, line and what is wrong (status 2).
-    func load() -> HostSettings { HostSettings(config: runEngine { try HashifyConfig.load(config.map { FilePath($0) }) }) }
+    func load() -> HostSettings {
+        HostSettings(config: runEngine { try HashifyConfig.load(config.map { FilePath($0) }) })
+    }
 }
 
 /// `--store DIR`, the same for every command that uses a store.
 struct StoreOption: ParsableArguments {
-    @Option(help: ArgumentHelp("""
-        The store (default: the config's, else the .hashify store at or above the guests that knows them, \
-        else .hashify in their nearest common parent; on the guests' filesystem).
-        """, valueName: "dir"))
+    @Option(
+        help: ArgumentHelp(
+            """
+            The store (default: the config's, else the .hashify store at or above the guests that knows them, \
+            else .hashify in their nearest common parent; on the guests' filesystem).
+            """, valueName: "dir"))
     var store: String?
 }
 

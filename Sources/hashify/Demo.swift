@@ -69,7 +69,8 @@ struct Demo: ParsableCommand {
         let after = try DiskUsage.measure(built.roots)
         let saved = before.bytes - min(before.bytes, after.bytes)
         let percent = before.bytes == 0 ? 0 : Int((Double(saved) / Double(before.bytes) * 100).rounded())
-        say("""
+        say(
+            """
             disk use (du of all guests): before \(formatBytes(before.bytes)), after \(formatBytes(after.bytes)) \
             — \(formatBytes(saved)) saved (\(percent)%)
             now shared: \(after.sharedInodes) inodes, linked from \(after.sharedPaths) paths \
@@ -80,7 +81,8 @@ struct Demo: ParsableCommand {
             programs.start(in: built.roots)
             let pssAfter = programs.totalPss()
             let name = programs.argv[0].split(separator: "/").last.map(String.init) ?? "program"
-            say("""
+            say(
+                """
                 memory (total Pss of one \(name) process per guest): before \(formatBytes(pssBefore)), \
                 after unify and a restart \(formatBytes(pssAfter)) (hashify mem shows who maps what)
                 """)

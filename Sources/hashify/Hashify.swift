@@ -2,6 +2,7 @@ import ArgumentParser
 import HashifyEngine
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -23,7 +24,10 @@ struct Hashify: ParsableCommand {
             2 bad usage or input (nothing changed); 3 the store is locked by another run (--no-wait).
             """,
         version: "0.1.0",
-        subcommands: [Unify.self, OverlayCommand.self, CloneCommand.self, Mem.self, KSMCommand.self, Status.self, ManifestCommandLine.self, Verify.self, GC.self, Split.self, Demo.self]
+        subcommands: [
+            Unify.self, OverlayCommand.self, CloneCommand.self, Mem.self, KSMCommand.self, Status.self,
+            ManifestCommandLine.self, Verify.self, GC.self, Split.self, Demo.self,
+        ]
     )
 }
 

@@ -17,8 +17,11 @@ struct KSMCommand: ParsableCommand {
 
     struct Run: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Run CMD with all its anonymous memory mergeable (PR_SET_MEMORY_MERGE; Linux 6.7+ keeps it across exec).",
-            discussion: "Example: hashify ksm run -- lxc-start -n web1 -F (the flag is inherited by every child). Exit status 2 when the kernel cannot do it.")
+            abstract:
+                "Run CMD with all its anonymous memory mergeable (PR_SET_MEMORY_MERGE; Linux 6.7+ keeps it across exec).",
+            discussion:
+                "Example: hashify ksm run -- lxc-start -n web1 -F (the flag is inherited by every child). Exit status 2 when the kernel cannot do it."
+        )
         @Argument(parsing: .captureForPassthrough, help: "The command and its arguments.")
         var command: [String] = []
 

@@ -128,10 +128,12 @@ struct Split: ParsableCommand {
 
     func run() throws {
         let host = configOption.load()
-        let location = StoreLocation(store: host.store(storeOption.store), roots: root.map { FilePath($0) }, paths: paths.map { FilePath($0) })
+        let location = StoreLocation(
+            store: host.store(storeOption.store), roots: root.map { FilePath($0) }, paths: paths.map { FilePath($0) })
         let report = runEngine {
-            try SplitCommand.run(location, paths: paths.map { FilePath($0).lexicallyNormalized() },
-                                 includes: include.map(argumentBytes), dryRun: dryRun, waitForLock: wait.waitForLock)
+            try SplitCommand.run(
+                location, paths: paths.map { FilePath($0).lexicallyNormalized() },
+                includes: include.map(argumentBytes), dryRun: dryRun, waitForLock: wait.waitForLock)
         }
         try finish(report, output: output, names: host.names)
     }

@@ -6,7 +6,8 @@ import SystemPackage
 struct ManifestCommandLine: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "manifest",
-        abstract: "List one guest's entries, each regular file marked shared or private with how many guests use its copy.",
+        abstract:
+            "List one guest's entries, each regular file marked shared or private with how many guests use its copy.",
         discussion: """
             One line per entry, as the guest sees it: SHARING GUESTS TYPE MODE UID:GID MTIME SHA-256 PATH \
             (-> symlink target) [xattr names]; --json gives every xattr value too. A file is shared when \

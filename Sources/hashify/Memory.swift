@@ -6,7 +6,8 @@ import SystemPackage
 struct Mem: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mem",
-        abstract: "Show the guests' memory: file-backed, shared between guests, still duplicated, and who must restart.",
+        abstract:
+            "Show the guests' memory: file-backed, shared between guests, still duplicated, and who must restart.",
         discussion: """
             Reads /proc (run as root to see every process). Each process belongs to the guest whose \
             root is its root directory (by device and inode), or to the host. File-backed mappings are \

@@ -68,7 +68,9 @@ struct OverlayCommand: ParsableCommand {
     struct Mount: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Mount overlay guests on their roots (as a container's pre-start hook does).",
-            discussion: "Options: the guest's metadata layer over the store's data as a data-only layer, metacopy=on, redirect_dir=on, index=on.")
+            discussion:
+                "Options: the guest's metadata layer over the store's data as a data-only layer, metacopy=on, redirect_dir=on, index=on."
+        )
         @OptionGroup var target: Target
         @OptionGroup var output: OutputOptions
         func run() throws {

@@ -1,6 +1,7 @@
 import HashifyEngine
 import HashifySystem
 import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -21,7 +22,11 @@ final class TerminalProgress: ProgressSink {
     func update(phase: Phase, done: Int, total: Int?, bytes: UInt64, totalBytes: UInt64?) {
         let now = MonotonicInstant.now().nanoseconds
         let line: String? = state.withLock { s in
-            if s.phase != phase { s.phase = phase; s.phaseStart = now; s.last = 0 }
+            if s.phase != phase {
+                s.phase = phase
+                s.phaseStart = now
+                s.last = 0
+            }
             guard now - s.last > 100_000_000 || done == total else { return nil }
             s.last = now
             s.drawn = true

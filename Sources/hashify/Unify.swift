@@ -3,6 +3,7 @@ import FoundationEssentials
 import HashifyEngine
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -31,7 +32,10 @@ struct Unify: ParsableCommand {
     @Argument(help: "Guest root directories (default: the guests the config names).")
     var roots: [String] = []
 
-    @Flag(help: "Also unify every guest the container managers on this host have: LXC (/var/lib/lxc), systemd-nspawn (/var/lib/machines), Incus/LXD dir pools.")
+    @Flag(
+        help:
+            "Also unify every guest the container managers on this host have: LXC (/var/lib/lxc), systemd-nspawn (/var/lib/machines), Incus/LXD dir pools."
+    )
     var all = false
 
     @Option(help: "With --all: an LXC lxcpath to search (repeatable; given, it replaces the default places).")
@@ -42,10 +46,15 @@ struct Unify: ParsableCommand {
 
     @OptionGroup var storeOption: StoreOption
 
-    @Option(help: "hardlink: link plain guests' files to store objects; overlay: convert stopped plain guests to overlay guests instead (running ones wait for a later run). Default: the config's, else hardlink.")
+    @Option(
+        help:
+            "hardlink: link plain guests' files to store objects; overlay: convert stopped plain guests to overlay guests instead (running ones wait for a later run). Default: the config's, else hardlink."
+    )
     var mode: HashifyConfig.Mode?
 
-    @Flag(name: [.customShort("n"), .long], help: "Plan and report exactly what would be linked and saved; change nothing.")
+    @Flag(
+        name: [.customShort("n"), .long],
+        help: "Plan and report exactly what would be linked and saved; change nothing.")
     var dryRun = false
 
     @Option(name: .long, help: "Exclude matching paths (repeatable; added to the config's).")
@@ -57,31 +66,48 @@ struct Unify: ParsableCommand {
     @Flag(help: "Do not apply the default exclude list.")
     var noDefaultExcludes = false
 
-    @Option(help: "Leave files smaller than this many bytes alone (at least 1: empty files are never linked; default: the config's, else 1).")
+    @Option(
+        help:
+            "Leave files smaller than this many bytes alone (at least 1: empty files are never linked; default: the config's, else 1)."
+    )
     var minSize: UInt64?
 
     @Flag(help: "Merge files that differ only in mtime (each merged path gets the kept file's mtime).")
     var ignoreMtime = false
 
-    @Option(help: "Hashing threads (default: the config's, else the number of CPUs, at least 4 and at most 16: reads from disk overlap).")
+    @Option(
+        help:
+            "Hashing threads (default: the config's, else the number of CPUs, at least 4 and at most 16: reads from disk overlap)."
+    )
     var threads: Int?
 
     @OptionGroup var wait: WaitOption
 
-    @Option(help: "Also write the run's figures to FILE in Prometheus text format (node_exporter's textfile collector), atomically.")
+    @Option(
+        help:
+            "Also write the run's figures to FILE in Prometheus text format (node_exporter's textfile collector), atomically."
+    )
     var metrics: String?
 
     @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
-        if !all && (!lxcpath.isEmpty || machines != nil) { throw ValidationError("--lxcpath and --machines go with --all") }
-        if let m = minSize, m < 1 { throw ValidationError("--min-size must be at least 1 (empty files are never linked)") }
-        if let t = threads, !(1...256).contains(t) { throw ValidationError("--threads must be from 1 to 256, not \(t)") }
+        if !all && (!lxcpath.isEmpty || machines != nil) {
+            throw ValidationError("--lxcpath and --machines go with --all")
+        }
+        if let m = minSize, m < 1 {
+            throw ValidationError("--min-size must be at least 1 (empty files are never linked)")
+        }
+        if let t = threads, !(1...256).contains(t) {
+            throw ValidationError("--threads must be from 1 to 256, not \(t)")
+        }
         if let m = metrics {
             let parent = FilePath(m).removingLastComponent()
             var st = stat()
-            if FilePath(m).lastComponent == nil || (!parent.isEmpty && parent.withPlatformString { lstat($0, &st) } != 0) {
+            if FilePath(m).lastComponent == nil
+                || (!parent.isEmpty && parent.withPlatformString { lstat($0, &st) } != 0)
+            {
                 throw ValidationError("--metrics \(m): its directory does not exist")
             }
         }
@@ -105,7 +131,8 @@ struct Unify: ParsableCommand {
             }
             discovered = GuestDiscovery.find(places)
             let candidates = discovered.filter { $0.unusable == nil }.map { FilePath($0.root) }
-            let discoveredStore = storePath ?? (candidates.isEmpty ? nil : RootValidation.defaultStorePath(for: candidates))
+            let discoveredStore =
+                storePath ?? (candidates.isEmpty ? nil : RootValidation.defaultStorePath(for: candidates))
             let overlays = discoveredStore.map { Overlay.overlayGuests(among: candidates, storePath: $0) } ?? []
             let found = GuestDiscovery.usable(&discovered, store: discoveredStore, overlayGuests: overlays)
             allRoots += found.filter { !allRoots.contains($0) }
@@ -116,7 +143,11 @@ struct Unify: ParsableCommand {
         }
         let names = config.guestNames(found: discovering ? discovered : nil)
         if allRoots.isEmpty {
-            fail(config == nil ? "give at least one guest root, or --all" : "give at least one guest root, or --all (\(config!.file?.string ?? "the config") names no guests)")
+            fail(
+                config == nil
+                    ? "give at least one guest root, or --all"
+                    : "give at least one guest root, or --all (\(config!.file?.string ?? "the config") names no guests)"
+            )
         }
         // The config's settings, then the command line's on top.
         var options = UnifyOptions(roots: allRoots, config: config, processors: onlineProcessors())
@@ -138,7 +169,9 @@ struct Unify: ParsableCommand {
                 options.guestIncludes[root] = g.includes
             }
             for (name, g) in config.guests.sorted(by: { $0.key < $1.key }) where g.root == nil {
-                if !allRoots.contains(where: { r in names.name(of: r.string).map { $0 == name || $0.hasSuffix(":" + name) } ?? false }) {
+                if !allRoots.contains(where: { r in
+                    names.name(of: r.string).map { $0 == name || $0.hasSuffix(":" + name) } ?? false
+                }) {
                     notes.append("\(config.file?.string ?? "config"): [guest.\(name)] matches no guest of this run")
                 }
             }
@@ -146,7 +179,8 @@ struct Unify: ParsableCommand {
         let progress = output.quiet || output.json ? nil : TerminalProgress.ifTerminal()
         var report = runEngine { try Unifier(options: options, progress: progress).run() }
         for d in discovered {
-            report.notes.append(d.unusable.map { "\(d.name) (\(d.root)) left alone: \($0)" } ?? "\(d.name) is \(d.root)")
+            report.notes.append(
+                d.unusable.map { "\(d.name) (\(d.root)) left alone: \($0)" } ?? "\(d.name) is \(d.root)")
         }
         report.notes += notes
         report = named(report, names)

@@ -2,6 +2,7 @@ import Foundation
 import HashifyEngine
 import HashifySystem
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -60,7 +61,8 @@ struct BadInputTests {
     @Test("refusals of every command create nothing, not even an empty directory in a store")
     func refusalsCreateNothing() throws {
         let s = Scratch("bad")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         makeGuest(a, index: 0)
         makeGuest(b, index: 1)
         mkdirs(s.sub("not-a-store"))
@@ -68,13 +70,16 @@ struct BadInputTests {
         #expect(hashify(["unify", "-q", a, b]).status == 0)
         let store = s.sub("guests/.hashify")
         let before = manifest([s.path])
-        for args in [["status", "--store", s.sub("not-a-store")], ["gc", "--store", s.sub("not-a-store"), a],
-                     ["verify", "--store", s.sub("not-a-store"), a], ["split", "--store", s.sub("not-a-store"), "\(a)/usr/bin/tool"],
-                     ["overlay", "mount", "--store", store, a], ["overlay", "export", "--store", store, a],
-                     ["overlay", "fold", "--store", s.sub("not-a-store"), a], ["manifest", "--store", s.sub("not-a-store"), a],
-                     ["clone", "--store", s.sub("not-a-store"), a, s.sub("guests/c")], ["split", "/etc/passwd"],
-                     ["unify", "--threads", "100000", a, b], ["unify", "--threads", "0", a, b],
-                     ["status", "--config", "/dev/zero"], ["status", "--config", s.path]] {
+        for args in [
+            ["status", "--store", s.sub("not-a-store")], ["gc", "--store", s.sub("not-a-store"), a],
+            ["verify", "--store", s.sub("not-a-store"), a],
+            ["split", "--store", s.sub("not-a-store"), "\(a)/usr/bin/tool"],
+            ["overlay", "mount", "--store", store, a], ["overlay", "export", "--store", store, a],
+            ["overlay", "fold", "--store", s.sub("not-a-store"), a], ["manifest", "--store", s.sub("not-a-store"), a],
+            ["clone", "--store", s.sub("not-a-store"), a, s.sub("guests/c")], ["split", "/etc/passwd"],
+            ["unify", "--threads", "100000", a, b], ["unify", "--threads", "0", a, b],
+            ["status", "--config", "/dev/zero"], ["status", "--config", s.path],
+        ] {
             let r = hashify(args)
             #expect(r.status == 2, "\(args): \(r.status) \(r.err)")
             let after = manifest([s.path])
@@ -82,10 +87,13 @@ struct BadInputTests {
         }
     }
 
-    @Test("a garbage list of remembered guests is left out, not printed; relative and symlinked roots are remembered once, by their real path")
+    @Test(
+        "a garbage list of remembered guests is left out, not printed; relative and symlinked roots are remembered once, by their real path"
+    )
     func rememberedGuests() throws {
         let s = Scratch("bad")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         makeGuest(a, index: 0)
         makeGuest(b, index: 1)
         symlink(s.sub("guests"), s.sub("via-link"))
@@ -123,7 +131,8 @@ struct BadInputTests {
             return
         }
         let s = Scratch("bad")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         makeGuest(a, index: 0)
         makeGuest(b, index: 1)
         let mnt = s.sub("tmpfs")
@@ -142,7 +151,8 @@ struct BadInputTests {
     @Test("store inside a guest root is refused")
     func storeInsideRoot() {
         let s = Scratch("bad")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         makeGuest(a, index: 0)
         makeGuest(b, index: 1)
         let before = manifest([a, b])
@@ -155,11 +165,14 @@ struct BadInputTests {
     @Test("names with newlines and invalid UTF-8 are unified and reported escaped")
     func oddNames() throws {
         let s = Scratch("names")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         for r in [a, b] {
             mkdirs(r + "/usr")
             let dir = try Directory.open(path: .init(r + "/usr"))
-            let names: [[UInt8]] = [Array("new\nline".utf8), [0x66, 0xff, 0xfe, 0x80], Array("sp ace".utf8), Array("tab\tand\\".utf8)]
+            let names: [[UInt8]] = [
+                Array("new\nline".utf8), [0x66, 0xff, 0xfe, 0x80], Array("sp ace".utf8), Array("tab\tand\\".utf8),
+            ]
             for (i, raw) in names.enumerated() {
                 let name = FileName(raw)
                 let f = try dir.createFile(name, mode: 0o644)
@@ -179,8 +192,11 @@ struct BadInputTests {
         #expect(r.status == 0, "\(r.err)")
         #expect(totals(r.out)["pathsLinked"] as? Int == 5)
         #expect(manifest([a, b]) == before)
-        let dirA = try Directory.open(path: .init(a + "/usr")), dirB = try Directory.open(path: .init(b + "/usr"))
-        #expect(try dirA.stat(FileName([0x66, 0xff, 0xfe, 0x80])).inode == (try dirB.stat(FileName([0x66, 0xff, 0xfe, 0x80])).inode))
+        let dirA = try Directory.open(path: .init(a + "/usr"))
+        let dirB = try Directory.open(path: .init(b + "/usr"))
+        #expect(
+            try dirA.stat(FileName([0x66, 0xff, 0xfe, 0x80])).inode
+                == (try dirB.stat(FileName([0x66, 0xff, 0xfe, 0x80])).inode))
         #expect(try dirA.stat(FileName("new\nline")).inode == (try dirB.stat(FileName("new\nline"))).inode)
     }
 
@@ -223,7 +239,8 @@ struct BadInputTests {
         }
         let s = Scratch("unreadable")
         chmod(s.path, 0o755)
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         for r in [a, b] {
             writeFile("\(r)/usr/ok", pseudoRandom(700, seed: 1), uid: 65534, gid: 65534)
             writeFile("\(r)/usr/secret", pseudoRandom(700, seed: 2), mode: 0o600)
@@ -233,7 +250,10 @@ struct BadInputTests {
         chown(s.sub("guests"), 65534, 65534)
         settle()
         let before = manifest([a, b])
-        let r = run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", hashifyBinary, "unify", "--json", a, b])
+        let r = run([
+            "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", hashifyBinary, "unify", "--json", a,
+            b,
+        ])
         #expect(r.status == 1, "\(r.err)")
         #expect(manifest([a, b]) == before)
         #expect(inode("\(a)/usr/ok") == inode("\(b)/usr/ok"))
@@ -246,7 +266,8 @@ struct BadInputTests {
     func immutable() throws {
         guard isRoot else { return }
         let s = Scratch("immutable")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         for r in [a, b] { writeFile("\(r)/usr/f", pseudoRandom(700, seed: 1)) }
         guard run(["/usr/bin/chattr", "+i", "\(a)/usr/f"]).status == 0 else {
             print("skipped: this filesystem has no immutable flag")

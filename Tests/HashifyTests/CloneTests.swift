@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,10 +11,14 @@ struct CloneTests {
     func hardlinkClone() throws {
         let s = Scratch("clone")
         let store = s.sub("store")
-        let a = s.sub("guests/a"), b = s.sub("guests/b"), c = s.sub("guests/c")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
+        let c = s.sub("guests/c")
         try makeRichGuest(a, index: 0)
         try makeRichGuest(b, index: 1)
-        writeFile("\(a)/var/lib/dpkg/status", "Package: base-files\nStatus: install ok installed\nConffiles:\n /usr/lib/lib9.so 0123\n\n")
+        writeFile(
+            "\(a)/var/lib/dpkg/status",
+            "Package: base-files\nStatus: install ok installed\nConffiles:\n /usr/lib/lib9.so 0123\n\n")
         settle()
         #expect(hashify(["unify", "-q", "--store", store, a, b]).status == 0)
         let before = guestManifest(a)
@@ -31,13 +36,16 @@ struct CloneTests {
         #expect(inode("\(c)/usr/bin/tool") == inode("\(c)/usr/bin/tool-hard"), "guest-local hard links kept")
         #expect(hashify(["clone", "--store", store, a, c]).status == 2, "DST exists")
         #expect(hashify(["clone", "--store", store, s.sub("missing"), s.sub("guests/d")]).status == 2)
-        #expect(hashify(["clone", "--store", store, "--lxc", "x", a, s.sub("guests/x")]).status == 2, "--lxc needs an LXC rootfs")
+        #expect(
+            hashify(["clone", "--store", store, "--lxc", "x", a, s.sub("guests/x")]).status == 2,
+            "--lxc needs an LXC rootfs")
     }
 
     @Test("a clone inside its source, a source on another filesystem: exit 2, nothing changed")
     func cloneRefusals() throws {
         let s = Scratch("clonebad")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         makeGuest(a, index: 0)
         makeGuest(b, index: 1)
         settleDirectoryTimes(a)
@@ -45,7 +53,9 @@ struct CloneTests {
         settle()
         #expect(hashify(["unify", "-q", a, b]).status == 0)
         let before = manifest([s.path])
-        for (src, dst) in [(a, "\(a)/usr/clone"), (a, "\(a)/clone"), ("\(a)/usr", "\(a)/usr/x"), (a, "\(a)/usr/../clone")] {
+        for (src, dst) in [
+            (a, "\(a)/usr/clone"), (a, "\(a)/clone"), ("\(a)/usr", "\(a)/usr/x"), (a, "\(a)/usr/../clone"),
+        ] {
             let r = hashify(["clone", src, dst])
             #expect(r.status == 2, "\(src) -> \(dst): \(r.status) \(r.err)")
             #expect(r.err.contains("inside the source"), "\(r.err)")
@@ -91,7 +101,8 @@ struct CloneTests {
     func overlayClone() throws {
         let s = Scratch("ovclone")
         let store = s.sub("store")
-        let a = s.sub("guests/a"), c = s.sub("guests/c")
+        let a = s.sub("guests/a")
+        let c = s.sub("guests/c")
         try makeRichGuest(a, index: 0)
         settle()
         #expect(overlay(["convert", "-q", a], store: store).status == 0)
@@ -116,9 +127,12 @@ struct CloneTests {
     func killDuringClone() throws {
         let s = Scratch("clonekill")
         let store = s.sub("store")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         try makeRichGuest(a, index: 0)
-        for d in 0..<10 { for i in 0..<40 { writeFile("\(a)/usr/d\(d)/f\(i)", pseudoRandom(500 + i * 97, seed: UInt64(d * 40 + i))) } }
+        for d in 0..<10 {
+            for i in 0..<40 { writeFile("\(a)/usr/d\(d)/f\(i)", pseudoRandom(500 + i * 97, seed: UInt64(d * 40 + i))) }
+        }
         settleDirectoryTimes(a)
         try makeRichGuest(b, index: 1)
         settle()
@@ -137,7 +151,10 @@ struct CloneTests {
             p.standardError = FileHandle.nullDevice
             try p.run()
             usleep(UInt32(Double.random(in: 0.05...0.9) * window * 1_000_000))
-            if p.isRunning { kill(p.processIdentifier, SIGKILL); kills += 1 }
+            if p.isRunning {
+                kill(p.processIdentifier, SIGKILL)
+                kills += 1
+            }
             p.waitUntilExit()
             if FileManager.default.fileExists(atPath: dst) {
                 #expect(guestManifest(dst) == source, "after kill \(i): complete")
@@ -149,15 +166,23 @@ struct CloneTests {
     }
 }
 
-@Suite("hashify clone with real LXC", .serialized,
-       .enabled(if: isRoot && FileManager.default.isExecutableFile(atPath: lxcStart), "needs root and LXC (apt-get install lxc)"))
+@Suite(
+    "hashify clone with real LXC", .serialized,
+    .enabled(
+        if: isRoot && FileManager.default.isExecutableFile(atPath: lxcStart), "needs root and LXC (apt-get install lxc)"
+    ))
 struct CloneLXCTests {
-    @Test("clone --lxc of a container: the clone starts with lxc-start, under its own name, and shares the source's objects")
+    @Test(
+        "clone --lxc of a container: the clone starts with lxc-start, under its own name, and shares the source's objects"
+    )
     func lxcClone() throws {
         let s = Scratch("clonelxc")
-        let store = s.sub("store"), lxcpath = s.sub("lxc")
-        let src = "\(lxcpath)/c1/rootfs", dst = "\(lxcpath)/c2/rootfs"
-        makeLXCContainer(lxcpath: lxcpath, name: "c1", initScript: "hostname > /tmp/name 2>/dev/null || echo started > /tmp/name")
+        let store = s.sub("store")
+        let lxcpath = s.sub("lxc")
+        let src = "\(lxcpath)/c1/rootfs"
+        let dst = "\(lxcpath)/c2/rootfs"
+        makeLXCContainer(
+            lxcpath: lxcpath, name: "c1", initScript: "hostname > /tmp/name 2>/dev/null || echo started > /tmp/name")
         // A second guest so that unify has something to share.
         let other = s.sub("other")
         installProgram("/bin/sh", into: other)

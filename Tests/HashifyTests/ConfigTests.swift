@@ -2,6 +2,7 @@ import Foundation
 import HashifyEngine
 import SystemPackage
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -20,12 +21,16 @@ private func makeHost(_ s: Scratch) -> (lxc: String, roots: [String]) {
 
 @Suite("the config file")
 struct ConfigTests {
-    @Test("hashify.toml names the store, the guest sources, excludes globally and per guest and the threads; unify without arguments runs it, naming each guest")
+    @Test(
+        "hashify.toml names the store, the guest sources, excludes globally and per guest and the threads; unify without arguments runs it, naming each guest"
+    )
     func configuredRun() throws {
         let s = Scratch("config")
         let (lxc, roots) = makeHost(s)
         let config = s.sub("hashify.toml")
-        writeFile(config, """
+        writeFile(
+            config,
+            """
             # the host's settings
             store = "\(s.sub("store"))"
             threads = 2
@@ -48,7 +53,10 @@ struct ConfigTests {
         let r = hashify(["unify", "--json", "--config", config])
         #expect(r.status == 0, "\(r.err)")
         let guests = jsonReport(r.out)["guests"] as? [[String: Any]] ?? []
-        let named = Dictionary(uniqueKeysWithValues: guests.compactMap { g in (g["guest"] as? String).map { ($0, g["root"] as? String ?? "") } })
+        let named = Dictionary(
+            uniqueKeysWithValues: guests.compactMap { g in
+                (g["guest"] as? String).map { ($0, g["root"] as? String ?? "") }
+            })
         #expect(named == ["lxc:c1": roots[0], "lxc:c2": roots[1], "build": roots[2]], "\(guests)")
         // The global exclude holds everywhere, c2's own only in c2.
         for root in roots { #expect(linkCount("\(root)/usr/lib/lib3.so") == 1) }
@@ -60,12 +68,16 @@ struct ConfigTests {
         // People see names, not paths; status reads the same config.
         writeFile("\(roots[0])/usr/lib/extra.so", pseudoRandom(3000, seed: 77))
         writeFile("\(roots[1])/usr/lib/extra.so", pseudoRandom(3000, seed: 77))
-        settleDirectoryTimes(roots[0]); settleDirectoryTimes(roots[1]); settle()
+        settleDirectoryTimes(roots[0])
+        settleDirectoryTimes(roots[1])
+        settle()
         let human = hashify(["unify", "--config", config, "--dry-run"])
         #expect(human.status == 0, "\(human.err)")
         for name in ["lxc:c1", "lxc:c2", "build"] { #expect(human.out.contains("\n" + name + " "), "\(human.out)") }
         let status = hashify(["status", "--config", config])
-        #expect(status.status == 0 && status.out.contains("lxc:c2") && status.out.contains("re-run    would link 2 paths"), "\(status.out)\(status.err)")
+        #expect(
+            status.status == 0 && status.out.contains("lxc:c2") && status.out.contains("re-run    would link 2 paths"),
+            "\(status.out)\(status.err)")
 
         // The command line overrides: given roots replace the config's guests, --store its store.
         let one = hashify(["unify", "--json", "--config", config, roots[0], roots[1]])
@@ -86,7 +98,10 @@ struct ConfigTests {
             ("threads = 0\n", ":1: threads: must be from 1 to 256"),
             ("min-size = 0\n", ":1: min-size: must be at least 1"),
             ("\n[guests]\nall = true\nlxcpth = [\"/var/lib/lxc\"]\n", ":4: guests.lxcpth: unknown key"),
-            ("[guest.web1]\nexclude = [1, 2]\n", ":2: guest.web1.exclude: must be an array of strings, but holds an integer"),
+            (
+                "[guest.web1]\nexclude = [1, 2]\n",
+                ":2: guest.web1.exclude: must be an array of strings, but holds an integer"
+            ),
             ("[guest.web1]\nroot = \"srv/web1\"\n", ":2: guest.web1.root: must be an absolute path"),
             ("exclude = \"/var/cache\"\n", ":1: exclude: must be an array of strings, not a string"),
             ("store = \"/unterminated\n", ":1: "),
@@ -98,7 +113,9 @@ struct ConfigTests {
             writeFile(file, text)
             let r = hashify(["unify", "--config", file, "--store", s.sub("store")] + roots)
             #expect(r.status == 2, "case \(i): \(r.out)")
-            #expect(r.err.hasPrefix("hashify: \(file)\(expected)") && r.err.split(separator: "\n").count == 1, "case \(i): \(r.err)")
+            #expect(
+                r.err.hasPrefix("hashify: \(file)\(expected)") && r.err.split(separator: "\n").count == 1,
+                "case \(i): \(r.err)")
         }
         let missing = hashify(["unify", "--config", s.sub("none.toml")] + roots)
         #expect(missing.status == 2 && missing.err.contains("none.toml: No such file"), "\(missing.err)")
@@ -110,9 +127,11 @@ struct ConfigTests {
         #expect(manifest(roots, inodes: true) == before)
     }
 
-    @Test("the parser: every key read, dotted and quoted keys located, names matched bare or with their manager's prefix")
+    @Test(
+        "the parser: every key read, dotted and quoted keys located, names matched bare or with their manager's prefix")
     func parser() throws {
-        let c = try HashifyConfig.parse("""
+        let c = try HashifyConfig.parse(
+            """
             store = "/var/lib/hashify//"
             mode = "overlay"
             default-excludes = false
@@ -143,8 +162,9 @@ struct ConfigTests {
         #expect(c?.mode == .hardlink && c?.all == true && c?.guests.isEmpty == true)
     }
 
-    @Test("mode = \"overlay\": a stopped plain guest is converted and shares with the others, a running one is left as it was",
-          .enabled(if: isRoot, "overlay mounts need root"))
+    @Test(
+        "mode = \"overlay\": a stopped plain guest is converted and shares with the others, a running one is left as it was",
+        .enabled(if: isRoot, "overlay mounts need root"))
     func overlayMode() throws {
         let s = Scratch("configoverlay")
         let roots = (0..<3).map { s.sub("guests/g\($0)") }
@@ -152,9 +172,15 @@ struct ConfigTests {
         settle()
         let before = roots.map(guestManifest)
         let config = s.sub("hashify.toml")
-        writeFile(config, "store = \"\(s.sub("store"))\"\nmode = \"overlay\"\n[guests]\nroots = [\(roots.map { "\"\($0)\"" }.joined(separator: ", "))]\n")
+        writeFile(
+            config,
+            "store = \"\(s.sub("store"))\"\nmode = \"overlay\"\n[guests]\nroots = [\(roots.map { "\"\($0)\"" }.joined(separator: ", "))]\n"
+        )
         let running = try sleeper(in: roots[2] + "/usr")
-        defer { kill(running.processIdentifier, SIGKILL); running.waitUntilExit() }
+        defer {
+            kill(running.processIdentifier, SIGKILL)
+            running.waitUntilExit()
+        }
         let r = hashify(["unify", "--json", "--config", config])
         #expect(r.status == 0, "\(r.err)")
         let notes = (jsonReport(r.out)["notes"] as? [String] ?? []).joined(separator: "\n")
@@ -167,7 +193,8 @@ struct ConfigTests {
         // Overlay guests write without touching each other.
         writeFile("\(roots[0])/usr/lib/lib5.so", pseudoRandom(100, seed: 1))
         #expect(guestManifest(roots[1]) == before[1])
-        kill(running.processIdentifier, SIGKILL); running.waitUntilExit()
+        kill(running.processIdentifier, SIGKILL)
+        running.waitUntilExit()
         let again = hashify(["unify", "--json", "--config", config])
         #expect(again.status == 0, "\(again.err)")
         #expect(isOverlayMount(roots[2]))

@@ -1,15 +1,20 @@
 import Foundation
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
 
 @Suite("unify --all: guests found from the container managers' configuration")
 struct DiscoveryTests {
-    @Test("LXC configs in their several forms and nspawn machines: usable guests unified, the rest listed with the reason")
+    @Test(
+        "LXC configs in their several forms and nspawn machines: usable guests unified, the rest listed with the reason"
+    )
     func findsGuests() throws {
         let s = Scratch("discover")
-        let lxc = s.sub("lxc"), machines = s.sub("machines"), outside = s.sub("outside")
+        let lxc = s.sub("lxc")
+        let machines = s.sub("machines")
+        let outside = s.sub("outside")
         func container(_ name: String, _ rootfsLine: String, make: Bool = true, index: Int) {
             if make { makeGuest("\(lxc)/\(name)/rootfs", index: index) }
             writeFile("\(lxc)/\(name)/config", "lxc.uts.name = \(name)\n\(rootfsLine)\nlxc.net.0.type = empty\n")
@@ -17,7 +22,9 @@ struct DiscoveryTests {
         container("c-dir", "lxc.rootfs.path = dir:\(lxc)/c-dir/rootfs", index: 0)
         container("c-plain", "lxc.rootfs.path=\(lxc)/c-plain/rootfs", index: 1)
         container("c-old", "lxc.rootfs = \(lxc)/c-old/rootfs", index: 2)
-        container("c-overlay", "lxc.rootfs.path = overlay:/var/lib/lxc/base/rootfs:\(lxc)/c-overlay/delta", make: false, index: 3)
+        container(
+            "c-overlay", "lxc.rootfs.path = overlay:/var/lib/lxc/base/rootfs:\(lxc)/c-overlay/delta", make: false,
+            index: 3)
         container("c-lvm", "lxc.rootfs.path = lvm:/dev/vg0/c-lvm", make: false, index: 4)
         container("c-missing", "lxc.rootfs.path = dir:\(lxc)/c-missing/rootfs", make: false, index: 5)
         container("c-relative", "lxc.rootfs.path = dir:relative/rootfs", make: false, index: 6)
@@ -29,19 +36,25 @@ struct DiscoveryTests {
         writeFile("\(machines)/disk.raw", "not a directory")
         settle()
         let outsideBefore = manifest([outside], inodes: true)
-        let r = hashify(["unify", "--json", "--all", "--lxcpath", lxc, "--machines", machines, "--store", s.sub("store")])
+        let r = hashify([
+            "unify", "--json", "--all", "--lxcpath", lxc, "--machines", machines, "--store", s.sub("store"),
+        ])
         #expect(r.status == 0, "\(r.err)")
         let report = jsonReport(r.out)
         let roots = Set((report["guests"] as? [[String: Any]] ?? []).compactMap { $0["root"] as? String })
-        #expect(roots == Set(["\(lxc)/c-dir/rootfs", "\(lxc)/c-plain/rootfs", "\(lxc)/c-old/rootfs", "\(machines)/m1"]))
+        #expect(
+            roots == Set(["\(lxc)/c-dir/rootfs", "\(lxc)/c-plain/rootfs", "\(lxc)/c-old/rootfs", "\(machines)/m1"]))
         #expect((totals(r.out)["pathsLinked"] as? Int ?? 0) > 0)
         let notes = (report["notes"] as? [String] ?? []).joined(separator: "\n")
-        for (name, reason) in [("lxc:c-overlay", "overlay"), ("lxc:c-lvm", "lvm backend"), ("lxc:c-missing", "does not exist"),
-                               ("lxc:c-relative", "relative"), ("lxc:c-symlink", "symlink"), ("nspawn:disk", "disk image")] {
+        for (name, reason) in [
+            ("lxc:c-overlay", "overlay"), ("lxc:c-lvm", "lvm backend"), ("lxc:c-missing", "does not exist"),
+            ("lxc:c-relative", "relative"), ("lxc:c-symlink", "symlink"), ("nspawn:disk", "disk image"),
+        ] {
             #expect(notes.contains(name) && notes.contains(reason), "\(name): \(reason) in \(notes)")
         }
         #expect(notes.contains("lxc:c-dir is \(lxc)/c-dir/rootfs"))
-        #expect(manifest([outside], inodes: true) == outsideBefore, "a symlinked rootfs pointing outside is not followed")
+        #expect(
+            manifest([outside], inodes: true) == outsideBefore, "a symlinked rootfs pointing outside is not followed")
     }
 
     @Test("--all with no usable guest: a clear error, nothing changed")
@@ -54,7 +67,9 @@ struct DiscoveryTests {
     }
 }
 
-@Suite("contrib: systemd units", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze"), "needs systemd-analyze"))
+@Suite(
+    "contrib: systemd units",
+    .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze"), "needs systemd-analyze"))
 struct UnitTests {
     @Test("hashify.service and hashify.timer pass systemd-analyze verify; the completions generate")
     func unitsVerify() throws {
@@ -64,9 +79,13 @@ struct UnitTests {
         let sbin = (hashifyBinary as NSString).deletingLastPathComponent
         writeFile(s.sub("hashify.service"), service.replacingOccurrences(of: "@SBINDIR@", with: sbin))
         writeFile(s.sub("hashify.timer"), try String(contentsOfFile: "\(contrib)/hashify.timer", encoding: .utf8))
-        let r = run(["/usr/bin/systemd-analyze", "verify", "--man=no", s.sub("hashify.service"), s.sub("hashify.timer")])
+        let r = run([
+            "/usr/bin/systemd-analyze", "verify", "--man=no", s.sub("hashify.service"), s.sub("hashify.timer"),
+        ])
         #expect(r.status == 0, "\(r.out) \(r.err)")
-        #expect(service.contains("unify --all --quiet") && service.contains("IOSchedulingClass=idle") && service.contains("Nice="))
+        #expect(
+            service.contains("unify --all --quiet") && service.contains("IOSchedulingClass=idle")
+                && service.contains("Nice="))
         for shell in ["bash", "zsh", "fish"] {
             let c = hashify(["--generate-completion-script", shell])
             #expect(c.status == 0 && c.out.contains("overlay") && c.out.contains("clone"), "\(shell) completion")

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -13,8 +14,11 @@ final class SlowedRun {
     /// Starts `hashify args` with each renameat2 delayed by `delay` seconds.
     init(_ args: [String], delay: Double, syscall: String = "renameat2") throws {
         tracer.executableURL = URL(fileURLWithPath: "/usr/bin/strace")
-        tracer.arguments = ["-f", "-qq", "-o", "/dev/null", "-e", "trace=\(syscall)",
-                            "-e", "inject=\(syscall):delay_enter=\(Int(delay * 1_000_000))", hashifyBinary] + args
+        tracer.arguments =
+            [
+                "-f", "-qq", "-o", "/dev/null", "-e", "trace=\(syscall)",
+                "-e", "inject=\(syscall):delay_enter=\(Int(delay * 1_000_000))", hashifyBinary,
+            ] + args
         tracer.standardOutput = FileHandle.nullDevice
         tracer.standardError = FileHandle.nullDevice
         try tracer.run()
@@ -40,7 +44,8 @@ final class SlowedRun {
 
     /// The traced hashify process (the tracer's child).
     var hashifyPID: pid_t? {
-        let children = run(["/bin/cat", "/proc/\(tracer.processIdentifier)/task/\(tracer.processIdentifier)/children"]).out
+        let children = run(["/bin/cat", "/proc/\(tracer.processIdentifier)/task/\(tracer.processIdentifier)/children"])
+            .out
         return children.split(separator: " ").first.flatMap { pid_t($0) }
     }
 
@@ -64,7 +69,8 @@ func waitForInode(_ path: String, _ ino: UInt64) -> Bool {
 /// Waits until `path` has the mtime `other` has (up to 20 s).
 func waitForModificationTime(_ path: String, of other: String) -> Bool {
     for _ in 0..<2000 {
-        var a = stat(), b = stat()
+        var a = stat()
+        var b = stat()
         if lstat(path, &a) == 0, lstat(other, &b) == 0, a.st_mtim.tv_sec == b.st_mtim.tv_sec,
             a.st_mtim.tv_nsec == b.st_mtim.tv_nsec
         {
@@ -112,13 +118,17 @@ struct ExchangeWindowTests {
         slowed.killHashify()
         let r = hashify(["unify", "-q"] + roots)
         #expect(r.status == 0, "\(r.err)")
-        #expect(readText("\(dir)/\(name)") == "the guest's new file\n", "the guest's rename was undone or its file lost")
+        #expect(
+            readText("\(dir)/\(name)") == "the guest's new file\n", "the guest's rename was undone or its file lost")
         #expect(run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.isEmpty)
     }
 
     @Test("unify killed inside an exchange a guest raced: the guest's file is put back at its name")
     func linkKilledInWindow() throws {
-        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        guard isRoot, SlowedRun.available else {
+            print("skipped: needs root and strace")
+            return
+        }
         let s = Scratch("xwin")
         let (roots, _) = twoGuests(s)
         try renameInWindowThenKill(s, command: ["unify", "-q"] + roots, roots: roots)
@@ -126,18 +136,25 @@ struct ExchangeWindowTests {
 
     @Test("split killed inside an exchange a guest raced: the guest's file is put back, never deleted")
     func splitKilledInWindow() throws {
-        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        guard isRoot, SlowedRun.available else {
+            print("skipped: needs root and strace")
+            return
+        }
         let s = Scratch("xwin")
         let (roots, store) = twoGuests(s)
         #expect(hashify(["unify", "-q"] + roots).status == 0)
         #expect(linkCount("\(roots[0])/usr/lib/a.so") == 3)
-        try renameInWindowThenKill(s, command: ["split", "-q", "--store", store, "\(roots[0])/usr/lib/a.so"],
-                                   roots: roots)
+        try renameInWindowThenKill(
+            s, command: ["split", "-q", "--store", store, "\(roots[0])/usr/lib/a.so"],
+            roots: roots)
     }
 
     @Test("a writer that opens the file while its exchange is under way loses nothing")
     func writerHeldOffByLease() throws {
-        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        guard isRoot, SlowedRun.available else {
+            print("skipped: needs root and strace")
+            return
+        }
         let s = Scratch("xwin")
         let (roots, _) = twoGuests(s)
         let original = readText("\(roots[0])/usr/lib/a.so")
@@ -169,7 +186,10 @@ struct ExchangeWindowTests {
 
     @Test("a guest's own change to a directory while hashify works in it keeps its mtime (not put back)")
     func guestChangeToDirectoryKept() throws {
-        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        guard isRoot, SlowedRun.available else {
+            print("skipped: needs root and strace")
+            return
+        }
         let s = Scratch("xwin")
         let roots = [s.sub("guests/g1"), s.sub("guests/g2")]
         for r in roots {
@@ -184,13 +204,18 @@ struct ExchangeWindowTests {
         // The first victim replaced: a name in one guest now the other guest's inode.
         var exchanged: String?
         for _ in 0..<3000 where exchanged == nil {
-            exchanged = ["a.so", "b.so"].lazy.compactMap { n -> String? in
-                let (p, q) = ("\(roots[0])/usr/lib/\(n)", "\(roots[1])/usr/lib/\(n)")
-                return inode(p) == inode(q) ? (linkCount(p) == 3 ? q : nil) : nil
-            }.first
+            exchanged =
+                ["a.so", "b.so"].lazy.compactMap { n -> String? in
+                    let (p, q) = ("\(roots[0])/usr/lib/\(n)", "\(roots[1])/usr/lib/\(n)")
+                    return inode(p) == inode(q) ? (linkCount(p) == 3 ? q : nil) : nil
+                }.first
             usleep(10_000)
         }
-        guard let exchanged else { slowed.killHashify(); Issue.record("no exchange seen"); return }
+        guard let exchanged else {
+            slowed.killHashify()
+            Issue.record("no exchange seen")
+            return
+        }
         usleep(800_000)
         let dir = (exchanged as NSString).deletingLastPathComponent
         writeFile(dir + "/made-by-the-guest", "new\n")
@@ -200,18 +225,27 @@ struct ExchangeWindowTests {
         #expect(slowed.tracer.terminationStatus == 0)
         var after = stat()
         lstat(dir, &after)
-        #expect(after.st_mtim.tv_sec != 1_600_000_000, "the guest's change to the directory was given the walk's mtime back")
+        #expect(
+            after.st_mtim.tv_sec != 1_600_000_000, "the guest's change to the directory was given the walk's mtime back"
+        )
         #expect(after.st_mtim.tv_sec >= before.st_mtim.tv_sec)
     }
 
     @Test("a system call that fails is reported with its operation, the path and the errno, in the text and in --json")
     func failureNamesOperationAndPath() throws {
-        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        guard isRoot, SlowedRun.available else {
+            print("skipped: needs root and strace")
+            return
+        }
         let s = Scratch("xwin")
         let (roots, _) = twoGuests(s)
         // Every exchange fails with EIO: the path is left as it was, and the report says where and why.
-        let r = run(["/usr/bin/strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat2", "-e", "inject=renameat2:error=EIO",
-                     hashifyBinary, "unify", "--json"] + roots)
+        let r = run(
+            [
+                "/usr/bin/strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat2", "-e",
+                "inject=renameat2:error=EIO",
+                hashifyBinary, "unify", "--json",
+            ] + roots)
         #expect(r.status == 1, "\(r.err)")
         let skipped = jsonReport(r.out)["skipped"] as? [[String: Any]] ?? []
         #expect(skipped.count == 1, "\(skipped)")
@@ -227,7 +261,10 @@ struct ExchangeWindowTests {
 
     @Test("an overlay fold that fails names the guest's path it failed on")
     func foldFailureNamesPath() throws {
-        guard isRoot, SlowedRun.available else { print("skipped: needs root and strace"); return }
+        guard isRoot, SlowedRun.available else {
+            print("skipped: needs root and strace")
+            return
+        }
         let s = Scratch("xwin")
         let store = s.sub("store")
         let g = s.sub("guests/g")
@@ -237,13 +274,18 @@ struct ExchangeWindowTests {
         writeFile("\(g)/usr/share/written-in-the-guest", pseudoRandom(3000, seed: 8))
         #expect(overlay(["umount", g], store: store).status == 0)
         // Giving an entry of the new generation its owner fails: the note says which.
-        let r = run(["/usr/bin/strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fchown", "-e", "inject=fchown:error=EIO:when=2",
-                     hashifyBinary, "unify", "--json", "--store", store, g])
+        let r = run([
+            "/usr/bin/strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fchown", "-e",
+            "inject=fchown:error=EIO:when=2",
+            hashifyBinary, "unify", "--json", "--store", store, g,
+        ])
         #expect(r.status == 1, "\(r.out) \(r.err)")
         let guests = jsonReport(r.out)["overlayGuests"] as? [[String: Any]] ?? []
         let notes = (guests.first?["notes"] as? [String] ?? []).joined(separator: " ")
         #expect(guests.first?["action"] as? String == "left as it was", "\(guests)")
-        #expect(notes.contains("fold failed: ") && notes.contains("Input/output error") && notes.contains(": /"), "\(notes)")
+        #expect(
+            notes.contains("fold failed: ") && notes.contains("Input/output error") && notes.contains(": /"), "\(notes)"
+        )
         #expect(overlay(["mount", g], store: store).status == 0, "the generation in force still mounts")
     }
 }

@@ -3,6 +3,7 @@ import HashifyEngine
 import HashifySystem
 import Synchronization
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,10 +20,17 @@ final class Background: @unchecked Sendable {
     let stop = Flag()
     let done = DispatchSemaphore(value: 0)
     init(_ body: @escaping @Sendable (Flag) -> Void) {
-        let stop = self.stop, done = self.done
-        Thread.detachNewThread { body(stop); done.signal() }
+        let stop = self.stop
+        let done = self.done
+        Thread.detachNewThread {
+            body(stop)
+            done.signal()
+        }
     }
-    func join() { stop.set(); done.wait() }
+    func join() {
+        stop.set()
+        done.wait()
+    }
 }
 
 /// Swaps directory `dir` for a symlink to `target` and back, again and again, until joined.
@@ -45,13 +53,17 @@ struct HostileTests {
     @Test("a directory swapped for a symlink to outside the roots: nothing outside is changed or linked")
     func symlinkSwap() throws {
         let s = Scratch("hostile")
-        let a = s.sub("guests/a"), b = s.sub("guests/b"), outside = s.sub("outside")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
+        let outside = s.sub("outside")
         for r in [a, b, outside + "/d"] {
             for i in 0..<30 {
                 writeFile("\(r.hasSuffix("/d") ? r : r + "/usr/lib/d")/f\(i)", pseudoRandom(2000 + i, seed: UInt64(i)))
             }
         }
-        for r in [a, b] { for i in 0..<200 { writeFile("\(r)/usr/share/x\(i)", pseudoRandom(500 + i, seed: UInt64(1000 + i))) } }
+        for r in [a, b] {
+            for i in 0..<200 { writeFile("\(r)/usr/share/x\(i)", pseudoRandom(500 + i, seed: UInt64(1000 + i))) }
+        }
         settle()
         let outsideBefore = manifest([outside], inodes: true)
         let guestsBefore = manifest([a, b])
@@ -64,7 +76,9 @@ struct HostileTests {
         #expect(manifest([outside], inodes: true) == outsideBefore, "outside tree untouched")
         for i in 0..<30 { #expect(linkCount("\(outside)/d/f\(i)") == 1) }
         // The guests' content is intact (the swapper itself changes directory mtimes).
-        let stripMtimes = { (m: String) in m.split(separator: "\n").filter { !$0.contains(" d ") }.joined(separator: "\n") }
+        let stripMtimes = { (m: String) in
+            m.split(separator: "\n").filter { !$0.contains(" d ") }.joined(separator: "\n")
+        }
         #expect(stripMtimes(manifest([a, b])) == stripMtimes(guestsBefore))
         #expect(!run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.contains("hashify~"))
     }
@@ -76,7 +90,9 @@ struct HostileTests {
             return
         }
         let s = Scratch("mounts")
-        let a = s.sub("guests/a"), b = s.sub("guests/b"), outside = s.sub("outside")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
+        let outside = s.sub("outside")
         let content = pseudoRandom(9000, seed: 7)
         for r in [a, b] { writeFile("\(r)/usr/lib/same", content) }
         // The same content and identity behind two mount points in guest a.
@@ -96,16 +112,22 @@ struct HostileTests {
         defer { unmount("\(a)/usr/bound") }
         settle()
         let before = manifest([a, b])
-        let outsideInode = inode("\(outside)/file"), mountedInode = inode("\(a)/usr/mnt/same")
+        let outsideInode = inode("\(outside)/file")
+        let mountedInode = inode("\(a)/usr/mnt/same")
         let r = hashify(["unify", "--json", a, b])
         #expect(r.status == 0, "\(r.err)")
         #expect(inode("\(a)/usr/lib/same") == inode("\(b)/usr/lib/same"), "the files inside the guests are unified")
-        #expect(inode("\(outside)/file") == outsideInode && linkCount("\(outside)/file") == 1, "the bind-mounted file is untouched")
-        #expect(inode("\(a)/usr/mnt/same") == mountedInode && linkCount("\(a)/usr/mnt/same") == 1, "the tmpfs is not entered")
+        #expect(
+            inode("\(outside)/file") == outsideInode && linkCount("\(outside)/file") == 1,
+            "the bind-mounted file is untouched")
+        #expect(
+            inode("\(a)/usr/mnt/same") == mountedInode && linkCount("\(a)/usr/mnt/same") == 1,
+            "the tmpfs is not entered")
         let skipped = jsonReport(r.out)["skipped"] as? [[String: Any]] ?? []
         for path in ["/usr/mnt", "/usr/bound"] {
-            #expect(skipped.contains { ($0["path"] as? String) == path && ($0["reason"] as? String) == "mount-point" },
-                    "\(path) reported as a mount point")
+            #expect(
+                skipped.contains { ($0["path"] as? String) == path && ($0["reason"] as? String) == "mount-point" },
+                "\(path) reported as a mount point")
         }
         #expect(manifest([a, b]) == before, "what the guests see, mounts included, is unchanged")
         withExtendedLifetime(s) {}
@@ -114,7 +136,8 @@ struct HostileTests {
     @Test("a file held open for writing is not unified and loses no data")
     func heldOpenWriter() throws {
         let s = Scratch("writer")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         let initial = pseudoRandom(10_000, seed: 5)
         for r in [a, b] { writeFile("\(r)/usr/log", initial) }
         settle()
@@ -135,7 +158,8 @@ struct HostileTests {
     @Test("a file appended to during runs loses no data")
     func concurrentAppender() throws {
         let s = Scratch("append")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         let initial = pseudoRandom(50_000, seed: 6)
         for r in [a, b] {
             writeFile("\(r)/usr/log", initial)
@@ -167,7 +191,9 @@ struct HostileTests {
         #expect(Array(data) == initial + written.withLock { $0 })
     }
 
-    @Test("SIGKILL at random moments: invariants hold after each kill; the next run completes and leaves no temporary names")
+    @Test(
+        "SIGKILL at random moments: invariants hold after each kill; the next run completes and leaves no temporary names"
+    )
     func killAtRandomMoments() throws {
         let s = Scratch("kill")
         let roots = (1...3).map { s.sub("guests/g\($0)") }
@@ -232,7 +258,12 @@ struct HostileTests {
             #expect(clean(manifest(roots)) == cleanBefore, "after kill \(iteration)")
             // Undo the sharing now and then so later runs have work to do again.
             if iteration % 3 == 2 {
-                for r in roots { _ = run(["/bin/sh", "-c", "cd '\(r)' && for f in usr/d*/f*; do cp -p \"$f\" \"$f.x\" && mv \"$f.x\" \"$f\"; done"]) }
+                for r in roots {
+                    _ = run([
+                        "/bin/sh", "-c",
+                        "cd '\(r)' && for f in usr/d*/f*; do cp -p \"$f\" \"$f.x\" && mv \"$f.x\" \"$f\"; done",
+                    ])
+                }
                 for r in roots { settleDirectoryTimes(r) }
                 settle()
             }

@@ -6,7 +6,9 @@ import Testing
 /// of one path back to back; the order must still hold every directory once.
 @Suite("linking order")
 struct LinkingOrderTests {
-    @Test("directories by relative path: each once, one path's guests together in guest order, paths in walk order; names by directory")
+    @Test(
+        "directories by relative path: each once, one path's guests together in guest order, paths in walk order; names by directory"
+    )
     func directoriesByRelativePath() throws {
         let s = Scratch("order")
         let roots = (1...3).map { s.sub("g\($0)") }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,7 +20,10 @@ func startPerl(in guests: [String]) throws -> [Process] {
 }
 
 func stop(_ procs: [Process]) {
-    for p in procs { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+    for p in procs {
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+    }
 }
 
 /// An independent sum of the file-backed Pss (Pss minus anonymous pages) of processes, from smaps.
@@ -30,7 +34,8 @@ func smapsFilePss(_ pids: [Int32]) -> UInt64 {
         var pss: UInt64 = 0
         for line in run(["/bin/cat", "/proc/\(pid)/smaps"]).out.split(separator: "\n") {
             let f = line.split(separator: " ", omittingEmptySubsequences: true)
-            if let first = f.first, first.contains("-"), f.count >= 5, first.allSatisfy({ $0.isHexDigit || $0 == "-" }) {
+            if let first = f.first, first.contains("-"), f.count >= 5, first.allSatisfy({ $0.isHexDigit || $0 == "-" })
+            {
                 inFile = f[4] != "0" && f.count >= 6 && f[5].hasPrefix("/")
                 continue
             }
@@ -59,7 +64,9 @@ func sum(_ report: [String: Any], _ roots: [String], _ key: String) -> Int {
 
 @Suite("hashify mem on real processes", .serialized, .enabled(if: isRoot, "reading every process's smaps needs root"))
 struct MemoryTests {
-    @Test("before unify: duplicated MiB per guest; after: the restart list; after restart: duplicated near zero, shared up; agrees with smaps")
+    @Test(
+        "before unify: duplicated MiB per guest; after: the restart list; after restart: duplicated near zero, shared up; agrees with smaps"
+    )
     func hardlinkCycle() throws {
         let s = Scratch("mem")
         let guests = (1...3).map { s.sub("guests/g\($0)") }
@@ -70,8 +77,12 @@ struct MemoryTests {
         let before = memReport(guests)
         let independent = smapsFilePss(procs.map(\.processIdentifier))
         let fileBacked = sum(before, guests, "fileBackedBytes")
-        print("mem before unify: file-backed \(fileBacked), smaps \(independent), duplicated \(sum(before, guests, "duplicatedBytes")), shared \(sum(before, guests, "sharedBytes"))")
-        #expect(abs(Double(fileBacked) - Double(independent)) <= 0.05 * Double(independent), "mem \(fileBacked) vs smaps \(independent)")
+        print(
+            "mem before unify: file-backed \(fileBacked), smaps \(independent), duplicated \(sum(before, guests, "duplicatedBytes")), shared \(sum(before, guests, "sharedBytes"))"
+        )
+        #expect(
+            abs(Double(fileBacked) - Double(independent)) <= 0.05 * Double(independent),
+            "mem \(fileBacked) vs smaps \(independent)")
         for g in guests { #expect(guestFigures(before, g)["processes"] as? Int == 1) }
         // Three separate copies of perl and its libraries: two of them are duplicates.
         #expect(Double(sum(before, guests, "duplicatedBytes")) > 0.5 * Double(fileBacked))
@@ -91,8 +102,12 @@ struct MemoryTests {
         print("mem after restart: duplicated \(dup), shared \(sum(restarted, guests, "sharedBytes"))")
         #expect(Double(dup) < 0.05 * Double(fileBacked), "duplicated after restart: \(dup)")
         #expect(sum(restarted, guests, "sharedBytes") > sum(before, guests, "sharedBytes"))
-        #expect((restarted["processesToRestart"] as? [[String: Any]] ?? []).filter { pids.contains($0["pid"] as? Int ?? -1) }.isEmpty)
-        #expect(Double(sum(restarted, guests, "fileBackedBytes")) < 0.6 * Double(fileBacked), "one copy instead of three")
+        #expect(
+            (restarted["processesToRestart"] as? [[String: Any]] ?? []).filter {
+                pids.contains($0["pid"] as? Int ?? -1)
+            }.isEmpty)
+        #expect(
+            Double(sum(restarted, guests, "fileBackedBytes")) < 0.6 * Double(fileBacked), "one copy instead of three")
     }
 
     @Test("overlay guests' mappings are resolved to their shared data objects: shared, not duplicated")
@@ -106,8 +121,12 @@ struct MemoryTests {
         let procs = try startPerl(in: guests)
         defer { stop(procs) }
         let r = memReport(["--store", store] + guests)
-        let file = sum(r, guests, "fileBackedBytes"), shared = sum(r, guests, "sharedBytes"), dup = sum(r, guests, "duplicatedBytes")
-        print("mem overlay: file-backed \(file), shared \(shared), duplicated \(dup), store cached \(r["storeCachedBytes"] ?? 0)")
+        let file = sum(r, guests, "fileBackedBytes")
+        let shared = sum(r, guests, "sharedBytes")
+        let dup = sum(r, guests, "duplicatedBytes")
+        print(
+            "mem overlay: file-backed \(file), shared \(shared), duplicated \(dup), store cached \(r["storeCachedBytes"] ?? 0)"
+        )
         #expect(Double(shared) > 0.9 * Double(file))
         #expect(Double(dup) < 0.05 * Double(file))
         #expect((r["storeCachedBytes"] as? Int ?? 0) > 0)
@@ -118,7 +137,9 @@ struct MemoryTests {
         let s = Scratch("membad")
         let r = hashify(["mem", s.sub("missing")])
         #expect(r.status == 2 && r.err.contains("no such guest root"), "\(r.err)")
-        let nobody = run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", hashifyBinary, "mem", "--json"])
+        let nobody = run([
+            "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", hashifyBinary, "mem", "--json",
+        ])
         #expect(nobody.status == 0, "\(nobody.err)")
         let report = jsonReport(nobody.out)
         #expect(report["partial"] as? Bool == true)
@@ -131,23 +152,39 @@ let ksmAvailable = isRoot && access("/sys/kernel/mm/ksm/run", W_OK) == 0
 
 @Suite("hashify ksm", .serialized, .enabled(if: ksmAvailable, "needs root and /sys/kernel/mm/ksm (CONFIG_KSM)"))
 struct KSMTests {
-    @Test("ksm run: a process allocating identical anonymous pages gets them merged; ksm status shows it; ksmd's settings are put back")
+    @Test(
+        "ksm run: a process allocating identical anonymous pages gets them merged; ksm status shows it; ksmd's settings are put back"
+    )
     func mergesAnonymousPages() throws {
         let knobs = ["run", "pages_to_scan", "sleep_millisecs"]
-        let saved = knobs.map { (try? String(contentsOfFile: "/sys/kernel/mm/ksm/\($0)", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "" }
-        func set(_ knob: String, _ value: String) { _ = run(["/bin/sh", "-c", "echo \(value) > /sys/kernel/mm/ksm/\(knob)"]) }
+        let saved = knobs.map {
+            (try? String(contentsOfFile: "/sys/kernel/mm/ksm/\($0)", encoding: .utf8))?.trimmingCharacters(
+                in: .whitespacesAndNewlines) ?? ""
+        }
+        func set(_ knob: String, _ value: String) {
+            _ = run(["/bin/sh", "-c", "echo \(value) > /sys/kernel/mm/ksm/\(knob)"])
+        }
         defer { for (k, v) in zip(knobs, saved).reversed() where !v.isEmpty { set(k, v) } }
         set("pages_to_scan", "5000")
         set("sleep_millisecs", "10")
         set("run", "1")
         let p = Process()
         p.executableURL = URL(fileURLWithPath: hashifyBinary)
-        p.arguments = ["ksm", "run", "--", "/usr/bin/python3", "-c", "b = bytearray(b'Z' * (16 << 20)); import time; time.sleep(60)"]
+        p.arguments = [
+            "ksm", "run", "--", "/usr/bin/python3", "-c",
+            "b = bytearray(b'Z' * (16 << 20)); import time; time.sleep(60)",
+        ]
         try p.run()
-        defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+        defer {
+            kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+        }
         var merged = 0
         for _ in 0..<100 {
-            merged = Int(run(["/bin/cat", "/proc/\(p.processIdentifier)/ksm_merging_pages"]).out.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            merged =
+                Int(
+                    run(["/bin/cat", "/proc/\(p.processIdentifier)/ksm_merging_pages"]).out.trimmingCharacters(
+                        in: .whitespacesAndNewlines)) ?? 0
             if merged > 1000 { break }
             usleep(200_000)
         }
@@ -167,27 +204,33 @@ struct KSMTests {
     }
 }
 
-@Suite("hashify mem on reflinked copies", .serialized,
-       .enabled(if: isRoot && FileManager.default.isExecutableFile(atPath: "/usr/sbin/mkfs.xfs"), "needs root and mkfs.xfs (xfsprogs)"))
+@Suite(
+    "hashify mem on reflinked copies", .serialized,
+    .enabled(
+        if: isRoot && FileManager.default.isExecutableFile(atPath: "/usr/sbin/mkfs.xfs"),
+        "needs root and mkfs.xfs (xfsprogs)"))
 struct ReflinkMemoryTests {
     @Test("two reflinked copies of perl on XFS, both running: shared extents on disk, but duplicated in memory")
     func reflinkIsDuplicated() throws {
         let s = Scratch("memxfs")
-        let image = s.sub("xfs.img"), mnt = s.sub("xfs")
+        let image = s.sub("xfs.img")
+        let mnt = s.sub("xfs")
         #expect(run(["/usr/bin/truncate", "-s", "512M", image]).status == 0)
         #expect(run(["/usr/sbin/mkfs.xfs", "-q", "-m", "reflink=1", image]).status == 0)
         mkdirs(mnt)
         let m = run(["/bin/mount", "-o", "loop", image, mnt])
         #expect(m.status == 0, "\(m.err)")
         defer { _ = run(["/bin/umount", mnt]) }
-        let a = "\(mnt)/guests/a", b = "\(mnt)/guests/b"
+        let a = "\(mnt)/guests/a"
+        let b = "\(mnt)/guests/b"
         installProgram("/usr/bin/perl", into: a)
         mkdirs("\(mnt)/guests")
         #expect(run(["/bin/cp", "-a", "--reflink=always", a, b]).status == 0, "reflink copy")
         let procs = try startPerl(in: [a, b])
         defer { stop(procs) }
         let r = memReport([a, b])
-        let file = sum(r, [a, b], "fileBackedBytes"), dup = sum(r, [a, b], "duplicatedBytes")
+        let file = sum(r, [a, b], "fileBackedBytes")
+        let dup = sum(r, [a, b], "duplicatedBytes")
         print("mem on reflinked XFS copies: file-backed \(file), duplicated \(dup)")
         #expect(Double(dup) > 0.3 * Double(file), "one of the two copies is a duplicate in memory")
         #expect(sum(r, [a, b], "sharedBytes") == 0)

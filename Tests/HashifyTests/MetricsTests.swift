@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -28,7 +29,8 @@ struct MetricsTests {
     @Test("the metrics file parses as Prometheus text and its figures equal the run's --json")
     func metricsEqualJSON() throws {
         let s = Scratch("metrics")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         makeGuest(a, index: 0)
         makeGuest(b, index: 1)
         settle()
@@ -38,7 +40,8 @@ struct MetricsTests {
         let report = jsonReport(r.out)
         let t = report["totals"] as? [String: Any] ?? [:]
         guard let m = prometheusSamples(file) else {
-            Issue.record("the metrics file does not parse: \((try? String(contentsOfFile: file, encoding: .utf8)) ?? "")")
+            Issue.record(
+                "the metrics file does not parse: \((try? String(contentsOfFile: file, encoding: .utf8)) ?? "")")
             return
         }
         #expect(m["hashify_guests"] == 2)
@@ -52,7 +55,9 @@ struct MetricsTests {
         #expect(abs((m["hashify_run_duration_seconds"] ?? -1) - (report["seconds"] as? Double ?? 0)) < 0.001)
         let success = m["hashify_last_success_timestamp_seconds"] ?? 0
         #expect(abs(success - Date().timeIntervalSince1970) < 60)
-        #expect(!FileManager.default.fileExists(atPath: s.sub(".hashify.prom.hashify-new")), "written atomically, no temporary left")
+        #expect(
+            !FileManager.default.fileExists(atPath: s.sub(".hashify.prom.hashify-new")),
+            "written atomically, no temporary left")
         // A second run keeps the file whole and up to date.
         #expect(hashify(["unify", "-q", "--metrics", file, a, b]).status == 0)
         #expect(prometheusSamples(file)?["hashify_run_linked_paths"] == 0)
@@ -61,7 +66,8 @@ struct MetricsTests {
     @Test("--metrics into a missing directory: bad input before anything is changed")
     func badMetricsPath() {
         let s = Scratch("metricsbad")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         makeGuest(a, index: 0)
         makeGuest(b, index: 1)
         let before = manifest([a, b], inodes: true)

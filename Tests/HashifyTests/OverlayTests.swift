@@ -3,6 +3,7 @@ import HashifyEngine
 import HashifySystem
 import SystemPackage
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -29,17 +30,27 @@ func makeRichGuest(_ root: String, index: Int) throws {
         }
         return out
     }
-    writeFile("\(root)/etc/secret", pseudoRandom(900, seed: 11), mode: 0o640, gid: 42,
-              xattrs: [("system.posix_acl_access", acl([(1, 6, UInt32.max), (2, 4, 1000), (4, 4, UInt32.max), (0x10, 4, UInt32.max), (0x20, 0, UInt32.max)]))])
+    writeFile(
+        "\(root)/etc/secret", pseudoRandom(900, seed: 11), mode: 0o640, gid: 42,
+        xattrs: [
+            (
+                "system.posix_acl_access",
+                acl([
+                    (1, 6, UInt32.max), (2, 4, 1000), (4, 4, UInt32.max), (0x10, 4, UInt32.max), (0x20, 0, UInt32.max),
+                ])
+            )
+        ])
     writeFile("\(root)/usr/share/tagged", pseudoRandom(1500, seed: 12), xattrs: [("user.origin", Array("guest".utf8))])
     // What a hostile guest could try: overlay's own xattrs on its files.
-    writeFile("\(root)/usr/share/forged", pseudoRandom(800, seed: 13),
-              xattrs: [("trusted.overlay.redirect", Array("/00/000000000000".utf8)), ("trusted.overlay.metacopy", [])])
+    writeFile(
+        "\(root)/usr/share/forged", pseudoRandom(800, seed: 13),
+        xattrs: [("trusted.overlay.redirect", Array("/00/000000000000".utf8)), ("trusted.overlay.metacopy", [])])
     writeFile("\(root)/etc/empty", [UInt8]())
     writeFile("\(root)/etc/tiny", "64 bytes or less stay whole\n")
     mkdirs("\(root)/home/user", mode: 0o700)
     chown("\(root)/home/user", 1000, 1000)
-    writeFile("\(root)/home/user/notes", pseudoRandom(4000, seed: UInt64(500 + index)), mode: 0o600, uid: 1000, gid: 1000)
+    writeFile(
+        "\(root)/home/user/notes", pseudoRandom(4000, seed: UInt64(500 + index)), mode: 0o600, uid: 1000, gid: 1000)
     mkdirs("\(root)/srv/shared")
     chmod("\(root)/srv/shared", 0o2775)
     let share = try Directory.open(path: FilePath("\(root)/usr/share"))
@@ -67,7 +78,8 @@ func overlay(_ args: [String], store: String) -> (status: Int32, out: String, er
 
 /// The manifest of one guest under a fixed header (so guests at other paths compare).
 func guestManifest(_ root: String) -> String {
-    manifest([root], links: true).split(separator: "\n", omittingEmptySubsequences: false).dropFirst().joined(separator: "\n")
+    manifest([root], links: true).split(separator: "\n", omittingEmptySubsequences: false).dropFirst().joined(
+        separator: "\n")
 }
 
 /// A process whose working directory is `directory` (the test stops it).
@@ -81,7 +93,8 @@ func sleeper(in directory: String) throws -> Process {
 }
 
 func isOverlayMount(_ path: String) -> Bool {
-    run(["/usr/bin/findmnt", "-n", "-o", "FSTYPE", "--mountpoint", path]).out.trimmingCharacters(in: .whitespacesAndNewlines) == "overlay"
+    run(["/usr/bin/findmnt", "-n", "-o", "FSTYPE", "--mountpoint", path]).out.trimmingCharacters(
+        in: .whitespacesAndNewlines) == "overlay"
 }
 
 @Suite("overlay mode", .serialized, .enabled(if: isRoot, "overlay mounts need root"))
@@ -134,11 +147,21 @@ struct OverlayTests {
         // Equal new files of two guests became one object; the upper layers are empty.
         let uppers = run(["/usr/bin/find", s.sub("store/overlay"), "-path", "*/upper/*"]).out
         #expect(uppers.isEmpty, "upper layers after the fold: \(uppers)")
-        let redirects = run(["/bin/sh", "-c", "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g2/meta/usr/lib/lib1.so | tr '/' ' '; echo"]).out
-        #expect(Set(redirects.split(separator: " ").map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }.filter { $0.count > 2 }).count == 2, "two guests' equal new file is one object: \(redirects)")
+        let redirects = run([
+            "/bin/sh", "-c",
+            "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g2/meta/usr/lib/lib1.so | tr '/' ' '; echo",
+        ]).out
+        #expect(
+            Set(
+                redirects.split(separator: " ").map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }.filter {
+                    $0.count > 2
+                }
+            ).count == 2, "two guests' equal new file is one object: \(redirects)")
         // A re-run with nothing changed reads nothing.
         #expect(overlay(["umount"] + guests, store: store).status == 0)
-        let again = jsonReport(hashify(["unify", "--json", "--store", store] + guests).out)["overlayGuests"] as? [[String: Any]] ?? []
+        let again =
+            jsonReport(hashify(["unify", "--json", "--store", store] + guests).out)["overlayGuests"] as? [[String: Any]]
+            ?? []
         #expect(again.map { $0["action"] as? String } == ["nothing to fold", "nothing to fold", "nothing to fold"])
         #expect(overlay(["mount"] + guests, store: store).status == 0)
 
@@ -160,7 +183,8 @@ struct OverlayTests {
     func copyOnWrite() throws {
         let s = Scratch("cow")
         let store = s.sub("store")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         for (i, g) in [a, b].enumerated() { try makeRichGuest(g, index: i) }
         settle()
         let plainB = guestManifest(b)
@@ -184,7 +208,9 @@ struct OverlayTests {
         #expect(manifest([s.sub("store/data")]) == objects, "no object changed")
         let m = guestManifest(a)
         #expect(m.contains("user.changed=796573"))
-        #expect(run(["/usr/bin/cat", "\(a)/usr/bin/tool-hard"]).out == "replaced\n", "a hard link stays one file across copy-up")
+        #expect(
+            run(["/usr/bin/cat", "\(a)/usr/bin/tool-hard"]).out == "replaced\n",
+            "a hard link stays one file across copy-up")
         // The fold keeps a's changes private.
         #expect(overlay(["umount", a, b], store: store).status == 0)
         #expect(hashify(["unify", "-q", "--store", store, a, b]).status == 0)
@@ -193,7 +219,9 @@ struct OverlayTests {
         #expect(guestManifest(b) == plainB)
     }
 
-    @Test("refusals: a running guest, a mount point, another filesystem, a plain guest for mount/umount/export; nothing changed")
+    @Test(
+        "refusals: a running guest, a mount point, another filesystem, a plain guest for mount/umount/export; nothing changed"
+    )
     func refusals() throws {
         let s = Scratch("ovbad")
         let store = s.sub("store")
@@ -253,11 +281,14 @@ struct OverlayTests {
         #expect(again.status == 0 && again.out.contains("already mounted"), "\(again.out)")
     }
 
-    @Test("status shows overlay guests and the copy-on-write reserve; gc removes unused data objects; verify finds damaged ones")
+    @Test(
+        "status shows overlay guests and the copy-on-write reserve; gc removes unused data objects; verify finds damaged ones"
+    )
     func maintenance() throws {
         let s = Scratch("ovmaint")
         let store = s.sub("store")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         try makeRichGuest(a, index: 0)
         try makeRichGuest(b, index: 1)
         settle()
@@ -286,7 +317,8 @@ struct OverlayTests {
         #expect(hashify(["verify", "-q", "--store", store]).status == 0)
 
         // Damage in the store (not reachable by guests): verify reports it.
-        let stub = run(["/bin/sh", "-c", "ls -d \(store)/overlay/*/g1/meta/usr/bin/tool"]).out.trimmingCharacters(in: .whitespacesAndNewlines)
+        let stub = run(["/bin/sh", "-c", "ls -d \(store)/overlay/*/g1/meta/usr/bin/tool"]).out.trimmingCharacters(
+            in: .whitespacesAndNewlines)
         let redirect = run(["/usr/bin/getfattr", "--only-values", "-n", "trusted.overlay.redirect", stub]).out
         #expect(redirect.hasPrefix("/"))
         let fd = open("\(store)/data\(redirect)", O_WRONLY | O_CLOEXEC)
@@ -298,17 +330,21 @@ struct OverlayTests {
         #expect(damaged.map { $0["object"] as? String } == [redirect])
     }
 
-    @Test("converting a guest unified in hardlink mode: its shared inodes keep serving the plain guests; objects are copies")
+    @Test(
+        "converting a guest unified in hardlink mode: its shared inodes keep serving the plain guests; objects are copies"
+    )
     func convertAfterHardlinkMode() throws {
         let s = Scratch("ovhl")
         let store = s.sub("store")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         try makeRichGuest(a, index: 0)
         try makeRichGuest(b, index: 1)
         settle()
         #expect(hashify(["unify", "-q", "--no-default-excludes", "--store", store, a, b]).status == 0)
         #expect(linkCount("\(b)/usr/lib/lib5.so") == 3, "a, b and the store share one inode")
-        let plainA = guestManifest(a), plainB = guestManifest(b)
+        let plainA = guestManifest(a)
+        let plainB = guestManifest(b)
         let r = overlay(["convert", "--json", a], store: store)
         #expect(r.status == 0, "\(r.err)")
         let g = (jsonReport(r.out)["guests"] as? [[String: Any]])?.first ?? [:]
@@ -324,11 +360,13 @@ struct OverlayTests {
         #expect(hashify(["verify", "-q", "--store", store]).status == 0, "hardlink objects and data objects intact")
     }
 
-    @Test("exporting a running guest that swaps a directory for a symlink to outside: nothing outside is read or changed")
+    @Test(
+        "exporting a running guest that swaps a directory for a symlink to outside: nothing outside is read or changed")
     func exportWhileSwapping() throws {
         let s = Scratch("ovswap")
         let store = s.sub("store")
-        let g = s.sub("guests/g"), outside = s.sub("outside")
+        let g = s.sub("guests/g")
+        let outside = s.sub("outside")
         try makeRichGuest(g, index: 0)
         for i in 0..<50 { writeFile("\(g)/opt/d/f\(i)", pseudoRandom(3000 + i, seed: UInt64(i + 300))) }
         for i in 0..<50 { writeFile("\(outside)/d/secret\(i)", "outside \(i)\n") }
@@ -352,18 +390,25 @@ struct OverlayTests {
     func forgedOverlayAttributes() throws {
         let s = Scratch("ovhostile")
         let store = s.sub("store")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         try makeRichGuest(a, index: 0)
         try makeRichGuest(b, index: 1)
         writeFile("\(b)/root/secret", pseudoRandom(3000, seed: 999))
         settle()
         #expect(overlay(["convert", "-q", a, b], store: store).status == 0)
         // b's private object, by the name hashify gives it.
-        let secretRedirect = run(["/bin/sh", "-c", "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g1/meta/root/secret"]).out
+        let secretRedirect = run([
+            "/bin/sh", "-c",
+            "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g1/meta/root/secret",
+        ]).out
         #expect(secretRedirect.hasPrefix("/"), "b's stub carries a redirect")
         let victim = "\(a)/usr/share/tagged"
         let original = run(["/usr/bin/sha256sum", victim]).out.prefix(64)
-        for (n, v) in [("trusted.overlay.redirect", secretRedirect), ("trusted.overlay.metacopy", ""), ("trusted.overlay.opaque", "y")] {
+        for (n, v) in [
+            ("trusted.overlay.redirect", secretRedirect), ("trusted.overlay.metacopy", ""),
+            ("trusted.overlay.opaque", "y"),
+        ] {
             #expect(run(["/usr/bin/setfattr", "-n", n, "-v", v.isEmpty ? "\"\"" : v, victim]).status == 0, "set \(n)")
         }
         #expect(run(["/usr/bin/setfattr", "-n", "trusted.overlay.opaque", "-v", "y", "\(a)/usr/lib"]).status == 0)
@@ -373,9 +418,12 @@ struct OverlayTests {
             #expect(overlay(["umount", a, b], store: store).status == 0)
             if step == "fold" { #expect(hashify(["unify", "-q", "--store", store, a, b]).status == 0) }
             #expect(overlay(["mount", a, b], store: store).status == 0)
-            #expect(run(["/usr/bin/sha256sum", victim]).out.prefix(64) == original, "after \(step): content is its own")
+            #expect(
+                run(["/usr/bin/sha256sum", victim]).out.prefix(64) == original, "after \(step): content is its own")
             #expect(manifest([a], links: true) == seen, "after \(step): xattrs read back as set")
-            #expect(run(["/usr/bin/ls", "\(a)/usr/lib/lib1.so"]).status == 0, "after \(step): opaque xattr is the guest's own")
+            #expect(
+                run(["/usr/bin/ls", "\(a)/usr/lib/lib1.so"]).status == 0,
+                "after \(step): opaque xattr is the guest's own")
         }
     }
 
@@ -385,7 +433,12 @@ struct OverlayTests {
         let store = s.sub("store")
         let g = s.sub("guests/g")
         try makeRichGuest(g, index: 0)
-        for d in 0..<20 { for i in 0..<40 { writeFile("\(g)/var/d\(d)/f\(i)", pseudoRandom(100 + (i * 331 + d * 97) % 20_000, seed: UInt64(d * 50 + i))) } }
+        for d in 0..<20 {
+            for i in 0..<40 {
+                writeFile(
+                    "\(g)/var/d\(d)/f\(i)", pseudoRandom(100 + (i * 331 + d * 97) % 20_000, seed: UInt64(d * 50 + i)))
+            }
+        }
         settleDirectoryTimes(g)
         settle()
         let plain = guestManifest(g)
@@ -418,7 +471,10 @@ struct OverlayTests {
             p.standardError = FileHandle.nullDevice
             try p.run()
             usleep(UInt32(Double.random(in: 0.02...0.6) * window * 1_000_000))
-            if p.isRunning { kill(p.processIdentifier, SIGKILL); kills += 1 }
+            if p.isRunning {
+                kill(p.processIdentifier, SIGKILL)
+                kills += 1
+            }
             p.waitUntilExit()
             // Whatever state it is in, convert (or mount) makes it whole and mounted again.
             if !isOverlayMount(g) {
@@ -446,7 +502,9 @@ func buildPackage(_ dir: String, version: String, library: [UInt8]) -> String {
     let stage = "\(dir)/stage-\(version)"
     writeFile("\(stage)/usr/lib/demo/libdemo.so", library)
     writeFile("\(stage)/usr/share/doc/hashify-demo/README", "hashify demo package \(version)\n")
-    writeFile("\(stage)/DEBIAN/control", """
+    writeFile(
+        "\(stage)/DEBIAN/control",
+        """
         Package: hashify-demo
         Version: \(version)
         Architecture: all
@@ -464,7 +522,9 @@ func buildPackage(_ dir: String, version: String, library: [UInt8]) -> String {
 func installProgram(_ program: String, into root: String) {
     let libs = run(["/usr/bin/ldd", program]).out.split(separator: "\n").compactMap { line -> String? in
         let parts = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
-        if let arrow = parts.firstIndex(of: "=>"), arrow + 1 < parts.count, parts[arrow + 1].hasPrefix("/") { return String(parts[arrow + 1]) }
+        if let arrow = parts.firstIndex(of: "=>"), arrow + 1 < parts.count, parts[arrow + 1].hasPrefix("/") {
+            return String(parts[arrow + 1])
+        }
         return parts.first.flatMap { $0.hasPrefix("/") ? String($0) : nil }
     }
     for f in [program] + libs {
@@ -486,11 +546,14 @@ func filePss(_ pids: [Int32]) -> Int {
 
 @Suite("overlay mode with real programs", .serialized, .enabled(if: isRoot, "overlay mounts need root"))
 struct OverlayProgramTests {
-    @Test("dpkg upgrades a package in a mounted guest; after umount and unify the new files are shared and the guest sees the update")
+    @Test(
+        "dpkg upgrades a package in a mounted guest; after umount and unify the new files are shared and the guest sees the update"
+    )
     func packageUpdate() throws {
         let s = Scratch("ovdpkg")
         let store = s.sub("store")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         let v1 = buildPackage(s.path, version: "1.0", library: pseudoRandom(40_000, seed: 1))
         let v2 = buildPackage(s.path, version: "2.0", library: pseudoRandom(40_000, seed: 2))
         for (i, g) in [a, b].enumerated() {
@@ -517,8 +580,12 @@ struct OverlayProgramTests {
         // One new object for the new library, shared by both guests.
         #expect(folds.reduce(0) { $0 + ($1["objectsCreated"] as? Int ?? 0) } >= 1)
         #expect((folds.last?["filesSharingObjects"] as? Int ?? 0) >= 1)
-        let stubs = run(["/bin/sh", "-c", "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g2/meta/usr/lib/demo/libdemo.so; echo"]).out
-        #expect(stubs.count == 33 && stubs.prefix(16) == stubs.dropFirst(16).prefix(16), "one object for both: \(stubs)")
+        let stubs = run([
+            "/bin/sh", "-c",
+            "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g2/meta/usr/lib/demo/libdemo.so; echo",
+        ]).out
+        #expect(
+            stubs.count == 33 && stubs.prefix(16) == stubs.dropFirst(16).prefix(16), "one object for both: \(stubs)")
         #expect(overlay(["mount", a, b], store: store).status == 0)
         #expect([a, b].map(guestManifest) == updated)
         for g in [a, b] { #expect(run(["/usr/bin/dpkg", "--root=\(g)", "--verify"]).status == 0) }
@@ -564,7 +631,9 @@ func makeLXCContainer(lxcpath: String, name: String, initScript: String, extraCo
     installProgram("/bin/sleep", into: root)
     for d in ["proc", "sys", "tmp"] { mkdirs("\(root)/\(d)") }
     writeFile("\(root)/init.sh", "#!/bin/sh\n\(initScript)\nexec /bin/sleep 300\n", mode: 0o755)
-    writeFile("\(lxcpath)/\(name)/config", """
+    writeFile(
+        "\(lxcpath)/\(name)/config",
+        """
         lxc.uts.name = \(name)
         lxc.rootfs.path = dir:\(root)
         lxc.init.cmd = /init.sh
@@ -575,20 +644,27 @@ func makeLXCContainer(lxcpath: String, name: String, initScript: String, extraCo
         """ + extraConfig)
 }
 
-@Suite("overlay guests as real LXC containers", .serialized,
-       .enabled(if: isRoot && FileManager.default.isExecutableFile(atPath: lxcStart), "needs root and LXC (apt-get install lxc)"))
+@Suite(
+    "overlay guests as real LXC containers", .serialized,
+    .enabled(
+        if: isRoot && FileManager.default.isExecutableFile(atPath: lxcStart), "needs root and LXC (apt-get install lxc)"
+    ))
 struct OverlayLXCTests {
-    @Test("two privileged LXC containers on overlay guests through the contrib hook: a write stays in its container and survives the fold")
+    @Test(
+        "two privileged LXC containers on overlay guests through the contrib hook: a write stays in its container and survives the fold"
+    )
     func containers() throws {
         let s = Scratch("ovlxc")
-        let store = s.sub("store"), lxcpath = s.sub("lxc")
+        let store = s.sub("store")
+        let lxcpath = s.sub("lxc")
         let hook = packageRoot.appendingPathComponent("contrib/lxc/hashify-lxc-hook").path
         let names = ["c1", "c2"]
         let roots = names.map { "\(lxcpath)/\($0)/rootfs" }
         for (name, root) in zip(names, roots) {
             writeFile("\(root)/usr/lib/shared.so", pseudoRandom(8000, seed: 77))
-            makeLXCContainer(lxcpath: lxcpath, name: name, initScript: "echo \"\(name) was here\" > /usr/lib/shared.so",
-                             extraConfig: "lxc.hook.pre-start = \(hook) \(store)\nlxc.hook.post-stop = \(hook) \(store)\n")
+            makeLXCContainer(
+                lxcpath: lxcpath, name: name, initScript: "echo \"\(name) was here\" > /usr/lib/shared.so",
+                extraConfig: "lxc.hook.pre-start = \(hook) \(store)\nlxc.hook.post-stop = \(hook) \(store)\n")
         }
         settle()
         #expect(overlay(["convert", "-q", "--no-mount"] + roots, store: store).status == 0)
@@ -599,7 +675,9 @@ struct OverlayLXCTests {
         defer { for n in names { _ = lxc("lxc-stop", ["-n", n, "-k"]) } }
         for n in names {
             let r = lxc("lxc-start", ["-n", n, "-l", "INFO", "-o", s.sub("\(n).log")])
-            #expect(r.status == 0, "lxc-start \(n): \(r.err) \((try? String(contentsOfFile: s.sub("\(n).log"), encoding: .utf8)) ?? "")")
+            #expect(
+                r.status == 0,
+                "lxc-start \(n): \(r.err) \((try? String(contentsOfFile: s.sub("\(n).log"), encoding: .utf8)) ?? "")")
         }
         var seen: [String] = []
         for _ in 0..<50 {
@@ -612,7 +690,9 @@ struct OverlayLXCTests {
         #expect(manifest([s.sub("store/data")]) == objects, "no shared object changed")
         // hashify mem finds each container's process in its guest (its own mount namespace), sharing sleep and libc.
         let mem = memReport(["--store", store] + roots)
-        for r in roots { #expect((guestFigures(mem, r)["processes"] as? Int ?? 0) >= 1, "container processes of \(r): \(mem)") }
+        for r in roots {
+            #expect((guestFigures(mem, r)["processes"] as? Int ?? 0) >= 1, "container processes of \(r): \(mem)")
+        }
         #expect(sum(mem, roots, "sharedBytes") > 0)
         #expect(sum(mem, roots, "duplicatedBytes") == 0)
         for n in names { #expect(lxc("lxc-stop", ["-n", n, "-k"]).status == 0) }

@@ -1,5 +1,6 @@
 import HashifyEngine
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -61,9 +62,10 @@ struct PathFilterTests {
     /// Names that exercise the shortcuts: default-exclude names, a prefix of
     /// one (`/var` vs `/variant`), hidden names, names holding glob
     /// characters, and invalid UTF-8.
-    static let names: [[UInt8]] = [
-        "usr", "var", "variant", "etc", ".hidden", "lib", "x.pyc", "a*b", "[ab]", "b",
-    ].map { Array($0.utf8) } + [[0xff, 0xfe, 0x2a], [0x61, 0x0a, 0x62]]
+    static let names: [[UInt8]] =
+        [
+            "usr", "var", "variant", "etc", ".hidden", "lib", "x.pyc", "a*b", "[ab]", "b",
+        ].map { Array($0.utf8) } + [[0xff, 0xfe, 0x2a], [0x61, 0x0a, 0x62]]
 
     static let paths: [[[UInt8]]] = {
         var all: [[[UInt8]]] = names.map { [$0] }
@@ -99,14 +101,17 @@ struct PathFilterTests {
     @Test("shortcuts decide every path as fnmatch does", arguments: cases.indices)
     func matchesOracle(_ i: Int) {
         let (excludes, includes) = Self.cases[i]
-        let ex = excludes.map { Array($0.utf8) }, inc = includes.map { Array($0.utf8) }
+        let ex = excludes.map { Array($0.utf8) }
+        let inc = includes.map { Array($0.utf8) }
         let f = PathFilter(excludes: ex, includes: inc)
         var taken = 0
         for p in Self.paths {
             let expected = Self.oracle(excludes: ex, includes: inc, p)
             if expected { taken += 1 }
-            #expect(Self.filter(f, p) == expected,
-                    "excludes \(excludes) includes \(includes) path /\(p.map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/"))")
+            #expect(
+                Self.filter(f, p) == expected,
+                "excludes \(excludes) includes \(includes) path /\(p.map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/"))"
+            )
         }
         #expect(taken > 0, "the case must take some path")
     }
@@ -116,7 +121,9 @@ struct PathFilterTests {
         let f = PathFilter(excludes: PathFilter.defaultExcludes.map { Array($0.utf8) }, includes: [])
         #expect(!f.rootScope.filesAlwaysIncluded)
         let usr = Array("usr".utf8CString)
-        let scope = usr.withUnsafeBufferPointer { f.enter(f.rootScope, PathFilter.Name(cString: $0.baseAddress!, count: 3), path: { Array("/usr".utf8) }) }
+        let scope = usr.withUnsafeBufferPointer {
+            f.enter(f.rootScope, PathFilter.Name(cString: $0.baseAddress!, count: 3), path: { Array("/usr".utf8) })
+        }
         #expect(scope.verdict == .included && scope.filesAlwaysIncluded)
     }
 }

@@ -2,6 +2,7 @@ import Foundation
 import HashifyEngine
 import HashifySystem
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -12,7 +13,9 @@ struct StoreTests {
         let roots = (1...count).map { s.sub("guests/g\($0)") }
         for (i, r) in roots.enumerated() { makeGuest(r, index: i, files: files) }
         // Candidates that stay different: same size and metadata, other content.
-        for (i, r) in roots.enumerated() { writeFile("\(r)/usr/share/same-size", pseudoRandom(4000, seed: UInt64(500 + i))) }
+        for (i, r) in roots.enumerated() {
+            writeFile("\(r)/usr/share/same-size", pseudoRandom(4000, seed: UInt64(500 + i)))
+        }
         settle()
         return roots
     }
@@ -60,7 +63,10 @@ struct StoreTests {
         for (i, r) in roots.enumerated() {
             writeFile("\(r)/usr/lib/lib3.so.dpkg-new", pseudoRandom(7777, seed: 4242), mtime: 1_710_000_000)
             rename("\(r)/usr/lib/lib3.so.dpkg-new", "\(r)/usr/lib/lib3.so")
-            if i == 1 { settle(); _ = hashify(["unify"] + roots) }  // half updated: partial re-merge
+            if i == 1 {
+                settle()
+                _ = hashify(["unify"] + roots)
+            }  // half updated: partial re-merge
         }
         settle()
         let before = manifest(roots)
@@ -68,7 +74,12 @@ struct StoreTests {
         _ = run(["/bin/cp", "-a", s.sub("guests"), copy])
         let freshRoots = (1...4).map { "\(copy)/g\($0)" }
         _ = run(["/bin/rm", "-rf", "\(copy)/.hashify"])
-        for r in freshRoots { _ = run(["/bin/sh", "-c", "cd '\(r)' && for f in $(find . -type f); do cp -p \"$f\" \"$f.x\" && mv \"$f.x\" \"$f\"; done"]) }
+        for r in freshRoots {
+            _ = run([
+                "/bin/sh", "-c",
+                "cd '\(r)' && for f in $(find . -type f); do cp -p \"$f\" \"$f.x\" && mv \"$f.x\" \"$f\"; done",
+            ])
+        }
         settle()
         let incremental = totals(hashify(["unify", "--json"] + roots).out)
         let fresh = hashify(["unify", "--json"] + freshRoots)
@@ -89,7 +100,9 @@ struct StoreTests {
         #expect(totals(fresh.out)["pathsLinked"] as? Int ?? 0 > 0)
     }
 
-    @Test("a truncated or corrupt index is reported, rebuilt and never merges different content", arguments: ["truncate", "flip", "garbage"])
+    @Test(
+        "a truncated or corrupt index is reported, rebuilt and never merges different content",
+        arguments: ["truncate", "flip", "garbage"])
     func corruptIndex(_ damage: String) throws {
         let s = Scratch("index")
         let roots = guests(s)
@@ -149,7 +162,9 @@ struct StoreTests {
         let s = Scratch("gc")
         let roots = guests(s)
         _ = hashify(["unify"] + roots)
-        let objects = { run(["/usr/bin/find", s.sub("guests/.hashify/objects"), "-type", "f"]).out.split(separator: "\n").count }
+        let objects = {
+            run(["/usr/bin/find", s.sub("guests/.hashify/objects"), "-type", "f"]).out.split(separator: "\n").count
+        }
         let n = objects()
         // Every guest drops lib5.so: its object is unreferenced now.
         for r in roots { unlink("\(r)/usr/lib/lib5.so") }
@@ -171,7 +186,9 @@ struct StoreTests {
         let roots = guests(s)
         _ = hashify(["unify"] + roots)
         let before = manifest(roots)
-        var r = hashify(["split", "--store", s.sub("guests/.hashify"), "\(roots[0])/usr/bin/tool", "\(roots[0])/usr/lib/lib2.so"])
+        var r = hashify([
+            "split", "--store", s.sub("guests/.hashify"), "\(roots[0])/usr/bin/tool", "\(roots[0])/usr/lib/lib2.so",
+        ])
         #expect(r.status == 0, "\(r.err)")
         #expect(linkCount("\(roots[0])/usr/bin/tool") == 1)
         #expect(linkCount("\(roots[1])/usr/bin/tool") == 3, "the other guests and the store still share it")

@@ -1,15 +1,17 @@
-import Foundation
 import CHashifyShim
+import Foundation
 import HashifyEngine
 import HashifySystem
 import SystemPackage
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// The package root (tests find the built binary and bench/manifest.py from it).
-let packageRoot: URL = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+let packageRoot: URL = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent()
 
 /// The hashify binary built with the tests.
 let hashifyBinary: String = {
@@ -43,7 +45,8 @@ func run(_ argv: [String], input: String? = nil) -> (status: Int32, out: String,
     let p = Process()
     p.executableURL = URL(fileURLWithPath: argv[0])
     p.arguments = Array(argv.dropFirst())
-    let o = Pipe(), e = Pipe()
+    let o = Pipe()
+    let e = Pipe()
     p.standardOutput = o
     p.standardError = e
     p.standardInput = FileHandle.nullDevice
@@ -75,8 +78,9 @@ func totals(_ out: String) -> [String: Any] { jsonReport(out)["totals"] as? [Str
 /// of the engine (path, type, sha256, mode, uid, gid, mtime ns, xattrs,
 /// symlink target, device numbers; directory mtimes included).
 func manifest(_ roots: [String], inodes: Bool = false, links: Bool = false) -> String {
-    let r = run(["/usr/bin/python3", packageRoot.appendingPathComponent("bench/manifest.py").path]
-        + (inodes ? ["--inodes"] : []) + (links ? ["--links"] : []) + roots)
+    let r = run(
+        ["/usr/bin/python3", packageRoot.appendingPathComponent("bench/manifest.py").path]
+            + (inodes ? ["--inodes"] : []) + (links ? ["--links"] : []) + roots)
     precondition(r.status == 0, "manifest.py failed: \(r.err)")
     return r.out
 }
@@ -92,8 +96,10 @@ func mkdirs(_ path: String, mode: mode_t = 0o755) {
 }
 
 /// Writes a file with content and attributes (path-based: test trees only).
-func writeFile(_ path: String, _ content: [UInt8], mode: mode_t = 0o644, uid: uid_t = 0, gid: gid_t = 0,
-               mtime: Int64 = 1_700_000_000, mtimeNsec: Int = 123_456_789, xattrs: [(String, [UInt8])] = []) {
+func writeFile(
+    _ path: String, _ content: [UInt8], mode: mode_t = 0o644, uid: uid_t = 0, gid: gid_t = 0,
+    mtime: Int64 = 1_700_000_000, mtimeNsec: Int = 123_456_789, xattrs: [(String, [UInt8])] = []
+) {
     mkdirs((path as NSString).deletingLastPathComponent)
     let fd = open(path, O_WRONLY | O_CLOEXEC | O_CREAT | O_TRUNC, 0o600)
     precondition(fd >= 0, "open \(path): \(errno)")
@@ -106,8 +112,10 @@ func writeFile(_ path: String, _ content: [UInt8], mode: mode_t = 0o644, uid: ui
     close(fd)
 }
 
-func writeFile(_ path: String, _ text: String, mode: mode_t = 0o644, uid: uid_t = 0, gid: gid_t = 0,
-               mtime: Int64 = 1_700_000_000, xattrs: [(String, [UInt8])] = []) {
+func writeFile(
+    _ path: String, _ text: String, mode: mode_t = 0o644, uid: uid_t = 0, gid: gid_t = 0,
+    mtime: Int64 = 1_700_000_000, xattrs: [(String, [UInt8])] = []
+) {
     writeFile(path, Array(text.utf8), mode: mode, uid: uid, gid: gid, mtime: mtime, xattrs: xattrs)
 }
 
@@ -115,7 +123,9 @@ func writeFile(_ path: String, _ text: String, mode: mode_t = 0o644, uid: uid_t 
 func pseudoRandom(_ count: Int, seed: UInt64) -> [UInt8] {
     var x = seed &* 0x9E37_79B9_7F4A_7C15 | 1
     return (0..<count).map { _ in
-        x ^= x << 13; x ^= x >> 7; x ^= x << 17
+        x ^= x << 13
+        x ^= x >> 7
+        x ^= x << 17
         return UInt8(truncatingIfNeeded: x)
     }
 }
@@ -171,7 +181,9 @@ func mountPoints(under path: String) -> [String] {
         let f = line.split(separator: " ")
         guard f.count > 4 else { continue }
         var p = String(f[4])
-        for (esc, c) in [("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")] { p = p.replacingOccurrences(of: esc, with: c) }
+        for (esc, c) in [("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")] {
+            p = p.replacingOccurrences(of: esc, with: c)
+        }
         if p == path || p.hasPrefix(path + "/") { points.append(p) }
     }
     return points.sorted { $0.count > $1.count }
@@ -184,6 +196,8 @@ func unmountAll(under path: String) {
 
 /// The lines of two manifests that differ (- before, + after), for failure messages.
 func manifestDiff(_ before: String, _ after: String) -> String {
-    let a = Set(before.split(separator: "\n")), b = Set(after.split(separator: "\n"))
-    return (a.subtracting(b).sorted().map { "- \($0)" } + b.subtracting(a).sorted().map { "+ \($0)" }).joined(separator: "\n")
+    let a = Set(before.split(separator: "\n"))
+    let b = Set(after.split(separator: "\n"))
+    return (a.subtracting(b).sorted().map { "- \($0)" } + b.subtracting(a).sorted().map { "+ \($0)" }).joined(
+        separator: "\n")
 }

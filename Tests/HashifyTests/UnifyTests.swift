@@ -1,9 +1,10 @@
-import Foundation
 import CHashifyShim
+import Foundation
 import HashifyEngine
 import HashifySystem
 import SystemPackage
 import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,7 +20,9 @@ struct UnifyTests {
         for r in roots {
             let fd = open("\(r)/usr/lib/sparse.img", O_WRONLY | O_CLOEXEC | O_CREAT, 0o644)
             _ = pwrite(fd, "tail", 4, 8 << 20)
-            var ts = [timespec(tv_sec: 0, tv_nsec: Int(HASHIFY_UTIME_OMIT)), timespec(tv_sec: 1_700_000_000, tv_nsec: 0)]
+            var ts = [
+                timespec(tv_sec: 0, tv_nsec: Int(HASHIFY_UTIME_OMIT)), timespec(tv_sec: 1_700_000_000, tv_nsec: 0),
+            ]
             futimens(fd, &ts)
             close(fd)
         }
@@ -61,11 +64,17 @@ struct UnifyTests {
     func identityAttribute(_ attribute: Attribute) throws {
         if !isRoot && [.uid, .gid, .capability, .trustedXattr].contains(attribute) { return }
         let s = Scratch("identity")
-        let a = s.sub("guests/a"), b = s.sub("guests/b"), c = s.sub("guests/c")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
+        let c = s.sub("guests/c")
         let content = pseudoRandom(3000, seed: 7)
         let cap: [UInt8] = [0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]  // cap_net_raw+p
-        writeFile("\(a)/usr/bin/f", content, mode: 0o755, xattrs: attribute == .capability ? [("security.capability", cap)] : [])
-        writeFile("\(c)/usr/bin/f", content, mode: 0o755, xattrs: attribute == .capability ? [("security.capability", cap)] : [])
+        writeFile(
+            "\(a)/usr/bin/f", content, mode: 0o755,
+            xattrs: attribute == .capability ? [("security.capability", cap)] : [])
+        writeFile(
+            "\(c)/usr/bin/f", content, mode: 0o755,
+            xattrs: attribute == .capability ? [("security.capability", cap)] : [])
         switch attribute {
         case .mode: writeFile("\(b)/usr/bin/f", content, mode: 0o4755)
         case .uid: writeFile("\(b)/usr/bin/f", content, mode: 0o755, uid: 1000)
@@ -91,7 +100,9 @@ struct UnifyTests {
     @Test("guest-local hard links move together; links outside the roots keep an inode alone")
     func guestLocalHardLinks() throws {
         let s = Scratch("links")
-        let a = s.sub("guests/a"), b = s.sub("guests/b"), outside = s.sub("outside")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
+        let outside = s.sub("outside")
         let content = pseudoRandom(4096, seed: 3)
         writeFile("\(a)/usr/bin/x", content)
         link("\(a)/usr/bin/x", "\(a)/usr/bin/x-again")
@@ -109,11 +120,15 @@ struct UnifyTests {
         #expect(r.status == 0, "\(r.err)")
         #expect(manifest([a, b, outside]) == before)
         let ino = inode("\(a)/usr/bin/x")
-        #expect(inode("\(a)/usr/bin/x-again") == ino && inode("\(a)/usr/sbin/x") == ino && inode("\(b)/usr/bin/x") == ino)
+        #expect(
+            inode("\(a)/usr/bin/x-again") == ino && inode("\(a)/usr/sbin/x") == ino && inode("\(b)/usr/bin/x") == ino)
         #expect(inode("\(b)/usr/bin/y") == inode("\(outside)/y"))
         #expect(inode("\(a)/usr/bin/y") != inode("\(b)/usr/bin/y"))
         let skipped = jsonReport(r.out)["skipped"] as? [[String: Any]] ?? []
-        #expect(skipped.contains { ($0["reason"] as? String) == "links-outside-roots" && ($0["path"] as? String) == "/usr/bin/y" })
+        #expect(
+            skipped.contains {
+                ($0["reason"] as? String) == "links-outside-roots" && ($0["path"] as? String) == "/usr/bin/y"
+            })
     }
 
     @Test("--dry-run changes nothing (not even the store) and predicts the real run")
@@ -128,14 +143,18 @@ struct UnifyTests {
         #expect(manifest(roots, inodes: true) == before)
         #expect(access(s.sub("guests/.hashify"), F_OK) != 0, "a dry run creates no store")
         let real = hashify(["unify", "--json"] + roots)
-        for key in ["pathsLinked", "inodesFreed", "bytesSaved", "bytesSavedMaximum", "identityGroups", "objectsCreated",
-                    "pathsWithOtherModificationTime"] {
+        for key in [
+            "pathsLinked", "inodesFreed", "bytesSaved", "bytesSavedMaximum", "identityGroups", "objectsCreated",
+            "pathsWithOtherModificationTime",
+        ] {
             #expect(totals(dry.out)[key] as? Int == totals(real.out)[key] as? Int, "\(key)")
         }
         // Per guest too: the dry run is the same outcome, tallied instead of linked.
-        let guests = { (out: String) in (jsonReport(out)["guests"] as? [[String: Any]] ?? []).map { g in
-            ["pathsLinked", "inodesFreed", "bytesSaved", "pathsShared"].map { g[$0] as? Int ?? -1 }
-        } }
+        let guests = { (out: String) in
+            (jsonReport(out)["guests"] as? [[String: Any]] ?? []).map { g in
+                ["pathsLinked", "inodesFreed", "bytesSaved", "pathsShared"].map { g[$0] as? Int ?? -1 }
+            }
+        }
         #expect(guests(dry.out) == guests(real.out))
         #expect((totals(real.out)["pathsLinked"] as? Int ?? 0) > 0)
     }
@@ -143,14 +162,17 @@ struct UnifyTests {
     @Test("default excludes, dpkg conffiles and --include")
     func excludesAndConffiles() throws {
         let s = Scratch("excl")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         for r in [a, b] {
             writeFile("\(r)/etc/big.conf", pseudoRandom(999, seed: 1))
             writeFile("\(r)/var/lib/x/data", pseudoRandom(999, seed: 2))
             writeFile("\(r)/usr/share/conf-in-usr", pseudoRandom(999, seed: 3))
             writeFile("\(r)/usr/share/plain", pseudoRandom(999, seed: 4))
             writeFile("\(r)/usr/share/skip.pyc", pseudoRandom(999, seed: 5))
-            writeFile("\(r)/var/lib/dpkg/status", """
+            writeFile(
+                "\(r)/var/lib/dpkg/status",
+                """
                 Package: demo
                 Status: install ok installed
                 Conffiles:
@@ -173,7 +195,8 @@ struct UnifyTests {
         r = hashify(["unify", "--include", "/var/lib/x", a, b])
         #expect(r.status == 0)
         #expect(inode("\(a)/var/lib/x/data") == inode("\(b)/var/lib/x/data"))
-        #expect(inode("\(a)/usr/share/conf-in-usr") != inode("\(b)/usr/share/conf-in-usr"), "conffiles are never unified")
+        #expect(
+            inode("\(a)/usr/share/conf-in-usr") != inode("\(b)/usr/share/conf-in-usr"), "conffiles are never unified")
         r = hashify(["unify", "--no-default-excludes", a, b])
         #expect(inode("\(a)/etc/big.conf") != inode("\(b)/etc/big.conf"), "conffiles are never unified")
         #expect(manifest([a, b]) == before)
@@ -192,7 +215,9 @@ struct UnifyTests {
         }
     }
 
-    @Test("comparing within a size group never merges different files (late differences, more distinct contents than representatives)")
+    @Test(
+        "comparing within a size group never merges different files (late differences, more distinct contents than representatives)"
+    )
     func comparisonNeverMergesDifferentFiles() throws {
         let s = Scratch("compare")
         let roots = (1...4).map { s.sub("guests/g\($0)") }
@@ -237,7 +262,8 @@ struct UnifyTests {
     @Test("--ignore-mtime merges files that differ only in mtime and says how many paths got another mtime")
     func ignoreMtime() throws {
         let s = Scratch("mtime")
-        let a = s.sub("guests/a"), b = s.sub("guests/b")
+        let a = s.sub("guests/a")
+        let b = s.sub("guests/b")
         writeFile("\(a)/usr/f", pseudoRandom(500, seed: 1), mtime: 1_600_000_000)
         writeFile("\(b)/usr/f", pseudoRandom(500, seed: 1), mtime: 1_700_000_000)
         settle()
@@ -301,7 +327,9 @@ final class RecordingProgress: ProgressSink, @unchecked Sendable {
     var hashUpdates: [(done: Int, total: Int?, bytes: UInt64, totalBytes: UInt64?)] = []
     func update(phase: Phase, done: Int, total: Int?, bytes: UInt64, totalBytes: UInt64?) {
         guard phase == .hash else { return }
-        lock.lock(); hashUpdates.append((done, total, bytes, totalBytes)); lock.unlock()
+        lock.lock()
+        hashUpdates.append((done, total, bytes, totalBytes))
+        lock.unlock()
     }
     func finish() {}
 }
@@ -331,7 +359,8 @@ struct ProgressTests {
         #expect(sink.hashUpdates.map(\.done).max() == report.totals.candidates)
         // Every large file is read once: 3 × 3 MiB + 3 × 2 MiB of the 15 MiB of large candidates.
         let large = UInt64(3 * (3 << 20) + 3 * (2 << 20))
-        try #require(report.totals.bytesToHash >= large, "every large file is a candidate: \(report.skipped.map(\.detail))")
+        try #require(
+            report.totals.bytesToHash >= large, "every large file is a candidate: \(report.skipped.map(\.detail))")
         let small = report.totals.bytesToHash - large
         #expect(report.totals.bytesHashed <= large + 2 * small)
     }

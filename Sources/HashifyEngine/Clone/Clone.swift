@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -14,7 +15,10 @@ public struct CloneOptions: Sendable {
     public var lxcName: String?
     /// Overlay clones: mount the new guest.
     public var mount = true
-    public init(source: FilePath, destination: FilePath) { self.source = source; self.destination = destination }
+    public init(source: FilePath, destination: FilePath) {
+        self.source = source
+        self.destination = destination
+    }
 }
 
 /// What `hashify clone` made.
@@ -53,7 +57,9 @@ public enum Clone {
         guard let name = options.destination.lastComponent, name.kind == .regular else {
             throw InputError("\(options.destination): not a directory name")
         }
-        let parentPath = options.destination.removingLastComponent().isEmpty ? FilePath(".") : options.destination.removingLastComponent()
+        let parentPath =
+            options.destination.removingLastComponent().isEmpty
+            ? FilePath(".") : options.destination.removingLastComponent()
         // With --lxc, LXCPATH/NAME is made when missing, as lxc-copy does (after every check).
         var parent = try? Directory.open(path: parentPath)
         let madeParent = parent == nil && options.lxcName != nil
@@ -61,14 +67,18 @@ public enum Clone {
         guard let canonicalParent = RootValidation.canonical(existingParent.isEmpty ? "." : existingParent),
             let existing = try? Directory.open(path: canonicalParent), parent != nil || madeParent
         else {
-            throw InputError("\(parent == nil && options.lxcName == nil ? parentPath : existingParent): no such directory")
+            throw InputError(
+                "\(parent == nil && options.lxcName == nil ? parentPath : existingParent): no such directory")
         }
-        let canonicalDestination = madeParent
+        let canonicalDestination =
+            madeParent
             ? canonicalParent.appending(parentPath.lastComponent!).appending(name) : canonicalParent.appending(name)
         if canonicalDestination == source || RootValidation.isInside(canonicalDestination, source)
             || RootValidation.isInside(source, canonicalDestination)
         {
-            throw InputError("\(options.destination): inside the source \(options.source) or containing it (a clone must be beside it)")
+            throw InputError(
+                "\(options.destination): inside the source \(options.source) or containing it (a clone must be beside it)"
+            )
         }
         let dstName = FileName(name.string)
         if let parent, (try? parent.stat(dstName)) != nil { throw InputError("\(options.destination): already exists") }
@@ -85,8 +95,11 @@ public enum Clone {
             throw InputError("\(options.source): not on the filesystem of the store \(storePath)")
         }
         var lxc: (config: [UInt8], path: FilePath)?
-        if let n = options.lxcName { lxc = try lxcConfig(name: n, source: source, destination: options.destination, parent: parentPath,
-                                                                 absolute: canonicalDestination) }
+        if let n = options.lxcName {
+            lxc = try lxcConfig(
+                name: n, source: source, destination: options.destination, parent: parentPath,
+                absolute: canonicalDestination)
+        }
         try store.lock(wait: options.waitForLock)
         if madeParent {
             let lxcName = FileName(parentPath.lastComponent!.string)
@@ -94,10 +107,12 @@ public enum Clone {
             parent = try existing.openDirectory(lxcName)
         }
         guard let parent else { throw InputError("\(parentPath): no such directory") }
-        var report = CloneReport(source: options.source.string, destination: options.destination.string, mode: "hardlink")
+        var report = CloneReport(
+            source: options.source.string, destination: options.destination.string, mode: "hardlink")
         do {
-            try cloneInto(parent, as: dstName, source: source, overlaySource: overlaySource, options: options, store: store,
-                          report: &report)
+            try cloneInto(
+                parent, as: dstName, source: source, overlaySource: overlaySource, options: options, store: store,
+                report: &report)
         } catch {
             if madeParent { try? existing.removeTree(FileName(parentPath.lastComponent!.string)) }
             throw error
@@ -111,11 +126,15 @@ public enum Clone {
     }
 
     /// The clone itself, hardlink or overlay mode as the source is.
-    static func cloneInto(_ parent: Directory, as dstName: FileName, source: FilePath, overlaySource: OverlayGuest?,
-                          options: CloneOptions, store: Store, report: inout CloneReport) throws {
+    static func cloneInto(
+        _ parent: Directory, as dstName: FileName, source: FilePath, overlaySource: OverlayGuest?,
+        options: CloneOptions, store: Store, report: inout CloneReport
+    ) throws {
         if let record = overlaySource {
             report.mode = "overlay"
-            try cloneOverlay(record, to: parent, as: dstName, destinationPath: options.destination, store: store, mount: options.mount, report: &report)
+            try cloneOverlay(
+                record, to: parent, as: dstName, destinationPath: options.destination, store: store,
+                mount: options.mount, report: &report)
         } else {
             try cloneHardlink(source, to: parent, as: dstName, store: store, report: &report)
             // Every later command finds this store for the clone (RootValidation.defaultStorePath).
@@ -125,7 +144,9 @@ public enum Clone {
 
     /// Hardlink mode: store objects linked, the rest copied, in a temporary
     /// directory beside DST that is renamed to DST at the end.
-    static func cloneHardlink(_ source: FilePath, to parent: Directory, as name: FileName, store: Store, report: inout CloneReport) throws {
+    static func cloneHardlink(
+        _ source: FilePath, to parent: Directory, as name: FileName, store: Store, report: inout CloneReport
+    ) throws {
         let objects = Set(try store.objectGenerations().keys)
         let src = try Directory.open(path: source)
         let conffiles = DpkgConffiles.read(guestRoot: src)
@@ -133,11 +154,14 @@ public enum Clone {
         let temp = FileName(Array(".".utf8) + name.bytes + Array(".hashify-clone".utf8))
         try parent.removeTree(temp)
         try parent.makeDirectory(temp, mode: 0o700)
-        var shared = 0, copied = 0
+        var shared = 0
+        var copied = 0
         var bytes: UInt64 = 0
         let copier = TreeCopier(escapeOverlayAttributes: false) { file, dest in
             let path = [0x2f] + file.path
-            let isMutable = mutable.contains { path.starts(with: $0) && (path.count == $0.count || path[$0.count] == 0x2f) }
+            let isMutable = mutable.contains {
+                path.starts(with: $0) && (path.count == $0.count || path[$0.count] == 0x2f)
+            }
             if objects.contains(file.stat.inode), !isMutable, !conffiles.contains(path) {
                 // The very inode that was checked (no name resolved again), still the object.
                 try file.handle.link(into: dest, as: file.name)
@@ -171,20 +195,28 @@ public enum Clone {
     /// merged view over the same data objects (files the source's upper layer
     /// does not hold keep their objects unread), an empty upper layer, and DST
     /// made as its mount point last.
-    static func cloneOverlay(_ sourceRecord: OverlayGuest, to parent: Directory, as name: FileName, destinationPath: FilePath,
-                             store: Store, mount: Bool, report: inout CloneReport) throws {
+    static func cloneOverlay(
+        _ sourceRecord: OverlayGuest, to parent: Directory, as name: FileName, destinationPath: FilePath,
+        store: Store, mount: Bool, report: inout CloneReport
+    ) throws {
         guard let sourceState = try Overlay.recover(sourceRecord), sourceState.phase == .active,
-              let canonicalParent = RootValidation.canonical(destinationPath.removingLastComponent().isEmpty ? "." : destinationPath.removingLastComponent()) else {
+            let canonicalParent = RootValidation.canonical(
+                destinationPath.removingLastComponent().isEmpty ? "." : destinationPath.removingLastComponent())
+        else {
             throw InputError("\(sourceRecord.rootPath): its overlay records are incomplete")
         }
         let canonicalDestination = canonicalParent.appending(name.description)
-        guard let dataPath = RootValidation.canonical(store.path)?.appending("data") else { throw InputError("\(store.path): cannot resolve path") }
-        let session = Overlay.Session(store: store, objects: try DataObjects(store: store), dataPath: dataPath, guests: [])
+        guard let dataPath = RootValidation.canonical(store.path)?.appending("data") else {
+            throw InputError("\(store.path): cannot resolve path")
+        }
+        let session = Overlay.Session(
+            store: store, objects: try DataObjects(store: store), dataPath: dataPath, guests: [])
         let record = try OverlayGuest.open(store: store, canonicalRoot: canonicalDestination, create: true)!
         try Overlay.recover(record)
         var state = OverlayGuest.State(phase: .converting, generation: 1, rootInode: 0)
         try record.writeState(state)
-        let result = try Overlay.buildGeneration(1, of: record, from: sourceRecord, generation: sourceState.generation, session: session)
+        let result = try Overlay.buildGeneration(
+            1, of: record, from: sourceRecord, generation: sourceState.generation, session: session)
         report.filesShared = result.filesUnchanged + result.filesSharingObjects
         report.filesCopied = result.inlineFiles + result.objectsCreated
         report.bytesCopied = result.bytesCopied
@@ -196,18 +228,26 @@ public enum Clone {
         try parent.changeOwner(of: name, uid: rootStat.uid, gid: rootStat.gid)
         state.phase = .active
         try record.writeState(state)
-        if mount { try OverlayMount.mount(try record.generation(1), data: dataPath, on: try parent.openDirectory(name)) }
+        if mount {
+            try OverlayMount.mount(try record.generation(1), data: dataPath, on: try parent.openDirectory(name))
+        }
     }
 
     /// The clone's LXC config: the source container's (`…/SRCNAME/config`)
     /// with the new name and rootfs, and without the source's MAC addresses.
-    static func lxcConfig(name: String, source: FilePath, destination: FilePath, parent: FilePath,
-                          absolute: FilePath) throws -> ([UInt8], FilePath) {
+    static func lxcConfig(
+        name: String, source: FilePath, destination: FilePath, parent: FilePath,
+        absolute: FilePath
+    ) throws -> ([UInt8], FilePath) {
         guard source.lastComponent?.string == "rootfs" else {
             throw InputError("--lxc: the source \(source) is not an LXC rootfs (…/NAME/rootfs)")
         }
         let sourceConfig = source.removingLastComponent().appending("config")
-        guard let text = try? Directory.open(path: sourceConfig.removingLastComponent()).openFileForReading(FileName("config")).readAll() else {
+        guard
+            let text = try? Directory.open(path: sourceConfig.removingLastComponent()).openFileForReading(
+                FileName("config")
+            ).readAll()
+        else {
             throw InputError("--lxc: no LXC config at \(sourceConfig)")
         }
         guard destination.lastComponent?.string == "rootfs", parent.lastComponent?.string == name else {

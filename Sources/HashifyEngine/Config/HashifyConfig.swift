@@ -1,6 +1,7 @@
 import HashifySystem
 import SystemPackage
 import TOMLKit
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -69,7 +70,9 @@ public struct HashifyConfig: Sendable {
         } catch {
             throw InputError("\(file): \(error)")
         }
-        guard let text = String(validating: bytes, as: UTF8.self) else { throw InputError("\(file): not UTF-8 text (TOML files are UTF-8)") }
+        guard let text = String(validating: bytes, as: UTF8.self) else {
+            throw InputError("\(file): not UTF-8 text (TOML files are UTF-8)")
+        }
         var config = try parse(text, file: file.string)
         config.file = file
         return config
@@ -92,7 +95,9 @@ public struct HashifyConfig: Sendable {
     public func guest(named name: String?, root: FilePath) -> Guest? {
         if let name {
             if let g = guests[name] { return g }
-            if let colon = name.firstIndex(of: ":"), let g = guests[String(name[name.index(after: colon)...])] { return g }
+            if let colon = name.firstIndex(of: ":"), let g = guests[String(name[name.index(after: colon)...])] {
+                return g
+            }
         }
         return guests.values.first { $0.root == root }
     }
@@ -124,11 +129,19 @@ private struct Reader {
 
     func config(_ t: TOMLTable) throws -> HashifyConfig {
         var c = HashifyConfig()
-        try known(t, at: [], ["store", "mode", "threads", "min-size", "default-excludes", "ignore-mtime", "exclude", "include", "guests", "guest"])
+        try known(
+            t, at: [],
+            [
+                "store", "mode", "threads", "min-size", "default-excludes", "ignore-mtime", "exclude", "include",
+                "guests", "guest",
+            ])
         c.store = try path(t, "store", at: [])
         if let m = try string(t, "mode", at: []) {
             guard let mode = HashifyConfig.Mode(rawValue: m) else {
-                throw fault(at: [], "mode", "must be \(HashifyConfig.Mode.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: " or ")), not \"\(m)\"")
+                throw fault(
+                    at: [], "mode",
+                    "must be \(HashifyConfig.Mode.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: " or ")), not \"\(m)\""
+                )
             }
             c.mode = mode
         }
@@ -137,7 +150,9 @@ private struct Reader {
             c.threads = n
         }
         if let n = try integer(t, "min-size", at: []) {
-            guard n >= 1 else { throw fault(at: [], "min-size", "must be at least 1 (empty files are never linked), not \(n)") }
+            guard n >= 1 else {
+                throw fault(at: [], "min-size", "must be at least 1 (empty files are never linked), not \(n)")
+            }
             c.minimumSize = UInt64(n)
         }
         c.defaultExcludes = try bool(t, "default-excludes", at: [])
@@ -158,9 +173,10 @@ private struct Reader {
                 let at = ["guest", name]
                 guard let g = try table(guests, name, at: ["guest"]) else { continue }
                 try known(g, at: at, ["root", "exclude", "include"])
-                c.guests[name] = HashifyConfig.Guest(root: try path(g, "root", at: at),
-                                                     excludes: try patterns(g, "exclude", at: at),
-                                                     includes: try patterns(g, "include", at: at))
+                c.guests[name] = HashifyConfig.Guest(
+                    root: try path(g, "root", at: at),
+                    excludes: try patterns(g, "exclude", at: at),
+                    includes: try patterns(g, "include", at: at))
             }
         }
         return c
@@ -171,11 +187,15 @@ private struct Reader {
     func known(_ t: TOMLTable, at table: [String], _ keys: Set<String>) throws {
         for k in t.keys.sorted() where !keys.contains(k) {
             let expected = keys.sorted().joined(separator: ", ")
-            throw fault(at: table, k, "unknown key (\(table.isEmpty ? "top level" : "[\(table.joined(separator: "."))]") takes \(expected))")
+            throw fault(
+                at: table, k,
+                "unknown key (\(table.isEmpty ? "top level" : "[\(table.joined(separator: "."))]") takes \(expected))")
         }
     }
 
-    func value(_ t: TOMLTable, _ key: String, at table: [String], _ type: TOMLType, _ what: String) throws -> (any TOMLValueConvertible)? {
+    func value(_ t: TOMLTable, _ key: String, at table: [String], _ type: TOMLType, _ what: String) throws -> (
+        any TOMLValueConvertible
+    )? {
         guard let v = t[key] else { return nil }
         if v.type != type { throw fault(at: table, key, "must be \(what), not \(Reader.article(v.type))") }
         return v
@@ -200,7 +220,9 @@ private struct Reader {
     func strings(_ t: TOMLTable, _ key: String, at table: [String]) throws -> [String]? {
         guard let a = try value(t, key, at: table, .array, "an array of strings")?.array else { return nil }
         return try a.map { v in
-            guard let s = v.string else { throw fault(at: table, key, "must be an array of strings, but holds \(Reader.article(v.type))") }
+            guard let s = v.string else {
+                throw fault(at: table, key, "must be an array of strings, but holds \(Reader.article(v.type))")
+            }
             return s
         }
     }
@@ -276,7 +298,8 @@ private struct Reader {
             } else if ch == "\"" || ch == "'" {
                 quote = ch
             } else if ch == "." {
-                parts.append(cur); cur = ""
+                parts.append(cur)
+                cur = ""
             } else if ch != " " && ch != "\t" {
                 cur.append(ch)
             }

@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -12,7 +13,9 @@ public struct DemoGuests {
     public var guestCount = 3
     /// At most this many bytes of host files per guest.
     public var bytesPerGuest: UInt64 = 48 << 20
-    public var sources: [FilePath] = ["/usr/bin", "/usr/sbin", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/share/perl5"]
+    public var sources: [FilePath] = [
+        "/usr/bin", "/usr/sbin", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/share/perl5",
+    ]
 
     public init(parent: FilePath) { self.parent = parent }
 
@@ -28,7 +31,8 @@ public struct DemoGuests {
         guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) != nil else {
             throw InputError("\(parent): cannot create a directory: \(Errno(rawValue: errno))")
         }
-        let dirPath = FilePath(String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
+        let dirPath = FilePath(
+            String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
         let top = try Directory.open(path: dirPath)
         try top.makeDirectory(FileName("guests"), mode: 0o755)
         let guests = try top.openDirectory(FileName("guests"))
@@ -119,7 +123,10 @@ public struct DiskUsage: Sendable {
                 let key = InodeKey(device: st.device, inode: st.inode)
                 if st.isRegular {
                     u.files += 1
-                    if st.linkCount > 1 { u.sharedPaths += 1; shared.insert(key) }
+                    if st.linkCount > 1 {
+                        u.sharedPaths += 1
+                        shared.insert(key)
+                    }
                 }
                 if seen.insert(key).inserted { u.bytes += st.allocatedBytes }
                 if st.isDirectory, st.mountID == (try dir.stat()).mountID { try visit(try dir.openDirectory(name)) }

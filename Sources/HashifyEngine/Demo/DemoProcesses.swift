@@ -1,6 +1,7 @@
 import CHashifyShim
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -16,7 +17,8 @@ public struct DemoProcesses {
     public private(set) var pids: [pid_t] = []
 
     public init() {
-        argv = access("/usr/bin/perl", X_OK) == 0
+        argv =
+            access("/usr/bin/perl", X_OK) == 0
             ? ["/usr/bin/perl", "-e", "my $x = 0; $x += $_ for 1..200000; sleep 3600"]
             : ["/bin/sleep", "3600"]
     }
@@ -38,7 +40,9 @@ public struct DemoProcesses {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        for fd: Int32 in [0, 1, 2] { posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0) }
+        for fd: Int32 in [0, 1, 2] {
+            posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0)
+        }
         guard posix_spawn(&pid, argv[0], &actions, nil, &cArgs, &env) == 0 else { return nil }
         return pid
     }
@@ -46,9 +50,16 @@ public struct DemoProcesses {
     /// The files the program maps when it runs on the host (its libraries), from /proc/PID/maps.
     func mappedFiles() -> [[UInt8]] {
         guard let pid = Self.spawn(argv) else { return [] }
-        defer { kill(pid, SIGKILL); var s: Int32 = 0; waitpid(pid, &s, 0) }
+        defer {
+            kill(pid, SIGKILL)
+            var s: Int32 = 0
+            waitpid(pid, &s, 0)
+        }
         usleep(300_000)
-        guard let maps = try? Directory.open(path: FilePath("/proc/\(pid)")).openFileForReading(FileName("maps")).readAll() else { return [] }
+        guard
+            let maps = try? Directory.open(path: FilePath("/proc/\(pid)")).openFileForReading(FileName("maps"))
+                .readAll()
+        else { return [] }
         var out: [[UInt8]] = []
         for line in maps.split(separator: 0x0a) {
             let f = line.split(separator: 0x20, maxSplits: 5, omittingEmptySubsequences: true)
@@ -62,7 +73,9 @@ public struct DemoProcesses {
     /// Copies the program, what it maps and the usual ELF interpreter paths into
     /// each guest (symlinks on the way recreated as symlinks), and a /dev/null.
     public func install(into roots: [FilePath]) throws {
-        let interpreters: [String] = ["/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1"].filter { access($0, F_OK) == 0 }
+        let interpreters: [String] = ["/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1"].filter {
+            access($0, F_OK) == 0
+        }
         var paths: [[UInt8]] = [Array(argv[0].utf8)]
         paths += mappedFiles()
         paths += interpreters.map { Array($0.utf8) }
@@ -123,15 +136,23 @@ public struct DemoProcesses {
     /// Total proportional set size (all of it: file-backed and anonymous) of the processes.
     public func totalPss() -> UInt64 {
         pids.reduce(0) { sum, pid in
-            guard let text = try? Directory.open(path: FilePath("/proc/\(pid)")).openFileForReading(FileName("smaps_rollup")).readAll(),
-                  let line = text.split(separator: 0x0a).first(where: { $0.starts(with: Array("Pss:".utf8)) }) else { return sum }
+            guard
+                let text = try? Directory.open(path: FilePath("/proc/\(pid)")).openFileForReading(
+                    FileName("smaps_rollup")
+                ).readAll(),
+                let line = text.split(separator: 0x0a).first(where: { $0.starts(with: Array("Pss:".utf8)) })
+            else { return sum }
             return sum + ProcessMaps.kilobytes(line)
         }
     }
 
     /// Stops the processes.
     public mutating func stop() {
-        for pid in pids { kill(pid, SIGKILL); var s: Int32 = 0; waitpid(pid, &s, 0) }
+        for pid in pids {
+            kill(pid, SIGKILL)
+            var s: Int32 = 0
+            waitpid(pid, &s, 0)
+        }
         pids = []
     }
 }

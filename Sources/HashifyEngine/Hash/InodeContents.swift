@@ -77,7 +77,10 @@ public final class InodeContents: @unchecked Sendable {
     /// Records that hashify's own links moved an inode's ctime while it was
     /// held unchanged (leased); `at` is a coarse-clock reading after `ctime`.
     func reverify(_ inode: Int32, changeTime: Timestamp, at: Timestamp) {
-        guard fingerprintOf[Int(inode)] >= 0, changeTime < at else { forget(inode); return }
+        guard fingerprintOf[Int(inode)] >= 0, changeTime < at else {
+            forget(inode)
+            return
+        }
         changeTimeAfterLinking[inode] = changeTime
     }
 
@@ -102,7 +105,8 @@ public final class InodeContents: @unchecked Sendable {
             guard r.isTrusted, let i = inventory.index(ofInode: r.key.inode) else { return }
             let e = inventory.inodes[Int(i)]
             guard e.size == r.size, e.modificationTime == r.modificationTime, e.changeTime == r.changeTime,
-                  fingerprintOf[Int(i)] < 0 else { return }
+                fingerprintOf[Int(i)] < 0
+            else { return }
             record(i, digest: r.digest, xattrDigest: r.xattrDigest)
         }
         if problem != nil {
@@ -124,10 +128,13 @@ public final class InodeContents: @unchecked Sendable {
         let count = fingerprintOf.indices.reduce(0) { $0 + (isSaved($1) ? 1 : 0) } + otherDevices.count
         try ContentIndex.write(to: store, count: count) { emit in
             for i in fingerprintOf.indices where isSaved(i) {
-                let e = inventory.inodes[i], fp = fingerprints[Int(fingerprintOf[i])]
-                emit(ContentIndex.Record(key: InodeKey(device: inventory.device, inode: e.inode), size: e.size,
-                                         modificationTime: e.modificationTime, changeTime: changeTime(i), verifiedAt: at,
-                                         digest: fp.digest, xattrDigest: xattrDigests[Int(fp.xattrs)]))
+                let e = inventory.inodes[i]
+                let fp = fingerprints[Int(fingerprintOf[i])]
+                emit(
+                    ContentIndex.Record(
+                        key: InodeKey(device: inventory.device, inode: e.inode), size: e.size,
+                        modificationTime: e.modificationTime, changeTime: changeTime(i), verifiedAt: at,
+                        digest: fp.digest, xattrDigest: xattrDigests[Int(fp.xattrs)]))
             }
             for r in otherDevices { emit(r) }
         }

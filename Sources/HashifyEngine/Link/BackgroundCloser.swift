@@ -1,6 +1,6 @@
 import Dispatch
-import Synchronization
 import HashifySystem
+import Synchronization
 
 /// Closes replaced files on background threads. The last close of a file
 /// whose last name is gone frees its blocks, and on a filesystem mounted with

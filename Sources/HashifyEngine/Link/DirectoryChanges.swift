@@ -32,8 +32,9 @@ final class DirectoryChanges {
         let entry = inventory.directories[Int(id)]
         expected = entry.modificationTime
         restore = false
-        journal.beginDirectory(root: Array(roots[Int(entry.guest)].path.string.utf8), inode: entry.inode,
-                               mtime: entry.modificationTime)
+        journal.beginDirectory(
+            root: Array(roots[Int(entry.guest)].path.string.utf8), inode: entry.inode,
+            mtime: entry.modificationTime)
         current = id
         currentDirectory = d
         return d
@@ -70,7 +71,10 @@ final class DirectoryChanges {
 /// holds before its exchange: `l` a link to a store object, `c` a private
 /// copy being written (redundant until exchanged: the original is in place).
 struct TemporaryNames {
-    enum Kind: UInt8 { case link = 0x6c, copy = 0x63 }
+    enum Kind: UInt8 {
+        case link = 0x6c
+        case copy = 0x63
+    }
     let prefix: [UInt8]
     var counter = 0
     init(runID: String) { prefix = Walker.temporaryPrefix + Array("\(runID)~".utf8) }

@@ -20,7 +20,9 @@ final class DryRunTally: LinkStrategy {
                 for n in inventory.names(of: v) {
                     outcome.pathsLinked += 1
                     outcome.perGuestPaths[Int(inventory.guest(ofName: n)), default: 0] += 1
-                    if e.modificationTime != group.identity.modificationTime { outcome.pathsWithOtherModificationTime += 1 }
+                    if e.modificationTime != group.identity.modificationTime {
+                        outcome.pathsWithOtherModificationTime += 1
+                    }
                 }
                 // Every name of a victim is in the roots (others are never planned): it is freed.
                 let owner = Int(inventory.guest(ofInode: v))

@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -43,8 +44,10 @@ final class HardlinkLinker: LinkStrategy {
     /// Generation of each inode that is a store object (by inode index).
     let objectGenerations: [Int32: Int]
 
-    init(inventory: Inventory, roots: [GuestRoot], store: Store, journal: RunJournal,
-         contents: InodeContents, objectGenerations: [Int32: Int]) {
+    init(
+        inventory: Inventory, roots: [GuestRoot], store: Store, journal: RunJournal,
+        contents: InodeContents, objectGenerations: [Int32: Int]
+    ) {
         self.inventory = inventory
         self.roots = roots
         self.store = store
@@ -62,11 +65,16 @@ final class HardlinkLinker: LinkStrategy {
     struct Mismatch: Error {}
 
     func skip(_ nameIndex: Int32, _ reason: SkipReason) {
-        outcome.skips.append(Skip(guest: Int(inventory.guest(ofName: nameIndex)), path: inventory.path(ofName: nameIndex), reason: reason))
+        outcome.skips.append(
+            Skip(
+                guest: Int(inventory.guest(ofName: nameIndex)), path: inventory.path(ofName: nameIndex), reason: reason)
+        )
     }
 
     static func reason(for error: any Error, operation: Operation) -> SkipReason {
-        if error is Mismatch || error is NameMoved || error is DirectoryOpener.DirectoryChanged { return .changedDuringRun }
+        if error is Mismatch || error is NameMoved || error is DirectoryOpener.DirectoryChanged {
+            return .changedDuringRun
+        }
         let e = errnoCode(error)
         if e == EAGAIN || error is WriterArrived { return .openForWriting }
         if e == ENOENT || e == ELOOP || e == ENOTDIR || e == ESTALE { return .changedDuringRun }
@@ -76,12 +84,15 @@ final class HardlinkLinker: LinkStrategy {
     /// Checks an open file against the state hashify last saw it in.
     func verify(_ file: OpenFile, inode: Int32) throws {
         let st = try file.stat()
-        guard !distrusted.contains(inode), inventory.inodes[Int(inode)].matches(st, changeTime: changeTime[inode]) else { throw Mismatch() }
+        guard !distrusted.contains(inode), inventory.inodes[Int(inode)].matches(st, changeTime: changeTime[inode])
+        else { throw Mismatch() }
     }
 
     /// Opens `name` in `dir`, leases it and checks it under the lease.
     func openLeased(_ dir: Directory, _ name: FileName, inode: Int32) throws -> OpenFile {
-        let f = try attempt(.open) { try directories.opener.retryingWhenOutOfDescriptors { try dir.openFileForReading(name) } }
+        let f = try attempt(.open) {
+            try directories.opener.retryingWhenOutOfDescriptors { try dir.openFileForReading(name) }
+        }
         try attempt(.lease) { try f.takeReadLease() }
         try verify(f, inode: inode)
         return f
@@ -98,8 +109,9 @@ final class HardlinkLinker: LinkStrategy {
 
     func name(of o: Object, in group: Planner.Group) -> FileName {
         let e = inventory.inodes[Int(o.inode)]
-        let identity = MetadataIdentity(mode: e.mode, uid: e.uid, gid: e.gid, modificationTime: e.modificationTime,
-                                        xattrDigest: group.identity.xattrDigest)
+        let identity = MetadataIdentity(
+            mode: e.mode, uid: e.uid, gid: e.gid, modificationTime: e.modificationTime,
+            xattrDigest: group.identity.xattrDigest)
         return Store.objectName(digest: group.digest, key: identity.key, generation: o.generation)
     }
     var objectOf: [Int: Object] = [:]
@@ -116,7 +128,8 @@ final class HardlinkLinker: LinkStrategy {
                 // far below the kernel's lease-break time): no writer has opened it.
                 return (o, h.file)
             }
-            let f = try openLeased(try store.prefixDirectory(group.digest.firstByte), name(of: o, in: group), inode: o.inode)
+            let f = try openLeased(
+                try store.prefixDirectory(group.digest.firstByte), name(of: o, in: group), inode: o.inode)
             hold(f, inode: o.inode, group: g)
             return (o, f)
         }
@@ -161,7 +174,8 @@ final class HardlinkLinker: LinkStrategy {
         if held.isEmpty { return }
         var now = coarseNow()
         if all {
-            let latest = held.values.compactMap { try? $0.file.stat().changeTime }.max() ?? Timestamp(seconds: 0, nanoseconds: 0)
+            let latest =
+                held.values.compactMap { try? $0.file.stat().changeTime }.max() ?? Timestamp(seconds: 0, nanoseconds: 0)
             while !(latest < now) {
                 usleep(500)
                 now = coarseNow()
@@ -217,7 +231,9 @@ final class HardlinkLinker: LinkStrategy {
     /// Every name of every victim, one directory at a time (`forEachNameInLinkingOrder`).
     func run(_ groups: [Planner.Group]) -> LinkOutcome {
         // By inode: the group it is a victim of, or one of the states below.
-        let notVictim: Int32 = -1, promoted: Int32 = -2, failed: Int32 = -3
+        let notVictim: Int32 = -1
+        let promoted: Int32 = -2
+        let failed: Int32 = -3
         var victimGroup = [Int32](repeating: notVictim, count: inventory.inodes.count)
         var total = 0
         for (g, group) in groups.enumerated() {
@@ -276,9 +292,10 @@ final class HardlinkLinker: LinkStrategy {
                 do {
                     replaced = try directories.change {
                         try objectFile.link(into: dir, as: temp)
-                        return try exchange(temp, with: name, in: dir, expectedInode: victimInode,
-                                            tempInode: inventory.inodes[Int(object.inode)].inode,
-                                            journal: journal, lease: victimFile)
+                        return try exchange(
+                            temp, with: name, in: dir, expectedInode: victimInode,
+                            tempInode: inventory.inodes[Int(object.inode)].inode,
+                            journal: journal, lease: victimFile)
                     }
                 } catch Errno.tooManyLinks {
                     // The object is full: this victim becomes the next object of the group.

@@ -114,7 +114,8 @@ enum Recovery {
             if let open = journals[id]?.openDirectory {
                 for (d, entry) in inventory.directories.enumerated() where entry.inode == open.inode {
                     guard Array(roots[Int(entry.guest)].path.string.utf8) == open.root,
-                          let dir = try? opener.open(Int32(d)) else { continue }
+                        let dir = try? opener.open(Int32(d))
+                    else { continue }
                     if (try? dir.setModificationTime(open.mtime)) != nil {
                         // This run must restore the original, not what the killed run left.
                         walk.inventory.directories[d].modificationTime = open.mtime

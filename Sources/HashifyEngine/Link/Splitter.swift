@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -24,7 +25,8 @@ final class Splitter {
     /// Splits every given name (indices into inventory.names), in walk order.
     func run(_ names: [Int32]) {
         let sorted = names.sorted { a, b in
-            let da = inventory.names[Int(a)].directory, db = inventory.names[Int(b)].directory
+            let da = inventory.names[Int(a)].directory
+            let db = inventory.names[Int(b)].directory
             return da != db ? da < db : a < b
         }
         for n in sorted {
@@ -39,12 +41,15 @@ final class Splitter {
                     reason = .unknownTemporary
                 } else if error is WriterArrived {
                     reason = .openForWriting
-                } else if error is NameMoved || error is DirectoryOpener.DirectoryChanged || error is HardlinkLinker.Mismatch {
+                } else if error is NameMoved || error is DirectoryOpener.DirectoryChanged
+                    || error is HardlinkLinker.Mismatch
+                {
                     reason = .changedDuringRun
                 } else {
                     reason = HardlinkLinker.reason(for: error, operation: .split)
                 }
-                skips.append(Skip(guest: Int(inventory.guest(ofName: n)), path: inventory.path(ofName: n), reason: reason))
+                skips.append(
+                    Skip(guest: Int(inventory.guest(ofName: n)), path: inventory.path(ofName: n), reason: reason))
             }
         }
         directories.finish()
@@ -55,7 +60,9 @@ final class Splitter {
         try source.takeReadLease()
         defer { source.releaseLease() }
         let st = try source.stat()
-        guard st.inode == expectedInode, st.device == inventory.device, st.isRegular else { throw HardlinkLinker.Mismatch() }
+        guard st.inode == expectedInode, st.device == inventory.device, st.isRegular else {
+            throw HardlinkLinker.Mismatch()
+        }
         // The copy is made without a name and gets its temporary name only
         // once complete and noted in the journal: a kill leaves no copy that
         // recovery could not tell from a guest's file.
@@ -72,8 +79,9 @@ final class Splitter {
         directories.journal.created(temp, inode: copyInode)
         let replaced = try directories.change {
             try copy.link(into: dir, as: temp)
-            return try exchange(temp, with: name, in: dir, expectedInode: st.inode, tempInode: copyInode,
-                                journal: directories.journal, lease: source)
+            return try exchange(
+                temp, with: name, in: dir, expectedInode: st.inode, tempInode: copyInode,
+                journal: directories.journal, lease: source)
         }
         guard replaced != nil else {
             directories.journal.keep(temp)

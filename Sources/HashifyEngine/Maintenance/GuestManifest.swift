@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -120,7 +121,9 @@ public enum ManifestCommand {
         let context = Overlay.FoldContext(upper: gen.upper, meta: gen.meta)
         let build = { (merged: Directory) throws in
             try list(merged, into: &report, context: context) { name, st, context in
-                guard let r = (context as? Overlay.FoldContext)?.unchangedRedirect(name, size: st.size) else { return ("private", 1) }
+                guard let r = (context as? Overlay.FoldContext)?.unchangedRedirect(name, size: st.size) else {
+                    return ("private", 1)
+                }
                 return ("shared", guestsOfObject[r] ?? 1)
             }
         }
@@ -135,8 +138,10 @@ public enum ManifestCommand {
     }
 
     /// Lists a tree depth-first in name order; `sharing` tells a regular file's sharing and guest count.
-    static func list(_ root: Directory, into report: inout ManifestReport, context: AnyObject? = nil,
-                     sharing: (FileName, FileStat, AnyObject?) -> (String, Int)) throws {
+    static func list(
+        _ root: Directory, into report: inout ManifestReport, context: AnyObject? = nil,
+        sharing: (FileName, FileStat, AnyObject?) -> (String, Int)
+    ) throws {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         defer { buffer.deallocate() }
         let rootStat = try root.stat()
@@ -182,13 +187,17 @@ public enum ManifestCommand {
     }
 
     static func entry(path: [UInt8], stat st: FileStat, xattrs: [ExtendedAttribute]) -> ManifestReport.Entry {
-        let types: [UInt32: String] = [0o100000: "file", 0o040000: "directory", 0o120000: "symlink", 0o010000: "fifo",
-                                       0o140000: "socket", 0o020000: "char-device", 0o060000: "block-device"]
+        let types: [UInt32: String] = [
+            0o100000: "file", 0o040000: "directory", 0o120000: "symlink", 0o010000: "fifo",
+            0o140000: "socket", 0o020000: "char-device", 0o060000: "block-device",
+        ]
         var xa: [String: String] = [:]
         for a in xattrs { xa[escapedPath(a.name)] = a.value.map { String($0, radix: 16).leftPaddedZero(2) }.joined() }
-        return ManifestReport.Entry(path: escapedPath(path), type: types[st.mode & 0o170000] ?? "unknown",
-                                    mode: String(st.mode & 0o7777, radix: 8).leftPaddedZero(4), uid: st.uid, gid: st.gid,
-                                    mtime: "\(st.modificationTime.seconds).\(String(st.modificationTime.nanoseconds).leftPaddedZero(9))", xattrs: xa)
+        return ManifestReport.Entry(
+            path: escapedPath(path), type: types[st.mode & 0o170000] ?? "unknown",
+            mode: String(st.mode & 0o7777, radix: 8).leftPaddedZero(4), uid: st.uid, gid: st.gid,
+            mtime: "\(st.modificationTime.seconds).\(String(st.modificationTime.nanoseconds).leftPaddedZero(9))",
+            xattrs: xa)
     }
 }
 
@@ -198,15 +207,20 @@ extension ManifestReport {
         var out = ""
         for e in entries {
             let sharing = e.sharing ?? "-"
-            out += sharing.rightPadded(8) + (e.guests.map(String.init) ?? "-").leftPadded(4) + "  " + e.type.rightPadded(12)
-            out += e.mode + "  " + "\(e.uid):\(e.gid)".rightPadded(11) + e.mtime + "  " + (e.digest ?? "-").rightPadded(64) + "  " + e.path
+            out +=
+                sharing.rightPadded(8) + (e.guests.map(String.init) ?? "-").leftPadded(4) + "  "
+                + e.type.rightPadded(12)
+            out +=
+                e.mode + "  " + "\(e.uid):\(e.gid)".rightPadded(11) + e.mtime + "  " + (e.digest ?? "-").rightPadded(64)
+                + "  " + e.path
             if let t = e.target { out += " -> " + t }
             if !e.xattrs.isEmpty { out += "  [" + e.xattrs.keys.sorted().joined(separator: " ") + "]" }
             out += "\n"
         }
         let t = totals
         out += "\n\(guest ?? root) (\(mode) mode): \(t.entries) entries, \(t.files) files; "
-        out += "shared \(t.sharedFiles) (\(formatBytes(t.sharedBytes))), private \(t.privateFiles) (\(formatBytes(t.privateBytes)))"
+        out +=
+            "shared \(t.sharedFiles) (\(formatBytes(t.sharedBytes))), private \(t.privateFiles) (\(formatBytes(t.privateBytes)))"
         out += t.unreadable > 0 ? "; \(t.unreadable) could not be read\n" : "\n"
         for n in notes { out += "note      \(n)\n" }
         return out

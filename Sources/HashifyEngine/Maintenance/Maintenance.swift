@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,9 +20,14 @@ public struct StoreLocation: Sendable {
     }
 
     func resolve() throws -> (FilePath, Store, [FilePath]) {
-        let found = roots.isEmpty ? paths.first.flatMap(RootValidation.storeKnowingGuest(of:)) : RootValidation.defaultStorePath(for: roots)
+        let found =
+            roots.isEmpty
+            ? paths.first.flatMap(RootValidation.storeKnowingGuest(of:)) : RootValidation.defaultStorePath(for: roots)
         guard let path = store ?? found else {
-            throw InputError(paths.isEmpty ? "give --store or the guest roots" : "\(paths[0]): no store knows a guest holding it (give --store or --root)")
+            throw InputError(
+                paths.isEmpty
+                    ? "give --store or the guest roots"
+                    : "\(paths[0]): no store knows a guest holding it (give --store or --root)")
         }
         guard let s = try Store.open(at: path, create: false) else {
             throw InputError("\(path): no hashify store here (run unify first, or give --store)")
@@ -32,7 +38,9 @@ public struct StoreLocation: Sendable {
 }
 
 /// Walks every file of the roots (no excludes) and marks store objects.
-func walkAll(_ roots: [GuestRoot], store: Store, filter: PathFilter = PathFilter(excludes: [], includes: [])) -> Walker.Result {
+func walkAll(_ roots: [GuestRoot], store: Store, filter: PathFilter = PathFilter(excludes: [], includes: []))
+    -> Walker.Result
+{
     var walk = Walker(filter: filter, minimumSize: 1).walk(roots, conffiles: [])
     for inode in ((try? store.objectGenerations()) ?? [:]).keys {
         if let i = walk.inventory.index(ofInode: inode) { walk.inventory.inodes[Int(i)].isStoreObject = true }
@@ -42,8 +50,9 @@ func walkAll(_ roots: [GuestRoot], store: Store, filter: PathFilter = PathFilter
 
 func skippedPaths(_ skips: [Skip], roots: [GuestRoot]) -> [UnifyReport.SkippedPath] {
     skips.map {
-        var p = UnifyReport.SkippedPath(root: roots[$0.guest].path.string, path: escapedPath($0.path), reason: $0.reason.code,
-                                        detail: $0.reason.description, error: $0.reason.isError)
+        var p = UnifyReport.SkippedPath(
+            root: roots[$0.guest].path.string, path: escapedPath($0.path), reason: $0.reason.code,
+            detail: $0.reason.description, error: $0.reason.isError)
         if case .failed(let e) = $0.reason {
             p.operation = e.operation.rawValue
             p.errno = e.errno
@@ -127,7 +136,8 @@ public enum StatusCommand {
         report.storeHealth.unfinishedRuns = store.unfinishedRuns().count
         report.overlay = Overlay.status(store: store)
         if report.overlay != nil { report.notes.removeAll { $0.hasPrefix("no guest roots known") } }
-        report.sharingBreakers = SharingBreakers.find(roots: guests.map(\.string) + (report.overlay?.guests.map(\.root) ?? []), store: store)
+        report.sharingBreakers = SharingBreakers.find(
+            roots: guests.map(\.string) + (report.overlay?.guests.map(\.root) ?? []), store: store)
         return report
     }
 }
@@ -138,7 +148,9 @@ public enum StatusCommand {
 /// files that runs in a row found open for writing (a process holds them:
 /// they are never linked while it does).
 enum SharingBreakers {
-    static let prelinkPaths: [[String]] = [["usr", "sbin", "prelink"], ["usr", "bin", "prelink"], ["etc", "prelink.conf"]]
+    static let prelinkPaths: [[String]] = [
+        ["usr", "sbin", "prelink"], ["usr", "bin", "prelink"], ["etc", "prelink.conf"],
+    ]
 
     static func find(roots: [String], store: Store) -> [StatusReport.SharingBreaker] {
         var out: [StatusReport.SharingBreaker] = []
@@ -146,14 +158,22 @@ enum SharingBreakers {
             guard let dir = try? Directory.open(path: FilePath(root)) else { continue }
             if let p = prelinkPaths.first(where: { exists($0, in: dir) }) {
                 let cron = exists(["etc", "cron.daily", "prelink"], in: dir) ? " (its daily cron job runs it)" : ""
-                out.append(.init(root: root, kind: "prelink", path: "/" + p.joined(separator: "/"),
-                                 detail: "prelink is installed\(cron): it rewrites libraries and programs in place in each guest, so they do not stay shared; remove it (apt purge prelink) or disable it"))
+                out.append(
+                    .init(
+                        root: root, kind: "prelink", path: "/" + p.joined(separator: "/"),
+                        detail:
+                            "prelink is installed\(cron): it rewrites libraries and programs in place in each guest, so they do not stay shared; remove it (apt purge prelink) or disable it"
+                    ))
             }
         }
         let scanned = Set(roots)
         for h in store.heldOpen() where h.runs >= 2 && scanned.contains(h.root) {
-            out.append(.init(root: h.root, kind: "held-open-for-writing", path: h.path,
-                             detail: "open for writing in the last \(h.runs) runs: never linked while a process holds it (a database or log? exclude it)"))
+            out.append(
+                .init(
+                    root: h.root, kind: "held-open-for-writing", path: h.path,
+                    detail:
+                        "open for writing in the last \(h.runs) runs: never linked while a process holds it (a database or log? exclude it)"
+                ))
         }
         return out
     }
@@ -195,7 +215,9 @@ public struct VerifyReport: Sendable, Codable {
     public var pathsSplit = 0
     public var skipped: [UnifyReport.SkippedPath] = []
     /// 0 every object intact; 1 damage found (repaired or not) or errors.
-    public var exitStatus: Int32 { damaged.isEmpty && damagedDataObjects.isEmpty && skipped.allSatisfy { !$0.error } ? 0 : 1 }
+    public var exitStatus: Int32 {
+        damaged.isEmpty && damagedDataObjects.isEmpty && skipped.allSatisfy { !$0.error } ? 0 : 1
+    }
 }
 
 public enum VerifyCommand {
@@ -218,8 +240,10 @@ public enum VerifyCommand {
                 let metadataChanged = identity.key != o.metadataKey
                 if contentChanged || metadataChanged { bad.append((o, digest, contentChanged, metadataChanged)) }
             } catch {
-                report.skipped.append(UnifyReport.SkippedPath(root: path.string, path: "/objects/" + o.name.description,
-                                                              reason: "verify-failed", detail: "\(error)", error: true))
+                report.skipped.append(
+                    UnifyReport.SkippedPath(
+                        root: path.string, path: "/objects/" + o.name.description,
+                        reason: "verify-failed", detail: "\(error)", error: true))
             }
         }
         let data = Overlay.verify(store: store, buffer: buffer)
@@ -233,12 +257,18 @@ public enum VerifyCommand {
         let inventory = walk.inventory
         var dropped = Set<InodeKey>()
         for (o, digest, content, meta) in bad {
-            var d = VerifyReport.Damaged(object: o.name.description, digest: digest.hex, contentChanged: content,
-                                         metadataChanged: meta, paths: [])
-            let names = inventory.index(of: InodeKey(device: o.stat.device, inode: o.stat.inode)).map { Array(inventory.names(of: $0)) } ?? []
+            var d = VerifyReport.Damaged(
+                object: o.name.description, digest: digest.hex, contentChanged: content,
+                metadataChanged: meta, paths: [])
+            let names =
+                inventory.index(of: InodeKey(device: o.stat.device, inode: o.stat.inode)).map {
+                    Array(inventory.names(of: $0))
+                } ?? []
             d.paths = names.map {
-                UnifyReport.SkippedPath(root: roots[Int(inventory.guest(ofName: $0))].path.string, path: escapedPath(inventory.path(ofName: $0)),
-                                        reason: "links-damaged-object", detail: "links the damaged object", error: false)
+                UnifyReport.SkippedPath(
+                    root: roots[Int(inventory.guest(ofName: $0))].path.string,
+                    path: escapedPath(inventory.path(ofName: $0)),
+                    reason: "links-damaged-object", detail: "links the damaged object", error: false)
             }
             if repair {
                 // Each path gets its own copy of what it shows now; then the object leaves the store.
@@ -336,8 +366,10 @@ public enum SplitCommand {
     /// Splits `paths` (host paths inside known roots), or, when `paths` is
     /// empty, every unified file of `location.roots` matching `includes`
     /// (all of them without includes).
-    public static func run(_ location: StoreLocation, paths: [FilePath], includes: [[UInt8]],
-                           dryRun: Bool, waitForLock: Bool) throws -> SplitReport {
+    public static func run(
+        _ location: StoreLocation, paths: [FilePath], includes: [[UInt8]],
+        dryRun: Bool, waitForLock: Bool
+    ) throws -> SplitReport {
         _ = prepareProcessForUnification()
         let (storePath, store, guests) = try location.resolve()
         var report = SplitReport(store: storePath.string, dryRun: dryRun)
@@ -388,7 +420,11 @@ public enum SplitCommand {
             let walk = walkAll([root], store: store, filter: filter)
             names = []
             for (i, e) in walk.inventory.inodes.enumerated() {
-                if e.isStoreObject { names += walk.inventory.names(of: Int32(i)) } else { report.notUnified += Int(e.nameCount) }
+                if e.isStoreObject {
+                    names += walk.inventory.names(of: Int32(i))
+                } else {
+                    report.notUnified += Int(e.nameCount)
+                }
             }
             if !paths.isEmpty && walk.inventory.names.count < patterns.count {
                 throw InputError("\(order[i]): some of the given paths are not regular files in this guest")
@@ -396,7 +432,10 @@ public enum SplitCommand {
             inventories.append((walk, names))
         }
         for (i, (walk, names)) in inventories.enumerated() {
-            if dryRun { report.pathsSplit += names.count; continue }
+            if dryRun {
+                report.pathsSplit += names.count
+                continue
+            }
             let journal = try RunJournal(store: store, runID: makeRunID())
             let splitter = Splitter(inventory: walk.inventory, roots: [roots[i]], journal: journal)
             splitter.run(names)

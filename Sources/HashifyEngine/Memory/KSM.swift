@@ -1,6 +1,7 @@
 import CHashifyShim
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -38,7 +39,8 @@ public enum KSM {
         var out: [String: Int64] = [:]
         for name in (try? dir.entryNames()) ?? [] {
             guard let text = try? dir.openFileForReading(name).readAll(),
-                  let v = Int64(String(decoding: text.filter { $0 != 0x0a }, as: UTF8.self)) else { continue }
+                let v = Int64(String(decoding: text.filter { $0 != 0x0a }, as: UTF8.self))
+            else { continue }
             out[String(decoding: name.bytes, as: UTF8.self)] = v
         }
         return out
@@ -49,7 +51,8 @@ public enum KSM {
         let run = readSysfs()["run"]
         if run == 1 { return nil }
         if run == nil { return "this kernel has no KSM (/sys/kernel/mm/ksm is missing): nothing will be merged" }
-        return "ksmd is not running, so nothing is merged yet: start it with `echo 1 > /sys/kernel/mm/ksm/run` (it costs CPU: see the README)"
+        return
+            "ksmd is not running, so nothing is merged yet: start it with `echo 1 > /sys/kernel/mm/ksm/run` (it costs CPU: see the README)"
     }
 
     /// `hashify ksm run`: marks this process mergeable and becomes `argv` (never returns on success).
@@ -57,10 +60,13 @@ public enum KSM {
         guard let file = argv.first else { throw InputError("give the command to run") }
         let (major, minor) = kernelVersion()
         if (major, minor) < (6, 7) {
-            throw InputError("Linux \(major).\(minor) does not keep PR_SET_MEMORY_MERGE across execve (Linux 6.7 or later is needed)")
+            throw InputError(
+                "Linux \(major).\(minor) does not keep PR_SET_MEMORY_MERGE across execve (Linux 6.7 or later is needed)"
+            )
         }
         if hashify_set_memory_merge() != 0 {
-            throw InputError("prctl(PR_SET_MEMORY_MERGE) failed: \(Errno(rawValue: errno)) (needs Linux 6.4+ with CONFIG_KSM)")
+            throw InputError(
+                "prctl(PR_SET_MEMORY_MERGE) failed: \(Errno(rawValue: errno)) (needs Linux 6.4+ with CONFIG_KSM)")
         }
         var cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
         cArgs.append(nil)
@@ -83,12 +89,16 @@ public enum KSM {
         let page = UInt64(sysconf(Int32(_SC_PAGESIZE)))
         for name in (try? proc.entryNames()) ?? [] {
             guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)),
-                  let dir = try? proc.openDirectory(name),
-                  let text = try? dir.openFileForReading(FileName("ksm_stat")).readAll() else { continue }
+                let dir = try? proc.openDirectory(name),
+                let text = try? dir.openFileForReading(FileName("ksm_stat")).readAll()
+            else { continue }
             var fields: [String: String] = [:]
             for line in text.split(separator: 0x0a) {
                 let f = line.split(separator: 0x20, maxSplits: 1)
-                if f.count == 2 { fields[String(decoding: f[0], as: UTF8.self).replacingColon()] = String(decoding: f[1], as: UTF8.self) }
+                if f.count == 2 {
+                    fields[String(decoding: f[0], as: UTF8.self).replacingColon()] = String(
+                        decoding: f[1], as: UTF8.self)
+                }
             }
             let g = MemoryScanner.guest(of: pid, among: guests, proc: proc)
             let slot = g < 0 ? guests.count : g

@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -25,7 +26,10 @@ public struct MemoryReport: Sendable, Codable {
     public struct Guest: Sendable, Codable {
         public var guest: String
         public var figures: Figures
-        public init(guest: String, figures: Figures) { self.guest = guest; self.figures = figures }
+        public init(guest: String, figures: Figures) {
+            self.guest = guest
+            self.figures = figures
+        }
     }
     /// A process that maps a copy unify replaced.
     public struct Restart: Sendable, Codable {

@@ -1,6 +1,7 @@
 import CHashifyShim
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -126,7 +127,9 @@ public enum MemoryScanner {
                     var key = Physical(device: m.device, inode: m.inode)
                     var source = Source.mapFile(pid: maps.pid, range: m.range)
                     var digest: ContentDigest?
-                    if let o = guests.firstIndex(where: { $0.overlayDevice == m.device }), let redirect = guests[o].stubs[m.inode] {
+                    if let o = guests.firstIndex(where: { $0.overlayDevice == m.device }),
+                        let redirect = guests[o].stubs[m.inode]
+                    {
                         if let (dir, name, st) = copyUp(of: m.path, in: guests[o]) {
                             key = Physical(device: st.device, inode: st.inode)
                             source = .upper(dir, name)
@@ -153,9 +156,13 @@ public enum MemoryScanner {
                 for o in (try? store.listObjects()) ?? [] {
                     storeDigests.insert(o.digest)
                     let k = Physical(device: o.stat.device, inode: o.stat.inode)
-                    if physical[k] != nil { physical[k]!.digest = o.digest; physical[k]!.size = o.stat.size }
-                    report.storeCachedBytes += cachedBytes(try? store.prefixDirectory(o.digest.firstByte).openFileForReading(o.name),
-                                                           size: o.stat.size)
+                    if physical[k] != nil {
+                        physical[k]!.digest = o.digest
+                        physical[k]!.size = o.stat.size
+                    }
+                    report.storeCachedBytes += cachedBytes(
+                        try? store.prefixDirectory(o.digest.firstByte).openFileForReading(o.name),
+                        size: o.stat.size)
                 }
             }
             if let objects {
@@ -173,7 +180,8 @@ public enum MemoryScanner {
             defer { buffer.deallocate() }
             for (k, info) in physical where info.digest == nil {
                 guard let size = info.size, size > 0, bySize[size, default: 0] > 1 || info.deleted,
-                      let f = try? open(info.source, objects: objects) else { continue }
+                    let f = try? open(info.source, objects: objects)
+                else { continue }
                 physical[k]!.digest = try? ContentHasher.contentDigest(of: f, size: size, buffer: buffer).0
             }
         }
@@ -192,9 +200,10 @@ public enum MemoryScanner {
                 let cached = extra.reduce(UInt64(0)) { sum, k in
                     sum + cachedBytes(try? open(physical[k]!.source, objects: objects), size: physical[k]!.size ?? 0)
                 }
-                report.duplicatedFiles.append(MemoryReport.DuplicatedFile(
-                    path: escapedPath(physical[kept]!.path), copies: ks.count,
-                    duplicatedBytes: extra.reduce(0) { $0 + physical[$1]!.resident }, cachedBytes: cached))
+                report.duplicatedFiles.append(
+                    MemoryReport.DuplicatedFile(
+                        path: escapedPath(physical[kept]!.path), copies: ks.count,
+                        duplicatedBytes: extra.reduce(0) { $0 + physical[$1]!.resident }, cachedBytes: cached))
             }
             report.duplicatedFiles.sort { $0.duplicatedBytes > $1.duplicatedBytes }
             report.duplicatedFiles = Array(report.duplicatedFiles.prefix(20))
@@ -204,7 +213,8 @@ public enum MemoryScanner {
         mutating func tallyGuests() {
             // Replaced copies: deleted inodes whose content lives on in the store or under a live inode.
             let liveDigests = Set(physical.values.filter { !$0.deleted }.compactMap(\.digest)).union(storeDigests)
-            let replaced = Set(physical.filter { $0.value.deleted && $0.value.digest.map(liveDigests.contains) == true }.map(\.key))
+            let replaced = Set(
+                physical.filter { $0.value.deleted && $0.value.digest.map(liveDigests.contains) == true }.map(\.key))
             var figures = [MemoryReport.Figures](repeating: MemoryReport.Figures(), count: guests.count + 1)
             for (i, (maps, guest)) in processes.enumerated() {
                 let slot = guest < 0 ? guests.count : guest
@@ -219,9 +229,11 @@ public enum MemoryScanner {
                     if replaced.contains(k) { restartBytes += m.pss }
                 }
                 if replaced.contains(where: { resolved[i].contains($0) }) {
-                    report.processesToRestart.append(MemoryReport.Restart(
-                        pid: maps.pid, guest: guest < 0 ? "host" : guests[guest].label,
-                        group: ProcessMaps.group(pid: maps.pid, in: proc), command: maps.command, bytes: restartBytes))
+                    report.processesToRestart.append(
+                        MemoryReport.Restart(
+                            pid: maps.pid, guest: guest < 0 ? "host" : guests[guest].label,
+                            group: ProcessMaps.group(pid: maps.pid, in: proc), command: maps.command,
+                            bytes: restartBytes))
                 }
             }
             for (i, f) in figures.enumerated() where f.processes > 0 || i < guests.count {
@@ -236,7 +248,9 @@ public enum MemoryScanner {
             report.processesToRestart.sort { $0.bytes > $1.bytes }
             report.partial = report.unreadableProcesses > 0
             if report.partial {
-                report.notes.append("\(report.unreadableProcesses) processes could not be read (not root, or /proc mounted with hidepid): their memory is left out")
+                report.notes.append(
+                    "\(report.unreadableProcesses) processes could not be read (not root, or /proc mounted with hidepid): their memory is left out"
+                )
             }
         }
     }
@@ -245,13 +259,16 @@ public enum MemoryScanner {
     static func loadGuests(_ rootPaths: [FilePath], store: Store?) throws -> [GuestRoot] {
         var guests: [GuestRoot] = []
         for r in rootPaths {
-            guard let c = RootValidation.canonical(r), let dir = try? Directory.open(path: c), let st = try? dir.stat() else {
+            guard let c = RootValidation.canonical(r), let dir = try? Directory.open(path: c), let st = try? dir.stat()
+            else {
                 throw InputError("\(r): no such guest root directory")
             }
             if guests.contains(where: { $0.canonical == c }) { continue }
             var g = GuestRoot(label: r.string, canonical: c, stat: st)
             if let store, let record = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),
-               let state = try? record.readState(), let gen = try? record.generation(state.generation), OverlayMount.isMounted(gen, at: dir) {
+                let state = try? record.readState(), let gen = try? record.generation(state.generation),
+                OverlayMount.isMounted(gen, at: dir)
+            {
                 g.overlayDevice = st.device
                 g.upper = gen.upper
                 var scan = Overlay.LayerScan()
@@ -265,12 +282,15 @@ public enum MemoryScanner {
 
     /// The guest roots `mem` and `ksm status` look at: given, or the store's guests.
     static func guestPaths(_ options: MemoryOptions) throws -> ([FilePath], Store?, [String]) {
-        let storePath = options.store ?? (options.roots.isEmpty ? nil : RootValidation.defaultStorePath(for: options.roots))
+        let storePath =
+            options.store ?? (options.roots.isEmpty ? nil : RootValidation.defaultStorePath(for: options.roots))
         let store = try storePath.flatMap { try Store.open(at: $0, create: false) }
         if options.store != nil && store == nil { throw InputError("\(options.store!): no hashify store here") }
         var rootPaths = options.roots
         if rootPaths.isEmpty, let store {
-            rootPaths = store.rememberedGuests() + OverlayGuest.all(in: store).filter { (try? $0.readState()) != nil }.map(\.rootPath)
+            rootPaths =
+                store.rememberedGuests()
+                + OverlayGuest.all(in: store).filter { (try? $0.readState()) != nil }.map(\.rootPath)
         }
         let notes = rootPaths.isEmpty ? ["no guest roots given and no store: every process counts as the host's"] : []
         return (rootPaths, store, notes)
@@ -281,12 +301,14 @@ public enum MemoryScanner {
     /// the guest whose root is `…/NAME/rootfs` (LXC's own layout).
     static func guest(of pid: Int, among guests: [GuestRoot], proc: Directory) -> Int {
         if let st = try? Directory.open(path: FilePath("/proc/\(pid)/root")).stat(),
-           let i = guests.firstIndex(where: { $0.stat.device == st.device && $0.stat.inode == st.inode }) {
+            let i = guests.firstIndex(where: { $0.stat.device == st.device && $0.stat.inode == st.inode })
+        {
             return i
         }
         // The cgroup is read only when some guest is an LXC rootfs.
         guard guests.contains(where: { $0.lxcName != nil }), let group = ProcessMaps.group(pid: pid, in: proc),
-              group.hasPrefix("lxc:") else { return -1 }
+            group.hasPrefix("lxc:")
+        else { return -1 }
         let name = String(group.dropFirst(4))
         return guests.firstIndex { $0.lxcName == name } ?? -1
     }

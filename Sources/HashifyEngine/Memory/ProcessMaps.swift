@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -32,7 +33,8 @@ struct ProcessMaps {
     static func device(_ field: ArraySlice<UInt8>) -> UInt64? {
         let parts = field.split(separator: 0x3a)
         guard parts.count == 2, let ma = UInt64(String(decoding: parts[0], as: UTF8.self), radix: 16),
-              let mi = UInt64(String(decoding: parts[1], as: UTF8.self), radix: 16) else { return nil }
+            let mi = UInt64(String(decoding: parts[1], as: UTF8.self), radix: 16)
+        else { return nil }
         return ((ma & 0xffff_f000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffff_ff00) << 12) | (mi & 0xff)
     }
 
@@ -46,7 +48,9 @@ struct ProcessMaps {
         let dir: Directory
         do { dir = try proc.openDirectory(FileName(String(pid))) } catch Errno.noSuchFileOrDirectory { return nil }
         let smaps: [UInt8]
-        do { smaps = try dir.openFileForReading(FileName("smaps")).readAll() } catch Errno.noSuchFileOrDirectory { return nil }
+        do { smaps = try dir.openFileForReading(FileName("smaps")).readAll() } catch Errno.noSuchFileOrDirectory {
+            return nil
+        }
         let comm = (try? dir.openFileForReading(FileName("comm")).readAll()) ?? []
         var p = ProcessMaps(pid: pid, command: escapedPath(comm.filter { $0 != 0x0a }))
         var byInode: [UInt64: [Int]] = [:]
@@ -67,14 +71,17 @@ struct ProcessMaps {
             if isHeader, let dash = line.firstIndex(of: 0x2d), dash < (line.firstIndex(of: 0x20) ?? line.endIndex) {
                 close()
                 let f = line.split(separator: 0x20, maxSplits: 5, omittingEmptySubsequences: true)
-                guard f.count >= 6, let dev = device(f[3]), let ino = UInt64(String(decoding: f[4], as: UTF8.self)), ino != 0 else { continue }
+                guard f.count >= 6, let dev = device(f[3]), let ino = UInt64(String(decoding: f[4], as: UTF8.self)),
+                    ino != 0
+                else { continue }
                 var path = Array(f[5].drop { $0 == 0x20 })
                 let suffix = Array(" (deleted)".utf8)
                 let deleted = path.count > suffix.count && Array(path.suffix(suffix.count)) == suffix
                 if deleted { path.removeLast(suffix.count) }
                 if path.first != 0x2f { continue }  // [heap], [vdso], anonymous shared memory
                 let key = dev &* 1_000_003 ^ ino
-                if let existing = byInode[key]?.first(where: { p.mapped[$0].device == dev && p.mapped[$0].inode == ino }) {
+                if let existing = byInode[key]?.first(where: { p.mapped[$0].device == dev && p.mapped[$0].inode == ino }
+                ) {
                     current = existing
                 } else {
                     p.mapped.append(Mapped(device: dev, inode: ino, path: path, deleted: deleted, range: Array(f[0])))
@@ -87,16 +94,19 @@ struct ProcessMaps {
                 if line.starts(with: Array("Anonymous:".utf8)) { p.anonymousPss += kilobytes(line) }
                 continue
             }
-            if line.starts(with: Array("Rss:".utf8)) { p.mapped[current!].rss += kilobytes(line) }
-            else if line.starts(with: Array("Pss:".utf8)) { pssInCurrent = kilobytes(line) }
-            else if line.starts(with: Array("Anonymous:".utf8)) {
+            if line.starts(with: Array("Rss:".utf8)) {
+                p.mapped[current!].rss += kilobytes(line)
+            } else if line.starts(with: Array("Pss:".utf8)) {
+                pssInCurrent = kilobytes(line)
+            } else if line.starts(with: Array("Anonymous:".utf8)) {
                 anonymousInCurrent = kilobytes(line)
                 p.anonymousPss += anonymousInCurrent
             }
         }
         close()
         if let ksm = try? dir.openFileForReading(FileName("ksm_merging_pages")).readAll(),
-           let pages = UInt64(String(decoding: ksm.filter { $0 != 0x0a }, as: UTF8.self)) {
+            let pages = UInt64(String(decoding: ksm.filter { $0 != 0x0a }, as: UTF8.self))
+        {
             p.ksmMerged = pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
         }
         return p
@@ -105,7 +115,8 @@ struct ProcessMaps {
     /// The process's LXC container (cgroup `lxc.payload.NAME`) or systemd unit, when its cgroup says.
     static func group(pid: Int, in proc: Directory) -> String? {
         guard let dir = try? proc.openDirectory(FileName(String(pid))),
-              let text = try? dir.openFileForReading(FileName("cgroup")).readAll() else { return nil }
+            let text = try? dir.openFileForReading(FileName("cgroup")).readAll()
+        else { return nil }
         func after(_ needle: String, in line: ArraySlice<UInt8>) -> ArraySlice<UInt8>? {
             let n = Array(needle.utf8)
             guard line.count >= n.count else { return nil }

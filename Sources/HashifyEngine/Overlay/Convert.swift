@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -27,12 +28,18 @@ extension Overlay {
             let dir = try Directory.open(path: g.canonical)
             if let record = g.record, let state = try record.readState(), state.phase == .active {
                 if let gen = try? record.generation(state.generation), OverlayMount.isMounted(gen, at: dir) { continue }
-                if OverlayMount.isMountPoint(dir) { throw InputError("\(g.root): a mount point, but not of its overlay (unmount it first)") }
+                if OverlayMount.isMountPoint(dir) {
+                    throw InputError("\(g.root): a mount point, but not of its overlay (unmount it first)")
+                }
                 continue
             }
-            if OverlayMount.isMountPoint(dir) { throw InputError("\(g.root): already a mount point (convert needs the plain directory)") }
+            if OverlayMount.isMountPoint(dir) {
+                throw InputError("\(g.root): already a mount point (convert needs the plain directory)")
+            }
             if try dir.stat().device != storeDevice {
-                throw InputError("\(g.root): not on the filesystem of the store \(s.store.path) (objects are links of the guest's inodes; give --store on it)")
+                throw InputError(
+                    "\(g.root): not on the filesystem of the store \(s.store.path) (objects are links of the guest's inodes; give --store on it)"
+                )
             }
             try checkNotInUse(g.root, canonical: g.canonical, mountedOverlay: false)
         }
@@ -47,7 +54,9 @@ extension Overlay {
                 continue
             }
             do {
-                report.guests.append(try convertOne(record, root: g.root, session: s, hardlinkObjects: hardlinkObjects, mount: options.mount))
+                report.guests.append(
+                    try convertOne(
+                        record, root: g.root, session: s, hardlinkObjects: hardlinkObjects, mount: options.mount))
             } catch {
                 // Before the switch this undoes the work at once (the guest is its plain tree); after it, it finishes it.
                 _ = try? recover(record)
@@ -58,7 +67,9 @@ extension Overlay {
         return report
     }
 
-    static func convertOne(_ guest: OverlayGuest, root: FilePath, session s: Session, hardlinkObjects: Set<UInt64>, mount: Bool) throws -> OverlayReport.Guest {
+    static func convertOne(
+        _ guest: OverlayGuest, root: FilePath, session s: Session, hardlinkObjects: Set<UInt64>, mount: Bool
+    ) throws -> OverlayReport.Guest {
         let started = MonotonicInstant.now()
         var result = OverlayReport.Guest(root: root.string, action: .converted)
         let source = try Directory.open(path: guest.rootPath)
@@ -72,7 +83,10 @@ extension Overlay {
             let link = file.stat.linkCount == 1 && !hardlinkObjects.contains(file.stat.inode)
             return try makeEntry(file, in: dest, filler: filler, lease: true, linkSource: link, result: &result)
         }
-        do { try copier.copy(source, into: gen.meta) } catch { _ = try? filler.finish(); throw error }
+        do { try copier.copy(source, into: gen.meta) } catch {
+            _ = try? filler.finish()
+            throw error
+        }
         merge(try filler.finish(), into: &result)
         try copyRootAttributes(from: source, to: gen.upper)
         try s.objects.sync()
@@ -116,7 +130,9 @@ extension Overlay {
         }
         let gen = try guest.generation(state.generation)
         let dir = try Directory.open(path: guest.rootPath)
-        if OverlayMount.isMounted(gen, at: dir) { return OverlayReport.Guest(root: root.string, action: .alreadyMounted) }
+        if OverlayMount.isMounted(gen, at: dir) {
+            return OverlayReport.Guest(root: root.string, action: .alreadyMounted)
+        }
         if OverlayMount.isMountPoint(dir) { throw InputError("\(root): something else is mounted here") }
         if try !dir.entryNames().isEmpty { throw InputError("\(root): the mount point is not empty") }
         do {

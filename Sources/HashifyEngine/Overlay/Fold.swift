@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -11,14 +12,20 @@ extension Overlay {
     final class FoldContext {
         let upper: Directory?
         let meta: Directory?
-        init(upper: Directory?, meta: Directory?) { self.upper = upper; self.meta = meta }
+        init(upper: Directory?, meta: Directory?) {
+            self.upper = upper
+            self.meta = meta
+        }
 
         /// The child context. Below an opaque or redirected upper directory
         /// the old metadata layer at the same path is not what the guest sees,
         /// so nothing below is taken from it unread.
         func child(_ name: FileName) -> FoldContext {
             let u = try? upper?.openDirectory(name)
-            if let u, u.extendedAttribute("trusted.overlay.opaque") != nil || u.extendedAttribute("trusted.overlay.redirect") != nil {
+            if let u,
+                u.extendedAttribute("trusted.overlay.opaque") != nil
+                    || u.extendedAttribute("trusted.overlay.redirect") != nil
+            {
                 return FoldContext(upper: u, meta: nil)
             }
             if upper != nil, u == nil, (try? upper?.stat(name)) != nil {
@@ -35,11 +42,16 @@ extension Overlay {
         func unchangedRedirect(_ name: FileName, size: UInt64) -> [UInt8]? {
             guard let meta else { return nil }
             if let upper {
-                do { _ = try upper.stat(name); return nil } catch Errno.noSuchFileOrDirectory {} catch { return nil }
+                do {
+                    _ = try upper.stat(name)
+                    return nil
+                } catch Errno.noSuchFileOrDirectory {} catch { return nil }
             }
             guard let st = try? meta.stat(name), st.isRegular, st.linkCount == 1, st.size == size,
-                  let stub = try? meta.openFileForReading(name), stub.extendedAttribute("trusted.overlay.metacopy") != nil,
-                  let r = stub.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r) else { return nil }
+                let stub = try? meta.openFileForReading(name),
+                stub.extendedAttribute("trusted.overlay.metacopy") != nil,
+                let r = stub.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r)
+            else { return nil }
             return r
         }
     }
@@ -48,7 +60,11 @@ extension Overlay {
     /// overlayfs' index nothing): then there is nothing to fold.
     static func hasCopyUps(_ gen: OverlayGuest.Generation) -> Bool {
         if let names = try? gen.upper.entryNames(), !names.isEmpty { return true }
-        if let index = try? gen.work.openDirectory(FileName("index")), let names = try? index.entryNames(), !names.isEmpty { return true }
+        if let index = try? gen.work.openDirectory(FileName("index")), let names = try? index.entryNames(),
+            !names.isEmpty
+        {
+            return true
+        }
         return false
     }
 
@@ -59,7 +75,9 @@ extension Overlay {
     /// existing object or of a new one. `state` then switches to it in one
     /// rename (`folding` → `active`); a fold killed before leaves the old
     /// generation in force. A mounted guest is left for its next start.
-    static func fold(_ guest: OverlayGuest, root: FilePath, session s: Session, dryRun: Bool) throws -> OverlayReport.Guest {
+    static func fold(_ guest: OverlayGuest, root: FilePath, session s: Session, dryRun: Bool) throws
+        -> OverlayReport.Guest
+    {
         let started = MonotonicInstant.now()
         guard var state = dryRun ? try guest.readState() : try recover(guest), state.phase == .active else {
             return OverlayReport.Guest(root: root.string, action: .notAnOverlayGuest)
@@ -80,7 +98,8 @@ extension Overlay {
         }
         state.phase = .folding
         try guest.writeState(state)
-        result = try buildGeneration(state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
+        result = try buildGeneration(
+            state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
         result.root = root.string
         result.action = .folded
         state.phase = .active
@@ -96,15 +115,20 @@ extension Overlay {
     /// one): files its upper layer does not hold keep their objects unread,
     /// the rest are hashed and become stubs of an existing or a new object.
     /// For a fold, `source` is the guest itself; for a clone, the guest cloned.
-    static func buildGeneration(_ number: Int, of guest: OverlayGuest, from source: OverlayGuest, generation: Int,
-                                session s: Session) throws -> OverlayReport.Guest {
+    static func buildGeneration(
+        _ number: Int, of guest: OverlayGuest, from source: OverlayGuest, generation: Int,
+        session s: Session
+    ) throws -> OverlayReport.Guest {
         var result = OverlayReport.Guest(root: guest.rootPath.string, action: .built)
         let old = try source.generation(generation)
         let next = try guest.makeGeneration(number)
         let filler = StubFiller(objects: s.objects, threads: fillThreads)
-        let copier = TreeCopier(escapeOverlayAttributes: true, context: { parent, name in
-            (parent as? FoldContext)?.child(name)
-        }) { file, dest in
+        let copier = TreeCopier(
+            escapeOverlayAttributes: true,
+            context: { parent, name in
+                (parent as? FoldContext)?.child(name)
+            }
+        ) { file, dest in
             let size = file.stat.size
             let context = file.context as? FoldContext
             if size > inlineLimit, let r = context?.unchangedRedirect(file.name, size: size), filler.isLive(r) {
@@ -118,7 +142,10 @@ extension Overlay {
         let build = { (merged: Directory) throws in
             do {
                 try copier.copy(merged, into: next.meta, rootContext: FoldContext(upper: old.upper, meta: old.meta))
-            } catch { _ = try? filler.finish(); throw error }
+            } catch {
+                _ = try? filler.finish()
+                throw error
+            }
             merge(try filler.finish(), into: &result)
             try copyRootAttributes(from: merged, to: next.upper)
         }
@@ -153,7 +180,9 @@ extension Overlay {
         let s = Session(store: store, objects: try DataObjects(store: store), dataPath: dataPath, guests: [])
         var out: [OverlayReport.Guest] = []
         for r in roots {
-            guard let c = RootValidation.canonical(r), let g = try OverlayGuest.open(store: store, canonicalRoot: c, create: false) else { continue }
+            guard let c = RootValidation.canonical(r),
+                let g = try OverlayGuest.open(store: store, canonicalRoot: c, create: false)
+            else { continue }
             do {
                 out.append(try fold(g, root: r, session: s, dryRun: dryRun))
             } catch {
@@ -170,8 +199,10 @@ extension Overlay {
         guard let store = try? Store.open(at: storePath, create: false) else { return [] }
         var out = Set<FilePath>()
         for r in roots {
-            guard let c = RootValidation.canonical(r), let g = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),
-                  g.hasState || !g.generationNumbers().isEmpty else { continue }
+            guard let c = RootValidation.canonical(r),
+                let g = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),
+                g.hasState || !g.generationNumbers().isEmpty
+            else { continue }
             out.insert(r)
         }
         return out

@@ -1,12 +1,15 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
 
 extension Overlay {
     /// The record and state in force of an overlay guest, or bad input.
-    static func activeGuest(_ g: (root: FilePath, canonical: FilePath, record: OverlayGuest?)) throws -> (OverlayGuest, OverlayGuest.State) {
+    static func activeGuest(_ g: (root: FilePath, canonical: FilePath, record: OverlayGuest?)) throws -> (
+        OverlayGuest, OverlayGuest.State
+    ) {
         guard let record = g.record, let state = try recover(record), state.phase == .active else {
             throw InputError("\(g.root): not an overlay guest of this store (hashify overlay convert makes it one)")
         }
@@ -32,7 +35,8 @@ extension Overlay {
         var mounted: [Bool] = []
         for g in s.guests {
             let (record, state) = try activeGuest(g)
-            let isMounted = OverlayMount.isMounted(try record.generation(state.generation), at: try Directory.open(path: g.canonical))
+            let isMounted = OverlayMount.isMounted(
+                try record.generation(state.generation), at: try Directory.open(path: g.canonical))
             if isMounted { try checkNotInUse(g.root, canonical: g.canonical, mountedOverlay: true) }
             mounted.append(isMounted)
         }
@@ -53,8 +57,10 @@ extension Overlay {
 
     /// Mounts the guest's generation privately (read-only, in the store) for
     /// fold and export, runs body on its root and unmounts it again.
-    static func withPrivateMount<T>(_ guest: OverlayGuest, _ gen: OverlayGuest.Generation, session s: Session,
-                                    _ body: (Directory) throws -> T) throws -> T {
+    static func withPrivateMount<T>(
+        _ guest: OverlayGuest, _ gen: OverlayGuest.Generation, session s: Session,
+        _ body: (Directory) throws -> T
+    ) throws -> T {
         try guest.unmountPrivate()
         let mntPath = try guest.privateMountPoint()
         try OverlayMount.mount(gen, data: s.dataPath, on: try Directory.open(path: mntPath), readOnly: true)
@@ -94,7 +100,9 @@ extension Overlay {
             var states: [OverlayGuest.State] = []
             for g in s.guests {
                 let (record, state) = try activeGuest(g)
-                if OverlayMount.isMounted(try record.generation(state.generation), at: try Directory.open(path: g.canonical)) {
+                if OverlayMount.isMounted(
+                    try record.generation(state.generation), at: try Directory.open(path: g.canonical))
+                {
                     try checkNotInUse(g.root, canonical: g.canonical, mountedOverlay: true)
                 }
                 states.append(state)
@@ -107,14 +115,18 @@ extension Overlay {
         return report
     }
 
-    static func exportCopy(_ guest: OverlayGuest, state: OverlayGuest.State, root: FilePath, to dest: FilePath, session s: Session) throws -> OverlayReport.Guest {
+    static func exportCopy(
+        _ guest: OverlayGuest, state: OverlayGuest.State, root: FilePath, to dest: FilePath, session s: Session
+    ) throws -> OverlayReport.Guest {
         let started = MonotonicInstant.now()
         guard let last = dest.lastComponent, !dest.removingLastComponent().isEmpty || dest.isRelative else {
             throw InputError("\(dest): not a destination directory name")
         }
         let parentPath = dest.removingLastComponent().isEmpty ? FilePath(".") : dest.removingLastComponent()
         let parent: Directory
-        do { parent = try Directory.open(path: parentPath) } catch { throw InputError("\(parentPath): no such directory") }
+        do { parent = try Directory.open(path: parentPath) } catch {
+            throw InputError("\(parentPath): no such directory")
+        }
         let name = FileName(last.string)
         if (try? parent.stat(name)) != nil { throw InputError("\(dest): already exists") }
         let temp = FileName(Array(".".utf8) + name.bytes + Array(".hashify-export".utf8))
@@ -122,14 +134,17 @@ extension Overlay {
         try parent.makeDirectory(temp, mode: 0o700)
         let gen = try guest.generation(state.generation)
         let live = try Directory.open(path: guest.rootPath)
-        let (copier, outcome) = plainCopier(result: OverlayReport.Guest(root: root.string, action: .exportedTo(dest.string)))
+        let (copier, outcome) = plainCopier(
+            result: OverlayReport.Guest(root: root.string, action: .exportedTo(dest.string)))
         do {
             if OverlayMount.isMounted(gen, at: live) {
                 // A running guest: what vanishes while it is read is left out, as any backup would.
                 copier.skipVanished = true
                 try copier.copy(live, into: try parent.openDirectory(temp))
             } else {
-                try withPrivateMount(guest, gen, session: s) { try copier.copy($0, into: try parent.openDirectory(temp)) }
+                try withPrivateMount(guest, gen, session: s) {
+                    try copier.copy($0, into: try parent.openDirectory(temp))
+                }
             }
         } catch {
             try? parent.removeTree(temp)
@@ -138,16 +153,22 @@ extension Overlay {
         try parent.syncFilesystem()
         try parent.rename(temp, to: parent, as: name, flags: .noReplace)
         var result = outcome()
-        if copier.vanished > 0 { result.notes.append("\(copier.vanished) entries vanished while the running guest was read") }
+        if copier.vanished > 0 {
+            result.notes.append("\(copier.vanished) entries vanished while the running guest was read")
+        }
         result.seconds = elapsed(since: started)
         return result
     }
 
-    static func exportInPlace(_ guest: OverlayGuest, state: OverlayGuest.State, root: FilePath, session s: Session) throws -> OverlayReport.Guest {
+    static func exportInPlace(_ guest: OverlayGuest, state: OverlayGuest.State, root: FilePath, session s: Session)
+        throws -> OverlayReport.Guest
+    {
         let started = MonotonicInstant.now()
         let gen = try guest.generation(state.generation)
         if OverlayMount.isMounted(gen, at: try Directory.open(path: guest.rootPath)) {
-            do { try OverlayMount.unmount(guest.rootPath) } catch { throw InputError("\(root): umount failed: \(error)") }
+            do { try OverlayMount.unmount(guest.rootPath) } catch {
+                throw InputError("\(root): umount failed: \(error)")
+            }
         }
         var st = state
         st.phase = .exporting
@@ -156,7 +177,9 @@ extension Overlay {
         try guest.directory.removeTree(exportName)
         try guest.directory.makeDirectory(exportName, mode: 0o700)
         let (copier, outcome) = plainCopier(result: OverlayReport.Guest(root: root.string, action: .exportedInPlace))
-        try withPrivateMount(guest, gen, session: s) { try copier.copy($0, into: try guest.directory.openDirectory(exportName)) }
+        try withPrivateMount(guest, gen, session: s) {
+            try copier.copy($0, into: try guest.directory.openDirectory(exportName))
+        }
         try guest.directory.syncFilesystem()
 
         let (parent, name) = try parentAndName(guest.rootPath)

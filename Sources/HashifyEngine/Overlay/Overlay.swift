@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -22,7 +23,8 @@ public struct OverlayReport: Sendable, Codable {
     public enum Action: Sendable, Equatable, Codable, CustomStringConvertible {
         case converted, convertedAndMounted, mounted, alreadyMounted, unmounted, notMounted
         case folded, wouldFold, nothingToFold, foldAtNextStart, built
-        case exportedInPlace, exportedTo(String)
+        case exportedInPlace
+        case exportedTo(String)
         case notAnOverlayGuest
         /// An error stopped the work on this guest; its notes say which.
         case leftAsItWas
@@ -31,7 +33,8 @@ public struct OverlayReport: Sendable, Codable {
             (.converted, "converted"), (.convertedAndMounted, "converted and mounted"), (.mounted, "mounted"),
             (.alreadyMounted, "already mounted"), (.unmounted, "unmounted"), (.notMounted, "not mounted"),
             (.folded, "folded"), (.wouldFold, "would fold"), (.nothingToFold, "nothing to fold"),
-            (.foldAtNextStart, "mounted: fold at next start"), (.built, "built"), (.exportedInPlace, "exported in place"),
+            (.foldAtNextStart, "mounted: fold at next start"), (.built, "built"),
+            (.exportedInPlace, "exported in place"),
             (.notAnOverlayGuest, "not an overlay guest"), (.leftAsItWas, "left as it was"),
         ]
 
@@ -47,7 +50,8 @@ public struct OverlayReport: Sendable, Codable {
             } else if text.hasPrefix("exported to ") {
                 self = .exportedTo(String(text.dropFirst("exported to ".count)))
             } else {
-                throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "action \(text)"))
+                throw DecodingError.dataCorrupted(
+                    .init(codingPath: decoder.codingPath, debugDescription: "action \(text)"))
             }
         }
 
@@ -142,8 +146,9 @@ public enum Overlay {
         for i in guests.indices {
             guests[i].2 = try OverlayGuest.open(store: store, canonicalRoot: guests[i].1, create: false)
         }
-        return Session(store: store, objects: try DataObjects(store: store), dataPath: dataPath,
-                       guests: guests.map { (root: $0.0, canonical: $0.1, record: $0.2) })
+        return Session(
+            store: store, objects: try DataObjects(store: store), dataPath: dataPath,
+            guests: guests.map { (root: $0.0, canonical: $0.1, record: $0.2) })
     }
 
     // MARK: recovery
@@ -197,7 +202,9 @@ public enum Overlay {
         let users = ProcessScanner.processesUsing(root: canonical, stat: st, ownDevice: mountedOverlay)
         if !users.isEmpty {
             let list = users.prefix(5).map { "\($0.pid) (\($0.command))" }.joined(separator: ", ")
-            throw InputError("\(root): in use by \(users.count) process\(users.count == 1 ? "" : "es"): \(list)\(users.count > 5 ? ", …" : ""); stop the guest first")
+            throw InputError(
+                "\(root): in use by \(users.count) process\(users.count == 1 ? "" : "es"): \(list)\(users.count > 5 ? ", …" : ""); stop the guest first"
+            )
         }
     }
 
@@ -216,13 +223,15 @@ public enum Overlay {
         try stub.truncate(size)
         try stub.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.overlay.metacopy".utf8), value: []))
         if let redirect {
-            try stub.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
+            try stub.setExtendedAttribute(
+                ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
         }
         return stub
     }
 
     /// Makes a whole copy of a small (or empty) file.
-    static func makeInline(_ name: FileName, in dir: Directory, from source: OpenFile, size: UInt64) throws -> OpenFile {
+    static func makeInline(_ name: FileName, in dir: Directory, from source: OpenFile, size: UInt64) throws -> OpenFile
+    {
         let f = try dir.createFile(name, mode: 0o600)
         if size > 0 { try source.copyContent(to: f, size: size) }
         return f
@@ -230,14 +239,18 @@ public enum Overlay {
 
     /// Reads a file under a read lease (no writer may have it open or open it
     /// meanwhile) and returns it with its digest, checked unchanged.
-    static func leasedDigest(_ f: OpenFile, stat: FileStat, path: [UInt8], buffer: UnsafeMutableRawBufferPointer, lease: Bool) throws -> (OpenFile, ContentDigest) {
+    static func leasedDigest(
+        _ f: OpenFile, stat: FileStat, path: [UInt8], buffer: UnsafeMutableRawBufferPointer, lease: Bool
+    ) throws -> (OpenFile, ContentDigest) {
         if lease {
             do { try f.takeReadLease() } catch Errno.resourceTemporarilyUnavailable {
                 throw InputError("\(escapedPath(path)): open for writing (is the guest running?)")
             }
         }
         let before = try f.stat()
-        guard before.sameContentState(as: stat) else { throw InputError("\(escapedPath(path)): changed while being read (is the guest running?)") }
+        guard before.sameContentState(as: stat) else {
+            throw InputError("\(escapedPath(path)): changed while being read (is the guest running?)")
+        }
         let (digest, read) = try ContentHasher.contentDigest(of: f, size: before.size, buffer: buffer)
         let after = try f.stat()
         guard read == before.size, after.sameContentState(as: before), !lease || f.holdsReadLease else {
@@ -250,8 +263,10 @@ public enum Overlay {
     /// it is small, else a stub that `filler` gives the redirect of the object
     /// holding its content (made from the file when there is none yet: its
     /// inode linked when `linkSource`, else cloned or copied).
-    static func makeEntry(_ file: TreeCopier.SourceFile, in dest: Directory, filler: StubFiller, lease: Bool, linkSource: Bool,
-                          result: inout OverlayReport.Guest) throws -> OpenFile {
+    static func makeEntry(
+        _ file: TreeCopier.SourceFile, in dest: Directory, filler: StubFiller, lease: Bool, linkSource: Bool,
+        result: inout OverlayReport.Guest
+    ) throws -> OpenFile {
         let size = file.stat.size
         if size <= inlineLimit {
             result.inlineFiles += 1

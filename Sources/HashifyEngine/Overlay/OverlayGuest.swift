@@ -1,6 +1,7 @@
 import Crypto
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -77,16 +78,21 @@ final class OverlayGuest {
         if create {
             parent = try overlayDirectory(of: store)
         } else {
-            do { parent = try store.directory.openDirectory(FileName("overlay")) } catch Errno.noSuchFileOrDirectory { return nil }
+            do { parent = try store.directory.openDirectory(FileName("overlay")) } catch Errno.noSuchFileOrDirectory {
+                return nil
+            }
         }
         if create {
             do { try parent.makeDirectory(FileName(id), mode: 0o700) } catch Errno.fileExists {}
         }
         let dir: Directory
         do { dir = try parent.openDirectory(FileName(id)) } catch Errno.noSuchFileOrDirectory { return nil }
-        guard let storePath = RootValidation.canonical(store.path) else { throw InputError("\(store.path): cannot resolve path") }
-        let guest = OverlayGuest(id: id, rootPath: canonicalRoot, directory: dir,
-                                 path: storePath.appending("overlay").appending(id))
+        guard let storePath = RootValidation.canonical(store.path) else {
+            throw InputError("\(store.path): cannot resolve path")
+        }
+        let guest = OverlayGuest(
+            id: id, rootPath: canonicalRoot, directory: dir,
+            path: storePath.appending("overlay").appending(id))
         if create, (try? dir.stat(FileName("root"))) == nil {
             try writeAtomically(Array(canonicalRoot.string.utf8), as: FileName("root"), in: dir)
         }
@@ -99,9 +105,12 @@ final class OverlayGuest {
         var out: [OverlayGuest] = []
         for name in (try? parent.entryNames()) ?? [] {
             guard let dir = try? parent.openDirectory(name),
-                  let bytes = try? dir.openFileForReading(FileName("root")).readAll() else { continue }
+                let bytes = try? dir.openFileForReading(FileName("root")).readAll()
+            else { continue }
             let root = FilePath(String(decoding: bytes, as: UTF8.self))
-            if let g = try? open(store: store, canonicalRoot: root, create: false), g.id == String(decoding: name.bytes, as: UTF8.self) {
+            if let g = try? open(store: store, canonicalRoot: root, create: false),
+                g.id == String(decoding: name.bytes, as: UTF8.self)
+            {
                 out.append(g)
             }
         }
@@ -118,7 +127,9 @@ final class OverlayGuest {
         do { file = try directory.openFileForReading(FileName("state")) } catch Errno.noSuchFileOrDirectory {
             let generations = generationNumbers()
             if !generations.isEmpty {
-                throw damaged("no state, but generation\(generations.count == 1 ? "" : "s") \(generations.map { "g\($0)" }.joined(separator: ", "))")
+                throw damaged(
+                    "no state, but generation\(generations.count == 1 ? "" : "s") \(generations.map { "g\($0)" }.joined(separator: ", "))"
+                )
             }
             return nil
         } catch {
@@ -128,9 +139,12 @@ final class OverlayGuest {
         var fields: [String: String] = [:]
         for line in text.split(separator: 0x0a) {
             let parts = line.split(separator: 0x20, maxSplits: 1)
-            if parts.count == 2 { fields[String(decoding: parts[0], as: UTF8.self)] = String(decoding: parts[1], as: UTF8.self) }
+            if parts.count == 2 {
+                fields[String(decoding: parts[0], as: UTF8.self)] = String(decoding: parts[1], as: UTF8.self)
+            }
         }
-        guard let p = fields["phase"].flatMap(Phase.init(rawValue:)), let g = fields["generation"].flatMap(Int.init), g >= 0,
+        guard let p = fields["phase"].flatMap(Phase.init(rawValue:)), let g = fields["generation"].flatMap(Int.init),
+            g >= 0,
             let inode = UInt64(fields["root-inode"] ?? "0")
         else {
             throw damaged("state not in the form hashify writes")
@@ -214,9 +228,10 @@ final class OverlayGuest {
     func generation(_ n: Int) throws -> Generation {
         let g = try directory.openDirectory(Self.generationName(n))
         let base = path.appending("g\(n)")
-        return Generation(number: n, meta: try g.openDirectory(FileName("meta")), upper: try g.openDirectory(FileName("upper")),
-                          work: try g.openDirectory(FileName("work")), metaPath: base.appending("meta"),
-                          upperPath: base.appending("upper"), workPath: base.appending("work"))
+        return Generation(
+            number: n, meta: try g.openDirectory(FileName("meta")), upper: try g.openDirectory(FileName("upper")),
+            work: try g.openDirectory(FileName("work")), metaPath: base.appending("meta"),
+            upperPath: base.appending("upper"), workPath: base.appending("work"))
     }
 
     /// Removes every generation but `keep` (and the scratch trees named in `scratch`).

@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -62,8 +63,9 @@ extension Overlay {
                 }
                 allocatedBytes += st.allocatedBytes
                 guard st.isRegular, let f = try? dir.openFileForReading(name),
-                      f.extendedAttribute("trusted.overlay.metacopy") != nil,
-                      let r = f.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r) else { continue }
+                    f.extendedAttribute("trusted.overlay.metacopy") != nil,
+                    let r = f.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r)
+                else { continue }
                 referenced.insert(r)
                 stubInodes[st.inode] = r
                 stubs += 1
@@ -110,16 +112,21 @@ extension Overlay {
                 do { _ = try g.readState() } catch { out.warnings.append(error.description) }
                 continue
             }
-            let mounted = (try? g.generation(state.generation)).map { gen in
-                (try? Directory.open(path: g.rootPath)).map { OverlayMount.isMounted(gen, at: $0) } ?? false
-            } ?? false
+            let mounted =
+                (try? g.generation(state.generation)).map { gen in
+                    (try? Directory.open(path: g.rootPath)).map { OverlayMount.isMounted(gen, at: $0) } ?? false
+                } ?? false
             var entry = OverlayStatus.Guest(root: g.rootPath.string, generation: state.generation, mounted: mounted)
             entry.sharedFiles = scan.stubs
             entry.sharedBytes = scan.stubBytes
             entry.copyUpBytes = scan.allocatedBytes
             entry.foldPending = scan.entries > 0
             out.routineUpdateBytes += max(scan.stubBytes / 10, scan.allocatedBytes)
-            if state.phase != .active { out.warnings.append("\(g.rootPath): interrupted (\(state.phase.rawValue)); the next overlay command or unify finishes or undoes it") }
+            if state.phase != .active {
+                out.warnings.append(
+                    "\(g.rootPath): interrupted (\(state.phase.rawValue)); the next overlay command or unify finishes or undoes it"
+                )
+            }
             out.guests.append(entry)
         }
         out.guests.sort { $0.root < $1.root }
@@ -134,7 +141,9 @@ extension Overlay {
         var fs = statvfs()
         if fstatvfs(store.directory.fd, &fs) == 0 { out.freeBytes = UInt64(fs.f_bavail) * UInt64(fs.f_frsize) }
         if out.freeBytes < out.routineUpdateBytes {
-            out.warnings.append("only \(formatBytes(out.freeBytes)) free for copy-ups: a routine update of the overlay guests needs about \(formatBytes(out.routineUpdateBytes)) (rewriting every shared file: \(formatBytes(out.guests.reduce(0) { $0 + $1.sharedBytes })))")
+            out.warnings.append(
+                "only \(formatBytes(out.freeBytes)) free for copy-ups: a routine update of the overlay guests needs about \(formatBytes(out.routineUpdateBytes)) (rewriting every shared file: \(formatBytes(out.guests.reduce(0) { $0 + $1.sharedBytes })))"
+            )
         }
         return out
     }
@@ -151,7 +160,9 @@ extension Overlay {
 
     /// `verify` for data objects: each re-hashed against its recorded digest,
     /// and every object a stub references present.
-    static func verify(store: Store, buffer: UnsafeMutableRawBufferPointer) -> (checked: Int, bytes: UInt64, damaged: [DamagedObject]) {
+    static func verify(store: Store, buffer: UnsafeMutableRawBufferPointer) -> (
+        checked: Int, bytes: UInt64, damaged: [DamagedObject]
+    ) {
         guard let objects = try? DataObjects(store: store) else { return (0, 0, []) }
         var damaged: [DamagedObject] = []
         var checked = 0
@@ -170,13 +181,19 @@ extension Overlay {
                 let (d, read) = try ContentHasher.contentDigest(of: f, size: o.stat.size, buffer: buffer)
                 checked += 1
                 bytes += read
-                if d != recorded { damaged.append(DamagedObject(object: name, recordedDigest: recorded.hex, digest: d.hex, missing: false)) }
+                if d != recorded {
+                    damaged.append(
+                        DamagedObject(object: name, recordedDigest: recorded.hex, digest: d.hex, missing: false))
+                }
             } catch {
                 damaged.append(DamagedObject(object: name, recordedDigest: recorded.hex, digest: "", missing: true))
             }
         }
         for r in referenced where (try? objects.stat(r))?.isRegular != true {
-            damaged.append(DamagedObject(object: String(decoding: r, as: UTF8.self), recordedDigest: objects.digests[r]?.hex ?? "", digest: "", missing: true))
+            damaged.append(
+                DamagedObject(
+                    object: String(decoding: r, as: UTF8.self), recordedDigest: objects.digests[r]?.hex ?? "",
+                    digest: "", missing: true))
         }
         return (checked, bytes, damaged.sorted { $0.object < $1.object })
     }
@@ -184,7 +201,8 @@ extension Overlay {
     /// `gc` for data objects: those no generation of any guest references are removed.
     static func collectGarbage(store: Store, dryRun: Bool) throws -> (removed: Int, bytes: UInt64) {
         guard (try? store.directory.stat(FileName("data-index"))) != nil || !OverlayGuest.all(in: store).isEmpty,
-              let objects = try? DataObjects(store: store) else { return (0, 0) }
+            let objects = try? DataObjects(store: store)
+        else { return (0, 0) }
         for g in OverlayGuest.all(in: store) where !dryRun { try recover(g) }
         let (referenced, _) = references(in: store)
         var unused = Set<[UInt8]>()

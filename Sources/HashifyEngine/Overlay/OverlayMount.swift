@@ -1,6 +1,7 @@
 import CHashifyShim
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,7 +20,10 @@ enum OverlayMount {
     static func options(_ g: OverlayGuest.Generation, data: FilePath) -> String {
         func esc(_ p: FilePath) -> String {
             var out = ""
-            for c in p.string { if c == "\\" || c == "," || c == ":" { out.append("\\") }; out.append(c) }
+            for c in p.string {
+                if c == "\\" || c == "," || c == ":" { out.append("\\") }
+                out.append(c)
+            }
             return out
         }
         return "lowerdir=\(esc(g.metaPath))::\(esc(data)),upperdir=\(esc(g.upperPath)),workdir=\(esc(g.workPath))"
@@ -35,15 +39,21 @@ enum OverlayMount {
     /// with ESTALE. When the generation holds no copy-ups (it was folded
     /// before the backup, as the README says), those records describe nothing
     /// and are dropped, and the mount is tried once more; otherwise the error stands.
-    static func mount(_ g: OverlayGuest.Generation, data: FilePath, on target: Directory, readOnly: Bool = false) throws {
+    static func mount(_ g: OverlayGuest.Generation, data: FilePath, on target: Directory, readOnly: Bool = false) throws
+    {
         let opts = options(g, data: data)
         func attempt() -> Int32 {
-            withCName(target.procPath) { t in hashify_mount("hashify", t, "overlay", readOnly ? HASHIFY_MS_RDONLY : 0, opts) }
+            withCName(target.procPath) { t in
+                hashify_mount("hashify", t, "overlay", readOnly ? HASHIFY_MS_RDONLY : 0, opts)
+            }
         }
         if attempt() == 0 { return }
         let e = errno
         guard e == ESTALE, !Overlay.hasCopyUps(g) else {
-            throw e == ESTALE ? InputError("the overlay's index does not match its layers (restored from a backup?) and the guest has copy-ups; export it from where it was made") : Errno(rawValue: e)
+            throw e == ESTALE
+                ? InputError(
+                    "the overlay's index does not match its layers (restored from a backup?) and the guest has copy-ups; export it from where it was made"
+                ) : Errno(rawValue: e)
         }
         try g.upper.removeExtendedAttribute("trusted.overlay.origin")
         if (try? g.work.stat(FileName("index"))) != nil { try g.work.removeTree(FileName("index")) }
@@ -67,18 +77,22 @@ enum OverlayMount {
 
     /// Whether `dir` is the root of a mount (its mount differs from its parent's).
     static func isMountPoint(_ dir: Directory) -> Bool {
-        guard let st = try? dir.stat(), let parent = try? dir.openDirectory(FileName("..")), let pst = try? parent.stat() else { return false }
+        guard let st = try? dir.stat(), let parent = try? dir.openDirectory(FileName("..")),
+            let pst = try? parent.stat()
+        else { return false }
         return st.mountID != pst.mountID || st.device != pst.device
     }
 
     /// The super options of the mount whose root `dir` is, from /proc/self/mountinfo.
     static func superOptions(of dir: Directory) -> String? {
         guard let id = try? dir.stat().mountID, id != 0,
-              let info = try? Directory.open(path: "/proc/self").openFileForReading(FileName("mountinfo")).readAll() else { return nil }
+            let info = try? Directory.open(path: "/proc/self").openFileForReading(FileName("mountinfo")).readAll()
+        else { return nil }
         for line in info.split(separator: 0x0a) {
             let fields = line.split(separator: 0x20)
             guard let first = fields.first, UInt64(String(decoding: first, as: UTF8.self)) == id,
-                  let dash = fields.firstIndex(of: [0x2d]), fields.count > dash + 3 else { continue }
+                let dash = fields.firstIndex(of: [0x2d]), fields.count > dash + 3
+            else { continue }
             return String(decoding: fields[dash + 3], as: UTF8.self)
         }
         return nil
@@ -86,7 +100,9 @@ enum OverlayMount {
 
     /// True when `dir` is an overlay mount of generation `g`.
     static func isMounted(_ g: OverlayGuest.Generation, at dir: Directory) -> Bool {
-        guard isMountPoint(dir), dir.filesystemType == superMagic, let opts = superOptions(of: dir) else { return false }
+        guard isMountPoint(dir), dir.filesystemType == superMagic, let opts = superOptions(of: dir) else {
+            return false
+        }
         // mountinfo escapes space, tab, newline and backslash as octal.
         var escaped = ""
         for c in g.upperPath.string {
@@ -114,7 +130,8 @@ enum OverlayMount {
             let f = try store.directory.createFile(probe, mode: 0o600)
             try f.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.hashify.probe".utf8), value: [0x31]))
         } catch {
-            return "the filesystem of the store \(store.path) has no trusted xattrs (\(error)); overlay layers need them"
+            return
+                "the filesystem of the store \(store.path) has no trusted xattrs (\(error)); overlay layers need them"
         }
         return nil
     }

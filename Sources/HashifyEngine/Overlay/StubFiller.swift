@@ -1,6 +1,7 @@
 import Dispatch
 import HashifySystem
 import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -53,11 +54,15 @@ final class StubFiller: @unchecked Sendable {
         slots.wait()
         group.enter()
         queue.async { [self] in
-            defer { slots.signal(); group.leave() }
+            defer {
+                slots.signal()
+                group.leave()
+            }
             let buffer = buffers.withLock { $0.removeLast() }
             defer { buffers.withLock { $0.append(buffer) } }
             do {
-                let (f, digest) = try Overlay.leasedDigest(handle, stat: stat, path: path, buffer: buffer.bytes, lease: lease)
+                let (f, digest) = try Overlay.leasedDigest(
+                    handle, stat: stat, path: path, buffer: buffer.bytes, lease: lease)
                 _ = lseek(f.fd, 0, SEEK_SET)
                 var counts = Counts()
                 let redirect: [UInt8] = try objectLock.withLock { _ in
@@ -67,10 +72,15 @@ final class StubFiller: @unchecked Sendable {
                     }
                     let r = try objects.add(f, digest: digest, size: stat.size, linkSource: linkSource)
                     counts.objectsCreated += 1
-                    if linkSource { counts.bytesLinked += stat.allocatedBytes } else { counts.bytesCopied += stat.allocatedBytes }
+                    if linkSource {
+                        counts.bytesLinked += stat.allocatedBytes
+                    } else {
+                        counts.bytesCopied += stat.allocatedBytes
+                    }
                     return r
                 }
-                try stub.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
+                try stub.setExtendedAttribute(
+                    ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
                 state.withLock {
                     $0.counts.objectsCreated += counts.objectsCreated
                     $0.counts.filesSharingObjects += counts.filesSharingObjects

@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -42,7 +43,9 @@ final class TreeCopier {
     /// A source entry that is a mount point (the guest is in use, or the tree is not one filesystem).
     struct MountInside: Error, CustomStringConvertible {
         var path: [UInt8]
-        var description: String { "\(escapedPath(path)) is a mount point (stop the guest and unmount what is mounted in it)" }
+        var description: String {
+            "\(escapedPath(path)) is a mount point (stop the guest and unmount what is mounted in it)"
+        }
     }
 
     /// Writes guest xattrs named `trusted.overlay.*` as `trusted.overlay.overlay.*`
@@ -75,7 +78,9 @@ final class TreeCopier {
         try applyDirectoryAttributes(of: source, stat: st, to: destination)
     }
 
-    private func copyContents(_ source: Directory, into destination: Directory, path: [UInt8], context parent: AnyObject?) throws {
+    private func copyContents(
+        _ source: Directory, into destination: Directory, path: [UInt8], context parent: AnyObject?
+    ) throws {
         var names = try source.entryNames()
         names.sort()
         for name in names {
@@ -96,7 +101,9 @@ final class TreeCopier {
         }
     }
 
-    private func copyEntry(_ name: FileName, of source: Directory, into destination: Directory, path: [UInt8], context parent: AnyObject?) throws {
+    private func copyEntry(
+        _ name: FileName, of source: Directory, into destination: Directory, path: [UInt8], context parent: AnyObject?
+    ) throws {
         let st = try source.stat(name)
         let sub = path.isEmpty ? name.bytes : path + [0x2f] + name.bytes
         entries += 1
@@ -136,7 +143,8 @@ final class TreeCopier {
 
     private func rename(_ a: ExtendedAttribute) -> ExtendedAttribute {
         guard escapeOverlayAttributes, a.name.starts(with: Self.overlayPrefix) else { return a }
-        return ExtendedAttribute(name: Self.overlayPrefix + Array("overlay.".utf8) + a.name[Self.overlayPrefix.count...], value: a.value)
+        return ExtendedAttribute(
+            name: Self.overlayPrefix + Array("overlay.".utf8) + a.name[Self.overlayPrefix.count...], value: a.value)
     }
 
     static let overlayPrefix = Array("trusted.overlay.".utf8)
@@ -148,7 +156,9 @@ final class TreeCopier {
         try destination.setModificationTime(st.modificationTime)
     }
 
-    private func applyAttributes(of source: Directory, _ name: FileName, stat st: FileStat, to destination: Directory, isSymlink: Bool) throws {
+    private func applyAttributes(
+        of source: Directory, _ name: FileName, stat st: FileStat, to destination: Directory, isSymlink: Bool
+    ) throws {
         try destination.changeOwner(of: name, uid: st.uid, gid: st.gid)
         if !isSymlink { try destination.changeMode(of: name, st.mode) }
         for a in try extendedAttributes(in: source, of: name) {

@@ -53,7 +53,10 @@ public struct ContentDigest: Hashable, Sendable, CustomStringConvertible {
         a.words.0 == b.words.0 && a.words.1 == b.words.1 && a.words.2 == b.words.2 && a.words.3 == b.words.3
     }
     public func hash(into h: inout Hasher) {
-        h.combine(words.0); h.combine(words.1); h.combine(words.2); h.combine(words.3)
+        h.combine(words.0)
+        h.combine(words.1)
+        h.combine(words.2)
+        h.combine(words.3)
     }
     public var hex: String { hexString(bytes) }
     public var description: String { hex }
@@ -80,12 +83,17 @@ public struct MetadataIdentity: Hashable, Sendable {
 
     /// The identity of a file whose xattr digest is known (from the index).
     public init(stat: FileStat, xattrDigest: [UInt8]) {
-        self.init(mode: stat.mode, uid: stat.uid, gid: stat.gid, modificationTime: stat.modificationTime, xattrDigest: xattrDigest)
+        self.init(
+            mode: stat.mode, uid: stat.uid, gid: stat.gid, modificationTime: stat.modificationTime,
+            xattrDigest: xattrDigest)
     }
 
     public init(mode: UInt32, uid: UInt32, gid: UInt32, modificationTime: Timestamp, xattrDigest: [UInt8]) {
-        self.mode = mode; self.uid = uid; self.gid = gid
-        self.modificationTime = modificationTime; self.xattrDigest = xattrDigest
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.modificationTime = modificationTime
+        self.xattrDigest = xattrDigest
     }
 
     static func digest(of xattrs: [ExtendedAttribute]) -> [UInt8] {
@@ -122,7 +130,10 @@ func hexString(_ bytes: [UInt8]) -> String {
     let digits = Array("0123456789abcdef".utf8)
     var out = [UInt8]()
     out.reserveCapacity(bytes.count * 2)
-    for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 15)]) }
+    for b in bytes {
+        out.append(digits[Int(b >> 4)])
+        out.append(digits[Int(b & 15)])
+    }
     return String(decoding: out, as: UTF8.self)
 }
 

@@ -49,12 +49,19 @@ public struct Inventory: Sendable {
         public var isStoreObject: Bool
 
         init(_ st: FileStat, name: Int32) {
-            inode = st.inode; size = st.size
+            inode = st.inode
+            size = st.size
             blocks = UInt32(clamping: st.blocks)
-            mtimeSeconds = st.modificationTime.seconds; mtimeNanoseconds = st.modificationTime.nanoseconds
+            mtimeSeconds = st.modificationTime.seconds
+            mtimeNanoseconds = st.modificationTime.nanoseconds
             ctimeNanoseconds = st.changeTime.totalNanoseconds
-            mode16 = UInt16(truncatingIfNeeded: st.mode); uid = st.uid; gid = st.gid; linkCount = st.linkCount
-            firstName = name; nameCount = 1; isStoreObject = false
+            mode16 = UInt16(truncatingIfNeeded: st.mode)
+            uid = st.uid
+            gid = st.gid
+            linkCount = st.linkCount
+            firstName = name
+            nameCount = 1
+            isStoreObject = false
         }
 
         public var mode: UInt32 { UInt32(mode16) }
@@ -87,15 +94,22 @@ public struct Inventory: Sendable {
 
     mutating func storeName(_ p: UnsafePointer<CChar>, length: Int) -> (UInt32, UInt16) {
         let start = UInt32(arena.count)
-        p.withMemoryRebound(to: UInt8.self, capacity: length) { arena.append(contentsOf: UnsafeBufferPointer(start: $0, count: length)) }
+        p.withMemoryRebound(to: UInt8.self, capacity: length) {
+            arena.append(contentsOf: UnsafeBufferPointer(start: $0, count: length))
+        }
         return (start, UInt16(length))
     }
 
-    mutating func addDirectory(parent: Int32, guest: UInt16, name: UnsafePointer<CChar>?, length: Int, stat: FileStat) -> Int32 {
-        var start: UInt32 = 0, len: UInt16 = 0
+    mutating func addDirectory(parent: Int32, guest: UInt16, name: UnsafePointer<CChar>?, length: Int, stat: FileStat)
+        -> Int32
+    {
+        var start: UInt32 = 0
+        var len: UInt16 = 0
         if let name { (start, len) = storeName(name, length: length) }
-        directories.append(DirectoryEntry(inode: stat.inode, modificationTime: stat.modificationTime, parent: parent,
-                                          nameStart: start, nameLength: len, guest: guest))
+        directories.append(
+            DirectoryEntry(
+                inode: stat.inode, modificationTime: stat.modificationTime, parent: parent,
+                nameStart: start, nameLength: len, guest: guest))
         return Int32(directories.count - 1)
     }
 
@@ -107,13 +121,16 @@ public struct Inventory: Sendable {
         let nameIndex = Int32(names.count)
         if let existing = index(ofInode: stat.inode) {
             let head = inodes[Int(existing)].firstName
-            names.append(NameEntry(directory: directory, nameStart: start, nameLength: len, inodeIndex: existing, nextName: head))
+            names.append(
+                NameEntry(directory: directory, nameStart: start, nameLength: len, inodeIndex: existing, nextName: head)
+            )
             inodes[Int(existing)].firstName = nameIndex
             inodes[Int(existing)].nameCount += 1
         } else {
             let idx = Int32(inodes.count)
             inodes.append(InodeEntry(stat, name: nameIndex))
-            names.append(NameEntry(directory: directory, nameStart: start, nameLength: len, inodeIndex: idx, nextName: -1))
+            names.append(
+                NameEntry(directory: directory, nameStart: start, nameLength: len, inodeIndex: idx, nextName: -1))
             insert(idx)
         }
     }
@@ -236,7 +253,9 @@ public struct Inventory: Sendable {
                 var h: UInt64 = 0
                 if e.parent >= 0 {
                     h = 0xcbf2_9ce4_8422_2325 ^ UInt64(slotOf[Int(e.parent)])
-                    for i in Int(e.nameStart)..<Int(e.nameStart) + Int(e.nameLength) { h = (h ^ UInt64(a[i])) &* 0x100_0000_01b3 }
+                    for i in Int(e.nameStart)..<Int(e.nameStart) + Int(e.nameLength) {
+                        h = (h ^ UInt64(a[i])) &* 0x100_0000_01b3
+                    }
                 }
                 if let s = slots[h] {
                     slotOf[d] = s
@@ -253,7 +272,10 @@ public struct Inventory: Sendable {
         // Counting sort by slot, stable (guest order within a slot); slotOf becomes the order.
         var next = [Int32](repeating: 0, count: slotCount.count)
         var sum: Int32 = 0
-        for (s, c) in slotCount.enumerated() { next[s] = sum; sum += c }
+        for (s, c) in slotCount.enumerated() {
+            next[s] = sum
+            sum += c
+        }
         slotCount = []
         var order = [Int32](repeating: 0, count: directories.count)
         for d in directories.indices {
@@ -269,7 +291,8 @@ public struct Inventory: Sendable {
     /// are one range of it (found by binary search).
     public func nameRange(ofDirectory d: Int32) -> Range<Int32> {
         func lowerBound(_ target: Int32) -> Int32 {
-            var lo = 0, hi = names.count
+            var lo = 0
+            var hi = names.count
             while lo < hi {
                 let mid = (lo + hi) / 2
                 if names[mid].directory < target { lo = mid + 1 } else { hi = mid }
@@ -283,7 +306,10 @@ public struct Inventory: Sendable {
     func chain(_ d: Int32) -> [Int32] {
         var c: [Int32] = []
         var cur = d
-        while cur >= 0 { c.append(cur); cur = directories[Int(cur)].parent }
+        while cur >= 0 {
+            c.append(cur)
+            cur = directories[Int(cur)].parent
+        }
         return c.reversed()
     }
 }
@@ -292,5 +318,8 @@ public struct Inventory: Sendable {
 public struct InodeKey: Hashable, Sendable {
     public var device: UInt64
     public var inode: UInt64
-    public init(device: UInt64, inode: UInt64) { self.device = device; self.inode = inode }
+    public init(device: UInt64, inode: UInt64) {
+        self.device = device
+        self.inode = inode
+    }
 }

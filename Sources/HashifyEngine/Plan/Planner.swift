@@ -38,12 +38,16 @@ public enum Planner {
     }
 
     /// Orders inodes by size and known metadata (then by index).
-    static func precedes(_ a: Inventory.InodeEntry, _ ai: Int32, _ b: Inventory.InodeEntry, _ bi: Int32, ignoreModificationTime: Bool) -> Bool {
+    static func precedes(
+        _ a: Inventory.InodeEntry, _ ai: Int32, _ b: Inventory.InodeEntry, _ bi: Int32, ignoreModificationTime: Bool
+    ) -> Bool {
         if a.size != b.size { return a.size < b.size }
         if a.mode != b.mode { return a.mode < b.mode }
         if a.uid != b.uid { return a.uid < b.uid }
         if a.gid != b.gid { return a.gid < b.gid }
-        if !ignoreModificationTime && a.modificationTime != b.modificationTime { return a.modificationTime < b.modificationTime }
+        if !ignoreModificationTime && a.modificationTime != b.modificationTime {
+            return a.modificationTime < b.modificationTime
+        }
         return ai < bi
     }
 
@@ -55,12 +59,17 @@ public enum Planner {
     public static func candidates(_ inventory: Inventory, ignoreModificationTime: Bool) -> Candidates {
         let inodes = inventory.inodes
         var order = [Int32](0..<Int32(inodes.count))
-        order.sort { precedes(inodes[Int($0)], $0, inodes[Int($1)], $1, ignoreModificationTime: ignoreModificationTime) }
+        order.sort {
+            precedes(inodes[Int($0)], $0, inodes[Int($1)], $1, ignoreModificationTime: ignoreModificationTime)
+        }
         var result = Candidates()
         var start = 0
         while start < order.count {
             var end = start + 1
-            while end < order.count && samePreKey(inodes[Int(order[start])], inodes[Int(order[end])], ignoreModificationTime: ignoreModificationTime) {
+            while end < order.count
+                && samePreKey(
+                    inodes[Int(order[start])], inodes[Int(order[end])], ignoreModificationTime: ignoreModificationTime)
+            {
                 end += 1
             }
             if end - start > 1 {
@@ -98,8 +107,12 @@ public enum Planner {
             var start = 0
             while start < known.count {
                 var end = start + 1
-                while end < known.count && contents.fingerprintID(known[end]) == contents.fingerprintID(known[start]) { end += 1 }
-                if end - start > 1, let group = group(Array(known[start..<end]), inventory: inventory, contents: contents) {
+                while end < known.count && contents.fingerprintID(known[end]) == contents.fingerprintID(known[start]) {
+                    end += 1
+                }
+                if end - start > 1,
+                    let group = group(Array(known[start..<end]), inventory: inventory, contents: contents)
+                {
                     result.append(group)
                 }
                 start = end
@@ -117,7 +130,8 @@ public enum Planner {
             keeper = o
         } else {
             keeper = members.max { a, b in
-                let na = inventory.inodes[Int(a)].nameCount, nb = inventory.inodes[Int(b)].nameCount
+                let na = inventory.inodes[Int(a)].nameCount
+                let nb = inventory.inodes[Int(b)].nameCount
                 return na != nb ? na < nb : a > b
             }!
         }
@@ -125,9 +139,11 @@ public enum Planner {
         let victims = members.filter { $0 != keeper && !inventory.inodes[Int($0)].isStoreObject }
         if victims.isEmpty { return nil }
         let e = inventory.inodes[Int(keeper)]
-        return Group(size: e.size, digest: contents.digest(of: keeper)!,
-                     identity: MetadataIdentity(mode: e.mode, uid: e.uid, gid: e.gid, modificationTime: e.modificationTime,
-                                                xattrDigest: contents.xattrDigest(of: keeper)),
-                     keeper: keeper, victims: victims)
+        return Group(
+            size: e.size, digest: contents.digest(of: keeper)!,
+            identity: MetadataIdentity(
+                mode: e.mode, uid: e.uid, gid: e.gid, modificationTime: e.modificationTime,
+                xattrDigest: contents.xattrDigest(of: keeper)),
+            keeper: keeper, victims: victims)
     }
 }

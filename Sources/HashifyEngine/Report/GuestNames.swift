@@ -1,4 +1,5 @@
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -68,7 +69,9 @@ extension StatusReport: GuestNaming {
     public mutating func name(_ names: GuestNames) {
         var cache = NameCache(names: names)
         for i in guests.indices { guests[i].guest = cache(guests[i].root) }
-        if overlay != nil { for i in overlay!.guests.indices { overlay!.guests[i].guest = cache(overlay!.guests[i].root) } }
+        if overlay != nil {
+            for i in overlay!.guests.indices { overlay!.guests[i].guest = cache(overlay!.guests[i].root) }
+        }
         for i in sharingBreakers.indices { sharingBreakers[i].guest = cache(sharingBreakers[i].root) }
     }
 }
@@ -76,7 +79,9 @@ extension StatusReport: GuestNaming {
 extension VerifyReport: GuestNaming {
     public mutating func name(_ names: GuestNames) {
         var cache = NameCache(names: names)
-        for d in damaged.indices { for p in damaged[d].paths.indices { damaged[d].paths[p].guest = cache(damaged[d].paths[p].root) } }
+        for d in damaged.indices {
+            for p in damaged[d].paths.indices { damaged[d].paths[p].guest = cache(damaged[d].paths[p].root) }
+        }
         for i in skipped.indices { skipped[i].guest = cache(skipped[i].root) }
     }
 }
@@ -107,7 +112,9 @@ extension MemoryReport: GuestNaming {
     public mutating func name(_ names: GuestNames) {
         var cache = NameCache(names: names)
         for i in guests.indices { if let n = cache(guests[i].guest) { guests[i].guest = n } }
-        for i in processesToRestart.indices { if let n = cache(processesToRestart[i].guest) { processesToRestart[i].guest = n } }
+        for i in processesToRestart.indices {
+            if let n = cache(processesToRestart[i].guest) { processesToRestart[i].guest = n }
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -18,32 +19,53 @@ public enum MetricsFile {
         }
         func label(_ k: String, _ v: String) -> String {
             var e = ""
-            for c in v { switch c { case "\\": e += "\\\\"; case "\"": e += "\\\""; case "\n": e += "\\n"; default: e.append(c) } }
+            for c in v {
+                switch c {
+                case "\\": e += "\\\\"
+                case "\"": e += "\\\""
+                case "\n": e += "\\n"
+                default: e.append(c)
+                }
+            }
             return "{\(k)=\"\(e)\"}"
         }
         let t = r.totals
         metric("hashify_guests", "gauge", "Guest roots the last run was given.", [("", Double(t.guests))])
-        metric("hashify_files", "gauge", "Regular files scanned, per guest.", r.guests.map { (label("guest", $0.label), Double($0.filesScanned)) })
-        metric("hashify_shared_paths", "gauge", "Paths that link a store object after the run, per guest.",
-               r.guests.map { (label("guest", $0.label), Double($0.pathsShared)) })
-        metric("hashify_shared_bytes", "gauge", "Apparent size of the paths that link a store object, per guest.",
-               r.guests.map { (label("guest", $0.label), Double($0.bytesShared)) })
-        metric("hashify_run_linked_paths", "gauge", "Paths the last run replaced by a link to a store object.", [("", Double(t.pathsLinked))])
+        metric(
+            "hashify_files", "gauge", "Regular files scanned, per guest.",
+            r.guests.map { (label("guest", $0.label), Double($0.filesScanned)) })
+        metric(
+            "hashify_shared_paths", "gauge", "Paths that link a store object after the run, per guest.",
+            r.guests.map { (label("guest", $0.label), Double($0.pathsShared)) })
+        metric(
+            "hashify_shared_bytes", "gauge", "Apparent size of the paths that link a store object, per guest.",
+            r.guests.map { (label("guest", $0.label), Double($0.bytesShared)) })
+        metric(
+            "hashify_run_linked_paths", "gauge", "Paths the last run replaced by a link to a store object.",
+            [("", Double(t.pathsLinked))])
         metric("hashify_run_saved_bytes", "gauge", "Allocated bytes the last run freed.", [("", Double(t.bytesSaved))])
-        metric("hashify_duplicated_bytes", "gauge", "Allocated bytes still to gain: identical files the last run could not merge.",
-               [("", Double(t.bytesSavedMaximum - min(t.bytesSavedMaximum, t.bytesSaved)))])
-        metric("hashify_store_objects_created", "gauge", "Store objects the last run made.", [("", Double(t.objectsCreated))])
+        metric(
+            "hashify_duplicated_bytes", "gauge",
+            "Allocated bytes still to gain: identical files the last run could not merge.",
+            [("", Double(t.bytesSavedMaximum - min(t.bytesSavedMaximum, t.bytesSaved)))])
+        metric(
+            "hashify_store_objects_created", "gauge", "Store objects the last run made.",
+            [("", Double(t.objectsCreated))])
         metric("hashify_bytes_read", "gauge", "Bytes the last run read to hash.", [("", Double(t.bytesHashed))])
         var reasons: [String: Int] = [:]
         for s in r.skipped { reasons[s.reason, default: 0] += 1 }
-        metric("hashify_skipped_paths", "gauge", "Paths the last run left alone, by reason.",
-               reasons.sorted { $0.key < $1.key }.map { (label("reason", $0.key), Double($0.value)) })
+        metric(
+            "hashify_skipped_paths", "gauge", "Paths the last run left alone, by reason.",
+            reasons.sorted { $0.key < $1.key }.map { (label("reason", $0.key), Double($0.value)) })
         metric("hashify_run_errors", "gauge", "Paths the last run skipped because of errors.", [("", Double(t.errors))])
         metric("hashify_run_duration_seconds", "gauge", "Wall time of the last run.", [("", r.seconds)])
         let finished = Double(now.totalNanoseconds) / 1e9
-        metric("hashify_last_run_timestamp_seconds", "gauge", "When the last run finished (Unix time).", [("", finished)])
+        metric(
+            "hashify_last_run_timestamp_seconds", "gauge", "When the last run finished (Unix time).", [("", finished)])
         if let success = t.errors == 0 ? finished : lastSuccess {
-            metric("hashify_last_success_timestamp_seconds", "gauge", "When the last run without errors finished (Unix time).", [("", success)])
+            metric(
+                "hashify_last_success_timestamp_seconds", "gauge",
+                "When the last run without errors finished (Unix time).", [("", success)])
         }
         return out
     }
@@ -56,7 +78,8 @@ public enum MetricsFile {
     /// The last-success time an earlier metrics file at `path` recorded.
     static func previousSuccess(in dir: Directory, _ name: FileName) -> Double? {
         guard let text = try? dir.openFileForReading(name).readAll() else { return nil }
-        for line in String(decoding: text, as: UTF8.self).split(separator: "\n") where line.hasPrefix("hashify_last_success_timestamp_seconds ") {
+        for line in String(decoding: text, as: UTF8.self).split(separator: "\n")
+        where line.hasPrefix("hashify_last_success_timestamp_seconds ") {
             return Double(line.split(separator: " ")[1])
         }
         return nil
@@ -67,7 +90,9 @@ public enum MetricsFile {
         guard let last = path.lastComponent else { throw InputError("\(path): not a file name") }
         let parentPath = path.removingLastComponent().isEmpty ? FilePath(".") : path.removingLastComponent()
         let dir: Directory
-        do { dir = try Directory.open(path: parentPath) } catch { throw InputError("--metrics \(path): no directory \(parentPath)") }
+        do { dir = try Directory.open(path: parentPath) } catch {
+            throw InputError("--metrics \(path): no directory \(parentPath)")
+        }
         let name = FileName(last.string)
         let body = text(r, finishedAt: .wallClockNow(), lastSuccess: previousSuccess(in: dir, name))
         let temp = FileName(Array(".".utf8) + name.bytes + Array(".hashify-new".utf8))

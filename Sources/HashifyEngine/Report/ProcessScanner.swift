@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -24,22 +25,25 @@ public enum ProcessScanner {
         var result: [StaleProcess] = []
         for name in (try? proc.entryNames()) ?? [] {
             guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)),
-                  let pdir = try? proc.openDirectory(name),
-                  let maps = try? pdir.openFileForReading(FileName("maps")).readAll() else { continue }
+                let pdir = try? proc.openDirectory(name),
+                let maps = try? pdir.openFileForReading(FileName("maps")).readAll()
+            else { continue }
             var stale = Set<UInt64>()
             for line in maps.split(separator: 0x0a) {
                 let f = line.split(separator: 0x20, maxSplits: 5, omittingEmptySubsequences: true)
                 guard f.count >= 5 else { continue }
                 let devParts = f[3].split(separator: 0x3a)
                 guard devParts.count == 2,
-                      UInt64(String(decoding: devParts[0], as: UTF8.self), radix: 16) == wantMajor,
-                      UInt64(String(decoding: devParts[1], as: UTF8.self), radix: 16) == wantMinor,
-                      let inode = UInt64(String(decoding: f[4], as: UTF8.self)), isWanted(inode) else { continue }
+                    UInt64(String(decoding: devParts[0], as: UTF8.self), radix: 16) == wantMajor,
+                    UInt64(String(decoding: devParts[1], as: UTF8.self), radix: 16) == wantMinor,
+                    let inode = UInt64(String(decoding: f[4], as: UTF8.self)), isWanted(inode)
+                else { continue }
                 stale.insert(inode)
             }
             if stale.isEmpty { continue }
             let comm = (try? pdir.openFileForReading(FileName("comm")).readAll()) ?? []
-            result.append(StaleProcess(pid: pid, command: escapedPath(comm.filter { $0 != 0x0a }), staleFiles: stale.count))
+            result.append(
+                StaleProcess(pid: pid, command: escapedPath(comm.filter { $0 != 0x0a }), staleFiles: stale.count))
         }
         return result.sorted { $0.pid < $1.pid }
     }
@@ -55,15 +59,19 @@ public enum ProcessScanner {
         var result: [StaleProcess] = []
         for name in (try? proc.entryNames()) ?? [] {
             guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)), pid != me,
-                  let pdir = try? proc.openDirectory(name) else { continue }
+                let pdir = try? proc.openDirectory(name)
+            else { continue }
             var inside = false
             for link in ["root", "cwd"] {
                 if let st = try? Directory.open(path: FilePath("/proc/\(pid)/\(link)")).stat(),
-                   (st.device == stat.device && st.inode == stat.inode) || (ownDevice && st.device == stat.device) {
+                    (st.device == stat.device && st.inode == stat.inode) || (ownDevice && st.device == stat.device)
+                {
                     inside = true
                 }
                 if let target = try? pdir.readLink(FileName(link)),
-                   target == prefix || (target.count > prefix.count && target.starts(with: prefix) && target[prefix.count] == 0x2f) {
+                    target == prefix
+                        || (target.count > prefix.count && target.starts(with: prefix) && target[prefix.count] == 0x2f)
+                {
                     inside = true
                 }
             }
@@ -74,4 +82,3 @@ public enum ProcessScanner {
         return result.sorted { $0.pid < $1.pid }
     }
 }
-

@@ -98,7 +98,10 @@ public func formatBytes(_ n: UInt64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
     var v = Double(n)
     var u = 0
-    while v >= 1024 && u < units.count - 1 { v /= 1024; u += 1 }
+    while v >= 1024 && u < units.count - 1 {
+        v /= 1024
+        u += 1
+    }
     if u == 0 { return "\(n) B" }
     let scaled = (v * 10).rounded() / 10
     return "\(scaled) \(units[u])"
@@ -111,18 +114,26 @@ extension UnifyReport {
         let t = totals
         let verb = dryRun ? "would link" : "linked"
         out += "hashify unify\(dryRun ? " (dry run: nothing changed)" : "") — store \(store)\n"
-        if guests.isEmpty && !overlayGuests.isEmpty { return out + overlaySection(width: 5) + "done in \((seconds * 100).rounded() / 100) s\n" }
-        out += "scanned   \(t.filesScanned) files (\(formatBytes(t.bytesScanned))) in \(t.guests) guests, \(t.directories) directories"
+        if guests.isEmpty && !overlayGuests.isEmpty {
+            return out + overlaySection(width: 5) + "done in \((seconds * 100).rounded() / 100) s\n"
+        }
+        out +=
+            "scanned   \(t.filesScanned) files (\(formatBytes(t.bytesScanned))) in \(t.guests) guests, \(t.directories) directories"
         out += "; excluded \(t.excluded), conffiles \(t.conffiles), below min size \(t.belowMinimumSize)\n"
-        out += "hashed    \(t.candidates) candidate files (\(t.indexHits) known from the index), \(formatBytes(t.bytesHashed)) read; "
+        out +=
+            "hashed    \(t.candidates) candidate files (\(t.indexHits) known from the index), \(formatBytes(t.bytesHashed)) read; "
         out += "\(t.identityGroups) groups of identical files\n"
         out += "\(verb.rightPadded(11))\(t.pathsLinked) paths; \(t.inodesFreed) copies freed, "
-        out += "\(formatBytes(t.bytesSaved)) saved (maximum under the identity rules: \(formatBytes(t.bytesSavedMaximum)))\n"
+        out +=
+            "\(formatBytes(t.bytesSaved)) saved (maximum under the identity rules: \(formatBytes(t.bytesSavedMaximum)))\n"
         if t.pathsWithOtherModificationTime > 0 {
-            out += "mtime     \(t.pathsWithOtherModificationTime) paths \(dryRun ? "would get" : "got") another mtime (--ignore-mtime)\n"
+            out +=
+                "mtime     \(t.pathsWithOtherModificationTime) paths \(dryRun ? "would get" : "got") another mtime (--ignore-mtime)\n"
         }
         for n in notes { out += "note      \(n)\n" }
-        if t.temporariesRemoved > 0 { out += "cleaned   \(t.temporariesRemoved) temporary names of an interrupted run\n" }
+        if t.temporariesRemoved > 0 {
+            out += "cleaned   \(t.temporariesRemoved) temporary names of an interrupted run\n"
+        }
         out += "\n"
         let w = max(5, guests.map { $0.label.count }.max() ?? 5)
         out += "GUEST".rightPadded(w) + "      FILES     LINKED      FREED      SAVED  SKIPPED\n"
@@ -136,7 +147,9 @@ extension UnifyReport {
             out += "\nskipped \(skipped.count) paths (\(t.errors) because of errors):\n"
             let shown = verbose ? skipped : Array(skipped.prefix(20))
             for s in shown { out += "  \(s.location): \(s.detail)\n" }
-            if shown.count < skipped.count { out += "  … \(skipped.count - shown.count) more (--verbose or --json lists all)\n" }
+            if shown.count < skipped.count {
+                out += "  … \(skipped.count - shown.count) more (--verbose or --json lists all)\n"
+            }
         }
         if !processesToRestart.isEmpty {
             out += "\nrestart these processes to share memory (they still map replaced copies):\n"
@@ -168,7 +181,9 @@ extension UnifyReport {
 
 extension String {
     /// Right-aligned in a column of width w (one space before when wider).
-    public func leftPadded(_ w: Int) -> String { count >= w ? " " + self : String(repeating: " ", count: w - count) + self }
+    public func leftPadded(_ w: Int) -> String {
+        count >= w ? " " + self : String(repeating: " ", count: w - count) + self
+    }
     /// Left-aligned in a column of width w (never truncated).
     public func rightPadded(_ w: Int) -> String { count >= w ? self : self + String(repeating: " ", count: w - count) }
 }

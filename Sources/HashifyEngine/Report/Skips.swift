@@ -62,9 +62,16 @@ public struct Skip: Sendable {
 /// What hashify was doing when an error stopped it. Its `code` names it in
 /// `--json` (`CODE-failed`), and stays as it is once published.
 public enum Operation: String, Sendable, Hashable, Codable {
-    case openDirectory = "open directory", readDirectory = "read directory", stat, open, read, lease
-    case linkIntoStore = "link into store", linkTemporary = "link temporary name", exchange
-    case removeReplaced = "remove replaced file", split, cleanUp = "clean up", copy
+    case openDirectory = "open directory"
+    case readDirectory = "read directory"
+    case stat, open, read, lease
+    case linkIntoStore = "link into store"
+    case linkTemporary = "link temporary name"
+    case exchange
+    case removeReplaced = "remove replaced file"
+    case split
+    case cleanUp = "clean up"
+    case copy
 
     /// The operation as one word or words joined by '-'.
     public var code: String { rawValue.replacingOccurrences(of: " ", with: "-") }

@@ -20,14 +20,19 @@ extension KSM.Status: TextReport {
         let s = r.settings
         func v(_ k: String) -> String { s[k].map(String.init) ?? "-" }
         var out = "hashify ksm status — ksmd \(r.running ? "running" : "not running")\n"
-        out += "settings  pages_to_scan \(v("pages_to_scan")), sleep_millisecs \(v("sleep_millisecs")), max_page_sharing \(v("max_page_sharing")), merge_across_nodes \(v("merge_across_nodes"))\n"
+        out +=
+            "settings  pages_to_scan \(v("pages_to_scan")), sleep_millisecs \(v("sleep_millisecs")), max_page_sharing \(v("max_page_sharing")), merge_across_nodes \(v("merge_across_nodes"))\n"
         let page: Int64 = 4096
-        out += "merged    pages_shared \(v("pages_shared")), pages_sharing \(v("pages_sharing")) (\(formatBytes(UInt64(max(0, (s["pages_sharing"] ?? 0) * page)))) saved), general_profit \(formatBytes(UInt64(max(0, s["general_profit"] ?? 0))))\n\n"
+        out +=
+            "merged    pages_shared \(v("pages_shared")), pages_sharing \(v("pages_sharing")) (\(formatBytes(UInt64(max(0, (s["pages_sharing"] ?? 0) * page)))) saved), general_profit \(formatBytes(UInt64(max(0, s["general_profit"] ?? 0))))\n\n"
         let w = max(5, r.guests.map { $0.guest.count }.max() ?? 5)
         out += "GUEST".rightPadded(w) + "  PROCS  MERGE-ANY      MERGED      PROFIT\n"
         for g in r.guests {
-            out += g.guest.rightPadded(w) + String(g.processes).leftPadded(7) + String(g.mergeAnyProcesses).leftPadded(11)
-            out += formatBytes(g.mergedBytes).leftPadded(12) + formatBytes(UInt64(max(0, g.profitBytes))).leftPadded(12) + "\n"
+            out +=
+                g.guest.rightPadded(w) + String(g.processes).leftPadded(7) + String(g.mergeAnyProcesses).leftPadded(11)
+            out +=
+                formatBytes(g.mergedBytes).leftPadded(12) + formatBytes(UInt64(max(0, g.profitBytes))).leftPadded(12)
+                + "\n"
         }
         for n in r.notes { out += "note      \(n)\n" }
         return out
@@ -39,7 +44,8 @@ extension MemoryReport: TextReport {
         let r = self
         func mib(_ b: UInt64) -> String { formatBytes(b) }
         let w = max(5, r.guests.map { $0.guest.count }.max() ?? 5)
-        var out = "hashify mem\(r.partial ? " (partial: \(r.unreadableProcesses) processes could not be read)" : "")\n\n"
+        var out =
+            "hashify mem\(r.partial ? " (partial: \(r.unreadableProcesses) processes could not be read)" : "")\n\n"
         out += "GUEST".rightPadded(w) + "  PROCS   FILE-BACKED      SHARED  DUPLICATED   ANONYMOUS  KSM-MERGED\n"
         for g in r.guests + [MemoryReport.Guest(guest: "total", figures: r.totals)] {
             let f = g.figures
@@ -50,12 +56,15 @@ extension MemoryReport: TextReport {
         out += "\nstore     \(mib(r.storeCachedBytes)) of store objects in the page cache\n"
         if !r.duplicatedFiles.isEmpty {
             out += "\nstill duplicated in memory (unify, then restart what maps them):\n"
-            for d in r.duplicatedFiles.prefix(10) { out += "  \(mib(d.duplicatedBytes).leftPadded(10))  \(d.copies) copies  \(d.path)\n" }
+            for d in r.duplicatedFiles.prefix(10) {
+                out += "  \(mib(d.duplicatedBytes).leftPadded(10))  \(d.copies) copies  \(d.path)\n"
+            }
         }
         if !r.processesToRestart.isEmpty {
             out += "\nrestart to share memory (they map copies unify replaced):\n"
             for p in r.processesToRestart {
-                out += "  \(String(p.pid).leftPadded(7)) \(p.command.rightPadded(16)) \(p.guest)\(p.group.map { " [\($0)]" } ?? "")  frees \(mib(p.bytes))\n"
+                out +=
+                    "  \(String(p.pid).leftPadded(7)) \(p.command.rightPadded(16)) \(p.guest)\(p.group.map { " [\($0)]" } ?? "")  frees \(mib(p.bytes))\n"
             }
         }
         for n in r.notes { out += "note      \(n)\n" }
@@ -76,23 +85,35 @@ extension StatusReport: TextReport {
         }
         let h = r.storeHealth
         out += "\nstore     \(h.objects) objects, \(formatBytes(h.bytes)); \(h.indexEntries) index entries\n"
-        out += "unused    \(h.unreferencedObjects) objects no guest links (\(formatBytes(h.unreferencedBytes))): hashify gc removes them\n"
+        out +=
+            "unused    \(h.unreferencedObjects) objects no guest links (\(formatBytes(h.unreferencedBytes))): hashify gc removes them\n"
         out += "links     \(h.objectsNearLinkLimit) objects near the link limit (\(h.linkLimit))\n"
-        if h.unfinishedRuns > 0 { out += "warning   \(h.unfinishedRuns) interrupted runs left temporary names: the next unify or gc removes them\n" }
+        if h.unfinishedRuns > 0 {
+            out +=
+                "warning   \(h.unfinishedRuns) interrupted runs left temporary names: the next unify or gc removes them\n"
+        }
         out += "re-run    would link \(r.rerunWouldLinkPaths) paths and save \(formatBytes(r.rerunWouldSaveBytes))\n"
         if let o = r.overlay {
             let ow = max(13, o.guests.map { $0.label.count }.max() ?? 0)
             out += "\n" + "OVERLAY GUEST".rightPadded(ow) + "  GEN  MOUNTED  SHARED FILES  SHARED BYTES  COPY-UPS\n"
             for g in o.guests {
-                out += g.label.rightPadded(ow) + String(g.generation).leftPadded(5) + (g.mounted ? "yes" : "no").leftPadded(9)
+                out +=
+                    g.label.rightPadded(ow) + String(g.generation).leftPadded(5)
+                    + (g.mounted ? "yes" : "no").leftPadded(9)
                 out += String(g.sharedFiles).leftPadded(14) + formatBytes(g.sharedBytes).leftPadded(14)
-                out += formatBytes(g.copyUpBytes).leftPadded(10) + (g.foldPending ? (g.mounted ? "  (fold at next start)" : "  (unify folds)") : "") + "\n"
+                out +=
+                    formatBytes(g.copyUpBytes).leftPadded(10)
+                    + (g.foldPending ? (g.mounted ? "  (fold at next start)" : "  (unify folds)") : "") + "\n"
             }
-            out += "data      \(o.dataObjects) objects, \(formatBytes(o.dataBytes)); \(o.unreferencedDataObjects) unreferenced (\(formatBytes(o.unreferencedDataBytes))): hashify gc removes them\n"
-            out += "reserve   \(formatBytes(o.freeBytes)) free for copy-ups; a routine update needs about \(formatBytes(o.routineUpdateBytes))\n"
+            out +=
+                "data      \(o.dataObjects) objects, \(formatBytes(o.dataBytes)); \(o.unreferencedDataObjects) unreferenced (\(formatBytes(o.unreferencedDataBytes))): hashify gc removes them\n"
+            out +=
+                "reserve   \(formatBytes(o.freeBytes)) free for copy-ups; a routine update needs about \(formatBytes(o.routineUpdateBytes))\n"
             for w in o.warnings { out += "warning   \(w)\n" }
         }
-        for b in r.sharingBreakers { out += "breaker   \(b.guest.map { "\($0):\(b.path)" } ?? b.root + b.path): \(b.detail)\n" }
+        for b in r.sharingBreakers {
+            out += "breaker   \(b.guest.map { "\($0):\(b.path)" } ?? b.root + b.path): \(b.detail)\n"
+        }
         for n in r.notes { out += "note      \(n)\n" }
         return out
     }
@@ -101,15 +122,25 @@ extension StatusReport: TextReport {
 extension VerifyReport: TextReport {
     public func humanReadable(verbose: Bool) -> String {
         let r = self
-        var out = "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
-        if r.dataObjectsChecked > 0 || !r.damagedDataObjects.isEmpty { out += "checked   \(r.dataObjectsChecked) data objects (overlay mode)\n" }
+        var out =
+            "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
+        if r.dataObjectsChecked > 0 || !r.damagedDataObjects.isEmpty {
+            out += "checked   \(r.dataObjectsChecked) data objects (overlay mode)\n"
+        }
         for d in r.damagedDataObjects {
-            out += "DAMAGED   data\(d.object): " + (d.missing ? "missing, but stubs point at it\n" : d.recordedDigest.isEmpty ? "no record of its digest, but stubs point at it\n" : "content changed (now \(d.digest))\n")
+            out +=
+                "DAMAGED   data\(d.object): "
+                + (d.missing
+                    ? "missing, but stubs point at it\n"
+                    : d.recordedDigest.isEmpty
+                        ? "no record of its digest, but stubs point at it\n" : "content changed (now \(d.digest))\n")
         }
         if r.damaged.isEmpty && r.damagedDataObjects.isEmpty { out += "ok        every object matches its name\n" }
         for d in r.damaged {
-            let what = [d.contentChanged ? "content" : nil, d.metadataChanged ? "metadata" : nil].compactMap { $0 }.joined(separator: " and ")
-            out += "DAMAGED   \(d.object): \(what) changed; linked by \(d.paths.count) paths\(d.repaired ? " — repaired" : "")\n"
+            let what = [d.contentChanged ? "content" : nil, d.metadataChanged ? "metadata" : nil].compactMap { $0 }
+                .joined(separator: " and ")
+            out +=
+                "DAMAGED   \(d.object): \(what) changed; linked by \(d.paths.count) paths\(d.repaired ? " — repaired" : "")\n"
             for p in d.paths { out += "            \(p.location)\n" }
         }
         if r.repair { out += "split     \(r.pathsSplit) paths\n" }
@@ -122,8 +153,12 @@ extension GCReport: TextReport {
     public func humanReadable(verbose: Bool) -> String {
         let r = self
         var out = "hashify gc\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
-        out += "\(r.dryRun ? "would remove" : "removed")  \(r.objectsRemoved) unreferenced objects, \(formatBytes(r.bytesFreed)) freed\n"
-        if r.dataObjectsRemoved > 0 { out += "\(r.dryRun ? "would remove" : "removed")  \(r.dataObjectsRemoved) data objects no overlay guest uses, \(formatBytes(r.dataBytesFreed)) freed\n" }
+        out +=
+            "\(r.dryRun ? "would remove" : "removed")  \(r.objectsRemoved) unreferenced objects, \(formatBytes(r.bytesFreed)) freed\n"
+        if r.dataObjectsRemoved > 0 {
+            out +=
+                "\(r.dryRun ? "would remove" : "removed")  \(r.dataObjectsRemoved) data objects no overlay guest uses, \(formatBytes(r.dataBytesFreed)) freed\n"
+        }
         if r.temporariesRemoved > 0 { out += "cleaned   \(r.temporariesRemoved) temporary names of interrupted runs\n" }
         out += skippedAndNotes(r.skipped, notes: r.notes)
         return out
@@ -134,7 +169,8 @@ extension SplitReport: TextReport {
     public func humanReadable(verbose: Bool) -> String {
         let r = self
         var out = "hashify split\(r.dryRun ? " (dry run: nothing changed)" : "") — store \(r.store)\n"
-        out += "\(r.dryRun ? "would split" : "split")     \(r.pathsSplit) paths (\(r.notUnified) matching paths were not unified)\n"
+        out +=
+            "\(r.dryRun ? "would split" : "split")     \(r.pathsSplit) paths (\(r.notUnified) matching paths were not unified)\n"
         out += skippedAndNotes(r.skipped)
         return out
     }
@@ -143,7 +179,8 @@ extension SplitReport: TextReport {
 extension CloneReport: TextReport {
     public func humanReadable(verbose: Bool) -> String {
         let r = self
-        var out = "\(r.destination): cloned from \(r.sourceGuest ?? r.source) (\(r.mode) mode): \(r.filesShared) files shared, "
+        var out =
+            "\(r.destination): cloned from \(r.sourceGuest ?? r.source) (\(r.mode) mode): \(r.filesShared) files shared, "
         out += "\(r.filesCopied) copied (\(formatBytes(r.bytesCopied))), \((r.seconds * 100).rounded() / 100) s\n"
         if let c = r.lxcConfig { out += "lxc config: \(c)\n" }
         return out

@@ -1,6 +1,7 @@
 import Crypto
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -54,7 +55,9 @@ public enum ContentIndex {
             return "cannot read the index: \(error)"
         }
         let headerSize = magic.count + 8
-        guard total >= UInt64(headerSize + 32) else { return "the index has no valid header (truncated or damaged); rebuilding it" }
+        guard total >= UInt64(headerSize + 32) else {
+            return "the index has no valid header (truncated or damaged); rebuilding it"
+        }
         let bodySize = Int(total) - 32
         let chunk = recordSize * 8192
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 16)
@@ -63,7 +66,8 @@ public enum ContentIndex {
         func fill(_ count: Int, at offset: Int) throws -> UnsafeRawBufferPointer {
             var got = 0
             while got < count {
-                let n = try file.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[got..<count]), at: UInt64(offset + got))
+                let n = try file.read(
+                    into: UnsafeMutableRawBufferPointer(rebasing: buffer[got..<count]), at: UInt64(offset + got))
                 if n == 0 { throw Errno.ioError }
                 got += n
             }
@@ -155,17 +159,20 @@ public enum ContentIndex {
     static func decode(_ p: UnsafeRawBufferPointer) -> Record {
         func u64(_ i: Int) -> UInt64 { p.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self).littleEndian }
         let hasXattrs = p[80] != 0
-        return Record(key: InodeKey(device: u64(0), inode: u64(1)), size: u64(2),
-                      modificationTime: Timestamp(totalNanoseconds: Int64(bitPattern: u64(3))),
-                      changeTime: Timestamp(totalNanoseconds: Int64(bitPattern: u64(4))),
-                      verifiedAt: Timestamp(totalNanoseconds: Int64(bitPattern: u64(5))),
-                      digest: ContentDigest(UnsafeRawBufferPointer(rebasing: p[48..<80])),
-                      xattrDigest: hasXattrs ? Array(p[81..<113]) : [])
+        return Record(
+            key: InodeKey(device: u64(0), inode: u64(1)), size: u64(2),
+            modificationTime: Timestamp(totalNanoseconds: Int64(bitPattern: u64(3))),
+            changeTime: Timestamp(totalNanoseconds: Int64(bitPattern: u64(4))),
+            verifiedAt: Timestamp(totalNanoseconds: Int64(bitPattern: u64(5))),
+            digest: ContentDigest(UnsafeRawBufferPointer(rebasing: p[48..<80])),
+            xattrDigest: hasXattrs ? Array(p[81..<113]) : [])
     }
 
     static func encode(_ r: Record, into out: inout [UInt8]) {
         func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { out.append(contentsOf: $0) } }
-        u64(r.key.device); u64(r.key.inode); u64(r.size)
+        u64(r.key.device)
+        u64(r.key.inode)
+        u64(r.size)
         u64(UInt64(bitPattern: r.modificationTime.totalNanoseconds))
         u64(UInt64(bitPattern: r.changeTime.totalNanoseconds))
         u64(UInt64(bitPattern: r.verifiedAt.totalNanoseconds))

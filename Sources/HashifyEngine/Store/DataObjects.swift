@@ -1,6 +1,7 @@
 import CHashifyShim
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -39,7 +40,9 @@ public final class DataObjects: @unchecked Sendable {
         guard let f = try? store.directory.openFileForReading(Self.indexName) else { return }
         for line in try f.readAll().split(separator: 0x0a) {
             let parts = line.split(separator: 0x20)
-            guard parts.count == 2, parts[0].count == 64, let d = bytesFromHex(parts[0]), d.count == 32 else { continue }
+            guard parts.count == 2, parts[0].count == 64, let d = bytesFromHex(parts[0]), d.count == 32 else {
+                continue
+            }
             let redirect = Array(parts[1])
             guard Self.isValidRedirect(redirect) else { continue }
             let digest = ContentDigest(bytes: d)
@@ -127,7 +130,10 @@ public final class DataObjects: @unchecked Sendable {
                 try? dir.unlink(temp)
                 let f = try dir.createFile(temp, mode: 0o400)
                 try source.cloneContent(to: f, size: size)
-                guard try f.stat().size == size else { try? dir.unlink(temp); throw Errno.ioError }
+                guard try f.stat().size == size else {
+                    try? dir.unlink(temp)
+                    throw Errno.ioError
+                }
                 try dir.rename(temp, to: dir, as: FileName(name), flags: .noReplace)
             }
             redirects[digest] = redirect

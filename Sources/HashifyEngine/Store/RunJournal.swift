@@ -107,7 +107,8 @@ public final class RunJournal: @unchecked Sendable {
                     let s = Int64(String(decoding: fields[3], as: UTF8.self)),
                     let ns = UInt32(String(decoding: fields[4], as: UTF8.self))
                 {
-                    c.openDirectory = OpenDirectory(root: root, inode: ino, mtime: Timestamp(seconds: s, nanoseconds: ns))
+                    c.openDirectory = OpenDirectory(
+                        root: root, inode: ino, mtime: Timestamp(seconds: s, nanoseconds: ns))
                 }
             case ("done", 1):
                 c.openDirectory = nil

@@ -1,6 +1,7 @@
 import CHashifyShim
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -53,7 +54,8 @@ public final class Store: @unchecked Sendable {
             if !create && !isStore(dir) { return nil }
             return try Store(path: path, directory: dir)
         } catch Errno.noSuchFileOrDirectory where create {
-            let parent = try Directory.open(path: path.removingLastComponent().isEmpty ? "." : path.removingLastComponent())
+            let parent = try Directory.open(
+                path: path.removingLastComponent().isEmpty ? "." : path.removingLastComponent())
             let name = FileName(bytes: path.lastComponent.map { Array($0.string.utf8) } ?? [])
             do { try parent.makeDirectory(name, mode: 0o700) } catch Errno.fileExists {}
             return try Store(path: path, directory: try parent.openDirectory(name))
@@ -114,7 +116,9 @@ public final class Store: @unchecked Sendable {
 
     /// Calls `body` with the name, parsed name and stat of every object
     /// (stat'ed, not read).
-    private func forEachObject(_ body: (FileName, (digest: ContentDigest, key: String, generation: Int), FileStat) -> Void) throws {
+    private func forEachObject(
+        _ body: (FileName, (digest: ContentDigest, key: String, generation: Int), FileStat) -> Void
+    ) throws {
         for prefix in try objects.entryNames() {
             guard prefix.bytes.count == 2, let p = bytesFromHex(prefix.bytes), p.count == 1 else { continue }
             let dir = try prefixDirectory(p[0])
@@ -168,7 +172,9 @@ public final class Store: @unchecked Sendable {
     /// absolute path of printable characters is not a root hashify wrote
     /// there, and is left out (the next unify writes the file anew).
     public func rememberedGuests() -> [FilePath] {
-        guard let data = try? directory.openFileForReading(FileName("guests")).readAll(limit: 1 << 20) else { return [] }
+        guard let data = try? directory.openFileForReading(FileName("guests")).readAll(limit: 1 << 20) else {
+            return []
+        }
         return data.split(separator: 0).filter { entry in
             entry.first == 0x2f && !entry.contains { $0 < 0x20 || $0 == 0x7f }
                 && String(validating: entry, as: UTF8.self) != nil
@@ -217,7 +223,9 @@ public final class Store: @unchecked Sendable {
     /// The paths earlier runs found open for writing, with how many runs in a row.
     public func heldOpen() -> [HeldOpen] {
         guard let data = try? directory.openFileForReading(FileName("open-for-writing")).readAll() else { return [] }
-        let fields = data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        let fields = data.split(separator: 0, omittingEmptySubsequences: false).map {
+            String(decoding: $0, as: UTF8.self)
+        }
         return stride(from: 0, to: fields.count - 2, by: 3).compactMap { i in
             Int(fields[i]).map { HeldOpen(root: fields[i + 1], path: fields[i + 2], runs: $0) }
         }

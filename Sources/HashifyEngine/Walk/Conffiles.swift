@@ -7,8 +7,10 @@ public enum DpkgConffiles {
     /// Guest-absolute paths of every conffile the guest's dpkg knows.
     public static func read(guestRoot: Directory) -> Set<[UInt8]> {
         var result = Set<[UInt8]>()
-        guard let dpkg = try? guestRoot.openDirectory(FileName("var"))
-            .openDirectory(FileName("lib")).openDirectory(FileName("dpkg")) else { return result }
+        guard
+            let dpkg = try? guestRoot.openDirectory(FileName("var"))
+                .openDirectory(FileName("lib")).openDirectory(FileName("dpkg"))
+        else { return result }
         if let status = try? readSmallFile(dpkg, FileName("status")) {
             parseStatus(status, into: &result)
         }

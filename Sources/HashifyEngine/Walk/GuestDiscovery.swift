@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -23,7 +24,9 @@ public enum GuestDiscovery {
     public struct Places: Sendable {
         public var lxcPaths: [FilePath] = ["/var/lib/lxc"]
         public var machines: FilePath = "/var/lib/machines"
-        public var incusPools: [FilePath] = ["/var/lib/incus/storage-pools", "/var/snap/lxd/common/lxd/storage-pools", "/var/lib/lxd/storage-pools"]
+        public var incusPools: [FilePath] = [
+            "/var/lib/incus/storage-pools", "/var/snap/lxd/common/lxd/storage-pools", "/var/lib/lxd/storage-pools",
+        ]
         public init() {}
     }
 
@@ -33,7 +36,8 @@ public enum GuestDiscovery {
             guard let dir = try? Directory.open(path: lxcpath) else { continue }
             for name in ((try? dir.entryNames()) ?? []).sorted() {
                 guard let sub = try? dir.openDirectory(name),
-                      let config = try? sub.openFileForReading(FileName("config")).readAll() else { continue }
+                    let config = try? sub.openFileForReading(FileName("config")).readAll()
+                else { continue }
                 out.append(lxcGuest(String(decoding: name.bytes, as: UTF8.self), config: config, lxcpath: lxcpath))
             }
         }
@@ -46,7 +50,10 @@ public enum GuestDiscovery {
                 if st.isDirectory {
                     out.append(check(Found(name: "nspawn:\(n)", root: root.string)))
                 } else if n.hasSuffix(".raw") {
-                    out.append(Found(name: "nspawn:\(String(n.dropLast(4)))", root: root.string, unusable: "a disk image, not a directory"))
+                    out.append(
+                        Found(
+                            name: "nspawn:\(String(n.dropLast(4)))", root: root.string,
+                            unusable: "a disk image, not a directory"))
                 }
             }
         }
@@ -54,7 +61,9 @@ public enum GuestDiscovery {
             guard let dir = try? Directory.open(path: pools) else { continue }
             for pool in ((try? dir.entryNames()) ?? []).sorted() {
                 let p = String(decoding: pool.bytes, as: UTF8.self)
-                guard let containers = try? dir.openDirectory(pool).openDirectory(FileName("containers")) else { continue }
+                guard let containers = try? dir.openDirectory(pool).openDirectory(FileName("containers")) else {
+                    continue
+                }
                 for c in ((try? containers.entryNames()) ?? []).sorted() {
                     let n = String(decoding: c.bytes, as: UTF8.self)
                     let root = pools.appending(p).appending("containers").appending(n).appending("rootfs")
@@ -76,7 +85,9 @@ public enum GuestDiscovery {
         }
         let label = "lxc:\(name)"
         guard let v = value, !v.isEmpty else {
-            return Found(name: label, root: lxcpath.appending(name).appending("rootfs").string, unusable: "its config sets no lxc.rootfs.path")
+            return Found(
+                name: label, root: lxcpath.appending(name).appending("rootfs").string,
+                unusable: "its config sets no lxc.rootfs.path")
         }
         var path = v
         if let colon = v.firstIndex(of: ":"), !v.hasPrefix("/") {
@@ -85,11 +96,14 @@ public enum GuestDiscovery {
             switch backend {
             case "dir": break
             case "overlay", "overlayfs":
-                return Found(name: label, root: path, unusable: "an LXC overlay rootfs (hashify overlay convert gives copy-on-write sharing instead)")
+                return Found(
+                    name: label, root: path,
+                    unusable: "an LXC overlay rootfs (hashify overlay convert gives copy-on-write sharing instead)")
             case "btrfs":
                 return Found(name: label, root: path, unusable: "a btrfs subvolume: hard links cannot cross subvolumes")
             default:
-                return Found(name: label, root: path, unusable: "the \(backend) backend is not a directory hashify can use")
+                return Found(
+                    name: label, root: path, unusable: "the \(backend) backend is not a directory hashify can use")
             }
         }
         if !path.hasPrefix("/") { return Found(name: label, root: path, unusable: "a relative rootfs path") }
@@ -108,15 +122,19 @@ public enum GuestDiscovery {
             g.unusable = "the rootfs does not exist"
             return g
         }
-        if st.isSymlink { g.unusable = "the rootfs is a symlink (give its target if it is a guest)" }
-        else if !st.isDirectory { g.unusable = "the rootfs is not a directory" }
+        if st.isSymlink {
+            g.unusable = "the rootfs is a symlink (give its target if it is a guest)"
+        } else if !st.isDirectory {
+            g.unusable = "the rootfs is not a directory"
+        }
         return g
     }
 
     /// The usable guests' roots, with those on another filesystem than the
     /// store (at `storePath`, or the first guest's) marked unusable; overlay
     /// guests of the store (mounted on their own overlay device) count as on it.
-    public static func usable(_ found: inout [Found], store: FilePath?, overlayGuests: Set<FilePath> = []) -> [FilePath] {
+    public static func usable(_ found: inout [Found], store: FilePath?, overlayGuests: Set<FilePath> = []) -> [FilePath]
+    {
         var device: UInt64?
         if let store {
             var p = store
@@ -131,7 +149,10 @@ public enum GuestDiscovery {
                 roots.append(FilePath(found[i].root))
                 continue
             }
-            guard let st = try? Directory.open(path: FilePath(found[i].root)).stat() else { found[i].unusable = "cannot open it"; continue }
+            guard let st = try? Directory.open(path: FilePath(found[i].root)).stat() else {
+                found[i].unusable = "cannot open it"
+                continue
+            }
             if device == nil { device = st.device }
             if st.device != device {
                 found[i].unusable = "on another filesystem than the store (hard links need one)"

@@ -1,6 +1,7 @@
 import Dispatch
 import HashifySystem
 import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -55,7 +56,9 @@ final class MetadataWarmer: Sendable {
         let root = roots[g]
         let filter = filters[g]
         // Directories to visit, opened only when their turn comes.
-        var pending: [(parent: Directory?, name: [UInt8], path: [UInt8], scope: PathFilter.Scope)] = [(nil, [], [], filter.rootScope)]
+        var pending: [(parent: Directory?, name: [UInt8], path: [UInt8], scope: PathFilter.Scope)] = [
+            (nil, [], [], filter.rootScope)
+        ]
         while let (parent, name, path, scope) = pending.popLast() {
             if shouldStop(g) { return }
             let dir: Directory

@@ -1,4 +1,5 @@
 import HashifySystem
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -70,7 +71,8 @@ public struct PathFilter: Sendable {
         public var bytes: UnsafeBufferPointer<UInt8>
         public init(cString: UnsafePointer<CChar>, count: Int) {
             self.cString = cString
-            self.bytes = UnsafeBufferPointer(start: UnsafeRawPointer(cString).assumingMemoryBound(to: UInt8.self), count: count)
+            self.bytes = UnsafeBufferPointer(
+                start: UnsafeRawPointer(cString).assumingMemoryBound(to: UInt8.self), count: count)
         }
     }
 
@@ -93,7 +95,8 @@ public struct PathFilter: Sendable {
 
     public init(excludes excludePatterns: [[UInt8]], includes includePatterns: [[UInt8]]) {
         var anchored: [Anchored] = []
-        var nameExcludes: [NameGlob] = [], nameIncludes: [NameGlob] = []
+        var nameExcludes: [NameGlob] = []
+        var nameIncludes: [NameGlob] = []
         var wholePath: [WholePath] = []
         for (patterns, isInclude) in [(excludePatterns, false), (includePatterns, true)] {
             for raw in patterns {
@@ -104,7 +107,8 @@ public struct PathFilter: Sendable {
                     if parts.allSatisfy(Self.splitsExactly) {
                         anchored.append(Anchored(components: parts.map(NameGlob.init), isInclude: isInclude))
                     } else {
-                        wholePath.append(WholePath(cPattern: p.map { CChar(bitPattern: $0) } + [0], isInclude: isInclude))
+                        wholePath.append(
+                            WholePath(cPattern: p.map { CChar(bitPattern: $0) } + [0], isInclude: isInclude))
                     }
                 } else if isInclude {
                     nameIncludes.append(NameGlob(p[...]))
@@ -154,7 +158,8 @@ public struct PathFilter: Sendable {
         let anyFilePattern = !wholePath.isEmpty || alive.contains { anchored[Int($0)].components.count == depth + 1 }
         let always = verdict == .included && nameExcludes.isEmpty && nameIncludes.isEmpty && !anyFilePattern
         let never = verdict != .included && nameIncludes.isEmpty && !anyFilePattern
-        return Scope(verdict: verdict, depth: depth, alive: alive, filesAlwaysIncluded: always, filesNeverIncluded: never)
+        return Scope(
+            verdict: verdict, depth: depth, alive: alive, filesAlwaysIncluded: always, filesNeverIncluded: never)
     }
 
     /// Whether an include and whether an exclude match the entry `name`
@@ -162,8 +167,10 @@ public struct PathFilter: Sendable {
     /// path, asked for only by whole-path patterns); for a directory
     /// (`isDirectory`), also the patterns still alive below it.
     func matchesHere(_ scope: Scope, _ name: Name, isDirectory: Bool, path: () -> [UInt8])
-        -> (include: Bool, exclude: Bool, childAlive: [Int32]) {
-        var include = false, exclude = false
+        -> (include: Bool, exclude: Bool, childAlive: [Int32])
+    {
+        var include = false
+        var exclude = false
         var childAlive: [Int32] = []
         for i in scope.alive {
             let p = anchored[Int(i)]
@@ -194,9 +201,12 @@ public struct PathFilter: Sendable {
         let (include, exclude, childAlive) = matchesHere(parent, name, isDirectory: true, path: path)
         let depth = parent.depth + 1
         if include { return scope(verdict: .included, depth: depth, alive: childAlive) }
-        if parent.verdict != .searchOnly && !exclude { return scope(verdict: .included, depth: depth, alive: childAlive) }
+        if parent.verdict != .searchOnly && !exclude {
+            return scope(verdict: .included, depth: depth, alive: childAlive)
+        }
         // Excluded: still searched while an include may match below.
-        let includeBelow = !nameIncludes.isEmpty || wholePath.contains(where: \.isInclude)
+        let includeBelow =
+            !nameIncludes.isEmpty || wholePath.contains(where: \.isInclude)
             || childAlive.contains { anchored[Int($0)].isInclude }
         return scope(verdict: includeBelow ? .searchOnly : .excluded, depth: depth, alive: childAlive)
     }

@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -43,7 +44,8 @@ public enum RootValidation {
             }
             let st = try dir.stat()
             if let first = roots.first, first.stat.device != st.device {
-                throw InputError("\(p): on another filesystem than \(first.path) (all guests and the store must share one)")
+                throw InputError(
+                    "\(p): on another filesystem than \(first.path) (all guests and the store must share one)")
             }
             if let other = roots.first(where: { $0.stat.inode == st.inode && $0.stat.device == st.device }) {
                 throw InputError("\(p): the same directory as \(other.path), given twice")
@@ -83,7 +85,8 @@ public enum RootValidation {
 
     /// The nearest `.hashify` store at or above `path` that knows a guest whose root holds `path`.
     public static func storeKnowingGuest(of path: FilePath) -> FilePath? {
-        guard let c = canonical(path.removingLastComponent()).map({ $0.appending(path.lastComponent?.string ?? "") }) else {
+        guard let c = canonical(path.removingLastComponent()).map({ $0.appending(path.lastComponent?.string ?? "") })
+        else {
             return nil
         }
         var dir = c.removingLastComponent()
@@ -105,7 +108,10 @@ public enum RootValidation {
         let existing: FilePath
         var probe = store
         while true {
-            if canonical(probe) != nil { existing = probe; break }
+            if canonical(probe) != nil {
+                existing = probe
+                break
+            }
             let parent = probe.removingLastComponent()
             if parent == probe || parent.isEmpty { throw InputError("\(store): no existing parent directory") }
             probe = parent
@@ -119,13 +125,17 @@ public enum RootValidation {
         }
         let st = try dir.stat()
         for r in roots where r.stat.device != st.device {
-            throw InputError("\(r.path): not on the filesystem of the store \(store) (hard links need one filesystem; give --store on it)")
+            throw InputError(
+                "\(r.path): not on the filesystem of the store \(store) (hard links need one filesystem; give --store on it)"
+            )
         }
         guard let cs = canonical(existing) else { throw InputError("\(store): cannot resolve path") }
         let full = existing == store ? cs : cs.appending(store.lastComponent!)
         for r in roots {
             guard let cr = canonical(r.path) else { continue }
-            if full == cr || isInside(full, cr) { throw InputError("\(store): the store must not be inside the guest root \(r.path)") }
+            if full == cr || isInside(full, cr) {
+                throw InputError("\(store): the store must not be inside the guest root \(r.path)")
+            }
             if isInside(cr, full) { throw InputError("\(r.path): a guest root must not be inside the store \(store)") }
         }
     }

@@ -1,5 +1,6 @@
 import HashifySystem
 import SystemPackage
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -109,13 +110,17 @@ public struct Walker {
                         continue  // vanished: nothing to do
                     } catch {
                         let e = errnoCode(error)
-                        result.skips.append(Skip(guest: g, path: p.path, reason: e == ELOOP || e == ENOTDIR
-                                                    ? .changedDuringRun : .failed(OperationError(.openDirectory, error))))
+                        result.skips.append(
+                            Skip(
+                                guest: g, path: p.path,
+                                reason: e == ELOOP || e == ENOTDIR
+                                    ? .changedDuringRun : .failed(OperationError(.openDirectory, error))))
                         continue
                     }
                     let id = p.name.withUnsafeBufferPointer { b in
                         b.withMemoryRebound(to: CChar.self) {
-                            result.inventory.addDirectory(parent: p.parentID, guest: guest, name: $0.baseAddress!, length: $0.count, stat: p.stat)
+                            result.inventory.addDirectory(
+                                parent: p.parentID, guest: guest, name: $0.baseAddress!, length: $0.count, stat: p.stat)
                         }
                     }
                     counts.directories += 1
@@ -123,7 +128,10 @@ public struct Walker {
                 } else {
                     break
                 }
-                let dir = frame.directory, dirID = frame.id, dirPath = frame.path, scope = frame.scope
+                let dir = frame.directory
+                let dirID = frame.id
+                let dirPath = frame.path
+                let scope = frame.scope
                 let holdsConffiles = !guestConffiles.isEmpty && conffileDirectories.contains(dirPath)
                 var subdirs: [Pending] = []
                 do {
@@ -132,13 +140,18 @@ public struct Walker {
                         if seen & 4095 == 0 { onProgress?(seen) }
                         let name = PathFilter.Name(cString: cName, count: strlen(cName))
                         if name.bytes.starts(with: Self.temporaryPrefix) {
-                            result.temporaries.append(TemporaryName(directory: dirID, name: FileName(bytes: name.bytes)))
+                            result.temporaries.append(
+                                TemporaryName(directory: dirID, name: FileName(bytes: name.bytes)))
                             return
                         }
                         // DT_LNK, DT_CHR, DT_BLK, DT_FIFO, DT_SOCK: no statx needed.
                         switch type {
-                        case 10: counts.symlinks += 1; return
-                        case 1, 2, 6, 12: counts.otherFiles += 1; return
+                        case 10:
+                            counts.symlinks += 1
+                            return
+                        case 1, 2, 6, 12:
+                            counts.otherFiles += 1
+                            return
                         default: break
                         }
                         // The entry's guest-absolute path, built only when it is needed.
@@ -155,7 +168,8 @@ public struct Walker {
                         } catch Errno.noSuchFileOrDirectory {
                             return
                         } catch {
-                            result.skips.append(Skip(guest: g, path: path(), reason: .failed(OperationError(.stat, error))))
+                            result.skips.append(
+                                Skip(guest: g, path: path(), reason: .failed(OperationError(.stat, error))))
                             return
                         }
                         if st.isDirectory {
@@ -164,8 +178,14 @@ public struct Walker {
                                 return
                             }
                             let sub = filter.enter(scope, name, path: path)
-                            if sub.verdict == .excluded { counts.excluded += 1; return }
-                            subdirs.append(Pending(parent: dir, parentID: dirID, name: Array(name.bytes), path: path(), stat: st, scope: sub))
+                            if sub.verdict == .excluded {
+                                counts.excluded += 1
+                                return
+                            }
+                            subdirs.append(
+                                Pending(
+                                    parent: dir, parentID: dirID, name: Array(name.bytes), path: path(), stat: st,
+                                    scope: sub))
                         } else if st.isRegular {
                             if st.mountID != root.stat.mountID || st.device != root.stat.device {
                                 result.skips.append(Skip(guest: g, path: path(), reason: .mountPoint))
@@ -175,10 +195,16 @@ public struct Walker {
                                 counts.excluded += 1
                                 return
                             }
-                            if holdsConffiles && guestConffiles.contains(path()) { counts.conffiles += 1; return }
+                            if holdsConffiles && guestConffiles.contains(path()) {
+                                counts.conffiles += 1
+                                return
+                            }
                             counts.regularFiles += 1
                             counts.regularBytes += st.size
-                            if st.size < minimumSize { counts.belowMinimumSize += 1; return }
+                            if st.size < minimumSize {
+                                counts.belowMinimumSize += 1
+                                return
+                            }
                             if st.isImmutableOrAppendOnly {
                                 result.skips.append(Skip(guest: g, path: path(), reason: .immutableOrAppendOnly))
                                 return
@@ -191,8 +217,10 @@ public struct Walker {
                         }
                     }
                 } catch {
-                    result.skips.append(Skip(guest: g, path: dirPath.isEmpty ? [0x2f] : dirPath,
-                                             reason: .failed(OperationError(.readDirectory, error))))
+                    result.skips.append(
+                        Skip(
+                            guest: g, path: dirPath.isEmpty ? [0x2f] : dirPath,
+                            reason: .failed(OperationError(.readDirectory, error))))
                 }
                 // Visit subdirectories in name order for a stable preorder.
                 subdirs.sort { $0.name.lexicographicallyPrecedes($1.name) }
