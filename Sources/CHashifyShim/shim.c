@@ -1,4 +1,8 @@
 #define _GNU_SOURCE
+/* The calls Swift cannot make through Glibc's overlay. A wrapper of one
+ * system call returns what the call returns; EINTR is retried in one place,
+ * HashifySystem's `retrying`. Only the helpers that loop over several calls
+ * (copying, reading whole files) retry EINTR themselves, mid-loop. */
 #include "hashify_shim.h"
 #include <errno.h>
 #include <fcntl.h>
@@ -57,11 +61,8 @@ static void fill(const struct statx *s, hashify_stat *out) {
 
 int hashify_statx(int dirfd, const char *name, int flags, hashify_stat *out) {
     struct statx s;
-    int r;
-    do {
-        r = statx(dirfd, name, AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT | flags,
+    int r = statx(dirfd, name, AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT | flags,
                   STATX_BASIC_STATS | STATX_MNT_ID, &s);
-    } while (r < 0 && errno == EINTR);
     if (r == 0) fill(&s, out);
     return r;
 }
@@ -71,9 +72,7 @@ int hashify_fstatx(int fd, hashify_stat *out) {
 }
 
 int hashify_openat(int dirfd, const char *name, int flags, unsigned mode) {
-    int r;
-    do { r = openat(dirfd, name, flags, (mode_t)mode); } while (r < 0 && errno == EINTR);
-    return r;
+    return openat(dirfd, name, flags, (mode_t)mode);
 }
 
 int hashify_renameat2(int olddirfd, const char *oldname, int newdirfd, const char *newname, unsigned flags) {
@@ -81,9 +80,7 @@ int hashify_renameat2(int olddirfd, const char *oldname, int newdirfd, const cha
 }
 
 int hashify_setlease(int fd, int type) {
-    int r;
-    do { r = fcntl(fd, F_SETLEASE, type); } while (r < 0 && errno == EINTR);
-    return r;
+    return fcntl(fd, F_SETLEASE, type);
 }
 
 int hashify_getlease(int fd) { return fcntl(fd, F_GETLEASE); }
@@ -97,9 +94,7 @@ struct hashify_dirent64 {
 };
 
 long hashify_getdents64(int fd, void *buf, size_t len) {
-    long r;
-    do { r = syscall(SYS_getdents64, fd, buf, len); } while (r < 0 && errno == EINTR);
-    return r;
+    return syscall(SYS_getdents64, fd, buf, len);
 }
 
 size_t hashify_dirent_next(const void *buf, size_t off, const char **name, unsigned char *type, uint64_t *ino) {
@@ -183,9 +178,7 @@ uint64_t hashify_raise_fd_limit(void) {
 }
 
 int hashify_flock_exclusive(int fd, int nonblocking) {
-    int r;
-    do { r = flock(fd, LOCK_EX | (nonblocking ? LOCK_NB : 0)); } while (r < 0 && errno == EINTR);
-    return r;
+    return flock(fd, LOCK_EX | (nonblocking ? LOCK_NB : 0));
 }
 
 int hashify_mknodat(int dirfd, const char *name, unsigned mode, uint64_t dev) {
