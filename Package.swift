@@ -30,7 +30,6 @@ let package = Package(
             name: "HashifyEngine",
             dependencies: [
                 "HashifySystem",
-                "CHashifyShim",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "TOMLKit", package: "TOMLKit"),

@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Options of a `unify` run.
 public struct UnifyOptions: Sendable {
     public var roots: [FilePath]

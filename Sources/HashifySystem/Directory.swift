@@ -196,6 +196,21 @@ public final class Directory: @unchecked Sendable {
     }
 
     /// Flushes the whole filesystem this directory is on (`syncfs(2)`).
+    /// Makes this directory's entries durable. The corresponding C function is `fsync()`.
+    public func sync() throws { _ = try retrying { fsync(self.fd) } }
+
+    /// The most hard links an inode of this filesystem can have (ext4: 65,000).
+    /// The corresponding C function is `fpathconf(_PC_LINK_MAX)`.
+    public var linkLimit: Int { Int(fpathconf(fd, Int32(_PC_LINK_MAX))) }
+
+    /// The bytes an unprivileged writer may still use on this filesystem.
+    /// The corresponding C function is `fstatvfs()`.
+    public func availableBytes() throws -> UInt64 {
+        var fs = statvfs()
+        _ = try retrying { fstatvfs(self.fd, &fs) }
+        return UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+    }
+
     public func syncFilesystem() throws { _ = try retrying { hashify_syncfs(self.fd) } }
 
     /// The filesystem's magic number (`fstatfs(2)`'s `f_type`).

@@ -96,6 +96,16 @@ public final class OpenFile: @unchecked Sendable {
         }
     }
 
+    /// Bytes of the first `size` bytes of the file that are in the page cache
+    /// (`cachestat(2)` where the kernel has it, else `mincore` of a mapping).
+    public func cachedBytes(size: UInt64) -> UInt64 {
+        let n = hashify_cached_bytes(fd, size)
+        return n > 0 ? UInt64(n) : 0
+    }
+
+    /// Moves the file offset back to the start. The corresponding C function is `lseek()`.
+    public func rewind() throws { _ = try retrying { lseek(self.fd, 0, SEEK_SET) } }
+
     /// Hints sequential access (`posix_fadvise(POSIX_FADV_SEQUENTIAL)`).
     public func adviseSequential() { _ = hashify_fadvise_sequential(fd) }
 

@@ -12,6 +12,13 @@ final class SlowedRun {
     let tracer = Process()
 
     /// Starts `hashify args` with each renameat2 delayed by `delay` seconds.
+    let outputPath: String
+
+    deinit { unlink(outputPath) }
+
+    /// What the traced hashify printed so far.
+    var output: String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }
+
     init(_ args: [String], delay: Double, syscall: String = "renameat2") throws {
         tracer.executableURL = URL(fileURLWithPath: "/usr/bin/strace")
         tracer.arguments =
@@ -19,8 +26,12 @@ final class SlowedRun {
                 "-f", "-qq", "-o", "/dev/null", "-e", "trace=\(syscall)",
                 "-e", "inject=\(syscall):delay_enter=\(Int(delay * 1_000_000))", hashifyBinary,
             ] + args
-        tracer.standardOutput = FileHandle.nullDevice
-        tracer.standardError = FileHandle.nullDevice
+        // What hashify says goes to a file, for the message of a test that fails.
+        outputPath = "/var/tmp/hashify-test-slowed.\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
+        _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
+        let out = FileHandle(forWritingAtPath: outputPath)!
+        tracer.standardOutput = out
+        tracer.standardError = out
         try tracer.run()
     }
 
@@ -104,7 +115,7 @@ struct ExchangeWindowTests {
         // The path being replaced: the one in whose directory the temporary name is.
         guard let (dir, temp) = slowed.temporaryName(in: roots.map { "\($0)/usr/lib" }) else {
             slowed.killHashify()
-            Issue.record("no temporary name made")
+            Issue.record("no temporary name made; hashify said: \(slowed.output)")
             return
         }
         let name = "a.so"
@@ -161,7 +172,7 @@ struct ExchangeWindowTests {
         let slowed = try SlowedRun(["unify", "-q"] + roots, delay: 1.5)
         guard slowed.temporaryName(in: roots.map { "\($0)/usr/lib" }) != nil else {
             slowed.killHashify()
-            Issue.record("no temporary name made")
+            Issue.record("no temporary name made; hashify said: \(slowed.output)")
             return
         }
         // The victim is the copy not yet linked into the store.

@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Options of `hashify clone`.
 public struct CloneOptions: Sendable {
     public var source: FilePath

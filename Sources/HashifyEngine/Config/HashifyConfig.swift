@@ -2,10 +2,6 @@ import HashifySystem
 import SystemPackage
 import TOMLKit
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// The host's settings for hashify, read from `/etc/hashify/hashify.toml`
 /// (or `--config FILE`): the store, the mode, where the guests are, the
 /// excludes and includes (global and per guest), the minimum size and the

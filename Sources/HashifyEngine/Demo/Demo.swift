@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Builds sample guests from real files of the host: copies of parts of
 /// /usr with every attribute (mode, owner, mtime, xattrs), so `hashify demo`
 /// shows a real unification on any Linux machine.
@@ -27,12 +23,10 @@ public struct DemoGuests {
     }
 
     public func build() throws -> Built {
-        var template = Array((parent.string + "/hashify-demo.XXXXXX").utf8CString)
-        guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) != nil else {
-            throw InputError("\(parent): cannot create a directory: \(Errno(rawValue: errno))")
+        let dirPath: FilePath
+        do { dirPath = try makeTemporaryDirectory(parent.string + "/hashify-demo.XXXXXX") } catch {
+            throw InputError("\(parent): cannot create a directory: \(error)")
         }
-        let dirPath = FilePath(
-            String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
         let top = try Directory.open(path: dirPath)
         try top.makeDirectory(FileName("guests"), mode: 0o755)
         let guests = try top.openDirectory(FileName("guests"))
@@ -157,5 +151,5 @@ public func removeTree(_ path: FilePath) throws {
         }
     }
     try clear(try Directory.open(path: path))
-    _ = path.withPlatformString { rmdir($0) }
+    try? removeEmptyDirectory(path)
 }

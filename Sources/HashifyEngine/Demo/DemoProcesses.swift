@@ -1,10 +1,5 @@
-import CHashifyShim
 import HashifySystem
 import SystemPackage
-
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The memory half of `hashify demo`: one long-running program per sample
 /// guest (a host program copied into each guest with the files it maps, run
@@ -14,48 +9,31 @@ public struct DemoProcesses {
     /// The program and its arguments: perl when the host has it (it maps a few
     /// MiB of its own), else sleep.
     public var argv: [String]
-    public private(set) var pids: [pid_t] = []
+    public private(set) var pids: [Int32] = []
 
     public init() {
         argv =
-            access("/usr/bin/perl", X_OK) == 0
+            hostPathExists("/usr/bin/perl", executable: true)
             ? ["/usr/bin/perl", "-e", "my $x = 0; $x += $_ for 1..200000; sleep 3600"]
             : ["/bin/sleep", "3600"]
     }
 
     /// Why the memory part cannot run here, or nil.
     public static var unavailableReason: String? {
-        if getuid() != 0 { return "the memory part needs root (it runs the guests' programs chrooted)" }
-        if access("/usr/sbin/chroot", X_OK) != 0 { return "no /usr/sbin/chroot" }
+        if !isRoot { return "the memory part needs root (it runs the guests' programs chrooted)" }
+        if !hostPathExists("/usr/sbin/chroot", executable: true) { return "no /usr/sbin/chroot" }
         return nil
     }
 
-    static func spawn(_ argv: [String]) -> pid_t? {
-        var pid: pid_t = 0
-        var cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
-        cArgs.append(nil)
-        defer { for a in cArgs { free(a) } }
-        var env: [UnsafeMutablePointer<CChar>?] = [strdup("LC_ALL=C"), strdup("PATH=/usr/bin:/bin"), nil]
-        defer { for e in env { free(e) } }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        for fd: Int32 in [0, 1, 2] {
-            posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0)
-        }
-        guard posix_spawn(&pid, argv[0], &actions, nil, &cArgs, &env) == 0 else { return nil }
-        return pid
+    static func spawn(_ argv: [String]) -> Int32? {
+        spawnProcess(argv, environment: ["LC_ALL=C", "PATH=/usr/bin:/bin"])
     }
 
     /// The files the program maps when it runs on the host (its libraries), from /proc/PID/maps.
     func mappedFiles() -> [[UInt8]] {
         guard let pid = Self.spawn(argv) else { return [] }
-        defer {
-            kill(pid, SIGKILL)
-            var s: Int32 = 0
-            waitpid(pid, &s, 0)
-        }
-        usleep(300_000)
+        defer { killAndReap(pid) }
+        sleep(microseconds: 300_000)
         guard
             let maps = try? Directory.open(path: FilePath("/proc/\(pid)")).openFileForReading(FileName("maps"))
                 .readAll()
@@ -74,7 +52,7 @@ public struct DemoProcesses {
     /// each guest (symlinks on the way recreated as symlinks), and a /dev/null.
     public func install(into roots: [FilePath]) throws {
         let interpreters: [String] = ["/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1"].filter {
-            access($0, F_OK) == 0
+            hostPathExists($0)
         }
         var paths: [[UInt8]] = [Array(argv[0].utf8)]
         paths += mappedFiles()
@@ -130,7 +108,7 @@ public struct DemoProcesses {
     /// Starts the program in each guest (chrooted).
     public mutating func start(in roots: [FilePath]) {
         pids = roots.compactMap { Self.spawn(["/usr/sbin/chroot", $0.string] + argv) }
-        usleep(1_500_000)
+        sleep(microseconds: 1_500_000)
     }
 
     /// Total proportional set size (all of it: file-backed and anonymous) of the processes.
@@ -148,11 +126,7 @@ public struct DemoProcesses {
 
     /// Stops the processes.
     public mutating func stop() {
-        for pid in pids {
-            kill(pid, SIGKILL)
-            var s: Int32 = 0
-            waitpid(pid, &s, 0)
-        }
+        for pid in pids { killAndReap(pid) }
         pids = []
     }
 }

@@ -4,10 +4,6 @@ import HashifySystem
 import Synchronization
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Establishes the content of candidate inodes on a bounded pool of threads,
 /// each with two bounded buffers: SHA-256 for one member of each group of
 /// equal size and metadata, an exact byte comparison for the others. A file
@@ -203,7 +199,7 @@ public struct ContentHasher: Sendable {
                 out.skips.append(
                     (
                         inode,
-                        (e == ENOENT || e == ELOOP || e == ENOTDIR)
+                        (e == .noSuchFileOrDirectory || e == .tooManySymbolicLinkLevels || e == .notDirectory)
                             ? .changedDuringRun
                             : .failed(OperationError(.read, error))
                     ))
@@ -248,7 +244,7 @@ public struct ContentHasher: Sendable {
             let want = min(buffer.count, bytes.count - offset)
             let n = try readFully(
                 x, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want]), at: UInt64(offset))
-            if n < want || memcmp(buffer.baseAddress!, bytes.baseAddress! + offset, n) != 0 { return false }
+            if n < want || !bytesEqual(buffer.baseAddress!, bytes.baseAddress! + offset, count: n) { return false }
             offset += n
         }
         return true
@@ -271,7 +267,7 @@ public struct ContentHasher: Sendable {
                 if m == 0 { return false }
                 got += m
             }
-            if memcmp(a.baseAddress!, b.baseAddress!, n) != 0 { return false }
+            if !bytesEqual(a.baseAddress!, b.baseAddress!, count: n) { return false }
             offset += UInt64(n)
         }
         return true

@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// The `hardlink` strategy: each group's keeper becomes a store object (a
 /// hard link into the store, no data copied) and every name of every other
 /// inode is replaced by a link to it, one atomic rename per name.
@@ -76,8 +72,8 @@ final class HardlinkLinker: LinkStrategy {
             return .changedDuringRun
         }
         let e = errnoCode(error)
-        if e == EAGAIN || error is WriterArrived { return .openForWriting }
-        if e == ENOENT || e == ELOOP || e == ENOTDIR || e == ESTALE { return .changedDuringRun }
+        if e == .resourceTemporarilyUnavailable || error is WriterArrived { return .openForWriting }
+        if e?.meansChangedDuringRun == true { return .changedDuringRun }
         return .failed(OperationError(operation, error))
     }
 
@@ -177,7 +173,7 @@ final class HardlinkLinker: LinkStrategy {
             let latest =
                 held.values.compactMap { try? $0.file.stat().changeTime }.max() ?? Timestamp(seconds: 0, nanoseconds: 0)
             while !(latest < now) {
-                usleep(500)
+                sleep(microseconds: 500)
                 now = coarseNow()
             }
         }

@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Gives paths a private copy again (de-unification): the content is copied
 /// under a read lease into a temporary name beside the path, with owner,
 /// mode, every xattr and mtime, and exchanged with the path atomically.

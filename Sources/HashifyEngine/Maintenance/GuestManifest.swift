@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// `hashify manifest GUEST`: every entry of one guest as the guest sees it
 /// (path, type, content digest, mode, owner, mtime, xattrs, symlink target),
 /// each regular file marked shared or private with how many guests use its

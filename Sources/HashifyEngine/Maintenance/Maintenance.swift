@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Where maintenance commands find the store and the guests: `--store`, or
 /// the default store of the given roots, or the store that knows a guest
 /// holding the given paths; roots given, or those the store remembers.
@@ -121,7 +117,7 @@ public enum StatusCommand {
         } else {
             report.notes.append("no guest roots known: give them to see per-guest figures")
         }
-        let limit = Int(fpathconf(store.objects.fd, Int32(_PC_LINK_MAX)))
+        let limit = store.objects.linkLimit
         report.storeHealth.linkLimit = limit
         for o in try store.listObjects() {
             report.storeHealth.objects += 1

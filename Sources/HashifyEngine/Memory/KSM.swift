@@ -1,10 +1,5 @@
-import CHashifyShim
 import HashifySystem
 import SystemPackage
-
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Kernel samepage merging for the anonymous memory files cannot share:
 /// `hashify ksm run` marks a command's whole process mergeable
@@ -64,15 +59,10 @@ public enum KSM {
                 "Linux \(major).\(minor) does not keep PR_SET_MEMORY_MERGE across execve (Linux 6.7 or later is needed)"
             )
         }
-        if hashify_set_memory_merge() != 0 {
-            throw InputError(
-                "prctl(PR_SET_MEMORY_MERGE) failed: \(Errno(rawValue: errno)) (needs Linux 6.4+ with CONFIG_KSM)")
+        do { try setMemoryMerge() } catch {
+            throw InputError("prctl(PR_SET_MEMORY_MERGE) failed: \(error) (needs Linux 6.4+ with CONFIG_KSM)")
         }
-        var cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
-        cArgs.append(nil)
-        _ = hashify_execvp(file, &cArgs)
-        let e = Errno(rawValue: errno)
-        throw InputError("\(file): cannot run: \(e)")
+        throw InputError("\(file): cannot run: \(execute(argv))")
     }
 
     /// `hashify ksm status`.
@@ -86,7 +76,7 @@ public enum KSM {
         if let w = notRunningWarning(), !settings.isEmpty { out.notes.append(w) }
         var rows = (guests.map(\.label) + ["host"]).map { Status.Guest(guest: $0) }
         guard let proc = try? Directory.open(path: "/proc") else { return out }
-        let page = UInt64(sysconf(Int32(_SC_PAGESIZE)))
+        let page = pageSize()
         for name in (try? proc.entryNames()) ?? [] {
             guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)),
                 let dir = try? proc.openDirectory(name),

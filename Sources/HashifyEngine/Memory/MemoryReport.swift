@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// `hashify mem`: what the guests' processes hold in memory, how much of the
 /// file-backed part is one copy shared between guests, how much is the same
 /// content resident under several inodes (what unify would still save), and

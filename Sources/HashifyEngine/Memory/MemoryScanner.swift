@@ -1,10 +1,5 @@
-import CHashifyShim
 import HashifySystem
 import SystemPackage
-
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Options of `hashify mem`.
 public struct MemoryOptions: Sendable {
@@ -101,7 +96,7 @@ public enum MemoryScanner {
 
         /// Every process but this one, with its guest.
         mutating func readProcesses() {
-            let me = Int(getpid())
+            let me = Int(currentProcessID())
             for name in (try? proc.entryNames()) ?? [] {
                 guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)), pid != me else { continue }
                 let guest = guest(of: pid, among: guests, proc: proc)
@@ -341,7 +336,6 @@ public enum MemoryScanner {
 
     static func cachedBytes(_ file: OpenFile?, size: UInt64) -> UInt64 {
         guard let file else { return 0 }
-        let n = hashify_cached_bytes(file.fd, size)
-        return n > 0 ? UInt64(n) : 0
+        return file.cachedBytes(size: size)
     }
 }

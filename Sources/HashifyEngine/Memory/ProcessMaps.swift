@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// One process's memory as `/proc/PID/smaps` and its neighbours show it:
 /// file-backed mappings summed per inode, anonymous memory, KSM pages.
 struct ProcessMaps {
@@ -107,7 +103,7 @@ struct ProcessMaps {
         if let ksm = try? dir.openFileForReading(FileName("ksm_merging_pages")).readAll(),
             let pages = UInt64(String(decoding: ksm.filter { $0 != 0x0a }, as: UTF8.self))
         {
-            p.ksmMerged = pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+            p.ksmMerged = pages * pageSize()
         }
         return p
     }

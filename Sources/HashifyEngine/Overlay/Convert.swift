@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 extension Overlay {
     /// `hashify overlay convert`: stopped plain guests become overlay guests.
     ///
@@ -110,7 +106,7 @@ extension Overlay {
         let parentTime = try parent.stat().modificationTime
         try guest.directory.rename(plain, to: parent, as: name, flags: .exchange)
         try? parent.setModificationTime(parentTime)
-        _ = fsync(parent.fd)
+        try? parent.sync()
         state.phase = .active
         try guest.writeState(state)
 

@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 extension Overlay {
     /// Where a directory of the merged view stands in the layers of the
     /// generation being folded: the same directory in the upper and in the old

@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 extension Overlay {
     /// The record and state in force of an overlay guest, or bad input.
     static func activeGuest(_ g: (root: FilePath, canonical: FilePath, record: OverlayGuest?)) throws -> (
@@ -190,7 +186,7 @@ extension Overlay {
         let parentTime = try parent.stat().modificationTime
         try guest.directory.rename(exportName, to: parent, as: name, flags: .exchange)
         try? parent.setModificationTime(parentTime)
-        _ = fsync(parent.fd)
+        try? parent.sync()
         try guest.writeState(nil)
         var result = outcome()
         result.seconds = elapsed(since: started)

@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Options of the `overlay` commands.
 public struct OverlayOptions: Sendable {
     public var roots: [FilePath]

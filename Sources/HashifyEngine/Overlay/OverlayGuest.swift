@@ -2,10 +2,6 @@ import Crypto
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// One overlay guest's records in the store.
 ///
 /// ```
@@ -181,7 +177,7 @@ final class OverlayGuest {
             try writeState(State(phase: .plain, generation: 0))
             try removeGenerations(except: nil)
             try directory.unlink(FileName("state"))
-            _ = fsync(directory.fd)
+            try? directory.sync()
             return
         }
         let text = "phase \(state.phase.rawValue)\ngeneration \(state.generation)\nroot-inode \(state.rootInode)\n"
@@ -195,7 +191,7 @@ final class OverlayGuest {
         try f.write(bytes)
         try f.sync()
         try dir.rename(temp, to: dir, as: name)
-        _ = fsync(dir.fd)
+        try? dir.sync()
     }
 
     // MARK: generations

@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// What `status` shows of overlay mode: each overlay guest, the data
 /// objects, and the copy-on-write reserve (the disk that copy-ups hold now and
 /// would claim when guests rewrite shared files).
@@ -138,8 +134,7 @@ extension Overlay {
                 out.unreferencedDataBytes += o.stat.allocatedBytes
             }
         }
-        var fs = statvfs()
-        if fstatvfs(store.directory.fd, &fs) == 0 { out.freeBytes = UInt64(fs.f_bavail) * UInt64(fs.f_frsize) }
+        if let free = try? store.directory.availableBytes() { out.freeBytes = free }
         if out.freeBytes < out.routineUpdateBytes {
             out.warnings.append(
                 "only \(formatBytes(out.freeBytes)) free for copy-ups: a routine update of the overlay guests needs about \(formatBytes(out.routineUpdateBytes)) (rewriting every shared file: \(formatBytes(out.guests.reduce(0) { $0 + $1.sharedBytes })))"

@@ -1,10 +1,5 @@
-import CHashifyShim
 import HashifySystem
 import SystemPackage
-
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Mounting and inspecting a guest's overlay.
 ///
@@ -42,22 +37,22 @@ enum OverlayMount {
     static func mount(_ g: OverlayGuest.Generation, data: FilePath, on target: Directory, readOnly: Bool = false) throws
     {
         let opts = options(g, data: data)
-        func attempt() -> Int32 {
-            withCName(target.procPath) { t in
-                hashify_mount("hashify", t, "overlay", readOnly ? HASHIFY_MS_RDONLY : 0, opts)
-            }
+        func attempt() throws {
+            try mountFilesystem(
+                source: "hashify", target: target.procPath, type: "overlay", readOnly: readOnly, options: opts)
         }
-        if attempt() == 0 { return }
-        let e = errno
-        guard e == ESTALE, !Overlay.hasCopyUps(g) else {
-            throw e == ESTALE
-                ? InputError(
-                    "the overlay's index does not match its layers (restored from a backup?) and the guest has copy-ups; export it from where it was made"
-                ) : Errno(rawValue: e)
+        do {
+            try attempt()
+            return
+        } catch Errno.staleNFSFileHandle where !Overlay.hasCopyUps(g) {
+            try g.upper.removeExtendedAttribute("trusted.overlay.origin")
+            if (try? g.work.stat(FileName("index"))) != nil { try g.work.removeTree(FileName("index")) }
+            try attempt()
+        } catch Errno.staleNFSFileHandle {
+            throw InputError(
+                "the overlay's index does not match its layers (restored from a backup?) and the guest has copy-ups; "
+                    + "export it from where it was made")
         }
-        try g.upper.removeExtendedAttribute("trusted.overlay.origin")
-        if (try? g.work.stat(FileName("index"))) != nil { try g.work.removeTree(FileName("index")) }
-        if attempt() != 0 { throw Errno(rawValue: errno) }
     }
 
     /// Unmounts what is mounted at `path` (never lazily: a busy guest stays
@@ -66,12 +61,13 @@ enum OverlayMount {
     static func unmount(_ path: FilePath) throws {
         var attempt = 0
         while true {
-            let r = path.withPlatformString { hashify_umount($0, 0) }
-            if r == 0 { return }
-            let e = errno
-            attempt += 1
-            if e != EBUSY || attempt >= 5 { throw Errno(rawValue: e) }
-            usleep(50_000)
+            do {
+                try unmountFilesystem(path)
+                return
+            } catch Errno.resourceBusy where attempt < 4 {
+                attempt += 1
+                sleep(microseconds: 50_000)
+            }
         }
     }
 

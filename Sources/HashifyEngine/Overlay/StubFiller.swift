@@ -2,10 +2,6 @@ import Dispatch
 import HashifySystem
 import Synchronization
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Hashes the files of a metadata layer being built on several threads and
 /// gives each stub its redirect when its digest is known, so that walking
 /// and making stubs (one thread) overlaps reading (as many as the disk
@@ -63,7 +59,7 @@ final class StubFiller: @unchecked Sendable {
             do {
                 let (f, digest) = try Overlay.leasedDigest(
                     handle, stat: stat, path: path, buffer: buffer.bytes, lease: lease)
-                _ = lseek(f.fd, 0, SEEK_SET)
+                try? f.rewind()
                 var counts = Counts()
                 let redirect: [UInt8] = try objectLock.withLock { _ in
                     if let r = objects.redirect(for: digest) {

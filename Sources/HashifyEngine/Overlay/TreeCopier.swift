@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Copies a tree entry by entry with every attribute a guest can see:
 /// type, mode, owner, mtime, every xattr, symlink target, device numbers and
 /// which names are hard links of one another. Regular files are made by a

@@ -1,9 +1,5 @@
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// The names guests are known by (`lxc:web1`, `nspawn:build`, a config
 /// entry's name), by root: reports show a guest's name instead of its path
 /// wherever one is known, and keep the path in `--json` beside it.

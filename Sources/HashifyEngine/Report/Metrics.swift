@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// `unify --metrics FILE`: the run in Prometheus' text format, for
 /// node_exporter's textfile collector, replaced atomically (written beside
 /// FILE, then renamed over it) so the collector never reads half a file.

@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// A process that still maps a file whose copy was replaced: it keeps the old
 /// copy in memory until it restarts.
 public struct StaleProcess: Sendable, Codable {
@@ -55,7 +51,7 @@ public enum ProcessScanner {
     public static func processesUsing(root path: FilePath, stat: FileStat, ownDevice: Bool) -> [StaleProcess] {
         guard let proc = try? Directory.open(path: "/proc") else { return [] }
         let prefix = Array(path.string.utf8)
-        let me = getpid()
+        let me = currentProcessID()
         var result: [StaleProcess] = []
         for name in (try? proc.entryNames()) ?? [] {
             guard let pid = Int(String(decoding: name.bytes, as: UTF8.self)), pid != me,

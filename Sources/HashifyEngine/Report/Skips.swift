@@ -108,6 +108,14 @@ func attempt<T>(_ operation: Operation, _ body: () throws -> T) throws(Operation
 }
 
 /// The errno of an error, when the kernel refused something (nil for any other error).
-func errnoCode(_ error: any Error) -> Int32? {
-    (error as? Errno)?.rawValue ?? (error as? OperationError)?.errno
+func errnoCode(_ error: any Error) -> Errno? {
+    (error as? Errno) ?? (error as? OperationError)?.errno.map { Errno(rawValue: $0) }
+}
+
+extension Errno {
+    /// The errors that say a path changed under the run (it vanished, became a
+    /// symlink or a non-directory, or its inode went): the next run retries it.
+    var meansChangedDuringRun: Bool {
+        [.noSuchFileOrDirectory, .tooManySymbolicLinkLevels, .notDirectory, .staleNFSFileHandle].contains(self)
+    }
 }

@@ -2,10 +2,6 @@ import Crypto
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// The store's memory of what it hashed: the file STORE/index, read and
 /// written as a stream of fixed-size records (never held whole in memory).
 ///

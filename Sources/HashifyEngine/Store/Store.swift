@@ -1,10 +1,5 @@
-import CHashifyShim
 import HashifySystem
 import SystemPackage
-
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The content-addressed store beside the guests.
 ///
@@ -238,7 +233,7 @@ public final class Store: @unchecked Sendable {
     public func beginRun(_ id: String) throws {
         let f = try runs.createFile(FileName(id), mode: 0o600)
         try f.sync()
-        _ = fsync(runs.fd)
+        try? runs.sync()
     }
 
     /// Removes the record of a run whose temporary names are all gone.
@@ -254,7 +249,5 @@ public final class Store: @unchecked Sendable {
 
 /// A random run id (16 hex digits) from the kernel's random source.
 func makeRunID() -> String {
-    var bytes = [UInt8](repeating: 0, count: 8)
-    _ = bytes.withUnsafeMutableBytes { hashify_random($0.baseAddress, 8) }
-    return hexString(bytes)
+    hexString(randomBytes(8))
 }

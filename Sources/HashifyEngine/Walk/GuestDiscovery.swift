@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Finds the guests of the container managers on the host from their own
 /// configuration, never running anything inside a guest: LXC containers
 /// (`LXCPATH/NAME/config`, `lxc.rootfs.path`), systemd-nspawn machines

@@ -2,10 +2,6 @@ import Dispatch
 import HashifySystem
 import Synchronization
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Reads ahead of the walk on a cold cache: a second thread lists and stats
 /// the guests from the last one backwards while the walk goes forwards, and
 /// stops where they meet. It records nothing; it only brings directories and
@@ -74,7 +70,7 @@ final class MetadataWarmer: Sendable {
                 guard let st = try? dir.stat(cName: cName), st.isDirectory else { return }
                 guard st.mountID == root.stat.mountID, st.device == root.stat.device else { return }
                 // The walk's own decision for this directory (same filter, same scope rules).
-                let entry = PathFilter.Name(cString: cName, count: strlen(cName))
+                let entry = PathFilter.Name(cString: cName, count: nameLength(cName))
                 func sub() -> [UInt8] { path + [0x2f] + Array(entry.bytes) }
                 let s = filter.enter(scope, entry, path: sub)
                 if s.verdict != .excluded { pending.append((dir, Array(entry.bytes), sub(), s)) }

@@ -1,9 +1,5 @@
 import HashifySystem
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Decides which guest paths take part, from exclude and include patterns.
 ///
 /// A pattern that starts with `/` is matched (glob, `*` not crossing `/`)
@@ -44,7 +40,7 @@ public struct PathFilter: Sendable {
 
         func matches(_ name: Name) -> Bool {
             if let literal { return literal.elementsEqual(name.bytes) }
-            return fnmatch(cPattern, name.cString, FNM_PERIOD) == 0
+            return patternMatches(cPattern, name.cString, pathname: false)
         }
     }
 
@@ -185,7 +181,7 @@ public struct PathFilter: Sendable {
         if !exclude { exclude = nameExcludes.contains { $0.matches(name) } }
         if !wholePath.isEmpty {
             let full = path().map { CChar(bitPattern: $0) } + [0]
-            for w in wholePath where fnmatch(w.cPattern, full, FNM_PATHNAME | FNM_PERIOD) == 0 {
+            for w in wholePath where patternMatches(w.cPattern, full, pathname: true) {
                 if w.isInclude { include = true } else { exclude = true }
             }
         }

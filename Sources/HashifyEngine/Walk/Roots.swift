@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Bad input: the run stops before changing anything (exit status 2).
 public struct InputError: Error, CustomStringConvertible {
     public var description: String
@@ -13,13 +9,7 @@ public struct InputError: Error, CustomStringConvertible {
 
 /// Opens and checks the operator's guest roots and store location.
 public enum RootValidation {
-    static func canonical(_ p: FilePath) -> FilePath? {
-        p.withPlatformString { s -> FilePath? in
-            guard let r = realpath(s, nil) else { return nil }
-            defer { free(r) }
-            return FilePath(platformString: r)
-        }
-    }
+    static func canonical(_ p: FilePath) -> FilePath? { resolvedPath(p) }
 
     static func isInside(_ inner: FilePath, _ outer: FilePath) -> Bool {
         inner != outer && inner.starts(with: outer)

@@ -1,10 +1,6 @@
 import HashifySystem
 import SystemPackage
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Per-guest counts from the walk.
 public struct GuestCounts: Sendable, Codable {
     public var directories = 0
@@ -113,7 +109,7 @@ public struct Walker {
                         result.skips.append(
                             Skip(
                                 guest: g, path: p.path,
-                                reason: e == ELOOP || e == ENOTDIR
+                                reason: e == .tooManySymbolicLinkLevels || e == .notDirectory
                                     ? .changedDuringRun : .failed(OperationError(.openDirectory, error))))
                         continue
                     }
@@ -138,7 +134,7 @@ public struct Walker {
                     try dir.forEachEntry { cName, type, _ in
                         seen += 1
                         if seen & 4095 == 0 { onProgress?(seen) }
-                        let name = PathFilter.Name(cString: cName, count: strlen(cName))
+                        let name = PathFilter.Name(cString: cName, count: nameLength(cName))
                         if name.bytes.starts(with: Self.temporaryPrefix) {
                             result.temporaries.append(
                                 TemporaryName(directory: dirID, name: FileName(bytes: name.bytes)))
