@@ -196,6 +196,31 @@ public final class Directory: @unchecked Sendable {
     }
 
     /// Flushes the whole filesystem this directory is on (`syncfs(2)`).
+    /// Replaces `name` with a file of what `write` writes, in one step, with
+    /// the same durability for every file hashify replaces: it is written
+    /// under a temporary name (`.NAME.new`), fsync'ed, renamed over `name`,
+    /// and the directory fsync'ed; after a crash at any instant `name` holds
+    /// the old content or the new one, whole. A failed write leaves `name` as it was.
+    public func writeAtomically(_ name: FileName, mode: UInt32 = 0o600, _ write: (OpenFile) throws -> Void) throws {
+        let temp = FileName(Array(".".utf8) + name.bytes + Array(".new".utf8))
+        try? unlink(temp)
+        let f = try createFile(temp, mode: mode)
+        do {
+            try write(f)
+            try f.sync()
+            try rename(temp, to: self, as: name)
+        } catch {
+            try? unlink(temp)
+            throw error
+        }
+        try sync()
+    }
+
+    /// Replaces `name` with `bytes` in one step (see `writeAtomically(_:mode:_:)`).
+    public func writeAtomically(_ bytes: [UInt8], as name: FileName, mode: UInt32 = 0o600) throws {
+        try writeAtomically(name, mode: mode) { try $0.write(bytes) }
+    }
+
     /// Makes this directory's entries durable. The corresponding C function is `fsync()`.
     public func sync() throws { _ = try retrying { fsync(self.fd) } }
 

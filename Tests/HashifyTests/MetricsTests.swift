@@ -56,7 +56,7 @@ struct MetricsTests {
         let success = m["hashify_last_success_timestamp_seconds"] ?? 0
         #expect(abs(success - Date().timeIntervalSince1970) < 60)
         #expect(
-            !FileManager.default.fileExists(atPath: s.sub(".hashify.prom.hashify-new")),
+            !FileManager.default.fileExists(atPath: s.sub(".hashify.prom.new")),
             "written atomically, no temporary left")
         // A second run keeps the file whole and up to date.
         #expect(hashify(["unify", "-q", "--metrics", file, a, b]).status == 0)

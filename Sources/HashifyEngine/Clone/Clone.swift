@@ -114,7 +114,7 @@ public enum Clone {
             throw error
         }
         if let lxc {
-            try OverlayGuest.writeAtomically(lxc.config, as: FileName("config"), in: parent)
+            try parent.writeAtomically(lxc.config, as: FileName("config"))
             report.lxcConfig = lxc.path.string
         }
         report.seconds = started.secondsElapsed

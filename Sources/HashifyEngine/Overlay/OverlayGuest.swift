@@ -90,7 +90,7 @@ final class OverlayGuest {
             id: id, rootPath: canonicalRoot, directory: dir,
             path: storePath.appending("overlay").appending(id))
         if create, (try? dir.stat(FileName("root"))) == nil {
-            try writeAtomically(Array(canonicalRoot.string.utf8), as: FileName("root"), in: dir)
+            try dir.writeAtomically(Array(canonicalRoot.string.utf8), as: FileName("root"))
         }
         return guest
     }
@@ -181,17 +181,7 @@ final class OverlayGuest {
             return
         }
         let text = "phase \(state.phase.rawValue)\ngeneration \(state.generation)\nroot-inode \(state.rootInode)\n"
-        try Self.writeAtomically(Array(text.utf8), as: FileName("state"), in: directory)
-    }
-
-    static func writeAtomically(_ bytes: [UInt8], as name: FileName, in dir: Directory) throws {
-        let temp = FileName(name.bytes + Array(".new".utf8))
-        try? dir.unlink(temp)
-        let f = try dir.createFile(temp, mode: 0o600)
-        try f.write(bytes)
-        try f.sync()
-        try dir.rename(temp, to: dir, as: name)
-        try? dir.sync()
+        try directory.writeAtomically(Array(text.utf8), as: FileName("state"))
     }
 
     // MARK: generations

@@ -91,11 +91,6 @@ public enum MetricsFile {
         }
         let name = FileName(last.string)
         let body = text(r, finishedAt: .wallClockNow(), lastSuccess: previousSuccess(in: dir, name))
-        let temp = FileName(Array(".".utf8) + name.bytes + Array(".hashify-new".utf8))
-        try? dir.unlink(temp)
-        let f = try dir.createFile(temp, mode: 0o644)
-        try f.write(Array(body.utf8))
-        try f.sync()
-        try dir.rename(temp, to: dir, as: name)
+        try dir.writeAtomically(Array(body.utf8), as: name, mode: 0o644)
     }
 }

@@ -107,38 +107,35 @@ public enum ContentIndex {
         return read(from: store, { _ in n += 1 }) == nil ? n : 0
     }
 
-    /// Writes STORE/index atomically (temporary name, fsync, rename):
+    /// Writes STORE/index atomically (`Directory.writeAtomically`):
     /// `count` records, produced by `records` calling its argument.
     public static func write(to store: Store, count: Int, records: ((Record) -> Void) throws -> Void) throws {
-        let temp = FileName("index.new")
-        try? store.directory.unlink(temp)
-        let f = try store.directory.createFile(temp, mode: 0o600)
-        var sha = SHA256()
-        var out: [UInt8] = []
-        out.reserveCapacity(recordSize * 8192 + 64)
-        func flush() throws {
-            sha.update(data: out)
-            try f.write(out)
-            out.removeAll(keepingCapacity: true)
-        }
-        out += magic
-        withUnsafeBytes(of: UInt64(count).littleEndian) { out.append(contentsOf: $0) }
-        var written = 0
-        var failure: (any Error)?
-        try records { r in
-            if failure != nil { return }
-            encode(r, into: &out)
-            written += 1
-            if out.count >= recordSize * 8192 {
-                do { try flush() } catch { failure = error }
+        try store.directory.writeAtomically(name) { f in
+            var sha = SHA256()
+            var out: [UInt8] = []
+            out.reserveCapacity(recordSize * 8192 + 64)
+            func flush() throws {
+                sha.update(data: out)
+                try f.write(out)
+                out.removeAll(keepingCapacity: true)
             }
+            out += magic
+            withUnsafeBytes(of: UInt64(count).littleEndian) { out.append(contentsOf: $0) }
+            var written = 0
+            var failure: (any Error)?
+            try records { r in
+                if failure != nil { return }
+                encode(r, into: &out)
+                written += 1
+                if out.count >= recordSize * 8192 {
+                    do { try flush() } catch { failure = error }
+                }
+            }
+            if let failure { throw failure }
+            precondition(written == count, "index record count changed while writing")
+            try flush()
+            try f.write(Array(sha.finalize()))
         }
-        if let failure { throw failure }
-        precondition(written == count, "index record count changed while writing")
-        try flush()
-        try f.write(Array(sha.finalize()))
-        try f.sync()
-        try store.directory.rename(temp, to: store.directory, as: name)
     }
 
     /// Rewrites the index without the records of `dropped` inodes (a damaged

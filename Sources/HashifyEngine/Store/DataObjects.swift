@@ -166,13 +166,8 @@ public final class DataObjects: @unchecked Sendable {
         }
         var text: [UInt8] = []
         for (d, r) in redirects { text += Array(d.hex.utf8) + [0x20] + r + [0x0a] }
-        let temp = FileName("data-index.new")
-        try? store.directory.unlink(temp)
-        let f = try store.directory.createFile(temp, mode: 0o600)
-        try f.write(text)
-        try f.sync()
         index = nil
-        try store.directory.rename(temp, to: store.directory, as: Self.indexName)
+        try store.directory.writeAtomically(text, as: Self.indexName)
     }
 
     /// Flushes the index and the objects to disk (before a generation that uses them is switched to).

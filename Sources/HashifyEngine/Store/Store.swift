@@ -156,11 +156,7 @@ public final class Store: @unchecked Sendable {
 
     /// Replaces the store file `name` with `data` in one step (best effort: these files are hints).
     private func replaceFile(_ name: String, with data: [UInt8]) {
-        let temp = FileName(name + ".new")
-        try? directory.unlink(temp)
-        guard let f = try? directory.createFile(temp, mode: 0o600) else { return }
-        try? f.write(data)
-        try? directory.rename(temp, to: directory, as: FileName(name))
+        try? directory.writeAtomically(data, as: FileName(name))
     }
 
     /// Guest roots earlier runs were given (canonical paths). What is not an
