@@ -47,9 +47,7 @@ public enum Clone {
     public static func run(_ options: CloneOptions) throws -> CloneReport {
         let started = MonotonicInstant.now()
         _ = prepareProcessForUnification()
-        guard let source = RootValidation.canonical(options.source), (try? Directory.open(path: source)) != nil else {
-            throw InputError("\(options.source): no such guest root")
-        }
+        let source = try RootValidation.checkedRoots([options.source])[0].canonical
         guard let name = options.destination.lastComponent, name.kind == .regular else {
             throw InputError("\(options.destination): not a directory name")
         }

@@ -253,13 +253,9 @@ public enum MemoryScanner {
     /// The guest roots, checked, with what `mem` needs of the overlay guests among them.
     static func loadGuests(_ rootPaths: [FilePath], store: Store?) throws -> [GuestRoot] {
         var guests: [GuestRoot] = []
-        for r in rootPaths {
-            guard let c = RootValidation.canonical(r), let dir = try? Directory.open(path: c), let st = try? dir.stat()
-            else {
-                throw InputError("\(r): no such guest root directory")
-            }
-            if guests.contains(where: { $0.canonical == c }) { continue }
-            var g = GuestRoot(label: r.string, canonical: c, stat: st)
+        for checked in try RootValidation.checkedRoots(rootPaths, allowingRepeats: true) {
+            let (c, dir, st) = (checked.canonical, checked.directory, checked.stat)
+            var g = GuestRoot(label: checked.given.string, canonical: c, stat: st)
             if let store, let record = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),
                 let state = try? record.readState(), let gen = try? record.generation(state.generation),
                 OverlayMount.isMounted(gen, at: dir)

@@ -114,17 +114,8 @@ public enum Overlay {
     static func session(_ options: OverlayOptions, createRecords: Bool) throws -> Session {
         _ = prepareProcessForUnification()
         if options.roots.isEmpty { throw InputError("give at least one guest root") }
-        var seen: [FilePath] = []
-        var guests: [(FilePath, FilePath, OverlayGuest?)] = []
-        for r in options.roots {
-            guard let c = RootValidation.canonical(r) else { throw InputError("\(r): no such directory") }
-            guard (try? Directory.open(path: c)) != nil else { throw InputError("\(r): not a directory") }
-            if seen.contains(c) { throw InputError("\(r): given twice") }
-            for o in seen where RootValidation.isInside(c, o) || RootValidation.isInside(o, c) {
-                throw InputError("\(r): nested with \(o) (roots must not contain each other)")
-            }
-            seen.append(c)
-            guests.append((r, c, nil))
+        var guests: [(FilePath, FilePath, OverlayGuest?)] = try RootValidation.checkedRoots(options.roots).map {
+            ($0.given, $0.canonical, nil)
         }
         let storePath = options.store ?? RootValidation.defaultStorePath(for: options.roots)
         for (r, c, _) in guests {

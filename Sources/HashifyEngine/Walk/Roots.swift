@@ -15,12 +15,19 @@ public enum RootValidation {
         inner != outer && inner.starts(with: outer)
     }
 
-    /// Opens each root; rejects a missing root, a non-directory, a root
-    /// given twice, nested roots and roots on different filesystems.
-    public static func openRoots(_ paths: [FilePath]) throws -> [GuestRoot] {
-        if paths.isEmpty { throw InputError("no guest root given") }
-        var roots: [GuestRoot] = []
-        var canonicals: [FilePath] = []
+    /// A guest root the operator named, checked: its canonical path and the directory, open.
+    struct CheckedRoot {
+        var given: FilePath
+        var canonical: FilePath
+        var directory: Directory
+        var stat: FileStat
+    }
+
+    /// The one check of guest roots every command makes: each must resolve to
+    /// a directory, none may be given twice (unless `allowingRepeats`: then a
+    /// repeat is dropped) and none may contain another.
+    static func checkedRoots(_ paths: [FilePath], allowingRepeats: Bool = false) throws -> [CheckedRoot] {
+        var roots: [CheckedRoot] = []
         for p in paths {
             let dir: Directory
             do {
@@ -33,23 +40,28 @@ public enum RootValidation {
                 throw InputError("\(p): cannot open: \(error)")
             }
             let st = try dir.stat()
-            if let first = roots.first, first.stat.device != st.device {
-                throw InputError(
-                    "\(p): on another filesystem than \(first.path) (all guests and the store must share one)")
-            }
-            if let other = roots.first(where: { $0.stat.inode == st.inode && $0.stat.device == st.device }) {
-                throw InputError("\(p): the same directory as \(other.path), given twice")
-            }
             guard let c = canonical(p) else { throw InputError("\(p): cannot resolve path") }
-            for (i, o) in canonicals.enumerated() {
-                if isInside(c, o) || isInside(o, c) {
-                    throw InputError("\(p): nested with \(roots[i].path) (roots must not contain each other)")
-                }
+            if let other = roots.first(where: { $0.stat.inode == st.inode && $0.stat.device == st.device }) {
+                if allowingRepeats { continue }
+                throw InputError("\(p): the same directory as \(other.given), given twice")
             }
-            canonicals.append(c)
-            roots.append(GuestRoot(path: p, directory: dir, stat: st))
+            if let other = roots.first(where: { isInside(c, $0.canonical) || isInside($0.canonical, c) }) {
+                throw InputError("\(p): nested with \(other.given) (roots must not contain each other)")
+            }
+            roots.append(CheckedRoot(given: p, canonical: c, directory: dir, stat: st))
         }
         return roots
+    }
+
+    /// Opens each root for hardlink mode: `checkedRoots`, and all on one filesystem.
+    public static func openRoots(_ paths: [FilePath]) throws -> [GuestRoot] {
+        if paths.isEmpty { throw InputError("no guest root given") }
+        let checked = try checkedRoots(paths)
+        for r in checked.dropFirst() where r.stat.device != checked[0].stat.device {
+            throw InputError(
+                "\(r.given): on another filesystem than \(checked[0].given) (all guests and the store must share one)")
+        }
+        return checked.map { GuestRoot(path: $0.given, directory: $0.directory, stat: $0.stat) }
     }
 
     /// The default store of guests, the same for every command: the nearest
