@@ -224,6 +224,88 @@ final class HardlinkLinker: LinkStrategy {
         }
     }
 
+    /// What replacing one name did.
+    enum Replacement {
+        /// The name links the object now; `out` is what came out, `victimFile` the victim, open and leased.
+        case linked(out: FileStat, victimFile: OpenFile)
+        /// The object was full (the filesystem's link limit): the victim became the group's next object.
+        case promoted
+    }
+
+    /// Replaces name `nameIndex` of `victim` by a link to group `g`'s object:
+    /// the victim opened and leased, the object found or published, linked
+    /// under a temporary name beside the victim and exchanged with it.
+    /// `step` says what was under way when an error is thrown.
+    func replace(
+        _ nameIndex: Int32, victim: Int32, group g: Int, _ group: Planner.Group, step: inout Operation,
+        failedGroups: inout Set<Int>
+    ) throws -> Replacement {
+        let dir = try directories.enter(inventory.names[Int(nameIndex)].directory)
+        step = .open
+        let name = inventory.fileName(nameIndex)
+        let victimFile = try openLeased(dir, name, inode: victim)  // closing it drops the lease
+        let object: Object
+        let objectFile: OpenFile
+        do {
+            (object, objectFile) = try self.object(for: g, group)
+        } catch {
+            failedGroups.insert(g)
+            let keeperName = inventory.inodes[Int(group.keeper)].firstName
+            skip(keeperName, Self.reason(for: error, operation: .linkIntoStore))
+            throw error
+        }
+        let temp = temporaries.next(.link)
+        let victimInode = inventory.inodes[Int(victim)].inode
+        let replaced: FileStat?
+        step = .linkTemporary
+        do {
+            replaced = try directories.change {
+                try objectFile.link(into: dir, as: temp)
+                return try exchange(
+                    temp, with: name, in: dir, expectedInode: victimInode,
+                    tempInode: inventory.inodes[Int(object.inode)].inode,
+                    journal: journal, lease: victimFile)
+            }
+        } catch Errno.tooManyLinks {
+            // The object is full: this victim becomes the next object of the group.
+            let generation = try publish(victimFile, group: group, fromGeneration: object.generation + 1)
+            changeTime[victim] = try victimFile.stat().changeTime
+            objectOf[g] = Object(inode: victim, generation: generation)
+            outcome.objectsCreated += 1
+            return .promoted
+        }
+        guard let out = replaced else {
+            journal.keep(temp)
+            skip(nameIndex, .unknownTemporary)
+            throw Mismatch()
+        }
+        return .linked(out: out, victimFile: victimFile)
+    }
+
+    /// Counts a replaced name; when it was the victim's last, the victim is
+    /// freed (it was held open under lease until now) and closed in the background.
+    func count(_ out: FileStat, victimFile: OpenFile, nameIndex: Int32, victim: Int32, group: Planner.Group) throws {
+        outcome.pathsLinked += 1
+        outcome.perGuestPaths[Int(inventory.guest(ofName: nameIndex)), default: 0] += 1
+        if inventory.inodes[Int(victim)].modificationTime != group.identity.modificationTime {
+            outcome.pathsWithOtherModificationTime += 1
+        }
+        if out.linkCount > 1 {
+            // Names of it are left (later in this run): its state now is what they expect.
+            changeTime[victim] = try victimFile.stat().changeTime
+            return
+        }
+        let owner = Int(inventory.guest(ofInode: victim))
+        outcome.inodesFreed += 1
+        outcome.bytesSaved += out.allocatedBytes
+        outcome.perGuestInodes[owner, default: 0] += 1
+        outcome.perGuestBytes[owner, default: 0] += out.allocatedBytes
+        outcome.freed[Int(victim)] = true
+        contents.forget(victim)
+        changeTime[victim] = nil
+        closer.close(victimFile)
+    }
+
     /// Every name of every victim, one directory at a time (`forEachNameInLinkingOrder`).
     func run(_ groups: [Planner.Group]) -> LinkOutcome {
         // By inode: the group it is a victim of, or one of the states below.
@@ -259,7 +341,6 @@ final class HardlinkLinker: LinkStrategy {
             }
             let g = Int(state)
             let group = groups[g]
-            let dirID = inventory.names[Int(nameIndex)].directory
             if failedGroups.contains(g) {
                 skip(nameIndex, .changedDuringRun)
                 return
@@ -267,66 +348,12 @@ final class HardlinkLinker: LinkStrategy {
             // The step under way, for the report of an error that does not name its own.
             var step = Operation.openDirectory
             do {
-                let dir = try directories.enter(dirID)
-                step = .open
-                let name = inventory.fileName(nameIndex)
-                let victimFile = try openLeased(dir, name, inode: victim)  // closing it drops the lease
-                let object: Object
-                let objectFile: OpenFile
-                do {
-                    (object, objectFile) = try self.object(for: g, group)
-                } catch {
-                    failedGroups.insert(g)
-                    let keeperName = inventory.inodes[Int(group.keeper)].firstName
-                    skip(keeperName, Self.reason(for: error, operation: .linkIntoStore))
-                    throw error
-                }
-                let temp = temporaries.next(.link)
-                let victimInode = inventory.inodes[Int(victim)].inode
-                let replaced: FileStat?
-                step = .linkTemporary
-                do {
-                    replaced = try directories.change {
-                        try objectFile.link(into: dir, as: temp)
-                        return try exchange(
-                            temp, with: name, in: dir, expectedInode: victimInode,
-                            tempInode: inventory.inodes[Int(object.inode)].inode,
-                            journal: journal, lease: victimFile)
-                    }
-                } catch Errno.tooManyLinks {
-                    // The object is full: this victim becomes the next object of the group.
-                    let generation = try publish(victimFile, group: group, fromGeneration: object.generation + 1)
-                    changeTime[victim] = try victimFile.stat().changeTime
-                    objectOf[g] = Object(inode: victim, generation: generation)
+                switch try replace(nameIndex, victim: victim, group: g, group, step: &step, failedGroups: &failedGroups)
+                {
+                case .promoted:
                     victimGroup[Int(victim)] = promoted
-                    outcome.objectsCreated += 1
-                    return
-                }
-                guard let out = replaced else {
-                    journal.keep(temp)
-                    skip(nameIndex, .unknownTemporary)
-                    throw Mismatch()
-                }
-                outcome.pathsLinked += 1
-                let guest = Int(inventory.guest(ofName: nameIndex))
-                outcome.perGuestPaths[guest, default: 0] += 1
-                if inventory.inodes[Int(victim)].modificationTime != group.identity.modificationTime {
-                    outcome.pathsWithOtherModificationTime += 1
-                }
-                if out.linkCount > 1 {
-                    // Names of it are left (later in this run): its state now is what they expect.
-                    changeTime[victim] = try victimFile.stat().changeTime
-                } else {
-                    // That was its last name (it was held open under lease until now).
-                    let owner = Int(inventory.guest(ofInode: victim))
-                    outcome.inodesFreed += 1
-                    outcome.bytesSaved += out.allocatedBytes
-                    outcome.perGuestInodes[owner, default: 0] += 1
-                    outcome.perGuestBytes[owner, default: 0] += out.allocatedBytes
-                    outcome.freed[Int(victim)] = true
-                    contents.forget(victim)
-                    changeTime[victim] = nil
-                    closer.close(victimFile)
+                case .linked(let out, let victimFile):
+                    try count(out, victimFile: victimFile, nameIndex: nameIndex, victim: victim, group: group)
                 }
             } catch {
                 if !failedGroups.contains(g) || !(error is Mismatch) {
