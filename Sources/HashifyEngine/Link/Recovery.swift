@@ -35,21 +35,18 @@ enum Recovery {
         case keep
     }
 
-    /// Returns the number of temporary names removed.
-    static func clean(walk: inout Walker.Result, roots: [GuestRoot], store: Store, skips: inout [Skip]) -> Int {
-        let unfinished = Set(store.unfinishedRuns())
-        if unfinished.isEmpty { return 0 }
-        let objects = (try? store.listObjects()) ?? []
-        let inventory = walk.inventory
-        let opener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
-        let objectInodes = Set(objects.map { InodeKey(device: $0.stat.device, inode: $0.stat.inode) })
-        let objectIdentities = Set(objects.map { $0.digest.hex + "-" + $0.metadataKey })
-        var removed = 0
-        var keptFor = Set<String>()
-        var journals: [String: RunJournal.Contents] = [:]
-        for id in unfinished { journals[id] = RunJournal.contents(store: store, runID: id) }
+    /// Tells what a temporary name holds, from the journal and the store's objects.
+    final class Judge {
+        let objectInodes: Set<InodeKey>
+        let objectIdentities: Set<String>
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
-        defer { buffer.deallocate() }
+
+        init(objects: [Store.Object]) {
+            objectInodes = Set(objects.map { InodeKey(device: $0.stat.device, inode: $0.stat.inode) })
+            objectIdentities = Set(objects.map { $0.digest.hex + "-" + $0.metadataKey })
+        }
+
+        deinit { buffer.deallocate() }
 
         /// Content and identity of a file in `dir`, as a store object would be keyed.
         func identityKey(_ dir: Directory, _ name: FileName) throws -> String {
@@ -58,6 +55,7 @@ enum Recovery {
             return digest.hex + "-" + identity.key
         }
 
+        /// What to do with temporary name `t` of kind `kind` (see `Recovery`).
         func decide(_ t: FileName, kind: UInt8, in dir: Directory, journal: RunJournal.Contents) throws -> Decision {
             if journal.kept.contains(t.bytes) { return .keep }
             let st = try dir.stat(t)
@@ -85,6 +83,20 @@ enum Recovery {
             if kind == TemporaryNames.Kind.copy.rawValue, journal.created[t.bytes] == st.inode { return .remove }
             return .keep
         }
+    }
+
+    /// Returns the number of temporary names removed.
+    static func clean(walk: inout Walker.Result, roots: [GuestRoot], store: Store, skips: inout [Skip]) -> Int {
+        let unfinished = Set(store.unfinishedRuns())
+        if unfinished.isEmpty { return 0 }
+        let objects = (try? store.listObjects()) ?? []
+        let inventory = walk.inventory
+        let opener = DirectoryOpener(inventory: inventory, roots: roots.map(\.directory))
+        let judge = Judge(objects: objects)
+        var removed = 0
+        var keptFor = Set<String>()
+        var journals: [String: RunJournal.Contents] = [:]
+        for id in unfinished { journals[id] = RunJournal.contents(store: store, runID: id) }
 
         for t in walk.temporaries {
             guard let (id, kind) = parse(t.name), unfinished.contains(id), let journal = journals[id] else { continue }
@@ -92,7 +104,7 @@ enum Recovery {
             let guest = Int(inventory.directories[Int(t.directory)].guest)
             do {
                 let dir = try opener.open(t.directory)
-                switch try decide(t.name, kind: kind, in: dir, journal: journal) {
+                switch try judge.decide(t.name, kind: kind, in: dir, journal: journal) {
                 case .remove:
                     try dir.unlink(t.name)
                     removed += 1
