@@ -180,6 +180,30 @@ struct StoreTests {
         #expect(jsonReport(hashify(["gc", "--json"] + roots).out)["objectsRemoved"] as? Int == 0)
     }
 
+    @Test("split keeps a guest's hard links: its names get one private copy together, by --root and by PATH")
+    func splitKeepsGuestHardLinks() throws {
+        let s = Scratch("split")
+        let roots = guests(s)
+        for r in roots { link("\(r)/usr/lib/lib4.so", "\(r)/usr/lib/lib4-again.so") }
+        settle()
+        #expect(hashify(["unify", "-q"] + roots).status == 0)
+        let before = manifest(roots, links: true)
+        // By --root: every unified file of the guest, each inode's names one copy.
+        var r = hashify(["split", "-q", "--root", roots[0]])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(inode("\(roots[0])/usr/lib/lib4.so") == inode("\(roots[0])/usr/lib/lib4-again.so"))
+        #expect(linkCount("\(roots[0])/usr/lib/lib4.so") == 2, "a private inode with the guest's two names")
+        // By PATH: the named path's other names in the guest come along.
+        r = hashify(["split", "-q", "\(roots[1])/usr/lib/lib4-again.so"])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(inode("\(roots[1])/usr/lib/lib4.so") == inode("\(roots[1])/usr/lib/lib4-again.so"))
+        #expect(linkCount("\(roots[1])/usr/lib/lib4.so") == 2)
+        #expect(inode("\(roots[1])/usr/lib/lib4.so") != inode("\(roots[2])/usr/lib/lib4.so"))
+        let after = manifest(roots, links: true)
+        #expect(after == before, "split changed what guests see:\n\(manifestDiff(before, after))")
+        #expect(run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.isEmpty)
+    }
+
     @Test("split gives private copies with identical manifests")
     func split() throws {
         let s = Scratch("split")

@@ -79,7 +79,9 @@ enum Recovery {
                 return .keep
             }
             // Never exchanged (the journal notes each exchange before it is made).
-            if kind == TemporaryNames.Kind.link.rawValue { return isObject ? .remove : .keep }
+            if kind == TemporaryNames.Kind.link.rawValue {
+                return isObject || journal.created[t.bytes] == st.inode ? .remove : .keep
+            }
             if kind == TemporaryNames.Kind.copy.rawValue, journal.created[t.bytes] == st.inode { return .remove }
             return .keep
         }

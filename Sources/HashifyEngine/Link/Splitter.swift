@@ -11,6 +11,18 @@ final class Splitter {
     var temporaries: TemporaryNames
     var split = 0
     var skips: [Skip] = []
+    /// An inode in one guest.
+    struct InodeInGuest: Hashable {
+        var inode: Int32
+        var guest: UInt16
+    }
+
+    /// By inode and guest, while more of its names in that guest are to come:
+    /// the private copy its first name got, which its other names in the
+    /// guest then link (guest-local hard links stay one inode; each guest gets
+    /// its own copy), the state of the original after the last exchange, and
+    /// how many names are left.
+    var copies: [InodeInGuest: (file: OpenFile, inode: UInt64, original: FileStat, left: Int)] = [:]
 
     init(inventory: Inventory, roots: [GuestRoot], journal: RunJournal) {
         self.inventory = inventory
@@ -26,10 +38,23 @@ final class Splitter {
             return da != db ? da < db : a < b
         }
         for n in sorted {
-            let inode = inventory.inodes[Int(inventory.names[Int(n)].inodeIndex)].inode
+            let index = inventory.names[Int(n)].inodeIndex
+            let inode = inventory.inodes[Int(index)].inode
+            let key = InodeInGuest(inode: index, guest: inventory.guest(ofName: n))
             do {
                 let dir = try directories.enter(inventory.names[Int(n)].directory)
-                try splitOne(dir, inventory.fileName(n), expectedInode: inode)
+                if let copy = copies[key] {
+                    copies[key] = copy.left > 1 ? copy : nil
+                    let original = try linkToCopy(dir, inventory.fileName(n), expectedInode: inode, copy: copy)
+                    if copy.left > 1 {
+                        copies[key]!.original = original
+                        copies[key]!.left -= 1
+                    }
+                } else {
+                    let copy = try splitOne(dir, inventory.fileName(n), expectedInode: inode)
+                    let names = inventory.names(of: index).filter { inventory.guest(ofName: $0) == key.guest }.count
+                    if names > 1 { copies[key] = (copy.file, copy.inode, copy.original, names - 1) }
+                }
                 split += 1
             } catch {
                 let reason: SkipReason
@@ -51,7 +76,10 @@ final class Splitter {
         directories.finish()
     }
 
-    func splitOne(_ dir: Directory, _ name: FileName, expectedInode: UInt64) throws {
+    /// Gives `name` a private copy of its inode; returns the copy (open), its inode and the original's state.
+    func splitOne(_ dir: Directory, _ name: FileName, expectedInode: UInt64) throws -> (
+        file: OpenFile, inode: UInt64, original: FileStat
+    ) {
         let source = try dir.openFileForReading(name)
         try source.takeReadLease()
         defer { source.releaseLease() }
@@ -83,6 +111,35 @@ final class Splitter {
             directories.journal.keep(temp)
             throw LeftTemporary()
         }
+        // The original as it is now (our own exchange moved its ctime), still under lease.
+        return (copy, copyInode, try source.stat())
+    }
+
+    /// Makes another name of an inode already split in this guest a name of
+    /// its copy (one atomic exchange, under a lease on the original, which must
+    /// be as it was when copied): guest-local hard links stay hard links.
+    func linkToCopy(
+        _ dir: Directory, _ name: FileName, expectedInode: UInt64,
+        copy: (file: OpenFile, inode: UInt64, original: FileStat, left: Int)
+    ) throws -> FileStat {
+        let source = try dir.openFileForReading(name)
+        try source.takeReadLease()
+        defer { source.releaseLease() }
+        let st = try source.stat()
+        guard st.inode == expectedInode, st.sameContentState(as: copy.original) else { throw HardlinkLinker.Mismatch() }
+        let temp = temporaries.next(.link)
+        directories.journal.created(temp, inode: copy.inode)
+        let replaced = try directories.change {
+            try copy.file.link(into: dir, as: temp)
+            return try exchange(
+                temp, with: name, in: dir, expectedInode: st.inode, tempInode: copy.inode,
+                journal: directories.journal, lease: source)
+        }
+        guard replaced != nil else {
+            directories.journal.keep(temp)
+            throw LeftTemporary()
+        }
+        return try source.stat()
     }
 }
 

@@ -413,17 +413,22 @@ public enum SplitCommand {
         for (i, root) in roots.enumerated() {
             let patterns = byRoot[order[i]] ?? []
             let filter = PathFilter(excludes: patterns.isEmpty ? [] : [Array("/*".utf8)], includes: patterns)
-            let walk = walkAll([root], store: store, filter: filter)
+            let selected = walkAll([root], store: store, filter: filter)
+            if !paths.isEmpty && selected.inventory.names.count < patterns.count {
+                throw InputError("\(order[i]): some of the given paths are not regular files in this guest")
+            }
+            // Every name of a selected inode in the guest is split with it (one
+            // copy for all: guest-local hard links stay hard links), so a
+            // selection by pattern walks the whole guest to find them.
+            let walk = patterns.isEmpty ? selected : walkAll([root], store: store)
+            let chosen = Set(selected.inventory.inodes.map(\.inode))
             names = []
-            for (i, e) in walk.inventory.inodes.enumerated() {
+            for (i, e) in walk.inventory.inodes.enumerated() where chosen.contains(e.inode) {
                 if e.isStoreObject {
                     names += walk.inventory.names(of: Int32(i))
                 } else {
                     report.notUnified += Int(e.nameCount)
                 }
-            }
-            if !paths.isEmpty && walk.inventory.names.count < patterns.count {
-                throw InputError("\(order[i]): some of the given paths are not regular files in this guest")
             }
             inventories.append((walk, names))
         }
