@@ -67,6 +67,16 @@ final class SlowedRun {
 
 }
 
+/// Runs hashify with `syscall` failing as strace's `inject=SYSCALL:FAULT` says.
+func hashifyFailing(_ syscall: String, _ fault: String, _ args: [String]) -> (status: Int32, out: String, err: String) {
+    run(
+        [
+            "/usr/bin/strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=\(syscall)", "-e",
+            "inject=\(syscall):\(fault)",
+            hashifyBinary,
+        ] + args)
+}
+
 /// Waits until `path` is the inode `ino` (up to 20 s).
 func waitForInode(_ path: String, _ ino: UInt64) -> Bool {
     for _ in 0..<2000 {
@@ -94,7 +104,9 @@ func waitForModificationTime(_ path: String, of other: String) -> Bool {
 
 func readText(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "<unreadable>" }
 
-@Suite("the window of an exchange: guests that act while hashify replaces a path", .serialized)
+@Suite(
+    "the window of an exchange: guests that act while hashify replaces a path", .serialized,
+    .enabled(if: isRoot && SlowedRun.available, "needs root and strace (apt-get install strace)"))
 struct ExchangeWindowTests {
     /// Two guests holding one identical file; returns (roots, store, relative path).
     func twoGuests(_ s: Scratch) -> ([String], String) {
@@ -136,10 +148,6 @@ struct ExchangeWindowTests {
 
     @Test("unify killed inside an exchange a guest raced: the guest's file is put back at its name")
     func linkKilledInWindow() throws {
-        guard isRoot, SlowedRun.available else {
-            print("skipped: needs root and strace")
-            return
-        }
         let s = Scratch("xwin")
         let (roots, _) = twoGuests(s)
         try renameInWindowThenKill(s, command: ["unify", "-q"] + roots, roots: roots)
@@ -147,10 +155,6 @@ struct ExchangeWindowTests {
 
     @Test("split killed inside an exchange a guest raced: the guest's file is put back, never deleted")
     func splitKilledInWindow() throws {
-        guard isRoot, SlowedRun.available else {
-            print("skipped: needs root and strace")
-            return
-        }
         let s = Scratch("xwin")
         let (roots, store) = twoGuests(s)
         #expect(hashify(["unify", "-q"] + roots).status == 0)
@@ -162,10 +166,6 @@ struct ExchangeWindowTests {
 
     @Test("a writer that opens the file while its exchange is under way loses nothing")
     func writerHeldOffByLease() throws {
-        guard isRoot, SlowedRun.available else {
-            print("skipped: needs root and strace")
-            return
-        }
         let s = Scratch("xwin")
         let (roots, _) = twoGuests(s)
         let original = readText("\(roots[0])/usr/lib/a.so")
@@ -197,10 +197,6 @@ struct ExchangeWindowTests {
 
     @Test("a guest's own change to a directory while hashify works in it keeps its mtime (not put back)")
     func guestChangeToDirectoryKept() throws {
-        guard isRoot, SlowedRun.available else {
-            print("skipped: needs root and strace")
-            return
-        }
         let s = Scratch("xwin")
         let roots = [s.sub("guests/g1"), s.sub("guests/g2")]
         for r in roots {
@@ -244,19 +240,10 @@ struct ExchangeWindowTests {
 
     @Test("a system call that fails is reported with its operation, the path and the errno, in the text and in --json")
     func failureNamesOperationAndPath() throws {
-        guard isRoot, SlowedRun.available else {
-            print("skipped: needs root and strace")
-            return
-        }
         let s = Scratch("xwin")
         let (roots, _) = twoGuests(s)
         // Every exchange fails with EIO: the path is left as it was, and the report says where and why.
-        let r = run(
-            [
-                "/usr/bin/strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat2", "-e",
-                "inject=renameat2:error=EIO",
-                hashifyBinary, "unify", "--json",
-            ] + roots)
+        let r = hashifyFailing("renameat2", "error=EIO", ["unify", "--json"] + roots)
         #expect(r.status == 1, "\(r.err)")
         let skipped = jsonReport(r.out)["skipped"] as? [[String: Any]] ?? []
         #expect(skipped.count == 1, "\(skipped)")
@@ -272,10 +259,6 @@ struct ExchangeWindowTests {
 
     @Test("an overlay fold that fails names the guest's path it failed on")
     func foldFailureNamesPath() throws {
-        guard isRoot, SlowedRun.available else {
-            print("skipped: needs root and strace")
-            return
-        }
         let s = Scratch("xwin")
         let store = s.sub("store")
         let g = s.sub("guests/g")
@@ -285,11 +268,7 @@ struct ExchangeWindowTests {
         writeFile("\(g)/usr/share/written-in-the-guest", pseudoRandom(3000, seed: 8))
         #expect(overlay(["umount", g], store: store).status == 0)
         // Giving an entry of the new generation its owner fails: the note says which.
-        let r = run([
-            "/usr/bin/strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fchown", "-e",
-            "inject=fchown:error=EIO:when=2",
-            hashifyBinary, "unify", "--json", "--store", store, g,
-        ])
+        let r = hashifyFailing("fchown", "error=EIO:when=2", ["unify", "--json", "--store", store, g])
         #expect(r.status == 1, "\(r.out) \(r.err)")
         let guests = jsonReport(r.out)["overlayGuests"] as? [[String: Any]] ?? []
         let notes = (guests.first?["notes"] as? [String] ?? []).joined(separator: " ")

@@ -18,19 +18,12 @@ final class DryRunTally: LinkStrategy {
             for v in group.victims {
                 let e = inventory.inodes[Int(v)]
                 for n in inventory.names(of: v) {
-                    outcome.pathsLinked += 1
-                    outcome.perGuestPaths[Int(inventory.guest(ofName: n)), default: 0] += 1
-                    if e.modificationTime != group.identity.modificationTime {
-                        outcome.pathsWithOtherModificationTime += 1
-                    }
+                    outcome.countLinked(
+                        guest: Int(inventory.guest(ofName: n)),
+                        otherModificationTime: e.modificationTime != group.identity.modificationTime)
                 }
                 // Every name of a victim is in the roots (others are never planned): it is freed.
-                let owner = Int(inventory.guest(ofInode: v))
-                outcome.inodesFreed += 1
-                outcome.bytesSaved += e.allocatedBytes
-                outcome.perGuestInodes[owner, default: 0] += 1
-                outcome.perGuestBytes[owner, default: 0] += e.allocatedBytes
-                outcome.freed[Int(v)] = true
+                outcome.countFreed(v, owner: Int(inventory.guest(ofInode: v)), bytes: e.allocatedBytes)
             }
         }
         return outcome

@@ -285,22 +285,15 @@ final class HardlinkLinker: LinkStrategy {
     /// Counts a replaced name; when it was the victim's last, the victim is
     /// freed (it was held open under lease until now) and closed in the background.
     func count(_ out: FileStat, victimFile: OpenFile, nameIndex: Int32, victim: Int32, group: Planner.Group) throws {
-        outcome.pathsLinked += 1
-        outcome.perGuestPaths[Int(inventory.guest(ofName: nameIndex)), default: 0] += 1
-        if inventory.inodes[Int(victim)].modificationTime != group.identity.modificationTime {
-            outcome.pathsWithOtherModificationTime += 1
-        }
+        outcome.countLinked(
+            guest: Int(inventory.guest(ofName: nameIndex)),
+            otherModificationTime: inventory.inodes[Int(victim)].modificationTime != group.identity.modificationTime)
         if out.linkCount > 1 {
             // Names of it are left (later in this run): its state now is what they expect.
             changeTime[victim] = try victimFile.stat().changeTime
             return
         }
-        let owner = Int(inventory.guest(ofInode: victim))
-        outcome.inodesFreed += 1
-        outcome.bytesSaved += out.allocatedBytes
-        outcome.perGuestInodes[owner, default: 0] += 1
-        outcome.perGuestBytes[owner, default: 0] += out.allocatedBytes
-        outcome.freed[Int(victim)] = true
+        outcome.countFreed(victim, owner: Int(inventory.guest(ofInode: victim)), bytes: out.allocatedBytes)
         contents.forget(victim)
         changeTime[victim] = nil
         closer.close(victimFile)

@@ -14,6 +14,22 @@ public struct LinkOutcome: Sendable {
     /// By inode index: true when the inode lost its last name (processes
     /// mapping it should restart).
     public var freed: [Bool] = []
+
+    /// Counts one name linked to its group's object, in guest `guest`.
+    mutating func countLinked(guest: Int, otherModificationTime: Bool) {
+        pathsLinked += 1
+        perGuestPaths[guest, default: 0] += 1
+        if otherModificationTime { pathsWithOtherModificationTime += 1 }
+    }
+
+    /// Counts inode `victim` of guest `owner` freed (its last name is gone) with the bytes it held.
+    mutating func countFreed(_ victim: Int32, owner: Int, bytes: UInt64) {
+        inodesFreed += 1
+        bytesSaved += bytes
+        perGuestInodes[owner, default: 0] += 1
+        perGuestBytes[owner, default: 0] += bytes
+        freed[Int(victim)] = true
+    }
 }
 
 /// How a unify run makes the members of each identity group share one copy.
