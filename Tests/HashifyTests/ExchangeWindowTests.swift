@@ -38,9 +38,10 @@ final class SlowedRun {
     static var available: Bool { FileManager.default.isExecutableFile(atPath: "/usr/bin/strace") }
 
     /// The first temporary name the run makes in one of `dirs` (made before
-    /// its exchange, which is then held back): (directory, name), waiting up to 20 s.
+    /// its exchange, which is then held back): (directory, name), waiting while
+    /// the run lasts (a loaded machine's fsyncs can take seconds), at most 5 minutes.
     func temporaryName(in dirs: [String]) -> (dir: String, temp: String)? {
-        for _ in 0..<2000 {
+        for _ in 0..<30000 where tracer.isRunning {
             for d in dirs {
                 if let t = ((try? FileManager.default.contentsOfDirectory(atPath: d)) ?? []).first(where: {
                     $0.hasPrefix(".hashify~")
@@ -77,9 +78,9 @@ func hashifyFailing(_ syscall: String, _ fault: String, _ args: [String]) -> (st
         ] + args)
 }
 
-/// Waits until `path` is the inode `ino` (up to 20 s).
+/// Waits until `path` is the inode `ino` (up to 2 minutes).
 func waitForInode(_ path: String, _ ino: UInt64) -> Bool {
-    for _ in 0..<2000 {
+    for _ in 0..<12000 {
         var st = stat()
         if lstat(path, &st) == 0, UInt64(st.st_ino) == ino { return true }
         usleep(10_000)
@@ -87,9 +88,9 @@ func waitForInode(_ path: String, _ ino: UInt64) -> Bool {
     return false
 }
 
-/// Waits until `path` has the mtime `other` has (up to 20 s).
+/// Waits until `path` has the mtime `other` has (up to 2 minutes).
 func waitForModificationTime(_ path: String, of other: String) -> Bool {
-    for _ in 0..<2000 {
+    for _ in 0..<24000 {
         var a = stat()
         var b = stat()
         if lstat(path, &a) == 0, lstat(other, &b) == 0, a.st_mtim.tv_sec == b.st_mtim.tv_sec,
@@ -169,7 +170,7 @@ struct ExchangeWindowTests {
         let s = Scratch("xwin")
         let (roots, _) = twoGuests(s)
         let original = readText("\(roots[0])/usr/lib/a.so")
-        let slowed = try SlowedRun(["unify", "-q"] + roots, delay: 1.5)
+        let slowed = try SlowedRun(["unify"] + roots, delay: 3)
         guard slowed.temporaryName(in: roots.map { "\($0)/usr/lib" }) != nil else {
             slowed.killHashify()
             Issue.record("no temporary name made; hashify said: \(slowed.output)")
