@@ -195,7 +195,6 @@ public final class Directory: @unchecked Sendable {
         if hashify_fremovexattr(fd, name) != 0 && errno != ENODATA { throw Errno(rawValue: errno) }
     }
 
-    /// Flushes the whole filesystem this directory is on (`syncfs(2)`).
     /// Replaces `name` with a file of what `write` writes, in one step, with
     /// the same durability for every file hashify replaces: it is written
     /// under a temporary name (`.NAME.new`), fsync'ed, renamed over `name`,
@@ -236,6 +235,7 @@ public final class Directory: @unchecked Sendable {
         return UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
     }
 
+    /// Flushes the whole filesystem this directory is on (`syncfs(2)`).
     public func syncFilesystem() throws { _ = try retrying { hashify_syncfs(self.fd) } }
 
     /// The filesystem's magic number (`fstatfs(2)`'s `f_type`).

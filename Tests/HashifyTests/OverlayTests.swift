@@ -282,6 +282,75 @@ struct OverlayTests {
     }
 
     @Test(
+        "a store of the previous version (text data index, version-1 index) is read and upgraded in place; a damaged data index is rebuilt from the objects"
+    )
+    func storeUpgrade() throws {
+        let s = Scratch("ovupgrade")
+        let store = s.sub("store")
+        let (a, b, c, d) = (s.sub("guests/a"), s.sub("guests/b"), s.sub("guests/c"), s.sub("guests/d"))
+        for (i, r) in [a, b, c, d].enumerated() { try makeRichGuest(r, index: i) }
+        settle()
+        #expect(overlay(["convert", "-q", a, b], store: store).status == 0)
+        #expect(hashify(["unify", "-q", "--store", store, c, d]).status == 0)
+        func health() -> [String: Any] {
+            jsonReport(hashify(["status", "--json", "--store", store, c, d]).out)["storeHealth"] as? [String: Any]
+                ?? [:]
+        }
+        let entries = health()["indexEntries"] as? Int ?? 0
+        #expect(entries > 30)
+        // Both index files written back as the previous version wrote them.
+        let downgrade = """
+            import hashlib, struct, sys
+            store = sys.argv[1]
+            def body(path):
+                b = open(path, 'rb').read()
+                assert b[:16] == b'HASHIFY-INDEX-2\\n'
+                size, _, count = struct.unpack('<IIQ', b[24:40])
+                return [b[40 + i * size:40 + (i + 1) * size] for i in range(count)]
+            recs = body(store + '/index')
+            v1 = b'HASHIFY-INDEX-1\\n' + struct.pack('<Q', len(recs)) + b''.join(recs)
+            open(store + '/index', 'wb').write(v1 + hashlib.sha256(v1).digest())
+            text = b''.join(r[:32].hex().encode() + b' ' + r[33:33 + r[32]] + b'\\n' for r in body(store + '/data-index'))
+            open(store + '/data-index', 'wb').write(text + b'0123abc')  # and a last line torn by a kill
+            """
+        #expect(run(["/usr/bin/python3", "-c", downgrade, store]).status == 0)
+        let before = [a, b, c, d].map(guestManifest)
+        #expect(health()["indexEntries"] as? Int == entries, "the version-1 index is read")
+        let v = hashify(["verify", "--json", "--store", store])
+        #expect(v.status == 0, "every data object still has its record: \(v.out)")
+        #expect(jsonReport(v.out)["dataObjectsChecked"] as? Int ?? 0 > 30)
+
+        // The next changing runs write both files in today's format.
+        writeFile("\(a)/usr/lib/new.so", pseudoRandom(9000, seed: 77))
+        #expect(overlay(["fold", "-q", a], store: store).status == 0)
+        #expect(hashify(["unify", "-q", "--store", store, c, d]).status == 0)
+        for f in ["index", "data-index"] {
+            #expect(run(["/usr/bin/head", "-c", "16", "\(store)/\(f)"]).out == "HASHIFY-INDEX-2\n", "\(f) upgraded")
+        }
+        #expect(health()["indexEntries"] as? Int == entries)
+        #expect([b, c, d].map(guestManifest) == Array(before.dropFirst()))
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        #expect(jsonReport(hashify(["gc", "-n", "--json", "--store", store]).out)["dataObjectsRemoved"] as? Int == 0)
+
+        // A damaged data index: reported, rebuilt from the objects, nothing lost.
+        let index = s.sub("store/data-index")
+        var data = try Data(contentsOf: URL(fileURLWithPath: index))
+        data[data.count / 2] ^= 0xff
+        try data.write(to: URL(fileURLWithPath: index))
+        let status = jsonReport(hashify(["status", "--json", "--store", store]).out)
+        let warnings = (status["overlay"] as? [String: Any])?["warnings"] as? [String] ?? []
+        #expect(warnings.contains { $0.contains("data index") }, "\(warnings)")
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        let m = guestManifest(a)
+        writeFile("\(a)/usr/lib/newer.so", pseudoRandom(9000, seed: 78))
+        #expect(overlay(["fold", "-q", a], store: store).status == 0)
+        #expect(guestManifest(a).count > m.count)
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        let after = jsonReport(hashify(["status", "--json", "--store", store]).out)
+        #expect(((after["overlay"] as? [String: Any])?["warnings"] as? [String] ?? []).isEmpty, "rewritten whole")
+    }
+
+    @Test(
         "status shows overlay guests and the copy-on-write reserve; gc removes unused data objects; verify finds damaged ones"
     )
     func maintenance() throws {

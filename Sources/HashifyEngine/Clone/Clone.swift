@@ -204,7 +204,7 @@ public enum Clone {
             throw InputError("\(store.path): cannot resolve path")
         }
         let session = Overlay.Session(
-            store: store, objects: try DataObjects(store: store), dataPath: dataPath, guests: [])
+            store: store, objects: try store.dataObjects(), dataPath: dataPath, guests: [])
         let record = try OverlayGuest.open(store: store, canonicalRoot: canonicalDestination, create: true)!
         try Overlay.recover(record)
         var state = OverlayGuest.State(phase: .converting, generation: 1, rootInode: 0)

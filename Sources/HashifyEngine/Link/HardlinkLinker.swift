@@ -195,20 +195,10 @@ final class HardlinkLinker: LinkStrategy {
         heldSince = MonotonicInstant.now().nanoseconds
     }
 
-    /// Links an open (leased) file into the store under the first free generation.
+    /// Publishes an open (leased) file as its group's object; returns its generation.
     func publish(_ file: OpenFile, group: Planner.Group, fromGeneration: Int) throws -> Int {
-        let dir = try store.prefixDirectory(group.digest.firstByte)
         let key = MetadataIdentity(stat: try file.stat(), xattrDigest: group.identity.xattrDigest).key
-        var generation = fromGeneration
-        while true {
-            let name = Store.objectName(digest: group.digest, key: key, generation: generation)
-            do {
-                try file.link(into: dir, as: name)
-                return generation
-            } catch Errno.fileExists {
-                generation += 1
-            }
-        }
+        return try store.publish(file, digest: group.digest, identityKey: key, fromGeneration: fromGeneration)
     }
 
     // MARK: replacing

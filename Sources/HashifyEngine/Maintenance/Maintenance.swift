@@ -225,27 +225,29 @@ public enum VerifyCommand {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         defer { buffer.deallocate() }
         var bad: [(Store.Object, ContentDigest, Bool, Bool)] = []
-        for o in try store.listObjects() {
-            let dir = try store.prefixDirectory(o.digest.firstByte)
-            do {
-                let f = try dir.openFileForReading(o.name)
-                let (digest, identity) = try ContentHasher.digest(of: f, buffer: buffer)
-                report.objectsChecked += 1
-                report.bytesRead += o.stat.size
-                let contentChanged = digest != o.digest
-                let metadataChanged = identity.key != o.metadataKey
-                if contentChanged || metadataChanged { bad.append((o, digest, contentChanged, metadataChanged)) }
-            } catch {
-                report.skipped.append(
-                    UnifyReport.SkippedPath(
-                        root: path.string, path: "/objects/" + o.name.description,
-                        reason: "verify-failed", detail: "\(error)", error: true))
+        let checks = try StoreObjects(store: store).verify(buffer: buffer) { entry, read in
+            if case .hardlink = entry.kind { report.objectsChecked += 1 } else { report.dataObjectsChecked += 1 }
+            report.bytesRead += read
+        }
+        for c in checks {
+            switch c.kind {
+            case .hardlink(let o):
+                if let error = c.error {
+                    report.skipped.append(
+                        UnifyReport.SkippedPath(
+                            root: path.string, path: "/objects/" + o.name.description,
+                            reason: "verify-failed", detail: "\(error)", error: true))
+                } else if let digest = c.digest {
+                    bad.append((o, digest, c.contentChanged, c.metadataChanged))
+                }
+            case .data(_, let recorded):
+                report.damagedDataObjects.append(
+                    Overlay.DamagedObject(
+                        object: c.kind.name, recordedDigest: recorded?.hex ?? "", digest: c.digest?.hex ?? "",
+                        missing: c.missing))
             }
         }
-        let data = Overlay.verify(store: store, buffer: buffer)
-        report.dataObjectsChecked = data.checked
-        report.bytesRead += data.bytes
-        report.damagedDataObjects = data.damaged
+        report.damagedDataObjects.sort { $0.object < $1.object }
         if bad.isEmpty { return report }
         // Every guest path that links a damaged object.
         let roots = guests.isEmpty ? [] : try RootValidation.openRoots(guests)
@@ -313,18 +315,11 @@ public enum GCCommand {
         let (path, store, guests) = try location.resolve()
         if !dryRun { try store.lock(wait: waitForLock) }
         var report = GCReport(store: path.string, dryRun: dryRun)
-        var dropped = Set<InodeKey>()
-        for o in try store.listObjects() where o.stat.linkCount == 1 {
-            let dir = try store.prefixDirectory(o.digest.firstByte)
-            // Checked again right before: only the store's own name is left.
-            guard let st = try? dir.stat(o.name), st.linkCount == 1, st.inode == o.stat.inode else { continue }
-            if !dryRun {
-                try dir.unlink(o.name)
-                dropped.insert(InodeKey(device: st.device, inode: st.inode))
-            }
-            report.objectsRemoved += 1
-            report.bytesFreed += st.allocatedBytes
-        }
+        let collected = try StoreObjects(store: store).collectGarbage(dryRun: dryRun)
+        report.objectsRemoved = collected.objects
+        report.bytesFreed = collected.bytes
+        report.dataObjectsRemoved = collected.dataObjects
+        report.dataBytesFreed = collected.dataBytes
         if !dryRun {
             if !store.unfinishedRuns().isEmpty {
                 if guests.isEmpty {
@@ -337,9 +332,7 @@ public enum GCCommand {
                     report.skipped = skippedPaths(skips, roots: roots)
                 }
             }
-            try ContentIndex.remove(dropped, in: store)
         }
-        (report.dataObjectsRemoved, report.dataBytesFreed) = try Overlay.collectGarbage(store: store, dryRun: dryRun)
         return report
     }
 }

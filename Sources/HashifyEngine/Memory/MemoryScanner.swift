@@ -88,7 +88,7 @@ public enum MemoryScanner {
             let (rootPaths, store, notes) = try guestPaths(options)
             report.notes += notes
             self.store = store
-            objects = store.flatMap { try? DataObjects(store: $0) }
+            objects = store.flatMap { try? $0.dataObjects() }
             guests = try loadGuests(rootPaths, store: store)
             guard let proc = try? Directory.open(path: "/proc") else { throw InputError("/proc is not mounted") }
             self.proc = proc

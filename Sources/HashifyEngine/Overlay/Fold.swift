@@ -173,7 +173,7 @@ extension Overlay {
     /// The fold step of `unify` for the roots that are overlay guests of the store.
     public static func fold(roots: [FilePath], store: Store, dryRun: Bool) throws -> [OverlayReport.Guest] {
         guard let dataPath = RootValidation.canonical(store.path)?.appending("data") else { return [] }
-        let s = Session(store: store, objects: try DataObjects(store: store), dataPath: dataPath, guests: [])
+        let s = Session(store: store, objects: try store.dataObjects(), dataPath: dataPath, guests: [])
         var out: [OverlayReport.Guest] = []
         for r in roots {
             guard let c = RootValidation.canonical(r),

@@ -134,7 +134,7 @@ public enum Overlay {
             guests[i].2 = try OverlayGuest.open(store: store, canonicalRoot: guests[i].1, create: false)
         }
         return Session(
-            store: store, objects: try DataObjects(store: store), dataPath: dataPath,
+            store: store, objects: try store.dataObjects(), dataPath: dataPath,
             guests: guests.map { (root: $0.0, canonical: $0.1, record: $0.2) })
     }
 

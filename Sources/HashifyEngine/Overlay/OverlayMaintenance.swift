@@ -101,8 +101,9 @@ extension Overlay {
     /// `status` for overlay mode (nil when the store has no overlay guests).
     public static func status(store: Store) -> OverlayStatus? {
         let (referenced, guests) = references(in: store)
-        guard !guests.isEmpty, let objects = try? DataObjects(store: store) else { return nil }
+        guard !guests.isEmpty, let objects = try? store.dataObjects() else { return nil }
         var out = OverlayStatus()
+        if let problem = objects.indexProblem { out.warnings.append(problem) }
         for (g, state, scan) in guests {
             guard let state else {
                 do { _ = try g.readState() } catch { out.warnings.append(error.description) }
@@ -151,62 +152,5 @@ extension Overlay {
         /// What the content hashes to now ("" when missing).
         public var digest: String
         public var missing: Bool
-    }
-
-    /// `verify` for data objects: each re-hashed against its recorded digest,
-    /// and every object a stub references present.
-    static func verify(store: Store, buffer: UnsafeMutableRawBufferPointer) -> (
-        checked: Int, bytes: UInt64, damaged: [DamagedObject]
-    ) {
-        guard let objects = try? DataObjects(store: store) else { return (0, 0, []) }
-        var damaged: [DamagedObject] = []
-        var checked = 0
-        var bytes: UInt64 = 0
-        let (referenced, _) = references(in: store)
-        for o in (try? objects.list()) ?? [] {
-            let name = String(decoding: o.redirect, as: UTF8.self)
-            guard let recorded = o.digest else {
-                if referenced.contains(o.redirect) {
-                    damaged.append(DamagedObject(object: name, recordedDigest: "", digest: "", missing: false))
-                }
-                continue
-            }
-            do {
-                let f = try objects.open(o.redirect)
-                let (d, read) = try ContentHasher.contentDigest(of: f, size: o.stat.size, buffer: buffer)
-                checked += 1
-                bytes += read
-                if d != recorded {
-                    damaged.append(
-                        DamagedObject(object: name, recordedDigest: recorded.hex, digest: d.hex, missing: false))
-                }
-            } catch {
-                damaged.append(DamagedObject(object: name, recordedDigest: recorded.hex, digest: "", missing: true))
-            }
-        }
-        for r in referenced where (try? objects.stat(r))?.isRegular != true {
-            damaged.append(
-                DamagedObject(
-                    object: String(decoding: r, as: UTF8.self), recordedDigest: objects.digests[r]?.hex ?? "",
-                    digest: "", missing: true))
-        }
-        return (checked, bytes, damaged.sorted { $0.object < $1.object })
-    }
-
-    /// `gc` for data objects: those no generation of any guest references are removed.
-    static func collectGarbage(store: Store, dryRun: Bool) throws -> (removed: Int, bytes: UInt64) {
-        guard (try? store.directory.stat(FileName("data-index"))) != nil || !OverlayGuest.all(in: store).isEmpty,
-            let objects = try? DataObjects(store: store)
-        else { return (0, 0) }
-        for g in OverlayGuest.all(in: store) where !dryRun { try recover(g) }
-        let (referenced, _) = references(in: store)
-        var unused = Set<[UInt8]>()
-        var bytes: UInt64 = 0
-        for o in try objects.list() where !referenced.contains(o.redirect) {
-            unused.insert(o.redirect)
-            bytes += o.stat.allocatedBytes
-        }
-        if !dryRun && !unused.isEmpty { try objects.remove(unused) }
-        return (unused.count, bytes)
     }
 }

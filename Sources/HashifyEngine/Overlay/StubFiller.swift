@@ -66,7 +66,7 @@ final class StubFiller: @unchecked Sendable {
                         counts.filesSharingObjects += 1
                         return r
                     }
-                    let r = try objects.add(f, digest: digest, size: stat.size, linkSource: linkSource)
+                    let r = try objects.publish(f, digest: digest, size: stat.size, linkSource: linkSource)
                     counts.objectsCreated += 1
                     if linkSource {
                         counts.bytesLinked += stat.allocatedBytes

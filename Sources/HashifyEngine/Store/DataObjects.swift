@@ -5,7 +5,7 @@ import SystemPackage
 ///
 /// ```
 /// STORE/data/ab/cdef0123456789    one object per distinct content (no metadata of its own that matters)
-/// STORE/data-index                "DIGEST NAME\n" per object, appended as objects are made
+/// STORE/data-index                the digest of each object (`IndexFile`, kind "objects")
 /// ```
 /// An object's name is the first 14 hex digits of its SHA-256 (a second
 /// content with the same prefix gets `-1`, `-2`, …), so that the absolute
@@ -14,36 +14,120 @@ import SystemPackage
 /// blocks. The full digest lives in the index, not on the object: objects are
 /// often the guest's own inode, linked, whose attributes the guest still sees
 /// until it is switched over.
+///
+/// The index is written whole by `sync`, which every command calls before it
+/// switches a guest to a generation whose stubs use new objects; so every
+/// object a generation in force references has its record. An object made by
+/// a run killed before that has none: it is never reused (`publish` takes the
+/// next name) and gc removes it once no generation references it. Stores of
+/// earlier versions (a text index, appended) are read and rewritten in this
+/// format at the next `sync`; a damaged index is rebuilt from the objects.
 public final class DataObjects: @unchecked Sendable {
     let data: Directory
-    let store: Store
+    /// The store's directory (not the `Store`, which owns this: no cycle keeps its lock alive).
+    let storeDirectory: Directory
     private var prefixes: [UInt8: Directory] = [:]
     /// Full digest → redirect, and redirect → digest.
     private(set) var redirects: [ContentDigest: [UInt8]] = [:]
     private(set) var digests: [[UInt8]: ContentDigest] = [:]
-    private var index: OpenFile?
+    /// Records not yet written to the index file.
+    private var unwritten = false
+    /// What was wrong with the index file when it was read (it was then rebuilt from the objects).
+    private(set) var indexProblem: String?
 
     static let indexName = FileName("data-index")
 
+    /// One object's record in the index.
+    struct Record: IndexRecord {
+        var digest: ContentDigest
+        var redirect: [UInt8]
+        static let kind = Array("objects".utf8)
+        static let size = 64
+        static let label = "the data index"
+
+        init(digest: ContentDigest, redirect: [UInt8]) {
+            self.digest = digest
+            self.redirect = redirect
+        }
+        init(decoding p: UnsafeRawBufferPointer) {
+            digest = ContentDigest(UnsafeRawBufferPointer(rebasing: p[0..<32]))
+            redirect = Array(p[33..<33 + min(Int(p[32]), 31)])
+        }
+        func encode(into out: inout [UInt8]) {
+            digest.append(to: &out)
+            let r = redirect.prefix(31)
+            out.append(UInt8(r.count))
+            out += r
+            out.append(contentsOf: repeatElement(0, count: 31 - r.count))
+        }
+    }
+
     init(store: Store) throws {
-        self.store = store
+        storeDirectory = store.directory
         data = try store.directory.openDirectory(FileName("data"))
         try load()
     }
 
     private func load() throws {
-        guard let f = try? store.directory.openFileForReading(Self.indexName) else { return }
-        for line in try f.readAll().split(separator: 0x0a) {
-            let parts = line.split(separator: 0x20)
-            guard parts.count == 2, parts[0].count == 64, let d = bytesFromHex(parts[0]), d.count == 32 else {
-                continue
+        var records: [Record] = []
+        switch IndexFile<Record>.read(Self.indexName, in: storeDirectory, { records.append($0) }) {
+        case .missing:
+            break
+        case .intact:
+            for r in records where Self.isValidRedirect(r.redirect) { remember(r.digest, r.redirect) }
+        case .damaged(let problem):
+            guard let legacy = try? storeDirectory.openFileForReading(Self.indexName).readAll(),
+                let text = Self.legacyRecords(legacy)
+            else {
+                indexProblem = problem
+                try rebuild()
+                return
             }
-            let redirect = Array(parts[1])
-            guard Self.isValidRedirect(redirect) else { continue }
-            let digest = ContentDigest(bytes: d)
-            redirects[digest] = redirect
-            digests[redirect] = digest
+            for r in text { remember(r.digest, r.redirect) }
+            unwritten = true
         }
+    }
+
+    /// The records of an index as versions before this one wrote it: text
+    /// lines "DIGEST REDIRECT", appended (nil when the file is not such an index).
+    static func legacyRecords(_ bytes: [UInt8]) -> [Record]? {
+        var out: [Record] = []
+        let lines = bytes.split(separator: 0x0a, omittingEmptySubsequences: false)
+        for (i, line) in lines.enumerated() where !line.isEmpty {
+            let parts = line.split(separator: 0x20)
+            if parts.count == 2, parts[0].count == 64, let d = bytesFromHex(parts[0]), d.count == 32,
+                isValidRedirect(Array(parts[1]))
+            {
+                out.append(Record(digest: ContentDigest(bytes: d), redirect: Array(parts[1])))
+            } else if i != lines.count - 1 {
+                return nil  // not such an index (only a last line, torn by a kill while appending, may be partial)
+            }
+        }
+        return out
+    }
+
+    /// A damaged index is rebuilt from the objects themselves: each is hashed,
+    /// and recorded only when its digest begins with its name (an object
+    /// whose content changed stays unrecorded: never reused, reported by verify).
+    private func rebuild() throws {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        for o in try list() {
+            guard let f = try? open(o.redirect),
+                let (digest, _) = try? ContentHasher.contentDigest(of: f, size: o.stat.size, buffer: buffer)
+            else { continue }
+            let (p, n) = Self.split(o.redirect)
+            let hex = Array(digest.hex.utf8)
+            if Array(hex[0..<2]) == p.bytes && n.bytes.starts(with: hex[2..<14]) && redirects[digest] == nil {
+                remember(digest, o.redirect)
+            }
+        }
+        unwritten = true
+    }
+
+    private func remember(_ digest: ContentDigest, _ redirect: [UInt8]) {
+        redirects[digest] = redirect
+        digests[redirect] = digest
     }
 
     /// A redirect hashify makes: "/XX/" and 12 or more hex digits, optionally "-N".
@@ -94,11 +178,13 @@ public final class DataObjects: @unchecked Sendable {
         return try prefixDirectory(p).stat(n)
     }
 
-    /// Makes `source` (its content verified to be `digest`) an object and
-    /// returns its redirect: the source inode itself is linked in when
-    /// `linkSource` (no data copied), else its content is cloned or copied
-    /// into a new file. The index record is written before the name appears.
-    public func add(_ source: OpenFile, digest: ContentDigest, size: UInt64, linkSource: Bool) throws -> [UInt8] {
+    /// Publishes `source` (its content verified to be `digest`) as the
+    /// object of `digest` and returns its redirect; idempotent: when the
+    /// store has that content already, its object is returned and nothing is
+    /// made. Otherwise the source inode itself is linked in when `linkSource`
+    /// (no data copied), else its content is cloned or copied into a new
+    /// file; its record reaches the index file at the next `sync`.
+    public func publish(_ source: OpenFile, digest: ContentDigest, size: UInt64, linkSource: Bool) throws -> [UInt8] {
         if let r = redirect(for: digest) { return r }
         let hex = Array(digest.hex.utf8)
         let prefix = FileName(bytes: hex[0..<2])
@@ -117,7 +203,6 @@ public final class DataObjects: @unchecked Sendable {
                 continue
             }
             if exists { return redirect }
-            if recorded == nil { try record(digest, redirect) }
             if linkSource {
                 try source.link(into: dir, as: FileName(name))
             } else {
@@ -131,15 +216,20 @@ public final class DataObjects: @unchecked Sendable {
                 }
                 try dir.rename(temp, to: dir, as: FileName(name), flags: .noReplace)
             }
-            redirects[digest] = redirect
-            digests[redirect] = digest
+            remember(digest, redirect)
+            unwritten = true
             return redirect
         }
     }
 
-    private func record(_ digest: ContentDigest, _ redirect: [UInt8]) throws {
-        if index == nil { index = try store.directory.openForAppending(Self.indexName, mode: 0o600) }
-        try index!.write(Array(digest.hex.utf8) + [0x20] + redirect + [0x0a])
+    /// Writes the index file whole (atomically), with every record.
+    private func writeIndex() throws {
+        let all = redirects.map { Record(digest: $0.key, redirect: $0.value) }
+        try IndexFile<Record>.write(Self.indexName, in: storeDirectory, count: all.count) { emit in
+            for r in all { emit(r) }
+        }
+        unwritten = false
+        indexProblem = nil
     }
 
     /// Every object file: its redirect and stat (names without an index record included, digest nil).
@@ -164,15 +254,19 @@ public final class DataObjects: @unchecked Sendable {
             if let d = digests[r] { redirects[d] = nil }
             digests[r] = nil
         }
-        var text: [UInt8] = []
-        for (d, r) in redirects { text += Array(d.hex.utf8) + [0x20] + r + [0x0a] }
-        index = nil
-        try store.directory.writeAtomically(text, as: Self.indexName)
+        try writeIndex()
     }
 
-    /// Flushes the index and the objects to disk (before a generation that uses them is switched to).
+    /// Makes the objects and their records durable (before a generation
+    /// that uses them is switched to): the objects flushed, then the index
+    /// written when it lacks records (or is in an earlier version's format).
     public func sync() throws {
-        try index?.sync()
         try data.syncFilesystem()
+        try writeIndexIfNeeded()
+    }
+
+    /// Writes the index file when it lacks records, is damaged or is in an earlier version's format.
+    func writeIndexIfNeeded() throws {
+        if unwritten { try writeIndex() }
     }
 }

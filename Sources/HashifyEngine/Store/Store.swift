@@ -6,12 +6,20 @@ import SystemPackage
 /// ```
 /// STORE/lock                 flock(2): one changing run at a time
 /// STORE/objects/ab/DIGEST-KEY[.N]   hardlink mode: a file with its full identity
-/// STORE/data/                content-only objects (reflink/overlay modes)
-/// STORE/runs/RUNID           present while a run is changing guests
-/// STORE/index                digests of hashed inodes (see ContentIndex)
+/// STORE/data/ab/…            overlay mode: content-only objects (see DataObjects)
+/// STORE/data-index           their digests (IndexFile)
+/// STORE/index                digests of hashed inodes (ContentIndex, IndexFile)
+/// STORE/runs/RUNID           the journal of a run changing guests (RunJournal)
+/// STORE/overlay/ID/          an overlay guest's generations (OverlayGuest)
+/// STORE/guests, open-for-writing   hints for later runs
 /// ```
-/// An object is an ordinary hard link to a guest inode: its mode, owner,
-/// times and xattrs are the guest file's own.
+/// Objects of both kinds are published by digest (`publish` here and in
+/// `DataObjects`, both idempotent), recorded in index files of one format
+/// (`IndexFile`), and collected and verified together (`StoreObjects`).
+/// Every file hashify replaces in the store is replaced by
+/// `Directory.writeAtomically`, with one durability. A hardlink object is an
+/// ordinary hard link to a guest inode: its mode, owner, times and xattrs are
+/// the guest file's own.
 public final class Store: @unchecked Sendable {
     public let path: FilePath
     public let directory: Directory
@@ -19,6 +27,7 @@ public final class Store: @unchecked Sendable {
     let runs: Directory
     private var lockFile: OpenFile?
     private var prefixDirectories: [UInt8: Directory] = [:]
+    private var data: DataObjects?
     /// How many prefix directories stay open (all 256 when the descriptor limit allows).
     private let prefixCapacity = DescriptorBudget.storeDirectories
 
@@ -68,6 +77,25 @@ public final class Store: @unchecked Sendable {
             throw Busy()
         }
         lockFile = f
+        try upgradeIndexes()
+    }
+
+    /// Rewrites index files an earlier version wrote (or damaged ones) in today's format, under
+    /// the lock and atomically (a kill leaves the old file, read as before,
+    /// or the new one).
+    private func upgradeIndexes() throws {
+        // The data index is read whole by any command that uses it: one of an
+        // earlier version, or damaged (then rebuilt from the objects), is written anew.
+        if (try? directory.stat(DataObjects.indexName)) != nil { try dataObjects().writeIndexIfNeeded() }
+        // The inode index of version 1 is rewritten; a damaged one is left for unify to report and rebuild.
+        guard let f = try? directory.openFileForReading(ContentIndex.name) else { return }
+        var head = [UInt8](repeating: 0, count: 16)
+        let n = (try? head.withUnsafeMutableBytes { try f.read(into: $0, at: 0) }) ?? 0
+        if n == 16 && head == ContentIndex.Record.legacyMagic,
+            case .intact = IndexFile<ContentIndex.Record>.read(ContentIndex.name, in: directory, { _ in })
+        {
+            try ContentIndex.remove([], in: self)
+        }
     }
 
     // MARK: objects
@@ -109,6 +137,31 @@ public final class Store: @unchecked Sendable {
         return (ContentDigest(bytes: d), key, generation)
     }
 
+    /// Publishes `file` (open under lease, its content verified to be
+    /// `digest`, its identity `identityKey`) as a hardlink object: the inode
+    /// itself is linked in under the first generation from `fromGeneration`
+    /// on that is free, and that generation returned. Idempotent: when the
+    /// inode already is the object under one of those names, that one is
+    /// returned and nothing is made. (A full object, at the filesystem's link
+    /// limit, makes the next victim the next generation: see HardlinkLinker.)
+    public func publish(
+        _ file: OpenFile, digest: ContentDigest, identityKey: String, fromGeneration: Int
+    ) throws -> Int {
+        let dir = try prefixDirectory(digest.firstByte)
+        let inode = try file.stat().inode
+        var generation = fromGeneration
+        while true {
+            let name = Self.objectName(digest: digest, key: identityKey, generation: generation)
+            do {
+                try file.link(into: dir, as: name)
+                return generation
+            } catch Errno.fileExists {
+                if (try? dir.stat(name))?.inode == inode { return generation }
+                generation += 1
+            }
+        }
+    }
+
     /// Calls `body` with the name, parsed name and stat of every object
     /// (stat'ed, not read).
     private func forEachObject(
@@ -139,6 +192,14 @@ public final class Store: @unchecked Sendable {
         var result: [UInt64: Int] = [:]
         try forEachObject { _, parsed, st in result[st.inode] = parsed.generation }
         return result
+    }
+
+    /// The data objects (overlay mode's content-only objects), opened once per store.
+    public func dataObjects() throws -> DataObjects {
+        if let data { return data }
+        let d = try DataObjects(store: self)
+        data = d
+        return d
     }
 
     // MARK: guests
