@@ -347,7 +347,8 @@ struct OverlayTests {
         #expect(guestManifest(a).count > m.count)
         #expect(hashify(["verify", "-q", "--store", store]).status == 0)
         let after = jsonReport(hashify(["status", "--json", "--store", store]).out)
-        #expect(((after["overlay"] as? [String: Any])?["warnings"] as? [String] ?? []).isEmpty, "rewritten whole")
+        let warningsAfter: [String] = (after["overlay"] as? [String: Any])?["warnings"] as? [String] ?? []
+        #expect(warningsAfter.isEmpty, "rewritten whole")
     }
 
     @Test(

@@ -68,10 +68,14 @@ public struct DemoGuests {
     /// mode, owner, mtime and xattrs; stops when the budget is spent.
     func copyTree(from src: Directory, to dst: Directory, budget: inout UInt64) throws -> Int {
         var files = 0
-        for name in try src.entryNames().sorted() {
-            guard budget > 0, let st = try? src.stat(name) else { continue }
+        var traversal = TreeTraversal<Directory>()
+        traversal.mountPoints = .skip
+        traversal.skipVanished = true
+        try traversal.run(src, context: dst) { entry, dst in
+            let (src, name, st) = (entry.directory, entry.name, entry.stat)
+            guard budget > 0 else { return .next }
             if st.isRegular {
-                guard st.size <= budget, let input = try? src.openFileForReading(name) else { continue }
+                guard st.size <= budget, let input = try? src.openFileForReading(name) else { return .next }
                 let out = try dst.createFile(name, mode: 0o600)
                 try input.copyContent(to: out, size: st.size)
                 try out.setOwner(uid: st.uid, gid: st.gid)
@@ -81,18 +85,19 @@ public struct DemoGuests {
                 budget -= min(budget, st.size)
                 files += 1
             } else if st.isSymlink {
-                guard let target = try? src.readLink(name) else { continue }
+                guard let target = try? src.readLink(name) else { return .next }
                 try dst.makeSymlink(name, target: target)
                 try? dst.changeOwner(of: name, uid: st.uid, gid: st.gid)
                 try? dst.setModificationTime(of: name, st.modificationTime)
             } else if st.isDirectory {
-                guard let sub = try? src.openDirectory(name) else { continue }
                 try dst.makeDirectory(name, mode: st.mode & 0o7777)
-                let d = try dst.openDirectory(name)
-                files += try copyTree(from: sub, to: d, budget: &budget)
                 try? dst.changeOwner(of: name, uid: st.uid, gid: st.gid)
-                try? d.setModificationTime(st.modificationTime)
+                return .enter(try dst.openDirectory(name))
             }
+            return .next
+        } leave: { dir, dst in
+            // A directory's mtime last, after its entries were made.
+            if let st = try? dir.stat() { try? dst.setModificationTime(st.modificationTime) }
         }
         return files
     }
@@ -111,9 +116,15 @@ public struct DiskUsage: Sendable {
         var u = DiskUsage()
         var seen = Set<InodeKey>()
         var shared = Set<InodeKey>()
-        func visit(_ dir: Directory) throws {
-            for name in try dir.entryNames() {
-                let st = try dir.stat(name)
+        for r in roots {
+            let d = try Directory.open(path: r)
+            let st = try d.stat()
+            if seen.insert(InodeKey(device: st.device, inode: st.inode)).inserted { u.bytes += st.allocatedBytes }
+            var traversal = TreeTraversal<Void>()
+            traversal.mountPoints = .visit
+            traversal.skipVanished = true
+            try traversal.run(d, context: ()) { entry, _ in
+                let st = entry.stat
                 let key = InodeKey(device: st.device, inode: st.inode)
                 if st.isRegular {
                     u.files += 1
@@ -123,14 +134,8 @@ public struct DiskUsage: Sendable {
                     }
                 }
                 if seen.insert(key).inserted { u.bytes += st.allocatedBytes }
-                if st.isDirectory, st.mountID == (try dir.stat()).mountID { try visit(try dir.openDirectory(name)) }
+                return st.isDirectory && !entry.isMountPoint ? .enter(()) : .next
             }
-        }
-        for r in roots {
-            let d = try Directory.open(path: r)
-            let st = try d.stat()
-            if seen.insert(InodeKey(device: st.device, inode: st.inode)).inserted { u.bytes += st.allocatedBytes }
-            try visit(d)
         }
         u.sharedInodes = shared.count
         return u
@@ -139,17 +144,6 @@ public struct DiskUsage: Sendable {
 
 /// Removes a tree (used for the demo's own temporary directory only).
 public func removeTree(_ path: FilePath) throws {
-    func clear(_ dir: Directory) throws {
-        for name in try dir.entryNames() {
-            let st = try dir.stat(name)
-            if st.isDirectory {
-                try clear(try dir.openDirectory(name))
-                try dir.unlink(name, isDirectory: true)
-            } else {
-                try dir.unlink(name)
-            }
-        }
-    }
-    try clear(try Directory.open(path: path))
+    try Directory.open(path: path).removeContents()
     try? removeEmptyDirectory(path)
 }

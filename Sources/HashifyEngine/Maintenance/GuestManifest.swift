@@ -111,7 +111,7 @@ public enum ManifestCommand {
             throw InputError("\(root): not an active overlay guest")
         }
         let gen = try record.generation(state.generation)
-        let (_, perGuest) = Overlay.references(in: store)
+        let (_, perGuest) = try Overlay.references(in: store)
         var guestsOfObject: [[UInt8]: Int] = [:]
         for (_, _, scan) in perGuest { for r in scan.referenced { guestsOfObject[r, default: 0] += 1 } }
         let context = Overlay.FoldContext(upper: gen.upper, meta: gen.meta)
@@ -140,44 +140,42 @@ public enum ManifestCommand {
     ) throws {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         defer { buffer.deallocate() }
-        let rootStat = try root.stat()
-        report.entries.append(entry(path: [0x2f], stat: rootStat, xattrs: (try? root.extendedAttributes()) ?? []))
-        var stack: [(Directory, [UInt8], AnyObject?)] = [(root, [], context)]
-        while let (dir, path, ctx) = stack.popLast() {
-            var subdirectories: [(Directory, [UInt8], AnyObject?)] = []
-            for name in ((try? dir.entryNames()) ?? []).sorted(by: { $0.bytes.lexicographicallyPrecedes($1.bytes) }) {
-                let p = path + [0x2f] + name.bytes
-                guard let st = try? dir.stat(name) else { continue }  // vanished
-                var e = entry(path: p, stat: st, xattrs: (try? extendedAttributes(in: dir, of: name)) ?? [])
-                if st.isDirectory {
-                    if st.mountID == rootStat.mountID, let sub = try? dir.openDirectory(name) {
-                        subdirectories.append((sub, p, (ctx as? Overlay.FoldContext)?.child(name)))
-                    }
-                } else if st.isSymlink {
-                    e.target = (try? dir.readLink(name)).map(escapedPath)
-                } else if st.isRegular {
-                    e.size = st.size
-                    report.totals.files += 1
-                    do {
-                        let f = try dir.openFileForReading(name)
-                        e.digest = try ContentHasher.contentDigest(of: f, size: st.size, buffer: buffer).0.hex
-                    } catch {
-                        report.totals.unreadable += 1
-                    }
-                    let (how, guests) = sharing(name, st, ctx)
-                    e.sharing = how
-                    e.guests = guests
-                    if how == "shared" {
-                        report.totals.sharedFiles += 1
-                        report.totals.sharedBytes += st.size
-                    } else {
-                        report.totals.privateFiles += 1
-                        report.totals.privateBytes += st.size
-                    }
+        report.entries.append(
+            entry(path: [0x2f], stat: try root.stat(), xattrs: (try? root.extendedAttributes()) ?? []))
+        var traversal = TreeTraversal<AnyObject?>()
+        traversal.mountPoints = .visit  // listed as directories, not entered
+        traversal.skipVanished = true
+        try traversal.run(root, context: context) { item, ctx in
+            let (dir, name, st) = (item.directory, item.name, item.stat)
+            var e = entry(
+                path: [0x2f] + item.path, stat: st, xattrs: (try? extendedAttributes(in: dir, of: name)) ?? [])
+            var step = TreeTraversal<AnyObject?>.Step.next
+            if st.isDirectory {
+                if !item.isMountPoint { step = .enter((ctx as? Overlay.FoldContext)?.child(name)) }
+            } else if st.isSymlink {
+                e.target = (try? dir.readLink(name)).map(escapedPath)
+            } else if st.isRegular {
+                e.size = st.size
+                report.totals.files += 1
+                do {
+                    let f = try dir.openFileForReading(name)
+                    e.digest = try ContentHasher.contentDigest(of: f, size: st.size, buffer: buffer).0.hex
+                } catch {
+                    report.totals.unreadable += 1
                 }
-                report.entries.append(e)
+                let (how, guests) = sharing(name, st, ctx)
+                e.sharing = how
+                e.guests = guests
+                if how == "shared" {
+                    report.totals.sharedFiles += 1
+                    report.totals.sharedBytes += st.size
+                } else {
+                    report.totals.privateFiles += 1
+                    report.totals.privateBytes += st.size
+                }
             }
-            stack += subdirectories.reversed()
+            report.entries.append(e)
+            return step
         }
         report.totals.entries = report.entries.count
     }

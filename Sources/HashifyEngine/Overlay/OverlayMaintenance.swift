@@ -47,32 +47,40 @@ extension Overlay {
         var stubBytes: UInt64 = 0
         var allocatedBytes: UInt64 = 0
         var entries = 0
+        /// What stopped the scan before its end (then `referenced` may lack redirects).
+        var failure: String?
 
         mutating func scan(_ dir: Directory) {
-            let mount = (try? dir.stat())?.mountID
-            for name in (try? dir.entryNames()) ?? [] {
-                guard let st = try? dir.stat(name) else { continue }
-                entries += 1
-                if st.isDirectory {
-                    if st.mountID == mount, let sub = try? dir.openDirectory(name) { scan(sub) }
-                    continue
+            var traversal = TreeTraversal<Void>()
+            traversal.mountPoints = .visit
+            traversal.skipVanished = true
+            do {
+                try traversal.run(dir, context: ()) { entry, _ in
+                    let (name, st) = (entry.name, entry.stat)
+                    entries += 1
+                    if st.isDirectory { return entry.isMountPoint ? .next : .enter(()) }
+                    allocatedBytes += st.allocatedBytes
+                    guard st.isRegular, let f = try? entry.directory.openFileForReading(name),
+                        f.extendedAttribute("trusted.overlay.metacopy") != nil,
+                        let r = f.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r)
+                    else { return .next }
+                    referenced.insert(r)
+                    stubInodes[st.inode] = r
+                    stubs += 1
+                    stubBytes += st.size
+                    return .next
                 }
-                allocatedBytes += st.allocatedBytes
-                guard st.isRegular, let f = try? dir.openFileForReading(name),
-                    f.extendedAttribute("trusted.overlay.metacopy") != nil,
-                    let r = f.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r)
-                else { continue }
-                referenced.insert(r)
-                stubInodes[st.inode] = r
-                stubs += 1
-                stubBytes += st.size
+            } catch {
+                failure = "\(error)"
             }
         }
     }
 
     /// Every data redirect any generation of any guest record references
-    /// (metadata layers and, to be safe, upper layers), and per record its scan of the generation in force.
-    static func references(in store: Store) -> (Set<[UInt8]>, [(OverlayGuest, OverlayGuest.State?, LayerScan)]) {
+    /// (metadata layers and, to be safe, upper layers), and per record its
+    /// scan of the generation in force. Throws when a layer could not be read
+    /// whole (then what it references is not known: nothing may be collected).
+    static func references(in store: Store) throws -> (Set<[UInt8]>, [(OverlayGuest, OverlayGuest.State?, LayerScan)]) {
         var all = Set<[UInt8]>()
         var perGuest: [(OverlayGuest, OverlayGuest.State?, LayerScan)] = []
         for g in OverlayGuest.all(in: store) {
@@ -85,6 +93,10 @@ extension Overlay {
                 scan.scan(gen.meta)
                 var upper = LayerScan()
                 upper.scan(gen.upper)
+                for failure in [scan.failure, upper.failure].compactMap({ $0 }) {
+                    throw InputError(
+                        "\(g.rootPath): a layer of its overlay generation \(n) could not be read whole: \(failure)")
+                }
                 all.formUnion(scan.referenced)
                 all.formUnion(upper.referenced)
                 if n == state?.generation {
@@ -100,7 +112,13 @@ extension Overlay {
 
     /// `status` for overlay mode (nil when the store has no overlay guests).
     public static func status(store: Store) -> OverlayStatus? {
-        let (referenced, guests) = references(in: store)
+        let referenced: Set<[UInt8]>
+        let guests: [(OverlayGuest, OverlayGuest.State?, LayerScan)]
+        do { (referenced, guests) = try references(in: store) } catch {
+            var out = OverlayStatus()
+            out.warnings.append("\(error)")
+            return out
+        }
         guard !guests.isEmpty, let objects = try? store.dataObjects() else { return nil }
         var out = OverlayStatus()
         if let problem = objects.indexProblem { out.warnings.append(problem) }

@@ -5,8 +5,9 @@ import SystemPackage
 /// type, mode, owner, mtime, every xattr, symlink target, device numbers and
 /// which names are hard links of one another. Regular files are made by a
 /// policy (a stub for a metadata layer, a full copy for an export); the copier
-/// does everything else. Traversal is relative to directory descriptors, never
-/// follows a symlink and refuses to cross into another mount.
+/// does everything else. The tree is read by `TreeTraversal` (relative to
+/// directory descriptors, never following a symlink); a mount point inside
+/// it fails the copy.
 final class TreeCopier {
     /// What the copier knows of the regular file it asks the policy to make.
     struct SourceFile {
@@ -29,21 +30,6 @@ final class TreeCopier {
     /// directories of the old layers); given the parent's context and the name.
     typealias ContextPolicy = (_ parent: AnyObject?, _ name: FileName) -> AnyObject?
 
-    /// An error while copying one entry, with the entry's path below the source root.
-    struct EntryFailed: Error, CustomStringConvertible {
-        var path: [UInt8]
-        var error: any Error
-        var description: String { "/\(escapedPath(path)): \(error)" }
-    }
-
-    /// A source entry that is a mount point (the guest is in use, or the tree is not one filesystem).
-    struct MountInside: Error, CustomStringConvertible {
-        var path: [UInt8]
-        var description: String {
-            "\(escapedPath(path)) is a mount point (stop the guest and unmount what is mounted in it)"
-        }
-    }
-
     /// Writes guest xattrs named `trusted.overlay.*` as `trusted.overlay.overlay.*`
     /// (what overlayfs reads back as the guest's own): set for metadata layers.
     let escapeOverlayAttributes: Bool
@@ -51,7 +37,6 @@ final class TreeCopier {
     let context: ContextPolicy?
     /// Source inode → the first name made for it, while more names are to come.
     private var links: [UInt64: (Directory, FileName, UInt32)] = [:]
-    private var mountID: UInt64 = 0
     private(set) var entries = 0
     var onEntry: ((Int) -> Void)?
     /// Entries that vanish while being copied are left out (a live guest's
@@ -65,61 +50,44 @@ final class TreeCopier {
         self.regularFile = regularFile
     }
 
+    /// Where an entry is copied to: the destination directory and the policy's context there.
+    private struct Place {
+        var destination: Directory
+        var context: AnyObject?
+    }
+
     /// Copies everything below `source` into the empty directory `destination`
-    /// and gives `destination` the source root's attributes.
+    /// and gives `destination` the source root's attributes. A mount point
+    /// inside the source fails the copy (`TreeTraversal.MountInside`).
     func copy(_ source: Directory, into destination: Directory, rootContext: AnyObject? = nil) throws {
-        let st = try source.stat()
-        mountID = st.mountID
-        try copyContents(source, into: destination, path: [], context: rootContext)
-        try applyDirectoryAttributes(of: source, stat: st, to: destination)
+        var traversal = TreeTraversal<Place>()
+        traversal.skipVanished = skipVanished
+        traversal.onVanished = { name, place in try? place.destination.removeTree(name) }
+        try traversal.run(
+            source, context: Place(destination: destination, context: rootContext),
+            visit: { entry, place in try copyEntry(entry, into: place) },
+            leave: { dir, place in try applyDirectoryAttributes(of: dir, stat: try dir.stat(), to: place.destination) })
+        vanished = traversal.vanished
     }
 
-    private func copyContents(
-        _ source: Directory, into destination: Directory, path: [UInt8], context parent: AnyObject?
-    ) throws {
-        var names = try source.entryNames()
-        names.sort()
-        for name in names {
-            do {
-                try copyEntry(name, of: source, into: destination, path: path, context: parent)
-            } catch Errno.noSuchFileOrDirectory where skipVanished {
-                vanished += 1
-                try? destination.removeTree(name)
-            } catch let e as EntryFailed {
-                throw e
-            } catch let e as MountInside {
-                throw e
-            } catch let e as InputError {
-                throw e
-            } catch {
-                throw EntryFailed(path: path.isEmpty ? name.bytes : path + [0x2f] + name.bytes, error: error)
-            }
-        }
-    }
-
-    private func copyEntry(
-        _ name: FileName, of source: Directory, into destination: Directory, path: [UInt8], context parent: AnyObject?
-    ) throws {
-        let st = try source.stat(name)
-        let sub = path.isEmpty ? name.bytes : path + [0x2f] + name.bytes
+    private func copyEntry(_ entry: TreeTraversal<Place>.Entry, into place: Place) throws -> TreeTraversal<Place>.Step {
+        let (source, name, st, destination) = (entry.directory, entry.name, entry.stat, place.destination)
         entries += 1
         onEntry?(entries)
         switch st.fileType {
         case 0o040000:
-            if st.mountID != mountID { throw MountInside(path: sub) }
-            let from = try source.openDirectory(name)
             try destination.makeDirectory(name, mode: 0o700)
-            let to = try destination.openDirectory(name)
-            try copyContents(from, into: to, path: sub, context: context?(parent, name))
-            try applyDirectoryAttributes(of: from, stat: st, to: to)
+            return .enter(
+                Place(destination: try destination.openDirectory(name), context: context?(place.context, name)))
         case 0o100000:
             if st.linkCount > 1, let (dir, first, left) = links[st.inode] {
                 try dir.link(first, to: destination, as: name)
                 if left <= 1 { links[st.inode] = nil } else { links[st.inode] = (dir, first, left - 1) }
-                return
+                return .next
             }
             let handle = try source.openFileForReading(name)
-            let file = SourceFile(directory: source, name: name, stat: st, handle: handle, path: sub, context: parent)
+            let file = SourceFile(
+                directory: source, name: name, stat: st, handle: handle, path: entry.path, context: place.context)
             if let made = try regularFile(file, destination) {
                 try made.setOwner(uid: st.uid, gid: st.gid)
                 try made.setMode(st.mode)
@@ -135,6 +103,7 @@ final class TreeCopier {
             try destination.makeNode(name, mode: st.mode & 0o170000 | 0o600, device: st.deviceNumber)
             try applyAttributes(of: source, name, stat: st, to: destination, isSymlink: false)
         }
+        return .next
     }
 
     private func rename(_ a: ExtendedAttribute) -> ExtendedAttribute {

@@ -96,6 +96,8 @@ public struct Walker {
         let walker: Walker
         let index: Int
         let root: GuestRoot
+        /// The guest's filesystem and mount: an entry outside is a mount point, left alone.
+        let boundary: TreeBoundary
         let filter: PathFilter
         let conffiles: Set<[UInt8]>
         /// Directories that hold conffiles: only their files are looked up.
@@ -110,6 +112,7 @@ public struct Walker {
             self.walker = walker
             self.index = index
             self.root = root
+            self.boundary = TreeBoundary(root: root.stat)
             self.filter = filter
             self.conffiles = conffiles
             self.conffileDirectories = Set(conffiles.map { p in Array(p[..<(p.lastIndex(of: 0x2f) ?? 0)]) })
@@ -221,7 +224,7 @@ public struct Walker {
                 return
             }
             if st.isDirectory {
-                if st.mountID != root.stat.mountID || st.device != root.stat.device {
+                if !boundary.contains(st) {
                     result.skips.append(Skip(guest: index, path: path(), reason: .mountPoint))
                     return
                 }
@@ -235,7 +238,7 @@ public struct Walker {
                         parent: frame.directory, parentID: frame.id, name: Array(name.bytes), path: path(), stat: st,
                         scope: sub))
             } else if st.isRegular {
-                if st.mountID != root.stat.mountID || st.device != root.stat.device {
+                if !boundary.contains(st) {
                     result.skips.append(Skip(guest: index, path: path(), reason: .mountPoint))
                     return
                 }
