@@ -6,8 +6,9 @@
 #
 # Installs: PREFIX/sbin/hashify, the man pages (PREFIX/share/man/man1, generated
 # from the argument parser), bash/zsh/fish completions, the systemd units
-# (PREFIX/lib/systemd/system: hashify.service, hashify.timer; then
-# `systemctl enable --now hashify.timer`), the LXC hook (PREFIX/share/hashify),
+# (PREFIX/lib/systemd/system: hashify.service, hashify.timer, and for
+# Prometheus hashify-mem.service, hashify-mem.timer; then
+# `systemctl enable --now hashify.timer [hashify-mem.timer]`), the LXC hook (PREFIX/share/hashify),
 # the apt hook example (PREFIX/share/hashify/apt/99hashify) and the example
 # config (PREFIX/share/hashify/hashify.toml: copy it to /etc/hashify/).
 set -eu
@@ -28,6 +29,8 @@ install -m 644 "$man"/*.1 "$root/share/man/man1/"
 "$bin" --generate-completion-script fish > "$root/share/fish/vendor_completions.d/hashify.fish"
 sed "s|@SBINDIR@|$PREFIX/sbin|g" contrib/systemd/hashify.service.in > "$root/lib/systemd/system/hashify.service"
 install -m 644 contrib/systemd/hashify.timer "$root/lib/systemd/system/hashify.timer"
+sed "s|@SBINDIR@|$PREFIX/sbin|g" contrib/systemd/hashify-mem.service.in > "$root/lib/systemd/system/hashify-mem.service"
+install -m 644 contrib/systemd/hashify-mem.timer "$root/lib/systemd/system/hashify-mem.timer"
 install -m 755 contrib/lxc/hashify-lxc-hook "$root/share/hashify/hashify-lxc-hook"
 sed "s|/usr/local/sbin|$PREFIX/sbin|g" contrib/apt/99hashify > "$root/share/hashify/apt/99hashify"
 install -m 644 contrib/hashify.toml "$root/share/hashify/hashify.toml"

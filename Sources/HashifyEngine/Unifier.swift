@@ -67,9 +67,11 @@ public struct Unifier {
     /// overlay guests (those the store has overlay records for).
     public func run() throws -> UnifyReport {
         if options.roots.isEmpty { throw InputError("no guest root given") }
-        let storePath = options.store ?? RootValidation.defaultStorePath(for: options.roots)
-        var overlay = Overlay.overlayGuests(among: options.roots, storePath: storePath)
-        var plain = options.roots.filter { !overlay.contains($0) }
+        // Guests are named by their real path in every report (as status and mem name them).
+        let roots = options.roots.map { RootValidation.canonical($0) ?? $0 }
+        let storePath = options.store ?? RootValidation.defaultStorePath(for: roots)
+        var overlay = Overlay.overlayGuests(among: roots, storePath: storePath)
+        var plain = roots.filter { !overlay.contains($0) }
         var conversion = Conversion()
         if options.mode == .overlay {
             conversion = try convert(plain, storePath: storePath)
@@ -91,7 +93,7 @@ public struct Unifier {
             guard let store = try Store.open(at: storePath, create: false) else { return report }
             if !options.dryRun { try store.lock(wait: options.waitForLock) }
             report.overlayGuests = try Overlay.fold(
-                roots: options.roots.filter { overlay.contains($0) }, store: store, dryRun: options.dryRun)
+                roots: roots.filter { overlay.contains($0) }, store: store, dryRun: options.dryRun)
             report.mode = plain.isEmpty ? "overlay" : "hardlink+overlay"
             report.seconds += Overlay.elapsed(since: started)
         }

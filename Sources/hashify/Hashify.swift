@@ -41,6 +41,24 @@ struct OutputOptions: ParsableArguments {
     var quiet = false
 }
 
+/// `--metrics FILE`, of the commands whose figures a monitoring system watches.
+struct MetricsOption: ParsableArguments {
+    @Option(
+        help:
+            "Also write the figures to FILE in Prometheus text format (node_exporter's textfile collector), atomically."
+    )
+    var metrics: String?
+
+    func validate() throws {
+        guard let m = metrics else { return }
+        let parent = FilePath(m).removingLastComponent()
+        var st = stat()
+        if FilePath(m).lastComponent == nil || (!parent.isEmpty && parent.withPlatformString { lstat($0, &st) } != 0) {
+            throw ValidationError("--metrics \(m): its directory does not exist")
+        }
+    }
+}
+
 /// Prints a one-line error and exits with status 2 (bad usage or input).
 func fail(_ message: String, status: Int32 = 2) -> Never {
     printError("hashify: \(message)")

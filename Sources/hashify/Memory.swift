@@ -14,17 +14,22 @@ struct Mem: ParsableCommand {
             counted by the inode that holds their page cache: an overlay guest's files by their shared \
             data object (or the guest's own copy-up), reflinked copies as the separate copies they are \
             in memory. DUPLICATED is memory holding a content that is also resident under another \
-            inode: what unifying (and restarting) would still save. The restart list names processes \
-            that map a copy unify replaced, with what their restart would free. Nothing is changed.
+            inode; each duplicated file says what would merge it (unify, overlay mode for copies whose \
+            owner, mode, mtime or xattrs differ, or nothing for files of 64 bytes or less in overlay \
+            guests), and "unify would save" counts only what unify would. The restart list names \
+            processes that map a copy unify replaced, with what their restart would free. --metrics \
+            writes the figures for Prometheus (contrib/systemd runs it on a timer). Nothing is changed.
             """)
 
     @OptionGroup var selection: GuestSelection
+    @OptionGroup var metricsOption: MetricsOption
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         let (options, host) = selection.resolve()
-        let r = runEngine { try MemoryScanner.run(options) }
-        emit(r, output: output, names: host.names)
+        let r = named(runEngine { try MemoryScanner.run(options) }, host.names)
+        if let m = metricsOption.metrics { runEngine { try MetricsFile.write(r, to: FilePath(m)) } }
+        emit(r, output: output)
     }
 }
 

@@ -83,11 +83,7 @@ struct Unify: ParsableCommand {
 
     @OptionGroup var wait: WaitOption
 
-    @Option(
-        help:
-            "Also write the run's figures to FILE in Prometheus text format (node_exporter's textfile collector), atomically."
-    )
-    var metrics: String?
+    @OptionGroup var metricsOption: MetricsOption
 
     @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
@@ -101,15 +97,6 @@ struct Unify: ParsableCommand {
         }
         if let t = threads, !(1...256).contains(t) {
             throw ValidationError("--threads must be from 1 to 256, not \(t)")
-        }
-        if let m = metrics {
-            let parent = FilePath(m).removingLastComponent()
-            var st = stat()
-            if FilePath(m).lastComponent == nil
-                || (!parent.isEmpty && parent.withPlatformString { lstat($0, &st) } != 0)
-            {
-                throw ValidationError("--metrics \(m): its directory does not exist")
-            }
         }
     }
 
@@ -184,7 +171,7 @@ struct Unify: ParsableCommand {
         }
         report.notes += notes
         report = named(report, names)
-        if let m = metrics { runEngine { try MetricsFile.write(report, to: FilePath(m)) } }
+        if let m = metricsOption.metrics { runEngine { try MetricsFile.write(report, to: FilePath(m)) } }
         try finish(report, output: output)
     }
 }

@@ -132,6 +132,91 @@ struct MemoryTests {
         #expect((r["storeCachedBytes"] as? Int ?? 0) > 0)
     }
 
+    @Test(
+        "each duplicate says what would merge it: copies of one owner unify, copies shifted to another id range only overlay mode; unify would save only the first"
+    )
+    func mergeAdvice() throws {
+        let s = Scratch("memadvice")
+        let same = (1...2).map { s.sub("guests/same\($0)") }
+        let shifted = s.sub("guests/shifted")
+        for g in same + [shifted] { installProgram("/usr/bin/perl", into: g) }
+        // An unprivileged guest's files as they lie on disk: every owner shifted by 100000.
+        #expect(run(["/usr/bin/chown", "-R", "-h", "100000:100000", shifted]).status == 0)
+        settle()
+        let procs = try startPerl(in: same + [shifted])
+        defer { stop(procs) }
+        let r = memReport(same + [shifted])
+        let files = r["duplicatedFiles"] as? [[String: Any]] ?? []
+        let perl = files.first { ($0["path"] as? String)?.hasSuffix("/perl") == true } ?? [:]
+        #expect(perl["copies"] as? Int == 3, "\(files)")
+        #expect(perl["mergedBy"] as? String == "unify, then overlay mode", "\(perl)")
+        let unify = perl["unifyWouldSaveBytes"] as? Int ?? 0
+        let overlayOnly = perl["overlayModeWouldSaveBytes"] as? Int ?? 0
+        #expect(unify > 0 && overlayOnly > 0)
+        #expect(unify + overlayOnly == perl["duplicatedBytes"] as? Int ?? -1)
+        let total = r["unifyWouldSaveBytes"] as? Int ?? 0
+        #expect(total >= unify && total < sum(r, same + [shifted], "duplicatedBytes"), "only what unify merges")
+
+        // What unify says it would save is what it does save: after unify and a restart,
+        // only the shifted guest's copies stay duplicated, and only overlay mode would merge them.
+        #expect(hashify(["unify", "-q"] + same + [shifted]).status == 0)
+        stop(procs)
+        let again = try startPerl(in: same + [shifted])
+        defer { stop(again) }
+        let after = memReport(same + [shifted])
+        #expect((after["unifyWouldSaveBytes"] as? Int ?? -1) < total / 10, "\(after["duplicatedFiles"] ?? [])")
+        #expect((after["overlayModeWouldSaveBytes"] as? Int ?? 0) > 0)
+        let left = (after["duplicatedFiles"] as? [[String: Any]] ?? []).compactMap { $0["mergedBy"] as? String }
+        #expect(!left.isEmpty && left.allSatisfy { $0 == "overlay mode" }, "\(left)")
+    }
+
+    @Test(
+        "mem --metrics: the file parses as Prometheus text (prometheus_client) and equals the run's --json",
+        .enabled(if: hasPrometheusParser, "needs python3-prometheus-client (the independent parser)"))
+    func metrics() throws {
+        let s = Scratch("memmetrics")
+        let guests = (1...2).map { s.sub("guests/g\($0)") }
+        for g in guests { installProgram("/usr/bin/perl", into: g) }
+        settle()
+        let procs = try startPerl(in: guests)
+        defer { stop(procs) }
+        let file = s.sub("mem.prom")
+        let r = hashify(["mem", "--json", "--metrics", file] + guests)
+        #expect(r.status == 0, "\(r.err)")
+        let report = jsonReport(r.out)
+        guard let m = prometheusSamples(file) else {
+            Issue.record("does not parse: \((try? String(contentsOfFile: file, encoding: .utf8)) ?? "")")
+            return
+        }
+        let fields = [
+            ("file_backed", "fileBackedBytes"), ("shared", "sharedBytes"), ("duplicated", "duplicatedBytes"),
+            ("anonymous", "anonymousBytes"), ("ksm_merged", "ksmMergedBytes"),
+        ]
+        for g in report["guests"] as? [[String: Any]] ?? [] {
+            let name = g["guest"] as? String ?? ""
+            let f = g["figures"] as? [String: Any] ?? [:]
+            for (metric, key) in fields {
+                #expect(
+                    m["hashify_mem_\(metric)_bytes{guest=\(name)}"] == Double(f[key] as? Int ?? -1), "\(metric) \(name)"
+                )
+            }
+            #expect(m["hashify_mem_processes{guest=\(name)}"] == Double(f["processes"] as? Int ?? -1))
+        }
+        let totals = report["totals"] as? [String: Any] ?? [:]
+        for (metric, key) in fields {
+            #expect(m["hashify_mem_\(metric)_total_bytes"] == Double(totals[key] as? Int ?? -1))
+        }
+        #expect(m["hashify_mem_unify_would_save_bytes"] == Double(report["unifyWouldSaveBytes"] as? Int ?? -1))
+        #expect(m["hashify_mem_store_cached_bytes"] == Double(report["storeCachedBytes"] as? Int ?? -1))
+        let restart = (report["processesToRestart"] as? [[String: Any]] ?? []).reduce(0) {
+            $0 + ($1["bytes"] as? Int ?? 0)
+        }
+        #expect(m["hashify_mem_restart_frees_bytes"] == Double(restart))
+        #expect(abs((m["hashify_mem_duration_seconds"] ?? -1) - (report["seconds"] as? Double ?? 0)) < 0.001)
+        #expect(abs((m["hashify_mem_timestamp_seconds"] ?? 0) - Date().timeIntervalSince1970) < 60)
+        #expect(!FileManager.default.fileExists(atPath: s.sub(".mem.prom.new")), "written atomically")
+    }
+
     @Test("bad input: a root that is not a directory; reading as nobody is partial and says so")
     func badInput() throws {
         let s = Scratch("membad")

@@ -69,7 +69,7 @@ public enum ManifestCommand {
         if Overlay.overlayGuests(among: [root], storePath: path).contains(root) {
             return try overlayManifest(root: root, store: store)
         }
-        var report = ManifestReport(root: root.string, store: path.string, mode: "hardlink")
+        var report = ManifestReport(root: canonical.string, store: path.string, mode: "hardlink")
         // How many guests link each store object: this one (it is listed below) and every other guest the store knows.
         let objects = Set(try store.objectGenerations().keys)
         let remembered = store.rememberedGuests().filter { RootValidation.canonical($0) != canonical }
@@ -103,7 +103,8 @@ public enum ManifestCommand {
     /// An overlay guest: the merged view (its mount, or a private read-only
     /// one); a file is shared while its data is still its stub's data object.
     static func overlayManifest(root: FilePath, store: Store) throws -> ManifestReport {
-        var report = ManifestReport(root: root.string, store: store.path.string, mode: "overlay")
+        var report = ManifestReport(
+            root: (RootValidation.canonical(root) ?? root).string, store: store.path.string, mode: "overlay")
         var options = OverlayOptions(roots: [root])
         options.store = store.path
         let s = try Overlay.session(options, createRecords: false)  // holds the store's lock: no fold runs meanwhile

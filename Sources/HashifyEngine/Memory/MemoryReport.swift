@@ -46,6 +46,13 @@ public struct MemoryReport: Sendable, Codable {
     public var storeCachedBytes: UInt64 = 0
     /// Contents resident under several inodes, largest first (at most 20).
     public var duplicatedFiles: [DuplicatedFile] = []
+    /// Of all duplicated bytes, those unify would merge (plain guests' copies
+    /// of one identity; overlay guests' copy-ups, by its fold), once the
+    /// processes that map them restart.
+    public var unifyWouldSaveBytes: UInt64 = 0
+    /// Those only overlay mode would merge (copies whose owner, mode, mtime or
+    /// xattrs differ, as between guests of two unprivileged id ranges).
+    public var overlayModeWouldSaveBytes: UInt64 = 0
     /// Processes whose memory could not be read (permission, hidepid): the figures leave them out.
     public var unreadableProcesses = 0
     /// True when some processes could not be read.
@@ -61,5 +68,10 @@ public struct MemoryReport: Sendable, Codable {
         public var duplicatedBytes: UInt64
         /// Page cache the extra copies hold (`cachestat`): mapped or not.
         public var cachedBytes: UInt64
+        /// What would merge the extra copies: `unify`, `overlay mode`,
+        /// `unify, then overlay mode`, or `nothing` (64 bytes or less: whole in each overlay guest).
+        public var mergedBy = "unify"
+        public var unifyWouldSaveBytes: UInt64 = 0
+        public var overlayModeWouldSaveBytes: UInt64 = 0
     }
 }

@@ -11,17 +11,20 @@ public struct MemoryOptions: Sendable {
 /// Builds `hashify mem`'s report from /proc: each process is given to the
 /// guest whose root is its root (by device and inode), its file-backed
 /// mappings are resolved to the inode that holds their page cache (an overlay
-/// guest's mapping to its data object or copy-up), and inodes are grouped by
-/// content (the store knows the digests of its objects; other inodes are
-/// hashed only when another mapped inode has the same size).
+/// guest's mapping to its copy-up, else to the data object of the stub at the
+/// mapping's path: one lookup per mapped file, never a scan of the layers),
+/// and inodes are grouped by content (the store's index knows the digests of
+/// what it hashed; other inodes are hashed only when another mapped inode has
+/// the same size). Its cost follows what is mapped, not what the guests hold.
 public enum MemoryScanner {
     /// A guest root as `mem` matches processes against it.
     struct GuestRoot {
         var label: String
         var canonical: FilePath
         var stat: FileStat
-        /// For a mounted overlay guest: stub inode → redirect, the upper layer, the overlay's device.
-        var stubs: [UInt64: [UInt8]] = [:]
+        /// For a mounted overlay guest: its metadata and upper layers (of the
+        /// generation in force), and the overlay's device.
+        var meta: Directory?
         var upper: Directory?
         var overlayDevice: UInt64?
         /// NAME when the root is LXC's `…/NAME/rootfs` (its processes' cgroup is `lxc.payload.NAME`).
@@ -52,6 +55,8 @@ public enum MemoryScanner {
         var source: Source
         var deleted: Bool
         var path: [UInt8]
+        /// Mapped through an overlay guest (its copy-up, data object or own file).
+        var overlay = false
     }
 
     public static func run(_ options: MemoryOptions) throws -> MemoryReport {
@@ -114,27 +119,30 @@ public enum MemoryScanner {
             }
         }
 
-        /// Each mapping to the inode that holds its pages (an overlay stub's data object or copy-up).
+        /// Each mapping to the inode that holds its pages (an overlay guest's
+        /// copy-up, or its stub's data object), each distinct mapped inode resolved once.
         mutating func resolveMappings() {
+            var overlayResolved: [Physical: (Physical, Source, ContentDigest?)] = [:]
+            let overlayGuests = Dictionary(
+                guests.indices.compactMap { i in guests[i].overlayDevice.map { ($0, i) } },
+                uniquingKeysWith: { a, _ in a })
             for (maps, guest) in processes {
                 var keys: [Physical] = []
                 for m in maps.mapped {
                     var key = Physical(device: m.device, inode: m.inode)
                     var source = Source.mapFile(pid: maps.pid, range: m.range)
                     var digest: ContentDigest?
-                    if let o = guests.firstIndex(where: { $0.overlayDevice == m.device }),
-                        let redirect = guests[o].stubs[m.inode]
-                    {
-                        if let (dir, name, st) = copyUp(of: m.path, in: guests[o]) {
-                            key = Physical(device: st.device, inode: st.inode)
-                            source = .upper(dir, name)
-                        } else if let objects, let st = try? objects.stat(redirect) {
-                            key = Physical(device: st.device, inode: st.inode)
-                            source = .dataObject(redirect)
-                            digest = objects.digests[redirect]
+                    if let o = overlayGuests[m.device], !m.deleted {
+                        if overlayResolved[key] == nil {
+                            overlayResolved[key] =
+                                resolveOverlay(m.path, inode: m.inode, in: guests[o], objects: objects) ?? (
+                                    key, source, nil
+                                )
                         }
+                        (key, source, digest) = overlayResolved[key]!
                     }
                     var info = physical[key] ?? PhysicalInfo(source: source, deleted: m.deleted, path: m.path)
+                    if overlayGuests[m.device] != nil { info.overlay = true }
                     info.resident += m.pss
                     info.guests.insert(guest)
                     if info.digest == nil { info.digest = digest }
@@ -145,32 +153,29 @@ public enum MemoryScanner {
             }
         }
 
-        /// Contents: the store's digests, else hashing where another inode has the same size.
+        /// Contents: the store index's digests of the mapped inodes it
+        /// vouches for (unchanged since hashed), else hashing where another
+        /// inode has the same size; deleted inodes are hashed to learn whether
+        /// the store holds their content (a restart would let them go).
         mutating func digestContents() {
-            if let store {
-                for o in (try? store.listObjects()) ?? [] {
-                    storeDigests.insert(o.digest)
-                    let k = Physical(device: o.stat.device, inode: o.stat.inode)
-                    if physical[k] != nil {
-                        physical[k]!.digest = o.digest
-                        physical[k]!.size = o.stat.size
-                    }
-                    report.storeCachedBytes += cachedBytes(
-                        try? store.prefixDirectory(o.digest.firstByte).openFileForReading(o.name),
-                        size: o.stat.size)
-                }
+            var stats: [Physical: FileStat] = [:]
+            for (k, info) in physical {
+                guard let st = (try? open(info.source, objects: objects)?.stat()) ?? nil else { continue }
+                stats[k] = st
+                if physical[k]!.size == nil { physical[k]!.size = st.size }
             }
-            if let objects {
-                for o in (try? objects.list()) ?? [] {
-                    if let d = o.digest { storeDigests.insert(d) }
-                    report.storeCachedBytes += cachedBytes(try? objects.open(o.redirect), size: o.stat.size)
+            if let store {
+                _ = ContentIndex.read(from: store) { r in
+                    let k = Physical(device: r.key.device, inode: r.key.inode)
+                    guard physical[k]?.digest == nil, let st = stats[k], r.isTrusted, r.size == st.size,
+                        r.changeTime == st.changeTime, r.modificationTime == st.modificationTime
+                    else { return }
+                    physical[k]!.digest = r.digest
                 }
+                report.storeCachedBytes = storeCachedBytes(store)
             }
             var bySize: [UInt64: Int] = [:]
-            for (k, info) in physical {
-                if info.size == nil { physical[k]!.size = (try? open(info.source, objects: objects)?.stat())??.size }
-                if let s = physical[k]!.size { bySize[s, default: 0] += 1 }
-            }
+            for info in physical.values { if let s = info.size { bySize[s, default: 0] += 1 } }
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
             defer { buffer.deallocate() }
             for (k, info) in physical where info.digest == nil {
@@ -179,10 +184,38 @@ public enum MemoryScanner {
                 else { continue }
                 physical[k]!.digest = try? ContentHasher.contentDigest(of: f, size: size, buffer: buffer).0
             }
+            // What the store holds, asked only of the contents of deleted inodes.
+            for info in physical.values where info.deleted {
+                guard let d = info.digest, !storeDigests.contains(d) else { continue }
+                if objects?.redirects[d] != nil || (store.map { MemoryScanner.holdsObject(d, in: $0) } ?? false) {
+                    storeDigests.insert(d)
+                }
+            }
         }
 
-        /// Duplicates: the same content resident under several inodes that guests map (what unify
-        /// can still merge: the host's own files are not unified); the copy with most pages is the one kept.
+        /// Page cache the store's objects hold (`cachestat(2)` of each).
+        func storeCachedBytes(_ store: Store) -> UInt64 {
+            var total: UInt64 = 0
+            for o in (try? store.listObjects()) ?? [] {
+                total += cachedBytes(
+                    try? store.prefixDirectory(o.digest.firstByte).openFileForReading(o.name), size: o.stat.size)
+            }
+            if let objects {
+                for o in (try? objects.list()) ?? [] {
+                    total += cachedBytes(try? objects.open(o.redirect), size: o.stat.size)
+                }
+            }
+            return total
+        }
+
+        /// Duplicates: the same content resident under several inodes that
+        /// guests map (the host's own files are not unified); the copy with most
+        /// pages is the one kept. Of each, what would merge its extra copies:
+        /// `unify` merges plain guests' copies of one identity (mode, owner,
+        /// mtime, xattrs) and, by its fold, overlay guests' copy-ups; overlay
+        /// mode merges copies whose identities differ (its objects hold content
+        /// only); nothing merges files of 64 bytes or less, which stay whole in
+        /// each overlay guest.
         mutating func findDuplicates() {
             var byContent: [ContentDigest: [Physical]] = [:]
             for (k, info) in physical where info.resident > 0 && info.guests.contains(where: { $0 >= 0 }) {
@@ -195,13 +228,53 @@ public enum MemoryScanner {
                 let cached = extra.reduce(UInt64(0)) { sum, k in
                     sum + cachedBytes(try? open(physical[k]!.source, objects: objects), size: physical[k]!.size ?? 0)
                 }
-                report.duplicatedFiles.append(
-                    MemoryReport.DuplicatedFile(
-                        path: escapedPath(physical[kept]!.path), copies: ks.count,
-                        duplicatedBytes: extra.reduce(0) { $0 + physical[$1]!.resident }, cachedBytes: cached))
+                var d = MemoryReport.DuplicatedFile(
+                    path: escapedPath(physical[kept]!.path), copies: ks.count,
+                    duplicatedBytes: extra.reduce(0) { $0 + physical[$1]!.resident }, cachedBytes: cached)
+                (d.unifyWouldSaveBytes, d.overlayModeWouldSaveBytes) = merges(of: ks)
+                d.mergedBy =
+                    d.unifyWouldSaveBytes > 0
+                    ? (d.overlayModeWouldSaveBytes > 0 ? "unify, then overlay mode" : "unify")
+                    : (d.overlayModeWouldSaveBytes > 0 ? "overlay mode" : "nothing")
+                report.unifyWouldSaveBytes += d.unifyWouldSaveBytes
+                report.overlayModeWouldSaveBytes += d.overlayModeWouldSaveBytes
+                report.duplicatedFiles.append(d)
             }
             report.duplicatedFiles.sort { $0.duplicatedBytes > $1.duplicatedBytes }
             report.duplicatedFiles = Array(report.duplicatedFiles.prefix(20))
+        }
+
+        /// Resident bytes of the extra copies of one content that unify would
+        /// merge, and those only overlay mode would (see `findDuplicates`).
+        func merges(of copies: [Physical]) -> (unify: UInt64, overlayMode: UInt64) {
+            let size = physical[copies[0]]!.size ?? 0
+            let mergeable = size > Overlay.inlineLimit
+            // Classes unify merges within: overlay guests' copies (by a fold), plain copies by identity.
+            var classes: [String: [UInt64]] = [:]
+            for k in copies {
+                let info = physical[k]!
+                var cls = "overlay"
+                if !info.overlay {
+                    let identity = (try? open(info.source, objects: objects)).flatMap { f in
+                        f.flatMap { try? MetadataIdentity(stat: $0.stat(), xattrs: $0.extendedAttributes()) }
+                    }
+                    cls = identity.map { "plain " + $0.key } ?? "plain \(k.device):\(k.inode)"
+                }
+                classes[cls, default: []].append(info.resident)
+            }
+            var unify: UInt64 = 0
+            var keepers: [UInt64] = []
+            for (cls, resident) in classes {
+                let top = resident.max()!
+                if cls == "overlay" && !mergeable {
+                    keepers += resident  // stay whole in each overlay guest
+                    continue
+                }
+                unify += resident.reduce(0, +) - top
+                keepers.append(top)
+            }
+            let rest = keepers.reduce(0, +) - keepers.max()!
+            return (unify, mergeable ? rest : 0)
         }
 
         /// Per guest: file-backed, shared, duplicated, anonymous and KSM-merged bytes, and who must restart.
@@ -255,16 +328,14 @@ public enum MemoryScanner {
         var guests: [GuestRoot] = []
         for checked in try RootValidation.checkedRoots(rootPaths, allowingRepeats: true) {
             let (c, dir, st) = (checked.canonical, checked.directory, checked.stat)
-            var g = GuestRoot(label: checked.given.string, canonical: c, stat: st)
+            var g = GuestRoot(label: c.string, canonical: c, stat: st)
             if let store, let record = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),
                 let state = try? record.readState(), let gen = try? record.generation(state.generation),
                 OverlayMount.isMounted(gen, at: dir)
             {
                 g.overlayDevice = st.device
+                g.meta = gen.meta
                 g.upper = gen.upper
-                var scan = Overlay.LayerScan()
-                scan.scan(gen.meta)
-                g.stubs = scan.stubInodes
             }
             guests.append(g)
         }
@@ -304,22 +375,50 @@ public enum MemoryScanner {
         return guests.firstIndex { $0.lxcName == name } ?? -1
     }
 
-    /// The guest's copy-up of a mapped file, when its upper layer holds one
-    /// (the mapping's path, with the guest root's prefix taken off when the kernel printed it).
-    static func copyUp(of path: [UInt8], in guest: GuestRoot) -> (Directory, FileName, FileStat)? {
-        guard let upper = guest.upper else { return nil }
+    /// The inode holding the pages of an overlay guest's mapping: its
+    /// copy-up when the upper layer holds one, else the data object the stub
+    /// at the mapping's path redirects to (that stub being the mapped inode).
+    static func resolveOverlay(_ path: [UInt8], inode: UInt64, in guest: GuestRoot, objects: DataObjects?) -> (
+        Physical, Source, ContentDigest?
+    )? {
+        if let upper = guest.upper, let (dir, name, st) = lookup(path, in: upper, guest: guest) {
+            return (Physical(device: st.device, inode: st.inode), .upper(dir, name), nil)
+        }
+        guard let meta = guest.meta, let objects, let (dir, name, st) = lookup(path, in: meta, guest: guest),
+            st.inode == inode, let stub = try? dir.openFileForReading(name),
+            stub.extendedAttribute("trusted.overlay.metacopy") != nil,
+            let redirect = stub.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(redirect),
+            let object = try? objects.stat(redirect)
+        else { return nil }
+        return (Physical(device: object.device, inode: object.inode), .dataObject(redirect), objects.digests[redirect])
+    }
+
+    /// The regular file at a mapping's path in one of a guest's layers (the
+    /// path with the guest root's prefix taken off when the kernel printed it),
+    /// looked up one component at a time without following symlinks.
+    static func lookup(_ path: [UInt8], in layer: Directory, guest: GuestRoot) -> (Directory, FileName, FileStat)? {
         var p = path
         let prefix = Array(guest.canonical.string.utf8)
         if p.count > prefix.count, p.starts(with: prefix), p[prefix.count] == 0x2f { p = Array(p[prefix.count...]) }
         let parts = p.split(separator: 0x2f).map { FileName(bytes: $0) }
         guard let last = parts.last else { return nil }
-        var dir = upper
+        var dir = layer
         for c in parts.dropLast() {
             guard let d = try? dir.openDirectory(c) else { return nil }
             dir = d
         }
         guard let st = try? dir.stat(last), st.isRegular else { return nil }
         return (dir, last, st)
+    }
+
+    /// Whether the store has a hardlink object of content `digest` (one
+    /// prefix directory listed, not the store).
+    static func holdsObject(_ digest: ContentDigest, in store: Store) -> Bool {
+        let hex = Array(digest.hex.utf8)
+        guard let dir = try? store.prefixDirectory(digest.firstByte), let names = try? dir.entryNames() else {
+            return false
+        }
+        return names.contains { $0.bytes.starts(with: hex) }
     }
 
     static func open(_ source: Source, objects: DataObjects?) throws -> OpenFile? {

@@ -180,9 +180,9 @@ extension Overlay {
                 let g = try OverlayGuest.open(store: store, canonicalRoot: c, create: false)
             else { continue }
             do {
-                out.append(try fold(g, root: r, session: s, dryRun: dryRun))
+                out.append(try fold(g, root: c, session: s, dryRun: dryRun))
             } catch {
-                var failed = OverlayReport.Guest(root: r.string, action: .leftAsItWas)
+                var failed = OverlayReport.Guest(root: c.string, action: .leftAsItWas)
                 failed.notes.append("fold failed: \(error)")
                 out.append(failed)
             }

@@ -135,7 +135,7 @@ public enum Overlay {
         }
         return Session(
             store: store, objects: try store.dataObjects(), dataPath: dataPath,
-            guests: guests.map { (root: $0.0, canonical: $0.1, record: $0.2) })
+            guests: guests.map { (root: $0.1, canonical: $0.1, record: $0.2) })
     }
 
     // MARK: recovery

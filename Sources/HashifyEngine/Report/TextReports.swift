@@ -55,10 +55,17 @@ extension MemoryReport: TextReport {
         }
         out += "\nstore     \(mib(r.storeCachedBytes)) of store objects in the page cache\n"
         if !r.duplicatedFiles.isEmpty {
-            out += "\nstill duplicated in memory (unify, then restart what maps them):\n"
+            out += "\nstill duplicated in memory (and what would merge each):\n"
             for d in r.duplicatedFiles.prefix(10) {
-                out += "  \(mib(d.duplicatedBytes).leftPadded(10))  \(d.copies) copies  \(d.path)\n"
+                out +=
+                    "  \(mib(d.duplicatedBytes).leftPadded(10))  \(d.copies) copies  \(d.path)  (\(d.mergedBy))\n"
             }
+            out += "unify would save \(mib(r.unifyWouldSaveBytes)) of it (then restart what maps those copies)"
+            if r.overlayModeWouldSaveBytes > 0 {
+                out +=
+                    "; only overlay mode would merge \(mib(r.overlayModeWouldSaveBytes)) (copies whose owner, mode, mtime or xattrs differ)"
+            }
+            out += "\n"
         }
         if !r.processesToRestart.isEmpty {
             out += "\nrestart to share memory (they map copies unify replaced):\n"

@@ -61,7 +61,7 @@ public enum RootValidation {
             throw InputError(
                 "\(r.given): on another filesystem than \(checked[0].given) (all guests and the store must share one)")
         }
-        return checked.map { GuestRoot(path: $0.given, directory: $0.directory, stat: $0.stat) }
+        return checked.map { GuestRoot(path: $0.canonical, directory: $0.directory, stat: $0.stat) }
     }
 
     /// The default store of guests, the same for every command: the nearest
