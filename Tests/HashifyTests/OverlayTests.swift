@@ -282,6 +282,41 @@ struct OverlayTests {
     }
 
     @Test(
+        "guests are named alike in every command: unify given relative roots, status, mem and manifest say the real path"
+    )
+    func namesAlike() throws {
+        let s = Scratch("ovnames")
+        let (a, b) = (s.sub("guests/o1/rootfs"), s.sub("guests/p1/rootfs"))
+        try makeRichGuest(a, index: 0)
+        try makeRichGuest(b, index: 1)
+        settle()
+        let store = s.sub("guests/.hashify")
+        #expect(overlay(["convert", "-q", a], store: store).status == 0)
+        let u = run([
+            "/bin/sh", "-c", "cd \(s.sub("guests")) && \(hashifyBinary) unify --json o1/rootfs ./p1/../p1/rootfs",
+        ])
+        #expect(u.status == 0, "\(u.err)")
+        let unify = jsonReport(u.out)
+        let unifyRoots = Set(
+            ((unify["guests"] as? [[String: Any]] ?? []) + (unify["overlayGuests"] as? [[String: Any]] ?? []))
+                .compactMap { $0["root"] as? String })
+        #expect(unifyRoots == [a, b], "\(unifyRoots)")
+        let status = jsonReport(hashify(["status", "--json", "--store", store]).out)
+        let statusRoots = Set(
+            ((status["guests"] as? [[String: Any]] ?? [])
+                + ((status["overlay"] as? [String: Any])?["guests"] as? [[String: Any]] ?? []))
+                .compactMap { $0["root"] as? String })
+        #expect(statusRoots == [a, b], "\(statusRoots)")
+        let m = run(["/bin/sh", "-c", "cd \(s.sub("guests")) && \(hashifyBinary) manifest --json o1/rootfs"])
+        #expect(jsonReport(m.out)["root"] as? String == a)
+        let memGuests = Set(
+            (memReport(["--store", store, a, b])["guests"] as? [[String: Any]] ?? []).compactMap {
+                $0["guest"] as? String
+            })
+        #expect(memGuests.isSuperset(of: [a, b]), "\(memGuests)")
+    }
+
+    @Test(
         "a store of the previous version (text data index, version-1 index) is read and upgraded in place; a damaged data index is rebuilt from the objects"
     )
     func storeUpgrade() throws {
