@@ -27,6 +27,9 @@ public enum MemoryScanner {
         var meta: Directory?
         var upper: Directory?
         var overlayDevice: UInt64?
+        /// The layers' directories looked up so far, by path: the mapped files of a
+        /// guest lie in a few directories, each opened once.
+        var directories = LayerDirectories()
         /// NAME when the root is LXC's `…/NAME/rootfs` (its processes' cgroup is `lxc.payload.NAME`).
         var lxcName: String? {
             guard canonical.lastComponent?.string == "rootfs" else { return nil }
@@ -381,10 +384,10 @@ public enum MemoryScanner {
     static func resolveOverlay(_ path: [UInt8], inode: UInt64, in guest: GuestRoot, objects: DataObjects?) -> (
         Physical, Source, ContentDigest?
     )? {
-        if let upper = guest.upper, let (dir, name, st) = lookup(path, in: upper, guest: guest) {
+        if let upper = guest.upper, let (dir, name, st) = lookup(path, in: upper, layer: 1, guest: guest) {
             return (Physical(device: st.device, inode: st.inode), .upper(dir, name), nil)
         }
-        guard let meta = guest.meta, let objects, let (dir, name, st) = lookup(path, in: meta, guest: guest),
+        guard let meta = guest.meta, let objects, let (dir, name, st) = lookup(path, in: meta, layer: 0, guest: guest),
             st.inode == inode, let stub = try? dir.openFileForReading(name),
             stub.extendedAttribute("trusted.overlay.metacopy") != nil,
             let redirect = stub.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(redirect),
@@ -396,18 +399,17 @@ public enum MemoryScanner {
     /// The regular file at a mapping's path in one of a guest's layers (the
     /// path with the guest root's prefix taken off when the kernel printed it),
     /// looked up one component at a time without following symlinks.
-    static func lookup(_ path: [UInt8], in layer: Directory, guest: GuestRoot) -> (Directory, FileName, FileStat)? {
-        var p = path
+    static func lookup(_ path: [UInt8], in root: Directory, layer: Int, guest: GuestRoot) -> (
+        Directory, FileName, FileStat
+    )? {
+        var p = path[...]
         let prefix = Array(guest.canonical.string.utf8)
-        if p.count > prefix.count, p.starts(with: prefix), p[prefix.count] == 0x2f { p = Array(p[prefix.count...]) }
-        let parts = p.split(separator: 0x2f).map { FileName(bytes: $0) }
-        guard let last = parts.last else { return nil }
-        var dir = layer
-        for c in parts.dropLast() {
-            guard let d = try? dir.openDirectory(c) else { return nil }
-            dir = d
-        }
-        guard let st = try? dir.stat(last), st.isRegular else { return nil }
+        if p.count > prefix.count, p.starts(with: prefix), p[prefix.count] == 0x2f { p = p[prefix.count...] }
+        guard let slash = p.lastIndex(of: 0x2f), slash + 1 < p.endIndex else { return nil }
+        let last = FileName(bytes: p[(slash + 1)...])
+        guard let dir = guest.directories.directory(Array(p[..<slash]), layer: layer, root: root),
+            let st = try? dir.stat(last), st.isRegular
+        else { return nil }
         return (dir, last, st)
     }
 
@@ -419,6 +421,23 @@ public enum MemoryScanner {
             return false
         }
         return names.contains { $0.bytes.starts(with: hex) }
+    }
+
+    /// Directories of an overlay guest's layers by path below the layer, opened
+    /// one component at a time without following symlinks, each once (nil: there is none).
+    final class LayerDirectories {
+        private var opened: [Int: [[UInt8]: Directory?]] = [:]
+
+        func directory(_ path: [UInt8], layer: Int, root: Directory) -> Directory? {
+            if path.isEmpty { return root }
+            if let known = opened[layer]?[path] { return known }
+            let slash = path.lastIndex(of: 0x2f) ?? path.startIndex
+            let name = FileName(bytes: path[(path[slash] == 0x2f ? slash + 1 : slash)...])
+            let parent = directory(Array(path[..<slash]), layer: layer, root: root)
+            let d = parent.flatMap { try? $0.openDirectory(name) }
+            opened[layer, default: [:]][path] = d
+            return d
+        }
     }
 
     static func open(_ source: Source, objects: DataObjects?) throws -> OpenFile? {

@@ -34,10 +34,25 @@ struct ProcessMaps {
         return ((ma & 0xffff_f000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffff_ff00) << 12) | (mi & 0xff)
     }
 
+    /// The number of kB in a "Name:   1234 kB" line, in bytes (no allocation: this runs for every line of smaps).
     static func kilobytes(_ line: ArraySlice<UInt8>) -> UInt64 {
-        let f = line.split(separator: 0x20, omittingEmptySubsequences: true)
-        return f.count >= 2 ? (UInt64(String(decoding: f[1], as: UTF8.self)) ?? 0) * 1024 : 0
+        var value: UInt64 = 0
+        var seen = false
+        for b in line {
+            if b >= 0x30 && b <= 0x39 {
+                value = value &* 10 &+ UInt64(b - 0x30)
+                seen = true
+            } else if seen {
+                break
+            }
+        }
+        return value * 1024
     }
+
+    static let rssField = Array("Rss:".utf8)
+    static let pssField = Array("Pss:".utf8)
+    static let anonymousField = Array("Anonymous:".utf8)
+    static let deletedSuffix = Array(" (deleted)".utf8)
 
     /// Reads one process; nil when it vanished. Throws `Errno.permissionDenied` when its maps are not ours to read.
     static func read(pid: Int, in proc: Directory) throws -> ProcessMaps? {
@@ -61,42 +76,49 @@ struct ProcessMaps {
             pssInCurrent = 0
             anonymousInCurrent = 0
         }
-        for line in smaps.split(separator: 0x0a) {
+        var start = smaps.startIndex
+        while start < smaps.endIndex {
+            let end = smaps[start...].firstIndex(of: 0x0a) ?? smaps.endIndex
+            let line = smaps[start..<end]
+            start = end + 1
             guard let first = line.first else { continue }
-            let isHeader = (0x30...0x39).contains(first) || (0x61...0x66).contains(first)
-            if isHeader, let dash = line.firstIndex(of: 0x2d), dash < (line.firstIndex(of: 0x20) ?? line.endIndex) {
-                close()
-                let f = line.split(separator: 0x20, maxSplits: 5, omittingEmptySubsequences: true)
-                guard f.count >= 6, let dev = device(f[3]), let ino = UInt64(String(decoding: f[4], as: UTF8.self)),
-                    ino != 0
-                else { continue }
-                var path = Array(f[5].drop { $0 == 0x20 })
-                let suffix = Array(" (deleted)".utf8)
-                let deleted = path.count > suffix.count && Array(path.suffix(suffix.count)) == suffix
-                if deleted { path.removeLast(suffix.count) }
-                if path.first != 0x2f { continue }  // [heap], [vdso], anonymous shared memory
-                let key = dev &* 1_000_003 ^ ino
-                if let existing = byInode[key]?.first(where: { p.mapped[$0].device == dev && p.mapped[$0].inode == ino }
-                ) {
-                    current = existing
-                } else {
-                    p.mapped.append(Mapped(device: dev, inode: ino, path: path, deleted: deleted, range: Array(f[0])))
-                    current = p.mapped.count - 1
-                    byInode[key, default: []].append(current!)
+            // The fields that count start with R, P or A; a mapping's header with a hex digit.
+            if first == 0x52 || first == 0x50 || first == 0x41 {
+                guard current != nil else {
+                    if line.starts(with: Self.anonymousField) { p.anonymousPss += kilobytes(line) }
+                    continue
+                }
+                if line.starts(with: Self.rssField) {
+                    p.mapped[current!].rss += kilobytes(line)
+                } else if line.starts(with: Self.pssField) {
+                    pssInCurrent = kilobytes(line)
+                } else if line.starts(with: Self.anonymousField) {
+                    anonymousInCurrent = kilobytes(line)
+                    p.anonymousPss += anonymousInCurrent
                 }
                 continue
             }
-            guard current != nil else {
-                if line.starts(with: Array("Anonymous:".utf8)) { p.anonymousPss += kilobytes(line) }
-                continue
-            }
-            if line.starts(with: Array("Rss:".utf8)) {
-                p.mapped[current!].rss += kilobytes(line)
-            } else if line.starts(with: Array("Pss:".utf8)) {
-                pssInCurrent = kilobytes(line)
-            } else if line.starts(with: Array("Anonymous:".utf8)) {
-                anonymousInCurrent = kilobytes(line)
-                p.anonymousPss += anonymousInCurrent
+            let isHeader = (0x30...0x39).contains(first) || (0x61...0x66).contains(first)
+            guard isHeader, let dash = line.firstIndex(of: 0x2d), dash < (line.firstIndex(of: 0x20) ?? line.endIndex)
+            else { continue }
+            close()
+            let f = line.split(separator: 0x20, maxSplits: 5, omittingEmptySubsequences: true)
+            guard f.count >= 6, let dev = device(f[3]), let ino = UInt64(String(decoding: f[4], as: UTF8.self)),
+                ino != 0
+            else { continue }
+            var path = Array(f[5].drop { $0 == 0x20 })
+            if path.first != 0x2f { continue }  // [heap], [vdso], anonymous shared memory
+            let deleted =
+                path.count > Self.deletedSuffix.count
+                && path.suffix(Self.deletedSuffix.count).elementsEqual(Self.deletedSuffix)
+            if deleted { path.removeLast(Self.deletedSuffix.count) }
+            let key = dev &* 1_000_003 ^ ino
+            if let existing = byInode[key]?.first(where: { p.mapped[$0].device == dev && p.mapped[$0].inode == ino }) {
+                current = existing
+            } else {
+                p.mapped.append(Mapped(device: dev, inode: ino, path: path, deleted: deleted, range: Array(f[0])))
+                current = p.mapped.count - 1
+                byInode[key, default: []].append(current!)
             }
         }
         close()
