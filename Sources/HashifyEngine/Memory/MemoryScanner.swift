@@ -1,3 +1,4 @@
+import Crypto
 import HashifySystem
 import SystemPackage
 
@@ -177,14 +178,37 @@ public enum MemoryScanner {
                 }
                 report.storeCachedBytes = storeCachedBytes(store)
             }
-            var bySize: [UInt64: Int] = [:]
-            for info in physical.values { if let s = info.size { bySize[s, default: 0] += 1 } }
+            // An inode whose content is unknown is hashed only when another mapped
+            // inode could hold the same: one of its size whose first 4 KiB are the
+            // same too (journald's files, of one size in every guest, differ there).
+            var bySize: [UInt64: [Physical]] = [:]
+            for (k, info) in physical { if let s = info.size, s > 0 { bySize[s, default: []].append(k) } }
+            var candidates = Set<Physical>()
+            for (size, ks) in bySize where ks.contains(where: { physical[$0]!.digest == nil }) {
+                if ks.count == 1 {
+                    if physical[ks[0]]!.deleted { candidates.insert(ks[0]) }
+                    continue
+                }
+                var byHead: [[UInt8]: [Physical]] = [:]
+                for k in ks {
+                    let head = (try? open(physical[k]!.source, objects: objects)).flatMap { f in
+                        f.flatMap { Self.head(of: $0, size: size) }
+                    }
+                    byHead[head ?? [], default: []].append(k)
+                }
+                for (head, group) in byHead {
+                    for k in group
+                    where physical[k]!.digest == nil && (group.count > 1 || head.isEmpty || physical[k]!.deleted) {
+                        candidates.insert(k)
+                    }
+                }
+            }
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
             defer { buffer.deallocate() }
-            for (k, info) in physical where info.digest == nil {
-                guard let size = info.size, size > 0, bySize[size, default: 0] > 1 || info.deleted,
-                    let f = try? open(info.source, objects: objects)
-                else { continue }
+            for k in candidates {
+                guard let size = physical[k]!.size, let f = try? open(physical[k]!.source, objects: objects) else {
+                    continue
+                }
                 physical[k]!.digest = try? ContentHasher.contentDigest(of: f, size: size, buffer: buffer).0
             }
             // What the store holds, asked only of the contents of deleted inodes.
@@ -194,6 +218,21 @@ public enum MemoryScanner {
                     storeDigests.insert(d)
                 }
             }
+        }
+
+        /// SHA-256 of a file's first 4 KiB (nil when it cannot be read).
+        static func head(of f: OpenFile, size: UInt64) -> [UInt8]? {
+            var bytes = [UInt8](repeating: 0, count: Int(min(size, 4096)))
+            var got = 0
+            while got < bytes.count {
+                let n =
+                    (try? bytes.withUnsafeMutableBytes { b in
+                        try f.read(into: UnsafeMutableRawBufferPointer(rebasing: b[got...]), at: UInt64(got))
+                    }) ?? 0
+                if n <= 0 { return nil }
+                got += n
+            }
+            return Array(SHA256.hash(data: bytes))
         }
 
         /// Page cache the store's objects hold (`cachestat(2)` of each).
