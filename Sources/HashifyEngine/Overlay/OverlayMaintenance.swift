@@ -41,8 +41,6 @@ extension Overlay {
     /// with the count and size of such stubs.
     struct LayerScan {
         var referenced = Set<[UInt8]>()
-        /// Stub inode → redirect (what `mem` resolves an overlay mapping's inode with).
-        var stubInodes: [UInt64: [UInt8]] = [:]
         var stubs = 0
         var stubBytes: UInt64 = 0
         var allocatedBytes: UInt64 = 0
@@ -65,7 +63,6 @@ extension Overlay {
                         let r = f.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r)
                     else { return .next }
                     referenced.insert(r)
-                    stubInodes[st.inode] = r
                     stubs += 1
                     stubBytes += st.size
                     return .next
