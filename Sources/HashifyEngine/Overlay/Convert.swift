@@ -38,6 +38,7 @@ extension Overlay {
                 )
             }
             try checkNotInUse(g.root, canonical: g.canonical, mountedOverlay: false)
+            try ownOverlayAttributeRefusal(root: g.root, tree: dir)
         }
         var report = OverlayReport(command: "overlay convert", store: s.store.path.string)
         let hardlinkObjects = Set((try? s.store.objectGenerations())?.keys.map { $0 } ?? [])
@@ -74,18 +75,30 @@ extension Overlay {
         try guest.writeState(state)
         let gen = try guest.makeGeneration(1)
         let filler = StubFiller(objects: s.objects, threads: fillThreads)
-        let copier = TreeCopier(escapeOverlayAttributes: true) { file, dest in
+        let copier = TreeCopier(overlayNames: .escape) { file, dest in
             // The guest's own inode becomes the object when no name outside the guest links it.
-            let link = file.stat.linkCount == 1 && !hardlinkObjects.contains(file.stat.inode)
+            // An inode carrying trusted.overlay.* xattrs is cloned instead: as an object it would keep them.
+            let link =
+                file.stat.linkCount == 1 && !hardlinkObjects.contains(file.stat.inode) && !file.carriesOverlayNames
             return try makeEntry(file, in: dest, filler: filler, lease: true, linkSource: link, result: &result)
         }
-        do { try copier.copy(source, into: gen.meta) } catch {
-            _ = try? filler.finish()
+        do {
+            do { try copier.copy(source, into: gen.meta) } catch {
+                _ = try? filler.finish()
+                throw error
+            }
+            merge(try filler.finish(), into: &result)
+            try copyRootAttributes(from: source, to: gen.upper)
+            try DataLayerHiding.apply(to: gen.meta)
+            try gen.markEscapedAttributes(copier.escapedAttributes)
+            try s.objects.sync()
+        } catch {
+            // Undone at once: the generation, and the objects it alone made
+            // (the guest's own inodes, linked: they would keep its link counts raised).
+            _ = try? recover(guest)
+            try? s.objects.remove(filler.objectsMade)
             throw error
         }
-        merge(try filler.finish(), into: &result)
-        try copyRootAttributes(from: source, to: gen.upper)
-        try s.objects.sync()
 
         // The switch: an empty mount point takes the tree's place in one rename.
         // A guest started while it was being read would lose what it writes now: checked again right before.

@@ -120,7 +120,7 @@ extension Overlay {
         let next = try guest.makeGeneration(number)
         let filler = StubFiller(objects: s.objects, threads: fillThreads)
         let copier = TreeCopier(
-            escapeOverlayAttributes: true,
+            overlayNames: .escape,
             context: { parent, name in
                 (parent as? FoldContext)?.child(name)
             }
@@ -144,6 +144,8 @@ extension Overlay {
             }
             merge(try filler.finish(), into: &result)
             try copyRootAttributes(from: merged, to: next.upper)
+            try DataLayerHiding.apply(to: next.meta)
+            try next.markEscapedAttributes(copier.escapedAttributes)
         }
         let live = try Directory.open(path: source.rootPath)
         if OverlayMount.isMounted(old, at: live) {

@@ -189,6 +189,8 @@ final class OverlayGuest {
     /// The directories of one generation.
     struct Generation {
         var number: Int
+        /// gN itself.
+        var directory: Directory
         var meta: Directory
         var upper: Directory
         var work: Directory
@@ -199,6 +201,9 @@ final class OverlayGuest {
     }
 
     static func generationName(_ n: Int) -> FileName { FileName("g\(n)") }
+
+    /// In gN: the metadata layer holds escaped `trusted.overlay.*` xattrs of the guest's own.
+    static let escapedMarker = FileName("escaped-xattrs")
 
     /// Makes generation `n` afresh (whatever a killed run left under its name is removed first).
     func makeGeneration(_ n: Int) throws -> Generation {
@@ -215,7 +220,8 @@ final class OverlayGuest {
         let g = try directory.openDirectory(Self.generationName(n))
         let base = path.appending("g\(n)")
         return Generation(
-            number: n, meta: try g.openDirectory(FileName("meta")), upper: try g.openDirectory(FileName("upper")),
+            number: n, directory: g, meta: try g.openDirectory(FileName("meta")),
+            upper: try g.openDirectory(FileName("upper")),
             work: try g.openDirectory(FileName("work")), metaPath: base.appending("meta"),
             upperPath: base.appending("upper"), workPath: base.appending("work"))
     }
@@ -241,5 +247,51 @@ final class OverlayGuest {
         // No descriptor may stay open inside the mount while it is unmounted.
         let mounted = (try? Directory.open(path: mnt)).map(OverlayMount.isMountPoint) ?? false
         if mounted { try OverlayMount.unmount(mnt) }
+    }
+}
+
+extension OverlayGuest.Generation {
+    /// Overlayfs shows a guest's own `trusted.overlay.*` xattrs (escaped as
+    /// `trusted.overlay.overlay.*`) only from Linux 6.7 on; before, it hides
+    /// them. Notes that this generation holds some.
+    func markEscapedAttributes(_ count: Int) throws {
+        guard count > 0 else { return }
+        try directory.writeAtomically(Array("\(count)\n".utf8), as: OverlayGuest.escapedMarker)
+    }
+
+    /// Why this generation must not be mounted on the running kernel, or nil.
+    func refusalOnThisKernel() -> String? {
+        let (major, minor) = kernelVersion()
+        guard (major, minor) < (6, 7), (try? directory.stat(OverlayGuest.escapedMarker)) != nil else { return nil }
+        return
+            "generation \(number) holds the guest's own trusted.overlay.* xattrs, which overlayfs before Linux 6.7 hides (this is Linux \(major).\(minor)): boot 6.7 or later, or export the guest there"
+    }
+}
+
+extension Overlay {
+    /// On kernels before 6.7 (which cannot escape them), the first path in a
+    /// plain guest whose xattrs include `trusted.overlay.*` names: such a
+    /// guest is refused before anything is made.
+    static func ownOverlayAttributeRefusal(root: FilePath, tree: Directory) throws {
+        let (major, minor) = kernelVersion()
+        guard (major, minor) < (6, 7) else { return }
+        var traversal = TreeTraversal<Void>()
+        var found: [UInt8]?
+        try traversal.run(tree, context: ()) { entry, _ in
+            if found != nil { return .next }
+            let attributes = try extendedAttributes(in: entry.directory, of: entry.name)
+            if attributes.contains(where: { $0.name.starts(with: TreeCopier.overlayPrefix) }) { found = entry.path }
+            return entry.stat.isDirectory && !entry.isMountPoint ? .enter(()) : .next
+        }
+        if found == nil,
+            try tree.extendedAttributes().contains(where: { $0.name.starts(with: TreeCopier.overlayPrefix) })
+        {
+            found = []
+        }
+        if let found {
+            throw InputError(
+                "\(root): /\(escapedPath(found)) carries trusted.overlay.* xattrs of its own, which overlayfs before Linux 6.7 cannot keep apart from its own (this is Linux \(major).\(minor)); left as it was"
+            )
+        }
     }
 }

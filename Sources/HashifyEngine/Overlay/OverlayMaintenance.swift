@@ -10,6 +10,10 @@ public struct OverlayStatus: Sendable, Codable {
         public var root: String
         public var generation: Int
         public var mounted: Bool
+        /// How the mount stacks the store's data objects: "data-only" (a data-only
+        /// layer, Linux 6.5+) or "lower" (an ordinary lower layer the metadata
+        /// layer hides, any kernel from 4.19); nil when not mounted.
+        public var layout: String?
         /// Regular files whose data is a shared object (stubs).
         public var sharedFiles = 0
         /// Their size: what rewriting every shared file would copy up.
@@ -124,11 +128,12 @@ extension Overlay {
                 do { _ = try g.readState() } catch { out.warnings.append(error.description) }
                 continue
             }
-            let mounted =
-                (try? g.generation(state.generation)).map { gen in
-                    (try? Directory.open(path: g.rootPath)).map { OverlayMount.isMounted(gen, at: $0) } ?? false
-                } ?? false
-            var entry = OverlayStatus.Guest(root: g.rootPath.string, generation: state.generation, mounted: mounted)
+            let layout = (try? g.generation(state.generation)).flatMap { gen in
+                (try? Directory.open(path: g.rootPath)).flatMap { OverlayMount.mountedLayout(gen, at: $0) }
+            }
+            var entry = OverlayStatus.Guest(
+                root: g.rootPath.string, generation: state.generation, mounted: layout != nil)
+            entry.layout = layout?.rawValue
             entry.sharedFiles = scan.stubs
             entry.sharedBytes = scan.stubBytes
             entry.copyUpBytes = scan.allocatedBytes

@@ -1,18 +1,33 @@
+import Glibc
 import HashifySystem
 import SystemPackage
 
 /// Mounting and inspecting a guest's overlay.
 ///
-/// The options are the ones that make the layout correct: the metadata layer
-/// above the store's data directory as a data-only layer (`META::DATA`,
-/// reached only through absolute redirects), `metacopy=on` (stubs hold
-/// metadata, objects data), `redirect_dir=on` (renamed directories) and
-/// `index=on` (guest-local hard links stay one inode across copy-up).
+/// The options are the ones that make the layout correct: `metacopy=on`
+/// (stubs hold metadata, objects data), `redirect_dir=on` (renamed
+/// directories) and `index=on` (guest-local hard links stay one inode across
+/// copy-up). The store's data directory goes under the metadata layer in one
+/// of two layouts (`Layout`): a data-only layer where the kernel has them
+/// (tried first), else an ordinary lower layer that the metadata layer hides.
+/// Every generation carries what the second needs, so a guest converted on
+/// one kernel mounts after the host boots another.
 enum OverlayMount {
     static let superMagic: UInt64 = 0x794c_7630
 
-    /// The mount option string for a generation.
-    static func options(_ g: OverlayGuest.Generation, data: FilePath) -> String {
+    /// How a guest's metadata layer reaches the store's data objects.
+    enum Layout: String, Sendable, Codable {
+        /// `lowerdir=META::DATA` (Linux 6.5+, and kernels that backported it):
+        /// the data directory is a data-only layer, reached only through a stub's redirect.
+        case dataOnly = "data-only"
+        /// `lowerdir=META:DATA` (Linux 4.19+): the data directory is an ordinary
+        /// lower layer; the metadata layer hides its top directories (`DataLayerHiding`),
+        /// so the guest sees only its own entries. This is composefs's fallback too.
+        case lower = "lower"
+    }
+
+    /// The mount option string for a generation in a layout.
+    static func options(_ g: OverlayGuest.Generation, data: FilePath, layout: Layout) -> String {
         func esc(_ p: FilePath) -> String {
             var out = ""
             for c in p.string {
@@ -21,12 +36,23 @@ enum OverlayMount {
             }
             return out
         }
-        return "lowerdir=\(esc(g.metaPath))::\(esc(data)),upperdir=\(esc(g.upperPath)),workdir=\(esc(g.workPath))"
+        let separator = layout == .dataOnly ? "::" : ":"
+        return
+            "lowerdir=\(esc(g.metaPath))\(separator)\(esc(data)),upperdir=\(esc(g.upperPath)),workdir=\(esc(g.workPath))"
             + ",metacopy=on,redirect_dir=on,index=on"
     }
 
+    /// The layouts a mount tries, in order: data-only layers first, unless
+    /// `HASHIFY_OVERLAY_LAYOUT=lower` asks for the fallback alone (to try it
+    /// on a kernel that has both; the tests do).
+    static var layoutsToTry: [Layout] {
+        if let v = getenv("HASHIFY_OVERLAY_LAYOUT"), String(cString: v) == "lower" { return [.lower] }
+        return [.dataOnly, .lower]
+    }
+
     /// Mounts generation `g` on the directory `target` (reached through its
-    /// descriptor, so the mount lands on the very directory that was checked).
+    /// descriptor, so the mount lands on the very directory that was checked)
+    /// and returns the layout that the kernel took.
     ///
     /// Layers restored from a backup are new inodes: overlayfs' index then no
     /// longer matches the file handles it recorded (the upper root's
@@ -34,9 +60,29 @@ enum OverlayMount {
     /// with ESTALE. When the generation holds no copy-ups (it was folded
     /// before the backup, as the README says), those records describe nothing
     /// and are dropped, and the mount is tried once more; otherwise the error stands.
-    static func mount(_ g: OverlayGuest.Generation, data: FilePath, on target: Directory, readOnly: Bool = false) throws
+    @discardableResult
+    static func mount(_ g: OverlayGuest.Generation, data: FilePath, on target: Directory, readOnly: Bool = false)
+        throws -> Layout
     {
-        let opts = options(g, data: data)
+        if let why = g.refusalOnThisKernel() { throw InputError(why) }
+        var firstError: (any Error)?
+        for layout in layoutsToTry {
+            do {
+                if layout == .lower { try DataLayerHiding.apply(to: g.meta) }
+                try mount(g, data: data, on: target, readOnly: readOnly, layout: layout)
+                return layout
+            } catch Errno.invalidArgument where layout == .dataOnly {
+                // No data-only layers here (`::` is refused with EINVAL): the fallback.
+                firstError = Errno.invalidArgument
+            }
+        }
+        throw firstError ?? Errno.invalidArgument
+    }
+
+    private static func mount(
+        _ g: OverlayGuest.Generation, data: FilePath, on target: Directory, readOnly: Bool, layout: Layout
+    ) throws {
+        let opts = options(g, data: data, layout: layout)
         func attempt() throws {
             try mountFilesystem(
                 source: "hashify", target: target.procPath, type: "overlay", readOnly: readOnly, options: opts)
@@ -96,12 +142,23 @@ enum OverlayMount {
 
     /// True when `dir` is an overlay mount of generation `g`.
     static func isMounted(_ g: OverlayGuest.Generation, at dir: Directory) -> Bool {
+        mountedLayout(g, at: dir) != nil
+    }
+
+    /// The layout of the overlay mount of generation `g` at `dir`, or nil when `dir` is not one.
+    static func mountedLayout(_ g: OverlayGuest.Generation, at dir: Directory) -> Layout? {
         guard isMountPoint(dir), dir.filesystemType == superMagic, let opts = superOptions(of: dir) else {
-            return false
+            return nil
         }
-        // mountinfo escapes space, tab, newline and backslash as octal.
+        let upper = "upperdir=\(mountinfoEscaped(g.upperPath))"
+        guard opts.contains(upper + ",") || opts.hasSuffix(upper) else { return nil }
+        return opts.contains("lowerdir=\(mountinfoEscaped(g.metaPath))::") ? .dataOnly : .lower
+    }
+
+    /// A path as mountinfo shows it: space, tab, newline and backslash as octal.
+    static func mountinfoEscaped(_ path: FilePath) -> String {
         var escaped = ""
-        for c in g.upperPath.string {
+        for c in path.string {
             switch c {
             case " ": escaped += "\\040"
             case "\t": escaped += "\\011"
@@ -110,14 +167,15 @@ enum OverlayMount {
             default: escaped.append(c)
             }
         }
-        return opts.contains("upperdir=\(escaped),") || opts.hasSuffix("upperdir=\(escaped)")
+        return escaped
     }
 
     /// Why this kernel or filesystem cannot hold overlay guests, or nil when it can.
     static func unsupportedReason(store: Store) -> String? {
         let (major, minor) = kernelVersion()
-        if (major, minor) < (6, 5) {
-            return "Linux \(major).\(minor) has no data-only overlay layers (Linux 6.5 or later is needed)"
+        if (major, minor) < (4, 19) {
+            return
+                "Linux \(major).\(minor) has no metadata-only copy-up in overlayfs (metacopy, Linux 4.19 or later is needed)"
         }
         let probe = FileName("xattr-probe")
         try? store.directory.unlink(probe)

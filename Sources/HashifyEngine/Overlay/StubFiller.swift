@@ -31,6 +31,9 @@ final class StubFiller: @unchecked Sendable {
     private let slots: DispatchSemaphore
     private let buffers: Mutex<[ReadBuffer]>
     private let state = Mutex<(counts: Counts, error: Failure?)>((Counts(), nil))
+    /// The objects this filler made (a conversion that fails removes them again).
+    private let made = Mutex<Set<[UInt8]>>([])
+    var objectsMade: Set<[UInt8]> { made.withLock { $0 } }
 
     /// `threads` files are read at once (each holds its source, its stub and a 1 MiB buffer).
     init(objects: DataObjects, threads: Int) {
@@ -67,6 +70,7 @@ final class StubFiller: @unchecked Sendable {
                         return r
                     }
                     let r = try objects.publish(f, digest: digest, size: stat.size, linkSource: linkSource)
+                    made.withLock { _ = $0.insert(r) }
                     counts.objectsCreated += 1
                     if linkSource {
                         counts.bytesLinked += stat.allocatedBytes

@@ -20,6 +20,13 @@ final class TreeCopier {
         var path: [UInt8]
         /// Where in the tree the file is (the policy's own per-directory state).
         var context: AnyObject?
+        /// The file's xattrs, as the guest has them.
+        var attributes: [ExtendedAttribute]
+
+        /// Whether the file carries xattrs overlayfs would read as its own
+        /// (`trusted.overlay.*`): such an inode must never become a data object
+        /// itself, where an ordinary lower layer's lookup would obey them.
+        var carriesOverlayNames: Bool { attributes.contains { $0.name.starts(with: TreeCopier.overlayPrefix) } }
     }
 
     /// Makes regular file `file.name` in `destination` (content or stub) and
@@ -30,9 +37,18 @@ final class TreeCopier {
     /// directories of the old layers); given the parent's context and the name.
     typealias ContextPolicy = (_ parent: AnyObject?, _ name: FileName) -> AnyObject?
 
-    /// Writes guest xattrs named `trusted.overlay.*` as `trusted.overlay.overlay.*`
-    /// (what overlayfs reads back as the guest's own): set for metadata layers.
-    let escapeOverlayAttributes: Bool
+    /// What becomes of a guest's own xattrs named `trusted.overlay.*` and of
+    /// its character devices 0/0, both of which overlayfs would take for its own.
+    enum OverlayNames {
+        /// Copied as they are (a plain copy: an export).
+        case keep
+        /// Xattrs written as `trusted.overlay.overlay.*`, which overlayfs
+        /// (Linux 6.7+) reads back as the guest's own; a 0/0 device fails the copy.
+        case escape
+    }
+    let overlayNames: OverlayNames
+    /// Guest xattrs written escaped (a generation holding any needs Linux 6.7 to show them).
+    private(set) var escapedAttributes = 0
     let regularFile: RegularFilePolicy
     let context: ContextPolicy?
     /// Source inode → the first name made for it, while more names are to come.
@@ -44,8 +60,8 @@ final class TreeCopier {
     var skipVanished = false
     private(set) var vanished = 0
 
-    init(escapeOverlayAttributes: Bool, context: ContextPolicy? = nil, regularFile: @escaping RegularFilePolicy) {
-        self.escapeOverlayAttributes = escapeOverlayAttributes
+    init(overlayNames: OverlayNames, context: ContextPolicy? = nil, regularFile: @escaping RegularFilePolicy) {
+        self.overlayNames = overlayNames
         self.context = context
         self.regularFile = regularFile
     }
@@ -87,11 +103,12 @@ final class TreeCopier {
             }
             let handle = try source.openFileForReading(name)
             let file = SourceFile(
-                directory: source, name: name, stat: st, handle: handle, path: entry.path, context: place.context)
+                directory: source, name: name, stat: st, handle: handle, path: entry.path, context: place.context,
+                attributes: try handle.extendedAttributes())
             if let made = try regularFile(file, destination) {
                 try made.setOwner(uid: st.uid, gid: st.gid)
                 try made.setMode(st.mode)
-                for a in try handle.extendedAttributes() { try made.setExtendedAttribute(rename(a)) }
+                for a in file.attributes { try made.setExtendedAttribute(rename(a)) }
                 try made.setModificationTime(st.modificationTime)
             }
             if st.linkCount > 1 { links[st.inode] = (destination, name, st.linkCount - 1) }
@@ -100,6 +117,11 @@ final class TreeCopier {
             try applyAttributes(of: source, name, stat: st, to: destination, isSymlink: true)
         default:
             // FIFOs, sockets, character and block devices.
+            if overlayNames == .escape, st.fileType == 0o020000, st.deviceNumber == 0 {
+                throw InputError(
+                    "\(escapedPath(entry.path)): a character device 0/0, which overlayfs would take for a whiteout (the file would vanish from the guest); overlay mode cannot hold it"
+                )
+            }
             try destination.makeNode(name, mode: st.mode & 0o170000 | 0o600, device: st.deviceNumber)
             try applyAttributes(of: source, name, stat: st, to: destination, isSymlink: false)
         }
@@ -107,7 +129,8 @@ final class TreeCopier {
     }
 
     private func rename(_ a: ExtendedAttribute) -> ExtendedAttribute {
-        guard escapeOverlayAttributes, a.name.starts(with: Self.overlayPrefix) else { return a }
+        guard overlayNames == .escape, a.name.starts(with: Self.overlayPrefix) else { return a }
+        escapedAttributes += 1
         return ExtendedAttribute(
             name: Self.overlayPrefix + Array("overlay.".utf8) + a.name[Self.overlayPrefix.count...], value: a.value)
     }
