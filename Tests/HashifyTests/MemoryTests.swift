@@ -324,7 +324,7 @@ struct ReflinkMemoryTests {
 
 @Suite("hashify demo", .enabled(if: isRoot, "the demo's memory part runs chrooted programs (root)"))
 struct DemoTests {
-    @Test("the demo saves disk and memory and leaves nothing behind")
+    @Test("the demo saves disk and memory in both modes, shows copy-on-write and leaves nothing behind")
     func demo() throws {
         let s = Scratch("demo")
         let r = hashify(["demo", "--directory", s.path])
@@ -332,6 +332,11 @@ struct DemoTests {
         let line = r.out.split(separator: "\n").first { $0.hasPrefix("memory (total Pss") } ?? ""
         #expect(!line.isEmpty, "\(r.out)")
         #expect(r.out.contains("saved ("))
+        // Overlay mode: the same guests converted, the same memory shared, and a write kept in its guest.
+        #expect(r.out.contains("memory (total Pss of one perl process per overlay guest)"), "\(r.out)")
+        let cow = r.out.split(separator: "\n").first { $0.hasPrefix("copy-on-write:") } ?? ""
+        #expect(cow.contains("the other guests still read the original"), "\(r.out)")
+        #expect(mountPoints(under: s.path).isEmpty, "the demo unmounts its overlay guests")
         let left = try FileManager.default.contentsOfDirectory(atPath: s.path)
         #expect(left.isEmpty, "the demo removes its guests: \(left)")
         #expect(run(["/usr/bin/pgrep", "-f", s.path]).out.isEmpty, "no demo process left")

@@ -49,6 +49,8 @@ public struct DemoGuests {
                 files += try copyTree(from: s, to: dest, budget: &budget)
                 try? dest.setModificationTime(try s.stat().modificationTime)
             }
+            // The same text file in every guest: the demo writes to it in one guest to show copy-on-write.
+            try Self.writeSample(root)
             // Guest-specific state: excluded /etc, a locally changed file, an extra file.
             try root.makeDirectory(FileName("etc"), mode: 0o755)
             let etc = try root.openDirectory(FileName("etc"))
@@ -62,6 +64,26 @@ public struct DemoGuests {
             roots.append(dirPath.appending("guests").appending("guest\(g)"))
         }
         return Built(directory: dirPath, roots: roots, files: files)
+    }
+
+    /// The path below each guest root of the file that is the same in every guest.
+    public static let samplePath: [String] = ["usr", "share", "hashify-demo", "README"]
+    /// Its content.
+    public static let sampleContent: [UInt8] = Array(
+        String(
+            repeating: "This file is the same in every sample guest; hashify demo writes to it in one of them.\n",
+            count: 64
+        ).utf8)
+
+    static func writeSample(_ root: Directory) throws {
+        var dir = root
+        for c in samplePath.dropLast() {
+            do { try dir.makeDirectory(FileName(c), mode: 0o755) } catch Errno.fileExists {}
+            dir = try dir.openDirectory(FileName(c))
+        }
+        let f = try dir.createFile(FileName(samplePath.last!), mode: 0o644)
+        try f.write(sampleContent)
+        try f.setModificationTime(Timestamp(seconds: 1_700_000_000, nanoseconds: 0))
     }
 
     /// Copies regular files, symlinks and directories (not devices), with
