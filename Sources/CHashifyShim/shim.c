@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -220,6 +221,15 @@ uint64_t hashify_fs_type(int fd) {
     struct statfs s;
     if (fstatfs(fd, &s) != 0) return 0;
     return (uint64_t)s.f_type;
+}
+
+#include <linux/btrfs.h>
+int hashify_btrfs_fsid(int fd, unsigned char *out16) {
+    struct btrfs_ioctl_fs_info_args args;
+    memset(&args, 0, sizeof args);
+    if (ioctl(fd, BTRFS_IOC_FS_INFO, &args) != 0) return -1;
+    memcpy(out16, args.fsid, 16);
+    return 0;
 }
 
 int hashify_fchmodat(int dirfd, const char *name, unsigned mode) { return fchmodat(dirfd, name, (mode_t)mode, 0); }

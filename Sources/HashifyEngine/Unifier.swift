@@ -92,8 +92,11 @@ public struct Unifier {
             _ = prepareProcessForUnification()
             guard let store = try Store.open(at: storePath, create: false) else { return report }
             if !options.dryRun { try store.lock(wait: options.waitForLock) }
+            // A guest converted by this run has nothing to fold: its conversion is its report.
             report.overlayGuests = try Overlay.fold(
-                roots: roots.filter { overlay.contains($0) }, store: store, dryRun: options.dryRun)
+                roots: roots.filter { overlay.contains($0) && !conversion.converted.contains($0) }, store: store,
+                dryRun: options.dryRun)
+            report.overlayGuests += conversion.reports
             report.mode = plain.isEmpty ? "overlay" : "hardlink+overlay"
             report.seconds += Overlay.elapsed(since: started)
         }
@@ -105,6 +108,8 @@ public struct Unifier {
     /// What overlay mode's conversions did.
     struct Conversion {
         var converted = Set<FilePath>()
+        /// What the conversions did, per guest.
+        var reports: [OverlayReport.Guest] = []
         var notes: [String] = []
         /// Guests whose conversion failed (not refused): the run exits with status 1.
         var failed: [OverlayReport.Guest] = []
@@ -124,8 +129,7 @@ public struct Unifier {
             o.store = storePath
             o.waitForLock = options.waitForLock
             do {
-                _ = try Overlay.convert(o)
-                c.notes.append("\(root) converted to an overlay guest (mode overlay)")
+                c.reports += try Overlay.convert(o).guests
                 c.converted.insert(root)
             } catch let e as InputError {
                 c.notes.append("\(root) left as it is until a later run (mode overlay): \(e.description)")

@@ -241,6 +241,21 @@ public final class Directory: @unchecked Sendable {
     /// The filesystem's magic number (`fstatfs(2)`'s `f_type`).
     public var filesystemType: UInt64 { hashify_fs_type(fd) }
 
+    /// The UUID of the btrfs filesystem the directory is on, the same in every
+    /// subvolume (`BTRFS_IOC_FS_INFO`); nil when it is not on btrfs.
+    public var btrfsFilesystemID: [UInt8]? {
+        guard filesystemType == 0x9123_683E else { return nil }
+        var out = [UInt8](repeating: 0, count: 16)
+        return hashify_btrfs_fsid(fd, &out) == 0 ? out : nil
+    }
+
+    /// Whether `other` is on the same filesystem: the same device, or two subvolumes of one btrfs filesystem.
+    public func isOnSameFilesystem(as other: Directory) throws -> Bool {
+        if try stat().device == other.stat().device { return true }
+        guard let mine = btrfsFilesystemID, let theirs = other.btrfsFilesystemID else { return false }
+        return mine == theirs
+    }
+
     /// The path through which this very directory is reached without
     /// resolving any name again (`/proc/self/fd/N`), for calls that take a path.
     public var procPath: [UInt8] { Array("/proc/self/fd/\(fd)".utf8) }

@@ -121,7 +121,8 @@ struct Unify: ParsableCommand {
             let discoveredStore =
                 storePath ?? (candidates.isEmpty ? nil : RootValidation.defaultStorePath(for: candidates))
             let overlays = discoveredStore.map { Overlay.overlayGuests(among: candidates, storePath: $0) } ?? []
-            let found = GuestDiscovery.usable(&discovered, store: discoveredStore, overlayGuests: overlays)
+            let found = GuestDiscovery.usable(
+                &discovered, store: discoveredStore, overlayGuests: overlays, mode: mode ?? config?.mode ?? .hardlink)
             allRoots += found.filter { !allRoots.contains($0) }
             if allRoots.isEmpty {
                 let left = discovered.map { "\($0.name) (\($0.root)): \($0.unusable ?? "")" }.joined(separator: "; ")

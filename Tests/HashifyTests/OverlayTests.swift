@@ -730,7 +730,9 @@ let lxcStart = "/usr/bin/lxc-start"
 
 /// A privileged LXC container LXCPATH/NAME: a rootfs with sh and sleep whose
 /// init runs `initScript` and sleeps, and a config (with `extraConfig` lines).
-func makeLXCContainer(lxcpath: String, name: String, initScript: String, extraConfig: String = "") {
+func makeLXCContainer(
+    lxcpath: String, name: String, initScript: String, extraConfig: String = "", backend: String = "dir"
+) {
     let root = "\(lxcpath)/\(name)/rootfs"
     installProgram("/bin/sh", into: root)
     installProgram("/bin/sleep", into: root)
@@ -740,7 +742,7 @@ func makeLXCContainer(lxcpath: String, name: String, initScript: String, extraCo
         "\(lxcpath)/\(name)/config",
         """
         lxc.uts.name = \(name)
-        lxc.rootfs.path = dir:\(root)
+        lxc.rootfs.path = \(backend):\(root)
         lxc.init.cmd = /init.sh
         lxc.net.0.type = empty
         lxc.apparmor.profile = unconfined

@@ -32,9 +32,11 @@ extension Overlay {
             if OverlayMount.isMountPoint(dir) {
                 throw InputError("\(g.root): already a mount point (convert needs the plain directory)")
             }
-            if try dir.stat().device != storeDevice {
+            if try !dir.isOnSameFilesystem(as: s.store.directory) {
                 throw InputError(
-                    "\(g.root): not on the filesystem of the store \(s.store.path) (objects are links of the guest's inodes; give --store on it)"
+                    dir.btrfsFilesystemID != nil && s.store.directory.btrfsFilesystemID != nil
+                        ? "\(g.root): on another btrfs filesystem than the store \(s.store.path) (objects are reflinks of the guest's files; give --store on its filesystem)"
+                        : "\(g.root): not on the filesystem of the store \(s.store.path) (objects are links of the guest's inodes; give --store on it)"
                 )
             }
             try checkNotInUse(g.root, canonical: g.canonical, mountedOverlay: false)
@@ -53,7 +55,8 @@ extension Overlay {
             do {
                 report.guests.append(
                     try convertOne(
-                        record, root: g.root, session: s, hardlinkObjects: hardlinkObjects, mount: options.mount))
+                        record, root: g.root, session: s, hardlinkObjects: hardlinkObjects, storeDevice: storeDevice,
+                        mount: options.mount))
             } catch {
                 // Before the switch this undoes the work at once (the guest is its plain tree); after it, it finishes it.
                 _ = try? recover(record)
@@ -65,7 +68,8 @@ extension Overlay {
     }
 
     static func convertOne(
-        _ guest: OverlayGuest, root: FilePath, session s: Session, hardlinkObjects: Set<UInt64>, mount: Bool
+        _ guest: OverlayGuest, root: FilePath, session s: Session, hardlinkObjects: Set<UInt64>, storeDevice: UInt64,
+        mount: Bool
     ) throws -> OverlayReport.Guest {
         let started = MonotonicInstant.now()
         var result = OverlayReport.Guest(root: root.string, action: .converted)
@@ -78,8 +82,10 @@ extension Overlay {
         let copier = TreeCopier(overlayNames: .escape) { file, dest in
             // The guest's own inode becomes the object when no name outside the guest links it.
             // An inode carrying trusted.overlay.* xattrs is cloned instead: as an object it would keep them.
+            // A file of another btrfs subvolume cannot be linked: it is cloned (a reflink, no data copied).
             let link =
                 file.stat.linkCount == 1 && !hardlinkObjects.contains(file.stat.inode) && !file.carriesOverlayNames
+                && file.stat.device == storeDevice
             return try makeEntry(file, in: dest, filler: filler, lease: true, linkSource: link, result: &result)
         }
         do {
@@ -105,10 +111,10 @@ extension Overlay {
         try checkNotInUse(root, canonical: guest.rootPath, mountedOverlay: false)
         state.phase = .switching
         try guest.writeState(state)
-        let plain = FileName("plain")
-        try guest.directory.removeTree(plain)
-        try guest.directory.makeDirectory(plain, mode: 0o700)
-        let mountPoint = try guest.directory.openDirectory(plain)
+        let (scratch, plain) = try guest.scratchPlace("plain")
+        try scratch.removeTree(plain)
+        try scratch.makeDirectory(plain, mode: 0o700)
+        let mountPoint = try scratch.openDirectory(plain)
         try mountPoint.changeOwner(uid: rootStat.uid, gid: rootStat.gid)
         try mountPoint.changeMode(rootStat.mode)
         try mountPoint.setModificationTime(rootStat.modificationTime)
@@ -117,7 +123,7 @@ extension Overlay {
             throw InputError("\(root): replaced while it was being converted")
         }
         let parentTime = try parent.stat().modificationTime
-        try guest.directory.rename(plain, to: parent, as: name, flags: .exchange)
+        try scratch.rename(plain, to: parent, as: name, flags: .exchange)
         try? parent.setModificationTime(parentTime)
         try? parent.sync()
         state.phase = .active
@@ -127,7 +133,7 @@ extension Overlay {
             try OverlayMount.mount(gen, data: s.dataPath, on: try parent.openDirectory(name))
             result.action = .convertedAndMounted
         }
-        try guest.directory.removeTree(plain)
+        try scratch.removeTree(plain)
         result.seconds = elapsed(since: started)
         return result
     }

@@ -169,14 +169,14 @@ extension Overlay {
         var st = state
         st.phase = .exporting
         try guest.writeState(st)
-        let exportName = FileName("export")
-        try guest.directory.removeTree(exportName)
-        try guest.directory.makeDirectory(exportName, mode: 0o700)
+        let (scratch, exportName) = try guest.scratchPlace("export")
+        try scratch.removeTree(exportName)
+        try scratch.makeDirectory(exportName, mode: 0o700)
         let (copier, outcome) = plainCopier(result: OverlayReport.Guest(root: root.string, action: .exportedInPlace))
         try withPrivateMount(guest, gen, session: s) {
-            try copier.copy($0, into: try guest.directory.openDirectory(exportName))
+            try copier.copy($0, into: try scratch.openDirectory(exportName))
         }
-        try guest.directory.syncFilesystem()
+        try scratch.syncFilesystem()
 
         let (parent, name) = try parentAndName(guest.rootPath)
         let mountPoint = try parent.stat(name)
@@ -184,7 +184,7 @@ extension Overlay {
         st.rootInode = mountPoint.inode
         try guest.writeState(st)
         let parentTime = try parent.stat().modificationTime
-        try guest.directory.rename(exportName, to: parent, as: name, flags: .exchange)
+        try scratch.rename(exportName, to: parent, as: name, flags: .exchange)
         try? parent.setModificationTime(parentTime)
         try? parent.sync()
         try guest.writeState(nil)

@@ -226,13 +226,35 @@ final class OverlayGuest {
             upperPath: base.appending("upper"), workPath: base.appending("work"))
     }
 
-    /// Removes every generation but `keep` (and the scratch trees named in `scratch`).
+    /// Removes every generation but `keep` (and the scratch trees named in `scratch`, wherever they are).
     func removeGenerations(except keep: Int?, scratch: [String] = ["plain", "export"]) throws {
         for name in try directory.entryNames() {
             let s = String(decoding: name.bytes, as: UTF8.self)
             if s.hasPrefix("g"), let n = Int(s.dropFirst()), n != keep { try directory.removeTree(name) }
             if scratch.contains(s) { try directory.removeTree(name) }
         }
+        for kind in scratch {
+            if let (dir, name) = try? besideRoot(kind), (try? dir.stat(name)) != nil { try dir.removeTree(name) }
+        }
+    }
+
+    /// Where a scratch tree of a switch ("plain": the empty mount point that
+    /// takes the tree's place, then the old tree; "export": the plain copy
+    /// that takes the mount point's place) is made: in the record, when the
+    /// guest's parent directory is on the store's device, else beside the
+    /// root (`.NAME.hashify-plain`): a rename cannot cross btrfs subvolumes,
+    /// and a subvolume guest's parent is on another device than the store.
+    func scratchPlace(_ kind: String) throws -> (Directory, FileName) {
+        guard let last = rootPath.lastComponent else { throw InputError("\(rootPath): not a guest root") }
+        let parent = try Directory.open(path: rootPath.removingLastComponent())
+        if try parent.stat().device == directory.stat().device { return (directory, FileName(kind)) }
+        return (parent, FileName(".\(last.string).hashify-\(kind)"))
+    }
+
+    /// The scratch place of `kind` beside the root (nil when scratch trees live in the record).
+    private func besideRoot(_ kind: String) throws -> (Directory, FileName)? {
+        let place = try scratchPlace(kind)
+        return place.1.bytes.first == 0x2e ? place : nil
     }
 
     /// The private mount point for fold and export (made when missing).

@@ -122,7 +122,9 @@ enum OverlayMount {
         guard let st = try? dir.stat(), let parent = try? dir.openDirectory(FileName("..")),
             let pst = try? parent.stat()
         else { return false }
-        return st.mountID != pst.mountID || st.device != pst.device
+        // A btrfs subvolume has a device of its own but is no mount: the mount IDs (Linux 5.8+) tell.
+        if st.mountID != 0 && pst.mountID != 0 { return st.mountID != pst.mountID }
+        return st.device != pst.device
     }
 
     /// The super options of the mount whose root `dir` is, from /proc/self/mountinfo.

@@ -14,6 +14,8 @@ public enum GuestDiscovery {
         public var root: String
         /// Why hashify leaves it alone (nil: usable).
         public var unusable: String?
+        /// A btrfs subvolume (LXC's `btrfs:` backend): overlay mode can share it, hardlink mode cannot.
+        public var isBtrfsSubvolume = false
     }
 
     /// Where to look; the defaults are the managers' own defaults.
@@ -96,7 +98,9 @@ public enum GuestDiscovery {
                     name: label, root: path,
                     unusable: "an LXC overlay rootfs (hashify overlay convert gives copy-on-write sharing instead)")
             case "btrfs":
-                return Found(name: label, root: path, unusable: "a btrfs subvolume: hard links cannot cross subvolumes")
+                var f = path.hasPrefix("/") ? check(Found(name: label, root: path)) : Found(name: label, root: path)
+                f.isBtrfsSubvolume = true
+                return f
             default:
                 return Found(
                     name: label, root: path, unusable: "the \(backend) backend is not a directory hashify can use")
@@ -129,14 +133,18 @@ public enum GuestDiscovery {
     /// The usable guests' roots, with those on another filesystem than the
     /// store (at `storePath`, or the first guest's) marked unusable; overlay
     /// guests of the store (mounted on their own overlay device) count as on it.
-    public static func usable(_ found: inout [Found], store: FilePath?, overlayGuests: Set<FilePath> = []) -> [FilePath]
-    {
-        var device: UInt64?
+    /// In overlay mode a btrfs subvolume of the store's btrfs filesystem is
+    /// usable too (its data objects are reflinks); in hardlink mode it is not.
+    public static func usable(
+        _ found: inout [Found], store: FilePath?, overlayGuests: Set<FilePath> = [],
+        mode: HashifyConfig.Mode = .hardlink
+    ) -> [FilePath] {
+        var storeDirectory: Directory?
         if let store {
             var p = store
-            while device == nil && !p.isEmpty {
-                device = (try? Directory.open(path: p).stat())?.device
-                if device == nil { p = p.removingLastComponent() }
+            while storeDirectory == nil && !p.isEmpty {
+                storeDirectory = try? Directory.open(path: p)
+                if storeDirectory == nil { p = p.removingLastComponent() }
             }
         }
         var roots: [FilePath] = []
@@ -145,13 +153,25 @@ public enum GuestDiscovery {
                 roots.append(FilePath(found[i].root))
                 continue
             }
-            guard let st = try? Directory.open(path: FilePath(found[i].root)).stat() else {
+            if found[i].isBtrfsSubvolume && mode == .hardlink {
+                found[i].unusable =
+                    "a btrfs subvolume: hard links cannot cross subvolumes (overlay mode shares it: --mode overlay)"
+                continue
+            }
+            guard let dir = try? Directory.open(path: FilePath(found[i].root)) else {
                 found[i].unusable = "cannot open it"
                 continue
             }
-            if device == nil { device = st.device }
-            if st.device != device {
-                found[i].unusable = "on another filesystem than the store (hard links need one)"
+            if storeDirectory == nil { storeDirectory = dir }
+            let same =
+                mode == .overlay
+                ? (try? dir.isOnSameFilesystem(as: storeDirectory!)) ?? false
+                : (try? dir.stat().device) == (try? storeDirectory!.stat().device)
+            if !same {
+                found[i].unusable =
+                    mode == .overlay
+                    ? "on another filesystem than the store (its data objects must be links or reflinks)"
+                    : "on another filesystem than the store (hard links need one)"
                 continue
             }
             roots.append(FilePath(found[i].root))
