@@ -184,7 +184,10 @@ struct ConfigTests {
         let r = hashify(["unify", "--json", "--config", config])
         #expect(r.status == 0, "\(r.err)")
         let notes = (jsonReport(r.out)["notes"] as? [String] ?? []).joined(separator: "\n")
-        #expect(notes.contains("\(roots[0]) converted") && notes.contains("\(roots[1]) converted"), "\(notes)")
+        let converted = (jsonReport(r.out)["overlayGuests"] as? [[String: Any]] ?? []).filter {
+            ($0["action"] as? String)?.hasPrefix("converted") == true
+        }.compactMap { $0["root"] as? String }
+        #expect(Set(converted) == [roots[0], roots[1]], "\(r.out)")
         #expect(notes.contains("\(roots[2]) left as it is until a later run"), "\(notes)")
         #expect(isOverlayMount(roots[0]) && isOverlayMount(roots[1]) && !isOverlayMount(roots[2]))
         for (i, root) in roots.enumerated() { #expect(guestManifest(root) == before[i], "guest \(i) sees what it saw") }
