@@ -15,8 +15,10 @@ struct OverlayCommand: ParsableCommand {
             directory, so no guest can change another's files. `hashify unify` folds what a guest's \
             updates wrote back into sharing while the guest is unmounted (stopped).
 
-            Needs root, Linux 6.5 or later (data-only overlay layers) and trusted xattrs on the \
-            store's filesystem; guests and store on one filesystem.
+            Needs root, Linux 4.19 or later (metacopy; data-only layers, Linux 6.5+, are used where \
+            the kernel has them, else the store's data is an ordinary lower layer the metadata layer \
+            hides) and trusted xattrs on the store's filesystem; guests and store on one filesystem \
+            (or, for btrfs subvolume guests, one btrfs filesystem: objects are then reflinks).
             """,
         subcommands: [Convert.self, Mount.self, Umount.self, Fold.self, Export.self])
 
@@ -69,7 +71,7 @@ struct OverlayCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Mount overlay guests on their roots (as a container's pre-start hook does).",
             discussion:
-                "Options: the guest's metadata layer over the store's data as a data-only layer, metacopy=on, redirect_dir=on, index=on."
+                "Options: the guest's metadata layer over the store's data as a data-only layer (lowerdir=META::DATA) where the kernel has them, else as an ordinary lower layer (META:DATA); metacopy=on, redirect_dir=on, index=on. status shows which."
         )
         @OptionGroup var target: Target
         @OptionGroup var output: OutputOptions
