@@ -40,6 +40,7 @@ extension Overlay {
                 )
             }
             try checkNotInUse(g.root, canonical: g.canonical, mountedOverlay: false)
+            if let why = incusIdmappedRootfs(g.canonical) { throw InputError("\(g.root): \(why)") }
             try ownOverlayAttributeRefusal(root: g.root, tree: dir)
         }
         var report = OverlayReport(command: "overlay convert", store: s.store.path.string)
@@ -157,4 +158,46 @@ extension Overlay {
         }
         return OverlayReport.Guest(root: root.string, action: .mounted)
     }
+}
+
+extension Overlay {
+    /// Why an Incus container's rootfs cannot become an overlay guest, or nil.
+    ///
+    /// Incus keeps an unprivileged container's files unshifted on disk and
+    /// has LXC mount the rootfs idmapped at each start; an overlay mount
+    /// cannot be idmapped, so such a container would fail to start (tried:
+    /// LXC's "Failed to create detached idmapped mount", EINVAL). Read from
+    /// the instance's `backup.yaml` beside the rootfs: `security.privileged`
+    /// not "true" and no shift recorded on disk (`volatile.last_state.idmap: '[]'`).
+    /// Privileged Incus containers work through `raw.lxc` hooks.
+    static func incusIdmappedRootfs(_ root: FilePath) -> String? {
+        guard root.lastComponent?.string == "rootfs",
+            let text = try? Directory.open(path: root.removingLastComponent()).openFileForReading(
+                FileName("backup.yaml")
+            ).readAll(limit: 1 << 20)
+        else { return nil }
+        let lines = text.split(separator: 0x0a).map { String(decoding: $0, as: UTF8.self) }
+        // expanded_config (profiles applied) is what Incus starts the container with.
+        guard let expanded = lines.firstIndex(where: { $0.trimmingPrefixSpaces() == "expanded_config:" }) else {
+            return nil
+        }
+        let indent = lines[expanded].prefix { $0 == " " }.count
+        var privileged = false
+        var shiftedOnDisk = false
+        for line in lines[(expanded + 1)...] {
+            if line.prefix(while: { $0 == " " }).count <= indent && !line.isEmpty { break }
+            let l = line.trimmingPrefixSpaces()
+            if l == "security.privileged: \"true\"" { privileged = true }
+            if l.hasPrefix("volatile.last_state.idmap:") && l != "volatile.last_state.idmap: '[]'" {
+                shiftedOnDisk = true
+            }
+        }
+        if privileged || shiftedOnDisk { return nil }
+        return
+            "an unprivileged Incus container: Incus mounts its rootfs idmapped at each start, which an overlay mount cannot be (it would not start); make it privileged (security.privileged=true) or keep it in hardlink mode"
+    }
+}
+
+extension String {
+    fileprivate func trimmingPrefixSpaces() -> String { String(drop { $0 == " " }) }
 }
