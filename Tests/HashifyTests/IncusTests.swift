@@ -67,4 +67,26 @@ struct IncusTests {
         #expect(isOverlayMount(privileged) && isOverlayMount(shifted))
         #expect(overlay(["umount", "-q", privileged, shifted], store: store).status == 0)
     }
+
+    @Test(
+        "an LXC container whose config mounts the rootfs idmapped (idmap=container) is refused in one line, nothing changed"
+    )
+    func lxcIdmappedRootfs() throws {
+        let s = Scratch("lxcidmap")
+        let store = s.sub("store")
+        let lxcpath = s.sub("lxc")
+        makeLXCContainer(
+            lxcpath: lxcpath, name: "m1", initScript: "true",
+            extraConfig:
+                "lxc.idmap = u 0 100000 65536\nlxc.idmap = g 0 100000 65536\nlxc.rootfs.options = idmap=container\n")
+        let root = "\(lxcpath)/m1/rootfs"
+        settle()
+        let before = guestManifest(root)
+        let r = overlay(["convert", "-q", root], store: store)
+        #expect(r.status != 0)
+        #expect(r.err.contains("mounts the rootfs idmapped (lxc.rootfs.options = idmap=container)"), "\(r.err)")
+        #expect(r.err.split(separator: "\n").count == 1, "\(r.err)")
+        #expect(!isOverlayMount(root))
+        #expect(guestManifest(root) == before)
+    }
 }

@@ -40,7 +40,7 @@ extension Overlay {
                 )
             }
             try checkNotInUse(g.root, canonical: g.canonical, mountedOverlay: false)
-            if let why = incusIdmappedRootfs(g.canonical) { throw InputError("\(g.root): \(why)") }
+            if let why = idmappedRootfs(g.canonical) { throw InputError("\(g.root): \(why)") }
             try ownOverlayAttributeRefusal(root: g.root, tree: dir)
         }
         var report = OverlayReport(command: "overlay convert", store: s.store.path.string)
@@ -161,7 +161,8 @@ extension Overlay {
 }
 
 extension Overlay {
-    /// Why an Incus container's rootfs cannot become an overlay guest, or nil.
+    /// Why a container's rootfs cannot become an overlay guest because its
+    /// manager mounts it idmapped, or nil.
     ///
     /// Incus keeps an unprivileged container's files unshifted on disk and
     /// has LXC mount the rootfs idmapped at each start; an overlay mount
@@ -170,12 +171,23 @@ extension Overlay {
     /// the instance's `backup.yaml` beside the rootfs: `security.privileged`
     /// not "true" and no shift recorded on disk (`volatile.last_state.idmap: '[]'`).
     /// Privileged Incus containers work through `raw.lxc` hooks.
-    static func incusIdmappedRootfs(_ root: FilePath) -> String? {
+    static func idmappedRootfs(_ root: FilePath) -> String? {
         guard root.lastComponent?.string == "rootfs",
-            let text = try? Directory.open(path: root.removingLastComponent()).openFileForReading(
-                FileName("backup.yaml")
-            ).readAll(limit: 1 << 20)
+            let instance = try? Directory.open(path: root.removingLastComponent())
         else { return nil }
+        if let lxc = try? instance.openFileForReading(FileName("config")).readAll(limit: 1 << 20) {
+            // LXC's own idmapped rootfs (`lxc.rootfs.options = idmap=container`): the same failure.
+            for line in lxc.split(separator: 0x0a).map({ String(decoding: $0, as: UTF8.self) }) {
+                let parts = line.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: " \t") }
+                if parts.count == 2, parts[0] == "lxc.rootfs.options", parts[1].contains("idmap=") {
+                    return
+                        "its LXC config mounts the rootfs idmapped (lxc.rootfs.options = \(parts[1])), which an overlay mount cannot be (it would not start); shift its files on disk instead (no idmap= option)"
+                }
+            }
+        }
+        guard let text = try? instance.openFileForReading(FileName("backup.yaml")).readAll(limit: 1 << 20) else {
+            return nil
+        }
         let lines = text.split(separator: 0x0a).map { String(decoding: $0, as: UTF8.self) }
         // expanded_config (profiles applied) is what Incus starts the container with.
         guard let expanded = lines.firstIndex(where: { $0.trimmingPrefixSpaces() == "expanded_config:" }) else {

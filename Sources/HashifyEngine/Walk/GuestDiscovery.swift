@@ -181,7 +181,8 @@ public enum GuestDiscovery {
 }
 
 extension Substring {
-    fileprivate func trimmingCharacters(in set: String) -> String {
+    /// The text without the characters of `set` at either end.
+    func trimmingCharacters(in set: String) -> String {
         var s = self
         while let f = s.first, set.contains(f) { s.removeFirst() }
         while let l = s.last, set.contains(l) { s.removeLast() }
