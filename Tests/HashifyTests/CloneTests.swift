@@ -140,9 +140,12 @@ struct CloneTests {
         let source = guestManifest(a)
         let t0 = Date()
         #expect(hashify(["clone", "-q", "--store", store, a, s.sub("guests/probe")]).status == 0)
-        let window = max(0.05, Date().timeIntervalSince(t0))
+        var window = max(0.05, Date().timeIntervalSince(t0))
         var kills = 0
-        for i in 0..<12 {
+        var i = 0
+        // At least 12 runs, and on until 3 were killed mid-way (a loaded machine makes the window differ).
+        while i < 12 || (kills < 3 && i < 60) {
+            defer { i += 1 }
             let dst = s.sub("guests/k\(i)")
             let p = Process()
             p.executableURL = URL(fileURLWithPath: hashifyBinary)
@@ -154,13 +157,15 @@ struct CloneTests {
             if p.isRunning {
                 kill(p.processIdentifier, SIGKILL)
                 kills += 1
+            } else {
+                window *= 0.7  // it finished first: aim earlier
             }
             p.waitUntilExit()
             if FileManager.default.fileExists(atPath: dst) {
                 #expect(guestManifest(dst) == source, "after kill \(i): complete")
             }
         }
-        print("clone kill test: \(kills) of 12 killed")
+        print("clone kill test: \(kills) of \(i) killed")
         #expect(kills >= 3)
         #expect(guestManifest(a) == source)
     }
