@@ -31,6 +31,21 @@ extension Overlay {
             return FoldContext(upper: u, meta: try? meta?.openDirectory(name))
         }
 
+        /// The old metadata layer's directory holding `name` as it is, when the
+        /// upper layer holds nothing under that name (so the guest sees the old
+        /// entry unchanged).
+        func unchangedEntry(_ name: FileName) -> Directory? {
+            guard let meta else { return nil }
+            if let upper {
+                do {
+                    _ = try upper.stat(name)
+                    return nil
+                } catch Errno.noSuchFileOrDirectory {} catch { return nil }
+            }
+            guard (try? meta.stat(name)) != nil else { return nil }
+            return meta
+        }
+
         /// The object a regular file of the merged view still has from the old
         /// metadata layer, when the upper layer has nothing under its name, the
         /// stub is no hard link (overlayfs keeps copied-up hard links in its
@@ -50,6 +65,42 @@ extension Overlay {
             else { return nil }
             return r
         }
+    }
+
+    /// Whether overlayfs' index of a generation holds entries (copied-up hard links).
+    static func hasIndexEntries(_ gen: OverlayGuest.Generation) -> Bool {
+        guard let index = try? gen.work.openDirectory(FileName("index")), let names = try? index.entryNames() else {
+            return false
+        }
+        return !names.isEmpty
+    }
+
+    /// Copies a subtree of a metadata layer into an empty directory of the
+    /// next one: directories made anew with the old ones' owner, mode, xattrs
+    /// (as they are: already in the layer's form) and mtime; every other entry
+    /// a hard link of the old one. Returns the entries linked.
+    static func linkLayerTree(_ source: Directory, into destination: Directory) throws -> Int {
+        var linked = 0
+        var traversal = TreeTraversal<Directory>()
+        try traversal.run(
+            source, context: destination,
+            visit: { entry, dest in
+                if entry.stat.isDirectory {
+                    try dest.makeDirectory(entry.name, mode: 0o700)
+                    return .enter(try dest.openDirectory(entry.name))
+                }
+                try entry.directory.link(entry.name, to: dest, as: entry.name)
+                linked += 1
+                return .next
+            },
+            leave: { dir, dest in
+                let st = try dir.stat()
+                try dest.changeOwner(uid: st.uid, gid: st.gid)
+                try dest.changeMode(st.mode)
+                for a in try dir.extendedAttributes() { try dest.setExtendedAttribute(a) }
+                try dest.setModificationTime(st.modificationTime)
+            })
+        return linked
     }
 
     /// Whether a generation's upper layer holds anything but its root (and
@@ -119,6 +170,17 @@ extension Overlay {
         let old = try source.generation(generation)
         let next = try guest.makeGeneration(number)
         let filler = StubFiller(objects: s.objects, threads: fillThreads)
+        let live = try Directory.open(path: source.rootPath)
+        let isLive = OverlayMount.isMounted(old, at: live)
+        // A fold of its own stopped guest takes what the upper layer does not
+        // touch from the old metadata layer as it is: each unchanged entry a
+        // hard link of the old one (whole unchanged subtrees without reading
+        // the merged view), so the fold costs about what the guest changed.
+        // Not for a clone (its metadata layer must not share inodes with the
+        // source's: a guest sees link counts), a live source, or while
+        // overlayfs' index holds copied-up hard links (a name the upper does
+        // not hold may then still show changed content).
+        let linkUnchanged = source === guest && !isLive && !hasIndexEntries(old)
         let copier = TreeCopier(
             overlayNames: .escape,
             context: { parent, name in
@@ -127,6 +189,11 @@ extension Overlay {
         ) { file, dest in
             let size = file.stat.size
             let context = file.context as? FoldContext
+            if linkUnchanged, let meta = context?.unchangedEntry(file.name) {
+                try meta.link(file.name, to: dest, as: file.name)
+                result.filesUnchanged += 1
+                return nil
+            }
             if size > inlineLimit, let r = context?.unchangedRedirect(file.name, size: size), filler.isLive(r) {
                 result.filesUnchanged += 1
                 result.stubs += 1
@@ -134,6 +201,15 @@ extension Overlay {
             }
             result.filesHashed += 1
             return try makeEntry(file, in: dest, filler: filler, lease: false, linkSource: false, result: &result)
+        }
+        if linkUnchanged {
+            copier.subtree = { parent, name, dest in
+                guard let child = (parent as? FoldContext)?.child(name), child.upper == nil,
+                    let meta = child.meta
+                else { return false }
+                result.filesUnchanged += try linkLayerTree(meta, into: try dest.openDirectory(name))
+                return true
+            }
         }
         let build = { (merged: Directory) throws in
             do {
@@ -145,10 +221,11 @@ extension Overlay {
             merge(try filler.finish(), into: &result)
             try copyRootAttributes(from: merged, to: next.upper)
             try DataLayerHiding.apply(to: next.meta)
-            try next.markEscapedAttributes(copier.escapedAttributes)
+            // What was linked unchanged keeps the old generation's escaped xattrs.
+            let carried = (try? old.directory.stat(OverlayGuest.escapedMarker)) != nil && linkUnchanged ? 1 : 0
+            try next.markEscapedAttributes(copier.escapedAttributes + carried)
         }
-        let live = try Directory.open(path: source.rootPath)
-        if OverlayMount.isMounted(old, at: live) {
+        if isLive {
             copier.skipVanished = true
             try build(live)
         } else {

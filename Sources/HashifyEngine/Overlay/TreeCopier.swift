@@ -55,6 +55,10 @@ final class TreeCopier {
     private var links: [UInt64: (Directory, FileName, UInt32)] = [:]
     private(set) var entries = 0
     var onEntry: ((Int) -> Void)?
+    /// Fills a directory just made in the destination some other way (a
+    /// fold links an unchanged subtree of the old layer); true when it did,
+    /// attributes included: the copier then does not enter the source's.
+    var subtree: ((_ parentContext: AnyObject?, _ name: FileName, _ destination: Directory) throws -> Bool)?
     /// Entries that vanish while being copied are left out (a live guest's
     /// tree read for a backup), instead of failing the copy.
     var skipVanished = false
@@ -93,6 +97,7 @@ final class TreeCopier {
         switch st.fileType {
         case 0o040000:
             try destination.makeDirectory(name, mode: 0o700)
+            if let subtree, try subtree(place.context, name, destination) { return .next }
             return .enter(
                 Place(destination: try destination.openDirectory(name), context: context?(place.context, name)))
         case 0o100000:
