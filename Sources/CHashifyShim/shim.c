@@ -223,6 +223,20 @@ uint64_t hashify_fs_type(int fd) {
     return (uint64_t)s.f_type;
 }
 
+/* The kernel's file handle of NAME in DIRFD (not following a symlink): its
+   type in *type, its bytes in out (at most *len; *len set). -1 with errno. */
+int hashify_file_handle(int dirfd, const char *name, unsigned char *out, unsigned *len, int *type) {
+    union { struct file_handle fh; unsigned char buf[sizeof(struct file_handle) + 128]; } h;
+    int mount_id;
+    h.fh.handle_bytes = 128;
+    if (name_to_handle_at(dirfd, name, &h.fh, &mount_id, 0) != 0) return -1;
+    if (h.fh.handle_bytes > *len) { errno = EOVERFLOW; return -1; }
+    memcpy(out, h.fh.f_handle, h.fh.handle_bytes);
+    *len = h.fh.handle_bytes;
+    *type = h.fh.handle_type;
+    return 0;
+}
+
 #include <linux/btrfs.h>
 int hashify_btrfs_fsid(int fd, unsigned char *out16) {
     struct btrfs_ioctl_fs_info_args args;

@@ -241,6 +241,18 @@ public final class Directory: @unchecked Sendable {
     /// The filesystem's magic number (`fstatfs(2)`'s `f_type`).
     public var filesystemType: UInt64 { hashify_fs_type(fd) }
 
+    /// The kernel's file handle of `name` (`name_to_handle_at`, the link
+    /// itself for a symlink): its type as one byte, then its bytes — the form
+    /// overlayfs records a lower file by in its index (`trusted.overlay.origin`).
+    public func fileHandle(_ name: FileName) -> [UInt8]? {
+        var out = [UInt8](repeating: 0, count: 128)
+        var length: UInt32 = 128
+        var type: Int32 = 0
+        let ok = name.withCString { n in hashify_file_handle(fd, n, &out, &length, &type) } == 0
+        guard ok, (0...255).contains(type) else { return nil }
+        return [UInt8(type)] + out.prefix(Int(length))
+    }
+
     /// The UUID of the btrfs filesystem the directory is on, the same in every
     /// subvolume (`BTRFS_IOC_FS_INFO`); nil when it is not on btrfs.
     public var btrfsFilesystemID: [UInt8]? {

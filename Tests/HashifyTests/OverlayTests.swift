@@ -132,6 +132,10 @@ struct OverlayTests {
         chmod("\(guests[2])/usr/bin/tool", 0o700)
         unlink("\(guests[2])/usr/lib/lib2.so")
         rename("\(guests[1])/srv", "\(guests[1])/srv-renamed")
+        // A write to one name of a hard link pair (overlayfs' index keeps the other name in step).
+        let f = fopen("\(guests[1])/usr/share/lib3-again", "a")
+        fputs("appended through one name\n", f)
+        fclose(f)
         // A directory removed and made again: opaque in the upper layer.
         #expect(run(["/bin/rm", "-rf", "\(guests[0])/usr/share"]).status == 0)
         writeFile("\(guests[0])/usr/share/again", pseudoRandom(3000, seed: 31))

@@ -100,6 +100,8 @@ extern const int HASHIFY_MNT_DETACH;
 int hashify_syncfs(int fd);
 /// fstatfs(2)'s f_type of the filesystem that holds fd (0 on error).
 uint64_t hashify_fs_type(int fd);
+/// The kernel's file handle of `name` (`name_to_handle_at`, not following a symlink).
+int hashify_file_handle(int dirfd, const char *name, unsigned char *out, unsigned *len, int *type);
 /// The UUID of the btrfs filesystem `fd` is on (the same for every subvolume); -1 with errno when not btrfs.
 int hashify_btrfs_fsid(int fd, unsigned char *out16);
 /// fchmodat(dirfd, name, mode, 0) (never used on symlinks).

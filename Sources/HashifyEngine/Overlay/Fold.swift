@@ -8,9 +8,14 @@ extension Overlay {
     final class FoldContext {
         let upper: Directory?
         let meta: Directory?
-        init(upper: Directory?, meta: Directory?) {
+        /// The old layer's hard-linked stubs overlayfs has copied up into its
+        /// index (`indexedOrigins`): the guest sees their new content under
+        /// every name, also where the upper layer holds nothing.
+        let indexed: Set<[UInt8]>
+        init(upper: Directory?, meta: Directory?, indexed: Set<[UInt8]> = []) {
             self.upper = upper
             self.meta = meta
+            self.indexed = indexed
         }
 
         /// The child context. Below an opaque or redirected upper directory
@@ -22,13 +27,13 @@ extension Overlay {
                 u.extendedAttribute("trusted.overlay.opaque") != nil
                     || u.extendedAttribute("trusted.overlay.redirect") != nil
             {
-                return FoldContext(upper: u, meta: nil)
+                return FoldContext(upper: u, meta: nil, indexed: indexed)
             }
             if upper != nil, u == nil, (try? upper?.stat(name)) != nil {
                 // The upper holds something else under this name (a whiteout, a file).
-                return FoldContext(upper: nil, meta: nil)
+                return FoldContext(upper: nil, meta: nil, indexed: indexed)
             }
-            return FoldContext(upper: u, meta: try? meta?.openDirectory(name))
+            return FoldContext(upper: u, meta: try? meta?.openDirectory(name), indexed: indexed)
         }
 
         /// The old metadata layer's directory holding `name` as it is, when the
@@ -42,7 +47,10 @@ extension Overlay {
                     return nil
                 } catch Errno.noSuchFileOrDirectory {} catch { return nil }
             }
-            guard (try? meta.stat(name)) != nil else { return nil }
+            guard let st = try? meta.stat(name) else { return nil }
+            if st.linkCount > 1, !indexed.isEmpty {
+                guard let handle = meta.fileHandle(name), !indexed.contains(handle) else { return nil }
+            }
             return meta
         }
 
@@ -67,12 +75,22 @@ extension Overlay {
         }
     }
 
-    /// Whether overlayfs' index of a generation holds entries (copied-up hard links).
-    static func hasIndexEntries(_ gen: OverlayGuest.Generation) -> Bool {
-        guard let index = try? gen.work.openDirectory(FileName("index")), let names = try? index.entryNames() else {
-            return false
+    /// The lower files overlayfs' index of a generation holds copy-ups of
+    /// (copied-up hard links), as `Directory.fileHandle` gives them: each
+    /// index entry is named by the hex of its origin (version, 0xfb, length,
+    /// flags, type, the layer's 16-byte UUID, then the handle's bytes). Nil
+    /// when an entry is not in that form (then nothing is taken unread).
+    static func indexedOrigins(_ gen: OverlayGuest.Generation) -> Set<[UInt8]>? {
+        guard let index = try? gen.work.openDirectory(FileName("index")) else { return [] }
+        guard let names = try? index.entryNames() else { return nil }
+        var out = Set<[UInt8]>()
+        for name in names {
+            guard let b = bytesFromHex(name.bytes), b.count > 21, b[1] == 0xfb, Int(b[2]) == b.count else {
+                return nil
+            }
+            out.insert([b[4]] + b[21...])
         }
-        return !names.isEmpty
+        return out
     }
 
     /// Copies a subtree of a metadata layer into an empty directory of the
@@ -177,10 +195,12 @@ extension Overlay {
         // hard link of the old one (whole unchanged subtrees without reading
         // the merged view), so the fold costs about what the guest changed.
         // Not for a clone (its metadata layer must not share inodes with the
-        // source's: a guest sees link counts), a live source, or while
-        // overlayfs' index holds copied-up hard links (a name the upper does
-        // not hold may then still show changed content).
-        let linkUnchanged = source === guest && !isLive && !hasIndexEntries(old)
+        // source's: a guest sees link counts) or a live source. A hard-linked
+        // stub overlayfs' index holds a copy-up of shows new content under
+        // every name: it is read like a changed file, and whole subtrees are
+        // linked only while the index is empty.
+        let indexed = source === guest && !isLive ? indexedOrigins(old) : nil
+        let linkUnchanged = indexed != nil
         let copier = TreeCopier(
             overlayNames: .escape,
             context: { parent, name in
@@ -202,7 +222,7 @@ extension Overlay {
             result.filesHashed += 1
             return try makeEntry(file, in: dest, filler: filler, lease: false, linkSource: false, result: &result)
         }
-        if linkUnchanged {
+        if indexed?.isEmpty == true {
             copier.subtree = { parent, name, dest in
                 guard let child = (parent as? FoldContext)?.child(name), child.upper == nil,
                     let meta = child.meta
@@ -213,7 +233,9 @@ extension Overlay {
         }
         let build = { (merged: Directory) throws in
             do {
-                try copier.copy(merged, into: next.meta, rootContext: FoldContext(upper: old.upper, meta: old.meta))
+                try copier.copy(
+                    merged, into: next.meta,
+                    rootContext: FoldContext(upper: old.upper, meta: old.meta, indexed: indexed ?? []))
             } catch {
                 _ = try? filler.finish()
                 throw error
