@@ -209,11 +209,6 @@ extension Overlay {
         ) { file, dest in
             let size = file.stat.size
             let context = file.context as? FoldContext
-            if linkUnchanged, let meta = context?.unchangedEntry(file.name) {
-                try meta.link(file.name, to: dest, as: file.name)
-                result.filesUnchanged += 1
-                return nil
-            }
             if size > inlineLimit, let r = context?.unchangedRedirect(file.name, size: size), filler.isLive(r) {
                 result.filesUnchanged += 1
                 result.stubs += 1
@@ -221,6 +216,15 @@ extension Overlay {
             }
             result.filesHashed += 1
             return try makeEntry(file, in: dest, filler: filler, lease: false, linkSource: false, result: &result)
+        }
+        if linkUnchanged {
+            // Before the merged file is opened: an unchanged entry costs a lookup and a link.
+            copier.unchanged = { context, name, dest in
+                guard let meta = (context as? FoldContext)?.unchangedEntry(name) else { return false }
+                try meta.link(name, to: dest, as: name)
+                result.filesUnchanged += 1
+                return true
+            }
         }
         if indexed?.isEmpty == true {
             copier.subtree = { parent, name, dest in

@@ -59,6 +59,9 @@ final class TreeCopier {
     /// fold links an unchanged subtree of the old layer); true when it did,
     /// attributes included: the copier then does not enter the source's.
     var subtree: ((_ parentContext: AnyObject?, _ name: FileName, _ destination: Directory) throws -> Bool)?
+    /// Makes a non-directory entry some other way before the source is
+    /// opened (a fold links an unchanged entry of the old layer); true when it did.
+    var unchanged: ((_ context: AnyObject?, _ name: FileName, _ destination: Directory) throws -> Bool)?
     /// Entries that vanish while being copied are left out (a live guest's
     /// tree read for a backup), instead of failing the copy.
     var skipVanished = false
@@ -106,6 +109,10 @@ final class TreeCopier {
                 if left <= 1 { links[st.inode] = nil } else { links[st.inode] = (dir, first, left - 1) }
                 return .next
             }
+            if let unchanged, try unchanged(place.context, name, destination) {
+                if st.linkCount > 1 { links[st.inode] = (destination, name, st.linkCount - 1) }
+                return .next
+            }
             let handle = try source.openFileForReading(name)
             let file = SourceFile(
                 directory: source, name: name, stat: st, handle: handle, path: entry.path, context: place.context,
@@ -118,10 +125,12 @@ final class TreeCopier {
             }
             if st.linkCount > 1 { links[st.inode] = (destination, name, st.linkCount - 1) }
         case 0o120000:
+            if let unchanged, try unchanged(place.context, name, destination) { return .next }
             try destination.makeSymlink(name, target: try source.readLink(name))
             try applyAttributes(of: source, name, stat: st, to: destination, isSymlink: true)
         default:
             // FIFOs, sockets, character and block devices.
+            if let unchanged, try unchanged(place.context, name, destination) { return .next }
             if overlayNames == .escape, st.fileType == 0o020000, st.deviceNumber == 0 {
                 throw InputError(
                     "\(escapedPath(entry.path)): a character device 0/0, which overlayfs would take for a whiteout (the file would vanish from the guest); overlay mode cannot hold it"
