@@ -84,7 +84,8 @@ extension Overlay {
         guard let index = try? gen.work.openDirectory(FileName("index")) else { return [] }
         guard let names = try? index.entryNames() else { return nil }
         var out = Set<[UInt8]>()
-        for name in names {
+        // Names beginning with "#" are overlayfs' own temporaries (its shared whiteout among them).
+        for name in names where name.bytes.first != 0x23 {
             guard let b = bytesFromHex(name.bytes), b.count > 21, b[1] == 0xfb, Int(b[2]) == b.count else {
                 return nil
             }
