@@ -88,26 +88,12 @@ struct BtrfsOverlayTests {
 
         // Real containers through the hook: each write stays in its container.
         let objects = manifest(["\(store)/data"])
-        func lxc(_ tool: String, _ args: [String]) -> (status: Int32, out: String, err: String) {
-            run(["/usr/bin/env", "HASHIFY=\(hashifyBinary)", "/usr/bin/\(tool)", "-P", lxcpath] + args)
-        }
-        defer { for n in names { _ = lxc("lxc-stop", ["-n", n, "-k"]) } }
-        for n in names {
-            let r = lxc("lxc-start", ["-n", n, "-l", "INFO", "-o", s.sub("\(n).log")])
-            #expect(
-                r.status == 0,
-                "lxc-start \(n): \(r.err) \((try? String(contentsOfFile: s.sub("\(n).log"), encoding: .utf8)) ?? "")")
-        }
+        defer { for n in names { lxcTool(lxcpath, "lxc-stop", ["-n", n, "-k"]) } }
+        startContainers(names, lxcpath: lxcpath, logs: s)
         let expected = names.map { "\($0) was here\n" }
-        var seen: [String] = []
-        for _ in 0..<50 {
-            seen = roots.map { (try? String(contentsOfFile: "\($0)/usr/lib/shared.so", encoding: .utf8)) ?? "" }
-            if seen == expected { break }
-            usleep(100_000)
-        }
-        #expect(seen == expected, "each container sees its own write")
+        #expect(sharedFileContents(roots, becoming: expected) == expected, "each container sees its own write")
         #expect(manifest(["\(store)/data"]) == objects, "no shared object changed")
-        for n in names { #expect(lxc("lxc-stop", ["-n", n, "-k"]).status == 0) }
+        for n in names { #expect(lxcTool(lxcpath, "lxc-stop", ["-n", n, "-k"]).status == 0) }
         for r in roots { #expect(!isOverlayMount(r), "the post-stop hook unmounted \(r)") }
 
         // The fold keeps the writes; then one perl per guest maps one copy.

@@ -53,13 +53,7 @@ func buildInitramfs(hashify: String, overlayModule: String, into dir: String) th
     copies += programs.map { ($0, "bin/" + URL(fileURLWithPath: $0).lastPathComponent) }
     copies.append((packageRoot.appendingPathComponent("Tests/vm/init").path, "init"))
     // The libraries the dynamic programs load, at the paths the loader looks for them.
-    for p in programs {
-        for line in run(["/usr/bin/ldd", p]).out.split(separator: "\n") {
-            let path = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).first { $0.hasPrefix("/") }.map(
-                String.init)
-            if let path { copies.append((path, String(path.dropFirst()))) }
-        }
-    }
+    for path in programs.flatMap(loadedLibraries) { copies.append((path, String(path.dropFirst()))) }
     for (from, to) in copies {
         let target = "\(stage)/\(to)"
         try fm.createDirectory(

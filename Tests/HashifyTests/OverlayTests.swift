@@ -632,15 +632,20 @@ func buildPackage(_ dir: String, version: String, library: [UInt8]) -> String {
     return deb
 }
 
-/// Copies a host program and the libraries it loads into a guest (plain copies: their own inodes).
-func installProgram(_ program: String, into root: String) {
-    let libs = run(["/usr/bin/ldd", program]).out.split(separator: "\n").compactMap { line -> String? in
+/// The shared libraries a host program loads, its ELF interpreter included (from ldd).
+func loadedLibraries(_ program: String) -> [String] {
+    run(["/usr/bin/ldd", program]).out.split(separator: "\n").compactMap { line -> String? in
         let parts = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
         if let arrow = parts.firstIndex(of: "=>"), arrow + 1 < parts.count, parts[arrow + 1].hasPrefix("/") {
             return String(parts[arrow + 1])
         }
         return parts.first.flatMap { $0.hasPrefix("/") ? String($0) : nil }
     }
+}
+
+/// Copies a host program and the libraries it loads into a guest (plain copies: their own inodes).
+func installProgram(_ program: String, into root: String) {
+    let libs = loadedLibraries(program)
     for f in [program] + libs {
         mkdirs(root + (f as NSString).deletingLastPathComponent)
         _ = run(["/bin/cp", "-L", "--preserve=mode,timestamps", f, root + f])
@@ -760,6 +765,33 @@ func makeLXCContainer(
         """ + extraConfig)
 }
 
+/// An LXC tool run on LXCPATH, with this build's hashify for the contrib hook.
+@discardableResult
+func lxcTool(_ lxcpath: String, _ tool: String, _ args: [String]) -> (status: Int32, out: String, err: String) {
+    run(["/usr/bin/env", "HASHIFY=\(hashifyBinary)", "/usr/bin/\(tool)", "-P", lxcpath] + args)
+}
+
+/// Starts the containers `names` of LXCPATH (each logged to NAME.log in `logs`), expecting each to start.
+func startContainers(_ names: [String], lxcpath: String, logs: Scratch) {
+    for n in names {
+        let r = lxcTool(lxcpath, "lxc-start", ["-n", n, "-l", "INFO", "-o", logs.sub("\(n).log")])
+        #expect(
+            r.status == 0,
+            "lxc-start \(n): \(r.err) \((try? String(contentsOfFile: logs.sub("\(n).log"), encoding: .utf8)) ?? "")")
+    }
+}
+
+/// What each root's /usr/lib/shared.so reads, once all read `expected` (or after about 8 s).
+func sharedFileContents(_ roots: [String], becoming expected: [String]) -> [String] {
+    var seen: [String] = []
+    for _ in 0..<80 {
+        seen = roots.map { (try? String(contentsOfFile: "\($0)/usr/lib/shared.so", encoding: .utf8)) ?? "" }
+        if seen == expected { break }
+        usleep(100_000)
+    }
+    return seen
+}
+
 @Suite(
     "overlay guests as real LXC containers", .serialized,
     .enabled(
@@ -785,22 +817,9 @@ struct OverlayLXCTests {
         settle()
         #expect(overlay(["convert", "-q", "--no-mount"] + roots, store: store).status == 0)
         let objects = manifest([s.sub("store/data")])
-        func lxc(_ tool: String, _ args: [String]) -> (status: Int32, out: String, err: String) {
-            run(["/usr/bin/env", "HASHIFY=\(hashifyBinary)", "/usr/bin/\(tool)", "-P", lxcpath] + args)
-        }
-        defer { for n in names { _ = lxc("lxc-stop", ["-n", n, "-k"]) } }
-        for n in names {
-            let r = lxc("lxc-start", ["-n", n, "-l", "INFO", "-o", s.sub("\(n).log")])
-            #expect(
-                r.status == 0,
-                "lxc-start \(n): \(r.err) \((try? String(contentsOfFile: s.sub("\(n).log"), encoding: .utf8)) ?? "")")
-        }
-        var seen: [String] = []
-        for _ in 0..<50 {
-            seen = roots.map { (try? String(contentsOfFile: "\($0)/usr/lib/shared.so", encoding: .utf8)) ?? "" }
-            if seen == ["c1 was here\n", "c2 was here\n"] { break }
-            usleep(100_000)
-        }
+        defer { for n in names { lxcTool(lxcpath, "lxc-stop", ["-n", n, "-k"]) } }
+        startContainers(names, lxcpath: lxcpath, logs: s)
+        let seen = sharedFileContents(roots, becoming: ["c1 was here\n", "c2 was here\n"])
         #expect(seen == ["c1 was here\n", "c2 was here\n"], "each container sees its own write")
         for r in roots { #expect(isOverlayMount(r), "the pre-start hook mounted \(r)") }
         #expect(manifest([s.sub("store/data")]) == objects, "no shared object changed")
@@ -811,7 +830,7 @@ struct OverlayLXCTests {
         }
         #expect(sum(mem, roots, "sharedBytes") > 0)
         #expect(sum(mem, roots, "duplicatedBytes") == 0)
-        for n in names { #expect(lxc("lxc-stop", ["-n", n, "-k"]).status == 0) }
+        for n in names { #expect(lxcTool(lxcpath, "lxc-stop", ["-n", n, "-k"]).status == 0) }
         for r in roots { #expect(!isOverlayMount(r), "the post-stop hook unmounted \(r)") }
         let fold = overlay(["fold", "--json"] + roots, store: store)
         #expect(fold.status == 0, "\(fold.err)")

@@ -96,25 +96,10 @@ struct UnprivilegedTests {
         )
 
         withSubordinateIDs([100_000, 200_000]) {
-            func lxc(_ tool: String, _ args: [String]) -> (status: Int32, out: String, err: String) {
-                run(["/usr/bin/env", "HASHIFY=\(hashifyBinary)", "/usr/bin/\(tool)", "-P", lxcpath] + args)
-            }
-            defer { for n in names { _ = lxc("lxc-stop", ["-n", n, "-k"]) } }
-            for n in names {
-                let r = lxc("lxc-start", ["-n", n, "-l", "INFO", "-o", s.sub("\(n).log")])
-                #expect(
-                    r.status == 0,
-                    "lxc-start \(n): \(r.err) \((try? String(contentsOfFile: s.sub("\(n).log"), encoding: .utf8)) ?? "")"
-                )
-            }
+            defer { for n in names { lxcTool(lxcpath, "lxc-stop", ["-n", n, "-k"]) } }
+            startContainers(names, lxcpath: lxcpath, logs: s)
             let expected = names.map { "\($0) was here\n" }
-            var seen: [String] = []
-            for _ in 0..<80 {
-                seen = roots.map { (try? String(contentsOfFile: "\($0)/usr/lib/shared.so", encoding: .utf8)) ?? "" }
-                if seen == expected { break }
-                usleep(100_000)
-            }
-            #expect(seen == expected, "each container sees its own write")
+            #expect(sharedFileContents(roots, becoming: expected) == expected, "each container sees its own write")
             // What the container's root wrote is owned by its range's root on disk.
             for (i, r) in roots.enumerated() { #expect(owner("\(r)/tmp/mine") == UInt32(bases[i])) }
             // hashify mem finds each container's processes in its guest.
@@ -123,7 +108,7 @@ struct UnprivilegedTests {
                 #expect((guestFigures(mem, r)["processes"] as? Int ?? 0) >= 1, "container processes of \(r): \(mem)")
             }
             #expect(sum(mem, roots, "sharedBytes") > 0)
-            for n in names { #expect(lxc("lxc-stop", ["-n", n, "-k"]).status == 0) }
+            for n in names { #expect(lxcTool(lxcpath, "lxc-stop", ["-n", n, "-k"]).status == 0) }
         }
         for r in roots { #expect(!isOverlayMount(r), "the post-stop hook unmounted \(r)") }
         #expect(overlay(["fold", "-q"] + roots, store: store).status == 0)

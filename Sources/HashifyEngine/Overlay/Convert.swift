@@ -175,15 +175,12 @@ extension Overlay {
         guard root.lastComponent?.string == "rootfs",
             let instance = try? Directory.open(path: root.removingLastComponent())
         else { return nil }
-        if let lxc = try? instance.openFileForReading(FileName("config")).readAll(limit: 1 << 20) {
-            // LXC's own idmapped rootfs (`lxc.rootfs.options = idmap=container`): the same failure.
-            for line in lxc.split(separator: 0x0a).map({ String(decoding: $0, as: UTF8.self) }) {
-                let parts = line.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: " \t") }
-                if parts.count == 2, parts[0] == "lxc.rootfs.options", parts[1].contains("idmap=") {
-                    return
-                        "its LXC config mounts the rootfs idmapped (lxc.rootfs.options = \(parts[1])), which an overlay mount cannot be (it would not start); shift its files on disk instead (no idmap= option)"
-                }
-            }
+        // LXC's own idmapped rootfs (`lxc.rootfs.options = idmap=container`): the same failure.
+        if let lxc = try? instance.openFileForReading(FileName("config")).readAll(limit: 1 << 20),
+            let options = GuestDiscovery.lxcConfigValue(lxc, keys: ["lxc.rootfs.options"]), options.contains("idmap=")
+        {
+            return
+                "its LXC config mounts the rootfs idmapped (lxc.rootfs.options = \(options)), which an overlay mount cannot be (it would not start); shift its files on disk instead (no idmap= option)"
         }
         guard let text = try? instance.openFileForReading(FileName("backup.yaml")).readAll(limit: 1 << 20) else {
             return nil

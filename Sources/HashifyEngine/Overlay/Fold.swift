@@ -36,17 +36,21 @@ extension Overlay {
             return FoldContext(upper: u, meta: try? meta?.openDirectory(name), indexed: indexed)
         }
 
+        /// Whether the upper layer surely holds nothing under `name` (no upper
+        /// directory here, or no entry of that name; an error counts as holding).
+        private func upperLacks(_ name: FileName) -> Bool {
+            guard let upper else { return true }
+            do {
+                _ = try upper.stat(name)
+                return false
+            } catch Errno.noSuchFileOrDirectory { return true } catch { return false }
+        }
+
         /// The old metadata layer's directory holding `name` as it is, when the
         /// upper layer holds nothing under that name (so the guest sees the old
         /// entry unchanged).
         func unchangedEntry(_ name: FileName) -> Directory? {
-            guard let meta else { return nil }
-            if let upper {
-                do {
-                    _ = try upper.stat(name)
-                    return nil
-                } catch Errno.noSuchFileOrDirectory {} catch { return nil }
-            }
+            guard let meta, upperLacks(name) else { return nil }
             guard let st = try? meta.stat(name) else { return nil }
             if st.linkCount > 1, !indexed.isEmpty {
                 guard let handle = meta.fileHandle(name), !indexed.contains(handle) else { return nil }
@@ -59,13 +63,7 @@ extension Overlay {
         /// stub is no hard link (overlayfs keeps copied-up hard links in its
         /// index, not under each name) and the size agrees.
         func unchangedRedirect(_ name: FileName, size: UInt64) -> [UInt8]? {
-            guard let meta else { return nil }
-            if let upper {
-                do {
-                    _ = try upper.stat(name)
-                    return nil
-                } catch Errno.noSuchFileOrDirectory {} catch { return nil }
-            }
+            guard let meta, upperLacks(name) else { return nil }
             guard let st = try? meta.stat(name), st.isRegular, st.linkCount == 1, st.size == size,
                 let stub = try? meta.openFileForReading(name),
                 stub.extendedAttribute("trusted.overlay.metacopy") != nil,
@@ -113,11 +111,7 @@ extension Overlay {
                 return .next
             },
             leave: { dir, dest in
-                let st = try dir.stat()
-                try dest.changeOwner(uid: st.uid, gid: st.gid)
-                try dest.changeMode(st.mode)
-                for a in try dir.extendedAttributes() { try dest.setExtendedAttribute(a) }
-                try dest.setModificationTime(st.modificationTime)
+                try TreeCopier.copyDirectoryAttributes(of: dir, stat: try dir.stat(), to: dest)
             })
         return linked
     }
@@ -228,11 +222,11 @@ extension Overlay {
             }
         }
         if indexed?.isEmpty == true {
-            copier.subtree = { parent, name, dest in
-                guard let child = (parent as? FoldContext)?.child(name), child.upper == nil,
-                    let meta = child.meta
-                else { return false }
-                result.filesUnchanged += try linkLayerTree(meta, into: try dest.openDirectory(name))
+            copier.subtree = { context, dest in
+                guard let child = context as? FoldContext, child.upper == nil, let meta = child.meta else {
+                    return false
+                }
+                result.filesUnchanged += try linkLayerTree(meta, into: dest)
                 return true
             }
         }

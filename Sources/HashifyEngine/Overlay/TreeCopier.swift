@@ -56,9 +56,10 @@ final class TreeCopier {
     private(set) var entries = 0
     var onEntry: ((Int) -> Void)?
     /// Fills a directory just made in the destination some other way (a
-    /// fold links an unchanged subtree of the old layer); true when it did,
-    /// attributes included: the copier then does not enter the source's.
-    var subtree: ((_ parentContext: AnyObject?, _ name: FileName, _ destination: Directory) throws -> Bool)?
+    /// fold links an unchanged subtree of the old layer), given the context
+    /// the policy made for it; true when it did, attributes included: the
+    /// copier then does not enter the source's.
+    var subtree: ((_ context: AnyObject?, _ destination: Directory) throws -> Bool)?
     /// Makes a non-directory entry some other way before the source is
     /// opened (a fold links an unchanged entry of the old layer); true when it did.
     var unchanged: ((_ context: AnyObject?, _ name: FileName, _ destination: Directory) throws -> Bool)?
@@ -100,9 +101,10 @@ final class TreeCopier {
         switch st.fileType {
         case 0o040000:
             try destination.makeDirectory(name, mode: 0o700)
-            if let subtree, try subtree(place.context, name, destination) { return .next }
-            return .enter(
-                Place(destination: try destination.openDirectory(name), context: context?(place.context, name)))
+            let made = try destination.openDirectory(name)
+            let childContext = context?(place.context, name)
+            if let subtree, try subtree(childContext, made) { return .next }
+            return .enter(Place(destination: made, context: childContext))
         case 0o100000:
             if st.linkCount > 1, let (dir, first, left) = links[st.inode] {
                 try dir.link(first, to: destination, as: name)
@@ -152,6 +154,15 @@ final class TreeCopier {
     static let overlayPrefix = Array("trusted.overlay.".utf8)
 
     private func applyDirectoryAttributes(of source: Directory, stat st: FileStat, to destination: Directory) throws {
+        try Self.copyDirectoryAttributes(of: source, stat: st, to: destination, rename)
+    }
+
+    /// Gives `destination` the owner, mode, xattrs (each through `rename`)
+    /// and mtime of the directory `source` (mtime last).
+    static func copyDirectoryAttributes(
+        of source: Directory, stat st: FileStat, to destination: Directory,
+        _ rename: (ExtendedAttribute) -> ExtendedAttribute = { $0 }
+    ) throws {
         try destination.changeOwner(uid: st.uid, gid: st.gid)
         try destination.changeMode(st.mode)
         for a in try source.extendedAttributes() { try destination.setExtendedAttribute(rename(a)) }

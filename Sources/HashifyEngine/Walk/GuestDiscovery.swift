@@ -72,15 +72,20 @@ public enum GuestDiscovery {
         return out
     }
 
-    /// An LXC container from its config's `lxc.rootfs.path` (or the older `lxc.rootfs`).
-    static func lxcGuest(_ name: String, config: [UInt8], lxcpath: FilePath) -> Found {
+    /// The value an LXC config gives the last of `keys` it sets ("KEY = VALUE" lines), or nil.
+    static func lxcConfigValue(_ config: [UInt8], keys: Set<String>) -> String? {
         var value: String?
         for line in String(decoding: config, as: UTF8.self).split(separator: "\n") {
             let parts = line.split(separator: "=", maxSplits: 1)
             guard parts.count == 2 else { continue }
-            let key = parts[0].trimmingCharacters(in: " \t")
-            if key == "lxc.rootfs.path" || key == "lxc.rootfs" { value = parts[1].trimmingCharacters(in: " \t") }
+            if keys.contains(parts[0].trimmingCharacters(in: " \t")) { value = parts[1].trimmingCharacters(in: " \t") }
         }
+        return value
+    }
+
+    /// An LXC container from its config's `lxc.rootfs.path` (or the older `lxc.rootfs`).
+    static func lxcGuest(_ name: String, config: [UInt8], lxcpath: FilePath) -> Found {
+        let value = lxcConfigValue(config, keys: ["lxc.rootfs.path", "lxc.rootfs"])
         let label = "lxc:\(name)"
         guard let v = value, !v.isEmpty else {
             return Found(
@@ -182,7 +187,7 @@ public enum GuestDiscovery {
 
 extension Substring {
     /// The text without the characters of `set` at either end.
-    func trimmingCharacters(in set: String) -> String {
+    fileprivate func trimmingCharacters(in set: String) -> String {
         var s = self
         while let f = s.first, set.contains(f) { s.removeFirst() }
         while let l = s.last, set.contains(l) { s.removeLast() }
