@@ -177,6 +177,12 @@ public final class OpenFile: @unchecked Sendable {
 
     /// Sets one extended attribute (`fsetxattr`).
     public func setExtendedAttribute(_ a: ExtendedAttribute) throws { try setExtendedAttributeOf(descriptor: fd, a) }
+
+    /// Removes one extended attribute (`fremovexattr`; absent is no error).
+    public func removeExtendedAttribute(_ name: [UInt8]) throws {
+        let failed = withCName(name) { hashify_fremovexattr(fd, $0) != 0 }
+        if failed && errno != ENODATA { throw Errno(rawValue: errno) }
+    }
 }
 
 /// Every extended attribute of an open descriptor, sorted by name.

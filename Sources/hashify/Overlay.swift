@@ -97,14 +97,19 @@ struct OverlayCommand: ParsableCommand {
             abstract: "Fold unmounted overlay guests' copy-ups back into sharing (what unify does for them).",
             discussion: """
                 Files the guest's updates wrote into its upper layer are hashed and become stubs of \
-                shared objects; the guest sees exactly what it saw. A new generation is built and \
-                switched to in one step, so a killed fold leaves the previous one in force. A \
-                mounted guest is left for its next start. Plain guests are refused (unify them).
+                shared objects; the guest sees exactly what it saw. The upper layer becomes the top \
+                metadata layer of a new generation (reading only what the guest changed), which is \
+                switched to in one step, so a killed fold leaves the previous one in force. Past \
+                16 stacked layers, or with --compact, the generation is built whole as one layer. \
+                A mounted guest is left for its next start. Plain guests are refused (unify them).
                 """)
         @OptionGroup var target: Target
+        @Flag(help: "Build each guest's metadata layer whole again, as one layer (even with nothing to fold).")
+        var compact = false
         @OptionGroup var output: OutputOptions
         func run() throws {
-            let (o, host) = target.resolve()
+            var (o, host) = target.resolve()
+            o.compact = compact
             try report(runEngine { try Overlay.fold(o) }, output: output, names: host.names)
         }
     }

@@ -701,7 +701,8 @@ struct OverlayProgramTests {
         #expect((folds.last?["filesSharingObjects"] as? Int ?? 0) >= 1)
         let stubs = run([
             "/bin/sh", "-c",
-            "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g2/meta/usr/lib/demo/libdemo.so; echo",
+            // The fold stacked each guest's upper layer (g1/upper) on its metadata layer: the updated file is a stub there.
+            "getfattr --only-values -n trusted.overlay.redirect \(store)/overlay/*/g1/upper/usr/lib/demo/libdemo.so; echo",
         ]).out
         #expect(
             stubs.count == 33 && stubs.prefix(16) == stubs.dropFirst(16).prefix(16), "one object for both: \(stubs)")

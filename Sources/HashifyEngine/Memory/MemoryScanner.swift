@@ -25,7 +25,8 @@ public enum MemoryScanner {
         var stat: FileStat
         /// For a mounted overlay guest: its metadata and upper layers (of the
         /// generation in force), and the overlay's device.
-        var meta: Directory?
+        /// An overlay guest's metadata layers, top first.
+        var layers: [Directory] = []
         var upper: Directory?
         var overlayDevice: UInt64?
         /// The layers' directories looked up so far, by path: the mapped files of a
@@ -376,7 +377,7 @@ public enum MemoryScanner {
                 OverlayMount.isMounted(gen, at: dir)
             {
                 g.overlayDevice = st.device
-                g.meta = gen.meta
+                g.layers = gen.layers.map(\.directory)
                 g.upper = gen.upper
             }
             guests.append(g)
@@ -426,19 +427,36 @@ public enum MemoryScanner {
         if let upper = guest.upper, let (dir, name, st) = lookup(path, in: upper, layer: 1, guest: guest) {
             return (Physical(device: st.device, inode: st.inode), .upper(dir, name), nil)
         }
-        guard let meta = guest.meta, let objects, let (dir, name, st) = lookup(path, in: meta, layer: 0, guest: guest),
-            st.inode == inode, let stub = try? dir.openFileForReading(name),
-            stub.extendedAttribute("trusted.overlay.metacopy") != nil,
-            let redirect = stub.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(redirect),
-            let object = try? objects.stat(redirect)
-        else { return nil }
-        return (Physical(device: object.device, inode: object.inode), .dataObject(redirect), objects.digests[redirect])
+        // The topmost metadata layer holding the path decides: a stub of an
+        // object (the mapped inode being it or one above it in the chain), a
+        // file of its own (an upper layer a fold stacked), or, for a
+        // metadata-only copy-up, the layers below.
+        guard let objects else { return nil }
+        var mappedSeen = false
+        for (i, layer) in guest.layers.enumerated() {
+            guard let (dir, name, st) = lookup(path, in: layer, layer: 2 + i, guest: guest, anyType: true) else {
+                continue
+            }
+            guard st.isRegular, let file = try? dir.openFileForReading(name) else { return nil }
+            mappedSeen = mappedSeen || st.inode == inode
+            guard file.extendedAttribute("trusted.overlay.metacopy") != nil else {
+                return (Physical(device: st.device, inode: st.inode), .upper(dir, name), nil)
+            }
+            guard let redirect = file.extendedAttribute("trusted.overlay.redirect") else { continue }
+            guard mappedSeen, DataObjects.isValidRedirect(redirect), let object = try? objects.stat(redirect) else {
+                return nil
+            }
+            return (
+                Physical(device: object.device, inode: object.inode), .dataObject(redirect), objects.digests[redirect]
+            )
+        }
+        return nil
     }
 
     /// The regular file at a mapping's path in one of a guest's layers (the
     /// path with the guest root's prefix taken off when the kernel printed it),
     /// looked up one component at a time without following symlinks.
-    static func lookup(_ path: [UInt8], in root: Directory, layer: Int, guest: GuestRoot) -> (
+    static func lookup(_ path: [UInt8], in root: Directory, layer: Int, guest: GuestRoot, anyType: Bool = false) -> (
         Directory, FileName, FileStat
     )? {
         var p = path[...]
@@ -447,7 +465,7 @@ public enum MemoryScanner {
         guard let slash = p.lastIndex(of: 0x2f), slash + 1 < p.endIndex else { return nil }
         let last = FileName(bytes: p[(slash + 1)...])
         guard let dir = guest.directories.directory(Array(p[..<slash]), layer: layer, root: root),
-            let st = try? dir.stat(last), st.isRegular
+            let st = try? dir.stat(last), st.isRegular || anyType
         else { return nil }
         return (dir, last, st)
     }

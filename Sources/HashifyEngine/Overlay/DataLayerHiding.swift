@@ -16,8 +16,63 @@ import SystemPackage
 /// boots an older kernel; generations made before it get it at their next
 /// mount in that layout (adding entries to an unmounted layer's root changes
 /// no file handle overlayfs recorded). Idempotent.
+///
+/// A stack of metadata layers (`Overlay.foldStacked`) cannot carry the
+/// whiteouts in its bottom layer: a stub's redirect is looked up in the layers
+/// below its own, and a whiteout there ends the lookup before the data
+/// directory. Mounted in this layout, a stack gets a hiding layer of its own
+/// on top (`prepare`), and its bottom layer's whiteouts go.
 enum DataLayerHiding {
     static let opaque = "trusted.overlay.opaque"
+
+    /// Where generation `g`'s hiding layer lives (used only when it stacks layers).
+    static func hidingPath(_ g: OverlayGuest.Generation) -> FilePath {
+        g.upperPath.removingLastComponent().appending("hide")
+    }
+
+    static func isOurWhiteout(_ st: FileStat) -> Bool { st.fileType == 0o020000 && st.deviceNumber == 0 }
+
+    /// Makes generation `g` ready for a mount in the lower layout: one layer
+    /// hides the data directory's top directories. For a stack, a hiding
+    /// layer above every metadata layer holds a whiteout for each name no
+    /// layer holds; where the topmost layer holding a name holds a directory,
+    /// the lowest directory of that name the lookup reaches is made opaque
+    /// (only the data directory is below it); the bottom layer's whiteouts go.
+    static func prepare(_ g: OverlayGuest.Generation) throws {
+        guard g.layers.count > 1 else { return try apply(to: g.meta) }
+        let name = FileName("hide")
+        try g.directory.removeTree(name)
+        try g.directory.makeDirectory(name, mode: 0o755)
+        let hide = try g.directory.openDirectory(name)
+        let base = g.meta
+        for byte in 0...255 {
+            let hex = FileName(hexString([UInt8(byte)]))
+            if let st = try? base.stat(hex), isOurWhiteout(st) { try base.unlink(hex) }
+            var lowest: Directory?
+            var hidden = false
+            for layer in g.layers.map(\.directory) {
+                guard let st = try? layer.stat(hex) else { continue }
+                guard st.isDirectory else {
+                    hidden = lowest == nil
+                    break
+                }
+                let dir = try layer.openDirectory(hex)
+                lowest = dir
+                if dir.extendedAttribute(opaque) == [0x79] || dir.extendedAttribute("trusted.overlay.redirect") != nil {
+                    break
+                }
+            }
+            if let lowest {
+                if lowest.extendedAttribute(opaque) != [0x79],
+                    lowest.extendedAttribute("trusted.overlay.redirect") == nil
+                {
+                    try lowest.setExtendedAttribute(ExtendedAttribute(name: Array(opaque.utf8), value: [0x79]))
+                }
+            } else if !hidden {
+                try hide.makeNode(hex, mode: 0o020000, device: 0)
+            }
+        }
+    }
 
     static func apply(to meta: Directory) throws {
         for byte in 0...255 {

@@ -3,37 +3,60 @@ import SystemPackage
 
 extension Overlay {
     /// Where a directory of the merged view stands in the layers of the
-    /// generation being folded: the same directory in the upper and in the old
-    /// metadata layer, when the path leads there plainly.
+    /// generation being folded: the same directory in the upper layer and in
+    /// each metadata layer the lookup reaches, when the path leads there plainly.
     final class FoldContext {
         let upper: Directory?
-        let meta: Directory?
+        /// The metadata layers' directories at this path that the merged
+        /// directory shows, top first (a layer without one is left out; an
+        /// opaque or redirected directory or another entry ends the list).
+        let layers: [Directory]
+        /// Whether the generation has one metadata layer (its entries may then be linked as they are).
+        let single: Bool
         /// The old layer's hard-linked stubs overlayfs has copied up into its
         /// index (`indexedOrigins`): the guest sees their new content under
         /// every name, also where the upper layer holds nothing.
         let indexed: Set<[UInt8]>
-        init(upper: Directory?, meta: Directory?, indexed: Set<[UInt8]> = []) {
+        init(upper: Directory?, layers: [Directory], single: Bool, indexed: Set<[UInt8]> = []) {
             self.upper = upper
-            self.meta = meta
+            self.layers = layers
+            self.single = single
             self.indexed = indexed
         }
 
-        /// The child context. Below an opaque or redirected upper directory
-        /// the old metadata layer at the same path is not what the guest sees,
-        /// so nothing below is taken from it unread.
+        convenience init(_ gen: OverlayGuest.Generation, indexed: Set<[UInt8]> = []) {
+            self.init(
+                upper: gen.upper, layers: gen.layers.map(\.directory), single: gen.layers.count == 1, indexed: indexed)
+        }
+
+        /// The one metadata layer's directory here (a generation of one layer only).
+        var meta: Directory? { single ? layers.first : nil }
+
+        static func endsLookup(_ dir: Directory) -> Bool {
+            dir.extendedAttribute("trusted.overlay.opaque") != nil
+                || dir.extendedAttribute("trusted.overlay.redirect") != nil
+        }
+
+        /// The child context. Below an opaque or redirected directory the
+        /// layers under it at the same path are not what the guest sees, so
+        /// nothing below is taken from them unread.
         func child(_ name: FileName) -> FoldContext {
             let u = try? upper?.openDirectory(name)
-            if let u,
-                u.extendedAttribute("trusted.overlay.opaque") != nil
-                    || u.extendedAttribute("trusted.overlay.redirect") != nil
-            {
-                return FoldContext(upper: u, meta: nil, indexed: indexed)
+            if let u, Self.endsLookup(u) {
+                return FoldContext(upper: u, layers: [], single: single, indexed: indexed)
             }
             if upper != nil, u == nil, (try? upper?.stat(name)) != nil {
                 // The upper holds something else under this name (a whiteout, a file).
-                return FoldContext(upper: nil, meta: nil, indexed: indexed)
+                return FoldContext(upper: nil, layers: [], single: single, indexed: indexed)
             }
-            return FoldContext(upper: u, meta: try? meta?.openDirectory(name), indexed: indexed)
+            var below: [Directory] = []
+            for layer in layers {
+                let d: Directory
+                do { d = try layer.openDirectory(name) } catch Errno.noSuchFileOrDirectory { continue } catch { break }
+                below.append(d)
+                if Self.endsLookup(d) { break }
+            }
+            return FoldContext(upper: u, layers: below, single: single, indexed: indexed)
         }
 
         /// Whether the upper layer surely holds nothing under `name` (no upper
@@ -48,7 +71,7 @@ extension Overlay {
 
         /// The old metadata layer's directory holding `name` as it is, when the
         /// upper layer holds nothing under that name (so the guest sees the old
-        /// entry unchanged).
+        /// entry unchanged). Only in a generation of one metadata layer.
         func unchangedEntry(_ name: FileName) -> Directory? {
             guard let meta, upperLacks(name) else { return nil }
             guard let st = try? meta.stat(name) else { return nil }
@@ -58,18 +81,24 @@ extension Overlay {
             return meta
         }
 
-        /// The object a regular file of the merged view still has from the old
-        /// metadata layer, when the upper layer has nothing under its name, the
-        /// stub is no hard link (overlayfs keeps copied-up hard links in its
-        /// index, not under each name) and the size agrees.
+        /// The object a regular file of the merged view still has from the
+        /// metadata layers, when the upper layer has nothing under its name,
+        /// the topmost layer holding it holds a stub of an object, the stub is
+        /// no hard link (overlayfs keeps copied-up hard links in its index,
+        /// not under each name) and the size agrees.
         func unchangedRedirect(_ name: FileName, size: UInt64) -> [UInt8]? {
-            guard let meta, upperLacks(name) else { return nil }
-            guard let st = try? meta.stat(name), st.isRegular, st.linkCount == 1, st.size == size,
-                let stub = try? meta.openFileForReading(name),
-                stub.extendedAttribute("trusted.overlay.metacopy") != nil,
-                let r = stub.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r)
-            else { return nil }
-            return r
+            guard upperLacks(name) else { return nil }
+            for layer in layers {
+                let st: FileStat
+                do { st = try layer.stat(name) } catch Errno.noSuchFileOrDirectory { continue } catch { return nil }
+                guard st.isRegular, st.linkCount == 1, st.size == size,
+                    let stub = try? layer.openFileForReading(name),
+                    stub.extendedAttribute("trusted.overlay.metacopy") != nil,
+                    let r = stub.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r)
+                else { return nil }
+                return r
+            }
+            return nil
         }
     }
 
@@ -128,15 +157,35 @@ extension Overlay {
         return false
     }
 
+    /// The most metadata layers a generation stacks: the fold that would
+    /// stack one more builds the generation whole instead (a compaction).
+    /// Overlayfs takes up to 500 lower layers; each adds a lookup to every
+    /// path a guest opens that the layers above it do not hold.
+    static let maxLayers = 16
+
+    /// Why a fold of `old` builds the next generation whole rather than
+    /// stacking its upper layer, or nil when it may stack.
+    static func compactionReason(_ old: OverlayGuest.Generation, asked: Bool) -> String? {
+        if asked { return "compaction asked for" }
+        if old.layers.count >= maxLayers { return "\(old.layers.count) layers stacked, the most a fold stacks" }
+        guard let indexed = indexedOrigins(old), indexed.isEmpty else {
+            // Their other names are only in the layers below: overlayfs' index joins them, and it does not carry over.
+            return "hard-linked files were copied up"
+        }
+        return nil
+    }
+
     /// The fold of `unify`: every unmounted overlay guest's copy-ups are made
-    /// shared again. A new generation is built from the merged view (mounted
-    /// privately, read-only): files the upper layer does not hold keep their
-    /// old stubs' objects unread; the rest are hashed and become stubs of an
-    /// existing object or of a new one. `state` then switches to it in one
-    /// rename (`folding` → `active`); a fold killed before leaves the old
-    /// generation in force. A mounted guest is left for its next start.
-    static func fold(_ guest: OverlayGuest, root: FilePath, session s: Session, dryRun: Bool) throws
-        -> OverlayReport.Guest
+    /// shared again. Usually the guest's upper layer becomes a metadata layer
+    /// of the next generation as it is, stacked on the old ones
+    /// (`foldStacked`): the fold reads only what the guest changed. When the
+    /// stack is full, overlayfs' index holds copied-up hard links, or
+    /// `compact` asks, the next generation is built whole from the merged
+    /// view (`buildGeneration`). `state` then switches to it in one rename
+    /// (`folding` → `active`); a fold killed before leaves the old generation
+    /// in force. A mounted guest is left for its next start.
+    static func fold(_ guest: OverlayGuest, root: FilePath, session s: Session, dryRun: Bool, compact: Bool = false)
+        throws -> OverlayReport.Guest
     {
         let started = MonotonicInstant.now()
         guard var state = dryRun ? try guest.readState() : try recover(guest), state.phase == .active else {
@@ -148,7 +197,7 @@ extension Overlay {
             result.action = .foldAtNextStart
             return result
         }
-        if !hasCopyUps(old) {
+        if !hasCopyUps(old) && !(compact && old.layers.count > 1) {
             result.action = .nothingToFold
             return result
         }
@@ -158,16 +207,174 @@ extension Overlay {
         }
         state.phase = .folding
         try guest.writeState(state)
-        result = try buildGeneration(
-            state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
+        if let why = compactionReason(old, asked: compact) {
+            result = try buildGeneration(
+                state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
+            if !compact { result.notes.append("built whole: \(why)") }
+            result.layers = 1
+        } else {
+            result = try foldStacked(guest, old, session: s)
+            result.layers = old.layers.count + 1
+        }
         result.root = root.string
         result.action = .folded
         state.phase = .active
         state.generation += 1
         try guest.writeState(state)
         try guest.removeGenerations(except: state.generation)
+        try finishStackedFold(try guest.generation(state.generation))
         result.seconds = elapsed(since: started)
         return result
+    }
+
+    /// Xattr names overlayfs writes for itself on an upper layer's entries
+    /// (origin, impure, nlink …): `trusted.overlay.*` but for the guest's own, escaped ones.
+    static func isOverlayOwn(_ name: [UInt8]) -> Bool {
+        name.starts(with: TreeCopier.overlayPrefix) && !name.starts(with: TreeCopier.escapedPrefix)
+    }
+
+    /// The stacked fold: generation N's upper layer becomes the top metadata
+    /// layer of generation N+1, above N's layers, with a fresh upper and work
+    /// directory. In it, each file overlayfs copied up whole or the guest
+    /// wrote anew (bigger than `inlineLimit`, one name) is hashed and gets a
+    /// stub of an existing or a new object (the file itself becomes the
+    /// object when nothing of overlayfs is written on it); whiteouts, opaque
+    /// and redirected directories, metadata-only copy-ups and everything else
+    /// stay as overlayfs wrote them. The cost follows what the guest changed.
+    ///
+    /// The stubs are made beside the layer (`gN+1/staging`) and the renames
+    /// that put them in place written down (`gN+1/fold-journal`) before the
+    /// switch; they are done after it (`finishStackedFold`), when the layer
+    /// is a lower layer: a stub in an upper layer cannot reach a data-only
+    /// layer, a stub in a lower one can, and a file and the stub of its
+    /// content are the same to the guest there. A fold killed before the
+    /// switch leaves generation N in force and untouched; killed after, the
+    /// next command that opens the guest finishes the renames first.
+    static func foldStacked(_ guest: OverlayGuest, _ old: OverlayGuest.Generation, session s: Session) throws
+        -> OverlayReport.Guest
+    {
+        var result = OverlayReport.Guest(root: guest.rootPath.string, action: .folded)
+        let next = try guest.makeGeneration(
+            old.number + 1, stacking: ["g\(old.number)/upper"] + old.layers.map(\.reference))
+        try next.directory.makeDirectory(stagingName, mode: 0o700)
+        let staging = try next.directory.openDirectory(stagingName)
+        let filler = StubFiller(objects: s.objects, threads: fillThreads)
+        var journal: [UInt8] = []
+        var directoryTimes: [UInt64: [UInt8]] = [:]
+        let rootStat = try old.upper.stat()
+        var escaped = 0
+        var staged = 0
+        var traversal = TreeTraversal<Void>()
+        do {
+            try traversal.run(old.upper, context: ()) { entry, _ in
+                var st = entry.stat
+                if st.isDirectory { return .enter(()) }
+                var attributes = try extendedAttributes(in: entry.directory, of: entry.name)
+                escaped += attributes.filter { $0.name.starts(with: TreeCopier.escapedPrefix) }.count
+                guard st.isRegular, st.size > inlineLimit, st.linkCount == 1,
+                    !attributes.contains(where: { $0.name == TreeCopier.metacopyName })
+                else { return .next }
+                let handle = try entry.directory.openFileForReading(entry.name)
+                if attributes.contains(where: { isOverlayOwn($0.name) }),
+                    !attributes.contains(where: { $0.name.starts(with: TreeCopier.escapedPrefix) })
+                {
+                    // What overlayfs noted on its copy-up (its origin) is dropped, so that the
+                    // file itself can become the object: no copy of its data.
+                    for a in attributes where isOverlayOwn(a.name) { try handle.removeExtendedAttribute(a.name) }
+                    attributes.removeAll { isOverlayOwn($0.name) }
+                    st = try handle.stat()
+                }
+                let stub = try makeStub(FileName("\(staged)"), in: staging, size: st.size, redirect: nil)
+                try stub.setOwner(uid: st.uid, gid: st.gid)
+                try stub.setMode(st.mode)
+                for a in attributes where !isOverlayOwn(a.name) { try stub.setExtendedAttribute(a) }
+                try stub.setModificationTime(st.modificationTime)
+                let file = TreeCopier.SourceFile(
+                    directory: entry.directory, name: entry.name, stat: st, handle: handle, path: entry.path,
+                    context: nil, attributes: attributes)
+                // The upper file itself becomes the object unless overlayfs wrote on it (its origin, say).
+                filler.fill(stub, from: file, lease: false, linkSource: !file.carriesOverlayNames)
+                journal += Array("R \(staged) \(st.inode) ".utf8) + Array(hexString(entry.path).utf8) + [0x0a]
+                staged += 1
+                let parent = try entry.directory.stat()
+                if directoryTimes[parent.inode] == nil {
+                    let path = entry.path.lastIndex(of: 0x2f).map { Array(entry.path[..<$0]) } ?? []
+                    let t = parent.modificationTime
+                    directoryTimes[parent.inode] =
+                        Array("T \(t.seconds) \(t.nanoseconds) ".utf8) + Array(hexString(path).utf8) + [0x0a]
+                }
+                result.filesHashed += 1
+                result.stubs += 1
+                return .next
+            }
+        } catch {
+            _ = try? filler.finish()
+            throw error
+        }
+        merge(try filler.finish(), into: &result)
+        try s.objects.sync()
+        for line in directoryTimes.values { journal += line }
+        try next.directory.writeAtomically(journal, as: foldJournalName)
+        try copyLayerRootAttributes(from: old.upper, stat: rootStat, to: next.upper)
+        let carried = (try? old.directory.stat(OverlayGuest.escapedMarker)) != nil ? 1 : 0
+        try next.markEscapedAttributes(escaped + carried)
+        try next.directory.syncFilesystem()
+        return result
+    }
+
+    static let stagingName = FileName("staging")
+    static let foldJournalName = FileName("fold-journal")
+
+    /// Puts a stacked fold's stubs in place in generation `gen`'s top layer
+    /// (after the switch; again after a kill: a stub already moved is not
+    /// in staging any more), puts back the mtimes of the directories the
+    /// renames touched, and removes the journal and the staging directory.
+    static func finishStackedFold(_ gen: OverlayGuest.Generation) throws {
+        let journal: [UInt8]
+        do { journal = try gen.directory.openFileForReading(foldJournalName).readAll() } catch Errno
+            .noSuchFileOrDirectory
+        {
+            return
+        }
+        let layer = gen.layers[0].directory
+        let staging = try? gen.directory.openDirectory(stagingName)
+        func open(_ hex: Substring) throws -> (Directory, FileName?) {
+            guard let path = bytesFromHex(hex.utf8) else { throw InputError("fold journal damaged") }
+            var dir = layer
+            let parts = path.split(separator: 0x2f, omittingEmptySubsequences: true).map { FileName(bytes: $0) }
+            for part in parts.dropLast() { dir = try dir.openDirectory(part) }
+            return (dir, parts.last)
+        }
+        var times: [(Directory, Timestamp)] = []
+        for line in journal.split(separator: 0x0a) {
+            let fields = String(decoding: line, as: UTF8.self).split(
+                separator: " ", maxSplits: 3, omittingEmptySubsequences: false)
+            if fields.count == 4, fields[0] == "R", let staging, let inode = UInt64(fields[2]) {
+                let temp = FileName(String(fields[1]))
+                guard (try? staging.stat(temp)) != nil else { continue }
+                let (dir, name) = try open(fields[3])
+                // The file the stub stands for, as it was (a lower layer now: nothing writes it).
+                guard let name, let st = try? dir.stat(name), st.inode == inode else { continue }
+                try staging.rename(temp, to: dir, as: name)
+            } else if fields.count == 4, fields[0] == "T", let sec = Int64(fields[1]), let ns = UInt32(fields[2]) {
+                let (dir, name) = try open(fields[3])
+                times.append(
+                    (try name.map { try dir.openDirectory($0) } ?? dir, Timestamp(seconds: sec, nanoseconds: ns)))
+            }
+        }
+        for (dir, t) in times { try dir.setModificationTime(t) }
+        try gen.directory.sync()
+        try gen.directory.unlink(foldJournalName)
+        try gen.directory.removeTree(stagingName)
+    }
+
+    /// Gives a new upper root the old upper root's owner, mode, mtime and
+    /// xattrs but overlayfs' own (what the guest's root shows).
+    static func copyLayerRootAttributes(from old: Directory, stat st: FileStat, to upper: Directory) throws {
+        try upper.changeOwner(uid: st.uid, gid: st.gid)
+        try upper.changeMode(st.mode)
+        for a in try old.extendedAttributes() where !isOverlayOwn(a.name) { try upper.setExtendedAttribute(a) }
+        try upper.setModificationTime(st.modificationTime)
     }
 
     /// Builds generation `number` of `guest` from what `source`'s generation
@@ -234,7 +441,7 @@ extension Overlay {
             do {
                 try copier.copy(
                     merged, into: next.meta,
-                    rootContext: FoldContext(upper: old.upper, meta: old.meta, indexed: indexed ?? []))
+                    rootContext: FoldContext(old, indexed: indexed ?? []))
             } catch {
                 _ = try? filler.finish()
                 throw error
@@ -264,7 +471,7 @@ extension Overlay {
         for g in s.guests { _ = try activeGuest(g) }
         var report = OverlayReport(command: "overlay fold", store: s.store.path.string)
         for g in s.guests {
-            report.guests.append(try fold(g.record!, root: g.root, session: s, dryRun: false))
+            report.guests.append(try fold(g.record!, root: g.root, session: s, dryRun: false, compact: options.compact))
         }
         report.seconds = elapsed(since: started)
         return report

@@ -10,6 +10,8 @@ public struct OverlayOptions: Sendable {
     public var mount = true
     /// `export`: where the plain copy goes (nil: back in place of the guest).
     public var destination: FilePath?
+    /// `fold`: build each guest's metadata layer whole again (one layer), whatever its stack holds.
+    public var compact = false
     public init(roots: [FilePath]) { self.roots = roots }
 }
 
@@ -76,6 +78,10 @@ public struct OverlayReport: Sendable, Codable {
         public var filesUnchanged = 0
         /// Files a fold read because the upper layer held them.
         public var filesHashed = 0
+        /// The metadata layers the guest's generation stacks after this command (a fold adds one; a compaction makes one).
+        public var layers: Int?
+        /// Data objects a fold removed because its guest no longer references them and no other guest does.
+        public var objectsRemoved = 0
         public var seconds = 0.0
         public var notes: [String] = []
         /// The guest's name, when it has one.
@@ -178,6 +184,8 @@ public enum Overlay {
             try guest.writeState(state)
         }
         try guest.removeGenerations(except: state.generation)
+        // A stacked fold killed after its switch: its stubs go in place before anything reads the layer.
+        if state.phase == .active { try finishStackedFold(try guest.generation(state.generation)) }
         return state
     }
 

@@ -7,7 +7,8 @@ import SystemPackage
 /// ```
 /// STORE/overlay/ID/root          the guest root's canonical path (bytes)
 /// STORE/overlay/ID/state         phase, generation in force, inode of what ROOT was
-/// STORE/overlay/ID/gN/meta       generation N: the metadata layer (stubs)
+/// STORE/overlay/ID/gN/meta       generation N: its metadata layer (stubs), when it made one
+/// STORE/overlay/ID/gN/layers     … or the metadata layers it stacks, top first ("gK/upper", "gK/meta")
 /// STORE/overlay/ID/gN/upper      … the guest's copy-ups
 /// STORE/overlay/ID/gN/work       … overlayfs' work directory
 /// STORE/overlay/ID/plain         the guest's tree before conversion, being removed
@@ -186,51 +187,114 @@ final class OverlayGuest {
 
     // MARK: generations
 
+    /// One metadata layer of a generation: its directory and where it lives
+    /// ("gK/meta", made whole by a conversion or a compaction, or "gK/upper",
+    /// generation K's upper layer folded in place and stacked).
+    struct Layer {
+        var reference: String
+        var directory: Directory
+        var path: FilePath
+    }
+
     /// The directories of one generation.
     struct Generation {
         var number: Int
         /// gN itself.
         var directory: Directory
-        var meta: Directory
+        /// The metadata layers, top first (one for a generation built whole).
+        var layers: [Layer]
         var upper: Directory
         var work: Directory
         /// Canonical paths, for mount options.
-        var metaPath: FilePath
         var upperPath: FilePath
         var workPath: FilePath
+        /// The bottom metadata layer (the whole one a conversion or compaction made).
+        var meta: Directory { layers[layers.count - 1].directory }
     }
 
     static func generationName(_ n: Int) -> FileName { FileName("g\(n)") }
 
     /// In gN: the metadata layer holds escaped `trusted.overlay.*` xattrs of the guest's own.
     static let escapedMarker = FileName("escaped-xattrs")
+    /// In gN: the metadata layers it stacks, when it made none of its own.
+    static let layersFile = FileName("layers")
 
-    /// Makes generation `n` afresh (whatever a killed run left under its name is removed first).
-    func makeGeneration(_ n: Int) throws -> Generation {
+    /// Makes generation `n` afresh (whatever a killed run left under its name
+    /// is removed first): with a metadata layer of its own, or stacking
+    /// `layers` (references "gK/upper", "gK/meta", top first).
+    func makeGeneration(_ n: Int, stacking layers: [String]? = nil) throws -> Generation {
         let name = Self.generationName(n)
         try directory.removeTree(name)
         try directory.makeDirectory(name, mode: 0o700)
         let g = try directory.openDirectory(name)
-        for sub in ["meta", "upper", "work"] { try g.makeDirectory(FileName(sub), mode: 0o755) }
+        for sub in (layers == nil ? ["meta"] : []) + ["upper", "work"] {
+            try g.makeDirectory(FileName(sub), mode: 0o755)
+        }
+        if let layers {
+            try g.writeAtomically(Array(layers.map { $0 + "\n" }.joined().utf8), as: Self.layersFile)
+        }
         return try generation(n)
+    }
+
+    /// The layer references of generation `n` (top first), read from its record.
+    func layerReferences(_ n: Int) throws -> [String] {
+        let g = try directory.openDirectory(Self.generationName(n))
+        let file: OpenFile
+        do { file = try g.openFileForReading(Self.layersFile) } catch Errno.noSuchFileOrDirectory {
+            return ["g\(n)/meta"]
+        }
+        let bytes = try file.readAll(limit: 65536)
+        let refs = (bytes ?? []).split(separator: 0x0a).map { String(decoding: $0, as: UTF8.self) }
+        guard bytes != nil, !refs.isEmpty, refs.allSatisfy(Self.isLayerReference) else {
+            throw damaged("generation \(n) names metadata layers not in the form hashify writes")
+        }
+        return refs
+    }
+
+    /// "gK/meta" or "gK/upper".
+    static func isLayerReference(_ s: String) -> Bool {
+        let parts = s.split(separator: "/")
+        guard parts.count == 2, ["meta", "upper"].contains(parts[1]), parts[0].hasPrefix("g"),
+            let k = Int(parts[0].dropFirst()), "g\(k)" == parts[0]
+        else { return false }
+        return true
     }
 
     /// Opens generation `n`.
     func generation(_ n: Int) throws -> Generation {
         let g = try directory.openDirectory(Self.generationName(n))
         let base = path.appending("g\(n)")
+        let layers = try layerReferences(n).map { ref -> Layer in
+            let parts = ref.split(separator: "/").map(String.init)
+            let dir = try directory.openDirectory(FileName(parts[0])).openDirectory(FileName(parts[1]))
+            return Layer(reference: ref, directory: dir, path: path.appending(parts[0]).appending(parts[1]))
+        }
         return Generation(
-            number: n, directory: g, meta: try g.openDirectory(FileName("meta")),
+            number: n, directory: g, layers: layers,
             upper: try g.openDirectory(FileName("upper")),
-            work: try g.openDirectory(FileName("work")), metaPath: base.appending("meta"),
+            work: try g.openDirectory(FileName("work")),
             upperPath: base.appending("upper"), workPath: base.appending("work"))
     }
 
-    /// Removes every generation but `keep` (and the scratch trees named in `scratch`, wherever they are).
+    /// Removes every generation but `keep` (and the scratch trees named in
+    /// `scratch`, wherever they are). An older generation whose layer `keep`
+    /// stacks stays, but for what `keep` does not stack (its work directory,
+    /// overlayfs' index of hard links into that layer, among it).
     func removeGenerations(except keep: Int?, scratch: [String] = ["plain", "export"]) throws {
+        let kept = try keep.map { try layerReferences($0) } ?? []
         for name in try directory.entryNames() {
             let s = String(decoding: name.bytes, as: UTF8.self)
-            if s.hasPrefix("g"), let n = Int(s.dropFirst()), n != keep { try directory.removeTree(name) }
+            if s.hasPrefix("g"), let n = Int(s.dropFirst()), n != keep {
+                let used = Set(kept.filter { $0.hasPrefix("\(s)/") }.map { String($0.dropFirst(s.count + 1)) })
+                if used.isEmpty {
+                    try directory.removeTree(name)
+                    continue
+                }
+                let g = try directory.openDirectory(name)
+                for sub in try g.entryNames() where !used.contains(String(decoding: sub.bytes, as: UTF8.self)) {
+                    try g.removeTree(sub)
+                }
+            }
             if scratch.contains(s) { try directory.removeTree(name) }
         }
         for kind in scratch {

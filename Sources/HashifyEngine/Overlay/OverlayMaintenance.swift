@@ -10,6 +10,8 @@ public struct OverlayStatus: Sendable, Codable {
         public var root: String
         public var generation: Int
         public var mounted: Bool
+        /// Metadata layers the generation stacks (each fold adds one; a compaction makes one again).
+        public var layers = 1
         /// How the mount stacks the store's data objects: "data-only" (a data-only
         /// layer, Linux 6.5+) or "lower" (an ordinary lower layer the metadata
         /// layer hides, any kernel from 4.19); nil when not mounted.
@@ -49,6 +51,8 @@ extension Overlay {
         var stubBytes: UInt64 = 0
         var allocatedBytes: UInt64 = 0
         var entries = 0
+        /// Metadata layers scanned into this one.
+        var layers = 0
         /// What stopped the scan before its end (then `referenced` may lack redirects).
         var failure: String?
 
@@ -77,33 +81,39 @@ extension Overlay {
         }
     }
 
-    /// Every data redirect any generation of any guest record references
-    /// (metadata layers and, to be safe, upper layers), and per record its
-    /// scan of the generation in force. Throws when a layer could not be read
-    /// whole (then what it references is not known: nothing may be collected).
+    /// Every data redirect any layer of any guest record references (each
+    /// generation's own metadata layer and, to be safe, upper layer, whether
+    /// it is in force, stacked by the one in force, or left by a killed run),
+    /// and per record its scan of the generation in force (every layer it
+    /// stacks). Throws when a layer could not be read whole (then what it
+    /// references is not known: nothing may be collected).
     static func references(in store: Store) throws -> (Set<[UInt8]>, [(OverlayGuest, OverlayGuest.State?, LayerScan)]) {
         var all = Set<[UInt8]>()
         var perGuest: [(OverlayGuest, OverlayGuest.State?, LayerScan)] = []
         for g in OverlayGuest.all(in: store) {
             let state = try? g.readState()
+            let inForce = state.flatMap { try? g.layerReferences($0.generation) } ?? []
             var current = LayerScan()
-            for name in (try? g.directory.entryNames()) ?? [] {
-                let s = String(decoding: name.bytes, as: UTF8.self)
-                guard s.hasPrefix("g"), let n = Int(s.dropFirst()), let gen = try? g.generation(n) else { continue }
-                var scan = LayerScan()
-                scan.scan(gen.meta)
-                var upper = LayerScan()
-                upper.scan(gen.upper)
-                for failure in [scan.failure, upper.failure].compactMap({ $0 }) {
-                    throw InputError(
-                        "\(g.rootPath): a layer of its overlay generation \(n) could not be read whole: \(failure)")
-                }
-                all.formUnion(scan.referenced)
-                all.formUnion(upper.referenced)
-                if n == state?.generation {
-                    current = scan
-                    current.allocatedBytes = upper.allocatedBytes
-                    current.entries = upper.entries
+            for n in g.generationNumbers() {
+                guard let gen = try? g.directory.openDirectory(OverlayGuest.generationName(n)) else { continue }
+                for sub in ["meta", "upper"] {
+                    guard let layer = try? gen.openDirectory(FileName(sub)) else { continue }
+                    var scan = LayerScan()
+                    scan.scan(layer)
+                    if let failure = scan.failure {
+                        throw InputError(
+                            "\(g.rootPath): a layer of its overlay generation \(n) could not be read whole: \(failure)")
+                    }
+                    all.formUnion(scan.referenced)
+                    if n == state?.generation, sub == "upper" {
+                        current.allocatedBytes = scan.allocatedBytes
+                        current.entries = scan.entries
+                    } else if inForce.contains("g\(n)/\(sub)") {
+                        current.referenced.formUnion(scan.referenced)
+                        current.stubs += scan.stubs
+                        current.stubBytes += scan.stubBytes
+                        current.layers += 1
+                    }
                 }
             }
             perGuest.append((g, state, current))
@@ -134,6 +144,7 @@ extension Overlay {
             var entry = OverlayStatus.Guest(
                 root: g.rootPath.string, generation: state.generation, mounted: layout != nil)
             entry.layout = layout?.rawValue
+            entry.layers = max(1, scan.layers)
             entry.sharedFiles = scan.stubs
             entry.sharedBytes = scan.stubBytes
             entry.copyUpBytes = scan.allocatedBytes

@@ -26,7 +26,9 @@ enum OverlayMount {
         case lower = "lower"
     }
 
-    /// The mount option string for a generation in a layout.
+    /// The mount option string for a generation in a layout: its metadata
+    /// layers top first (in the lower layout a stack has its hiding layer
+    /// above them, `DataLayerHiding.hidingLayer`), then the data directory.
     static func options(_ g: OverlayGuest.Generation, data: FilePath, layout: Layout) -> String {
         func esc(_ p: FilePath) -> String {
             var out = ""
@@ -36,9 +38,11 @@ enum OverlayMount {
             }
             return out
         }
+        var lowers = g.layers.map { esc($0.path) }
+        if layout == .lower, g.layers.count > 1 { lowers.insert(esc(DataLayerHiding.hidingPath(g)), at: 0) }
         let separator = layout == .dataOnly ? "::" : ":"
         return
-            "lowerdir=\(esc(g.metaPath))\(separator)\(esc(data)),upperdir=\(esc(g.upperPath)),workdir=\(esc(g.workPath))"
+            "lowerdir=\(lowers.joined(separator: ":"))\(separator)\(esc(data)),upperdir=\(esc(g.upperPath)),workdir=\(esc(g.workPath))"
             + ",metacopy=on,redirect_dir=on,index=on"
     }
 
@@ -68,7 +72,7 @@ enum OverlayMount {
         var firstError: (any Error)?
         for layout in layoutsToTry {
             do {
-                if layout == .lower { try DataLayerHiding.apply(to: g.meta) }
+                if layout == .lower { try DataLayerHiding.prepare(g) }
                 try mount(g, data: data, on: target, readOnly: readOnly, layout: layout)
                 return layout
             } catch Errno.invalidArgument where layout == .dataOnly {
@@ -154,7 +158,7 @@ enum OverlayMount {
         }
         let upper = "upperdir=\(mountinfoEscaped(g.upperPath))"
         guard opts.contains(upper + ",") || opts.hasSuffix(upper) else { return nil }
-        return opts.contains("lowerdir=\(mountinfoEscaped(g.metaPath))::") ? .dataOnly : .lower
+        return opts.contains("\(mountinfoEscaped(g.layers[g.layers.count - 1].path))::") ? .dataOnly : .lower
     }
 
     /// A path as mountinfo shows it: space, tab, newline and backslash as octal.

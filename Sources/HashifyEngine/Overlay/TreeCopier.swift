@@ -152,6 +152,9 @@ final class TreeCopier {
     }
 
     static let overlayPrefix = Array("trusted.overlay.".utf8)
+    /// How overlayfs (and the copier) writes a guest's own `trusted.overlay.*` xattr in a layer.
+    static let escapedPrefix = Array("trusted.overlay.overlay.".utf8)
+    static let metacopyName = Array("trusted.overlay.metacopy".utf8)
 
     private func applyDirectoryAttributes(of source: Directory, stat st: FileStat, to destination: Directory) throws {
         try Self.copyDirectoryAttributes(of: source, stat: st, to: destination, rename)

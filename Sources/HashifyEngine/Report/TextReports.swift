@@ -102,10 +102,12 @@ extension StatusReport: TextReport {
         out += "re-run    would link \(r.rerunWouldLinkPaths) paths and save \(formatBytes(r.rerunWouldSaveBytes))\n"
         if let o = r.overlay {
             let ow = max(13, o.guests.map { $0.label.count }.max() ?? 0)
-            out += "\n" + "OVERLAY GUEST".rightPadded(ow) + "  GEN    MOUNTED  SHARED FILES  SHARED BYTES  COPY-UPS\n"
+            out +=
+                "\n" + "OVERLAY GUEST".rightPadded(ow)
+                + "  GEN  LAYERS    MOUNTED  SHARED FILES  SHARED BYTES  COPY-UPS\n"
             for g in o.guests {
                 out +=
-                    g.label.rightPadded(ow) + String(g.generation).leftPadded(5)
+                    g.label.rightPadded(ow) + String(g.generation).leftPadded(5) + String(g.layers).leftPadded(8)
                     + (g.layout ?? (g.mounted ? "yes" : "no")).leftPadded(11)
                 out += String(g.sharedFiles).leftPadded(14) + formatBytes(g.sharedBytes).leftPadded(14)
                 out +=
