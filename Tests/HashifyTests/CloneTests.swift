@@ -153,13 +153,7 @@ struct CloneTests {
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice
             try p.run()
-            usleep(UInt32(Double.random(in: 0.05...0.9) * window * 1_000_000))
-            if p.isRunning {
-                kill(p.processIdentifier, SIGKILL)
-                kills += 1
-            } else {
-                window *= 0.7  // it finished first: aim earlier
-            }
+            if killAtRandom(p, window: &window, fraction: 0.05...0.9, shrink: 0.7) { kills += 1 }
             p.waitUntilExit()
             if FileManager.default.fileExists(atPath: dst) {
                 #expect(guestManifest(dst) == source, "after kill \(i): complete")

@@ -542,12 +542,7 @@ struct OverlayTests {
         let store = s.sub("store")
         let g = s.sub("guests/g")
         try makeRichGuest(g, index: 0)
-        for d in 0..<20 {
-            for i in 0..<40 {
-                writeFile(
-                    "\(g)/var/d\(d)/f\(i)", pseudoRandom(100 + (i * 331 + d * 97) % 20_000, seed: UInt64(d * 50 + i)))
-            }
-        }
+        addVarFiles(g)
         settleDirectoryTimes(g)
         settle()
         let plain = guestManifest(g)
@@ -582,13 +577,7 @@ struct OverlayTests {
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice
             try p.run()
-            usleep(UInt32(Double.random(in: 0.02...0.6) * window * 1_000_000))
-            if p.isRunning {
-                kill(p.processIdentifier, SIGKILL)
-                kills += 1
-            } else {
-                window *= 0.8  // it finished first: aim earlier
-            }
+            if killAtRandom(p, window: &window, fraction: 0.02...0.6) { kills += 1 }
             p.waitUntilExit()
             // Whatever state it is in, convert (or mount) makes it whole and mounted again.
             if !isOverlayMount(g) {
@@ -602,6 +591,113 @@ struct OverlayTests {
         #expect(overlay(["export", "-q", g], store: store).status == 0)
         #expect(guestManifest(g) == current)
         #expect(mountPoints(under: s.sub("store")).isEmpty, "no private mount left")
+    }
+}
+
+/// 800 files of 100 B to 20 KB in 20 directories under var/ (a fold's worth of work).
+func addVarFiles(_ root: String) {
+    for d in 0..<20 {
+        for i in 0..<40 {
+            writeFile(
+                "\(root)/var/d\(d)/f\(i)", pseudoRandom(100 + (i * 331 + d * 97) % 20_000, seed: UInt64(d * 50 + i)))
+        }
+    }
+}
+
+/// Appends bytes to a file.
+func appendFile(_ path: String, _ bytes: [UInt8]) {
+    guard let f = FileHandle(forWritingAtPath: path) else { preconditionFailure("cannot open \(path)") }
+    f.seekToEndOfFile()
+    f.write(Data(bytes))
+    f.closeFile()
+}
+
+extension OverlayTests {
+    /// Changes to fold: `count` files rewritten (copy-ups, new objects), one
+    /// deleted, one renamed, one chmod'ed, a journal appended to.
+    func changeGuest(_ g: String, round: Int, count: Int) {
+        for i in 0..<count {
+            writeFile(
+                "\(g)/var/d\((i + round) % 20)/f\(i % 40)",
+                pseudoRandom(2000 + (i * 977 + round * 31) % 30_000, seed: UInt64(round * 1000 + i)))
+        }
+        appendFile("\(g)/var/log/journal", pseudoRandom(50_000, seed: UInt64(round)))
+        try? FileManager.default.removeItem(atPath: "\(g)/var/d\(round % 20)/f39")
+        _ = rename("\(g)/var/d\((round + 1) % 20)/f38", "\(g)/var/d\((round + 1) % 20)/f38-\(round)")
+        chmod("\(g)/var/d\((round + 2) % 20)/f37", 0o600)
+        settle()
+    }
+
+    @Test(
+        "SIGKILL during stacked folds and compactions: the guest shows what it showed after each kill, a guest sharing its objects is untouched, and what the folds removed no layer needed"
+    )
+    func killDuringStackedFold() throws {
+        let s = Scratch("ovfoldkill")
+        let store = s.sub("store")
+        let (g, h) = (s.sub("guests/g"), s.sub("guests/h"))
+        // The other guest: the same files (so the same objects), made alike.
+        for root in [g, h] {
+            try makeRichGuest(root, index: 0)
+            addVarFiles(root)
+            writeFile("\(root)/var/log/journal", pseudoRandom(20_000, seed: 99))
+            settleDirectoryTimes(root)
+        }
+        settle()
+        let other = guestManifest(h)
+        #expect(overlay(["convert", "-q", g, h], store: store).status == 0)
+        // A time window from one uninterrupted fold of the same size.
+        changeGuest(g, round: 0, count: 300)
+        var current = guestManifest(g)
+        #expect(overlay(["umount", g], store: store).status == 0)
+        let t0 = Date()
+        #expect(overlay(["fold", "-q", g], store: store).status == 0)
+        var window = max(0.02, Date().timeIntervalSince(t0))
+        #expect(overlay(["mount", g], store: store).status == 0)
+        #expect(guestManifest(g) == current)
+        var kills = 0
+        var runs = 0
+        var removed = 0
+        for round in 1..<60 where round < 20 || kills < 6 {
+            runs += 1
+            changeGuest(g, round: round, count: 300)
+            current = guestManifest(g)
+            #expect(overlay(["umount", g], store: store).status == 0)
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: hashifyBinary)
+            // Every fourth a compaction (the generation built whole), the rest stacked.
+            p.arguments = ["overlay", "fold", "--store", store, "--json"] + (round % 4 == 3 ? ["--compact"] : []) + [g]
+            let out = Pipe()
+            p.standardOutput = out
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            // Some run to the end (their removals are counted), most are killed somewhere inside.
+            if killAtRandom(p, window: &window, fraction: 0.02...1.3, grow: 1.1) { kills += 1 }
+            let report = out.fileHandleForReading.readDataToEndOfFile()
+            p.waitUntilExit()
+            if p.terminationStatus == 0 {
+                removed +=
+                    (jsonReport(String(decoding: report, as: UTF8.self))["guests"] as? [[String: Any]])?.first?[
+                        "objectsRemoved"] as? Int ?? 0
+            }
+            // The next fold finishes or redoes what the kill left; the guest mounts and shows what it showed.
+            let again = overlay(["fold", "-q", g], store: store)
+            #expect(again.status == 0, "after round \(round): \(again.err)")
+            #expect(overlay(["mount", g], store: store).status == 0)
+            #expect(guestManifest(g) == current, "after round \(round)")
+            #expect(guestManifest(h) == other, "the other guest after round \(round)")
+        }
+        print("stacked fold kill test: \(kills) of \(runs) folds killed, \(removed) objects removed by folds")
+        #expect(kills >= 6)
+        #expect(removed > 0, "folds removed what they alone made unreferenced")
+        // Nothing a stub names is missing, and the folds left gc nothing of theirs but what kills left.
+        #expect(hashify(["verify", "--store", store, "-q"]).status == 0)
+        #expect(hashify(["gc", "--store", store, "-q"]).status == 0)
+        #expect(hashify(["verify", "--store", store, "-q"]).status == 0)
+        #expect(overlay(["export", "-q", g], store: store).status == 0)
+        #expect(guestManifest(g) == current)
+        #expect(guestManifest(h) == other)
+        #expect(mountPoints(under: s.sub("store")).isEmpty, "no private mount left")
+        #expect(overlay(["umount", h], store: store).status == 0)
     }
 }
 

@@ -201,3 +201,20 @@ func manifestDiff(_ before: String, _ after: String) -> String {
     return (a.subtracting(b).sorted().map { "- \($0)" } + b.subtracting(a).sorted().map { "+ \($0)" }).joined(
         separator: "\n")
 }
+
+/// Lets a started process run for a random part of `window` seconds (`fraction` of it), then
+/// SIGKILLs it if it still runs; returns whether it was killed. The window shrinks
+/// (by `shrink`) when the process finished first, so that the next kill aims earlier,
+/// and grows (by `grow`) when it was killed.
+func killAtRandom(
+    _ p: Process, window: inout Double, fraction: ClosedRange<Double>, shrink: Double = 0.8, grow: Double = 1
+) -> Bool {
+    usleep(UInt32(Double.random(in: fraction) * window * 1_000_000))
+    guard p.isRunning else {
+        window *= shrink
+        return false
+    }
+    kill(p.processIdentifier, SIGKILL)
+    window *= grow
+    return true
+}

@@ -95,6 +95,7 @@ extension Overlay {
                 throw error
             }
             merge(try filler.finish(), into: &result)
+            try LayerReferences.record(gen.meta, gen.directory, "meta")
             try copyRootAttributes(from: source, to: gen.upper)
             try DataLayerHiding.apply(to: gen.meta)
             try gen.markEscapedAttributes(copier.escapedAttributes)

@@ -207,13 +207,20 @@ extension Overlay {
         }
         state.phase = .folding
         try guest.writeState(state)
+        // What the old layers reference, known before any of them changes or goes.
+        var before: LayerReferences.Counts = [:]
+        for layer in old.layers {
+            before.merge(try LayerReferences.ensure(guest, layer.reference), uniquingKeysWith: +)
+        }
+        var shadowing = Shadowing()
+        let stacked = compactionReason(old, asked: compact) == nil
         if let why = compactionReason(old, asked: compact) {
             result = try buildGeneration(
                 state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
             if !compact { result.notes.append("built whole: \(why)") }
             result.layers = 1
         } else {
-            result = try foldStacked(guest, old, session: s)
+            result = try foldStacked(guest, old, session: s, shadowing: &shadowing)
             result.layers = old.layers.count + 1
         }
         result.root = root.string
@@ -222,7 +229,21 @@ extension Overlay {
         state.generation += 1
         try guest.writeState(state)
         try guest.removeGenerations(except: state.generation)
-        try finishStackedFold(try guest.generation(state.generation))
+        let gen = try guest.generation(state.generation)
+        try finishStackedFold(gen)
+        // The objects only the fold's guest referenced and no longer does go now (gc would find them too).
+        var candidates = Set<[UInt8]>()
+        if stacked {
+            candidates = try pruneShadowed(gen, guest: guest, shadowing: shadowing)
+        } else if let after = LayerReferences.read(gen.directory, "meta") {
+            candidates = Set(before.keys.filter { (after[$0] ?? 0) == 0 })
+        }
+        let unused = LayerReferences.unreferenced(candidates, store: s.store)
+        if !unused.isEmpty {
+            for r in unused { result.objectsRemovedBytes += (try? s.objects.stat(r))?.allocatedBytes ?? 0 }
+            try s.objects.remove(unused)
+            result.objectsRemoved = unused.count
+        }
         result.seconds = elapsed(since: started)
         return result
     }
@@ -250,9 +271,9 @@ extension Overlay {
     /// content are the same to the guest there. A fold killed before the
     /// switch leaves generation N in force and untouched; killed after, the
     /// next command that opens the guest finishes the renames first.
-    static func foldStacked(_ guest: OverlayGuest, _ old: OverlayGuest.Generation, session s: Session) throws
-        -> OverlayReport.Guest
-    {
+    static func foldStacked(
+        _ guest: OverlayGuest, _ old: OverlayGuest.Generation, session s: Session, shadowing: inout Shadowing
+    ) throws -> OverlayReport.Guest {
         var result = OverlayReport.Guest(root: guest.rootPath.string, action: .folded)
         let next = try guest.makeGeneration(
             old.number + 1, stacking: ["g\(old.number)/upper"] + old.layers.map(\.reference))
@@ -268,8 +289,9 @@ extension Overlay {
         do {
             try traversal.run(old.upper, context: ()) { entry, _ in
                 var st = entry.stat
-                if st.isDirectory { return .enter(()) }
                 var attributes = try extendedAttributes(in: entry.directory, of: entry.name)
+                shadowing.note(entry.path, stat: st, attributes: attributes)
+                if st.isDirectory { return .enter(()) }
                 escaped += attributes.filter { $0.name.starts(with: TreeCopier.escapedPrefix) }.count
                 guard st.isRegular, st.size > inlineLimit, st.linkCount == 1,
                     !attributes.contains(where: { $0.name == TreeCopier.metacopyName })
@@ -322,6 +344,95 @@ extension Overlay {
         return result
     }
 
+    /// What a stacked fold's new top layer shadows: the paths of its entries
+    /// that hide whatever the layers below hold there (every entry but a
+    /// directory or a metadata-only copy-up), and the paths its redirects
+    /// still reach below (a renamed file's old path, a renamed directory's
+    /// old subtree), which stay.
+    struct Shadowing {
+        var paths: [[UInt8]] = []
+        var reached = Set<[UInt8]>()
+        var reachedTrees: [[UInt8]] = []
+
+        mutating func note(_ path: [UInt8], stat st: FileStat, attributes: [ExtendedAttribute]) {
+            if let r = attributes.first(where: { $0.name == Array("trusted.overlay.redirect".utf8) })?.value {
+                // Absolute, or relative to the entry's directory.
+                let parent = path.lastIndex(of: 0x2f).map { Array(path[..<$0]) } ?? []
+                var target = r.first == 0x2f ? Array(r.drop { $0 == 0x2f }) : (parent.isEmpty ? r : parent + [0x2f] + r)
+                while target.last == 0x2f { target.removeLast() }
+                if st.isDirectory { reachedTrees.append(target) } else { reached.insert(target) }
+            }
+            if st.isDirectory || attributes.contains(where: { $0.name == TreeCopier.metacopyName }) { return }
+            paths.append(path)
+        }
+
+        /// Whether what the layers below hold at `path` is surely hidden from the guest.
+        func hides(_ path: [UInt8]) -> Bool {
+            if reached.contains(path) { return false }
+            return !reachedTrees.contains { t in t.isEmpty || path == t || path.starts(with: t + [0x2f]) }
+        }
+    }
+
+    /// After a stacked fold: removes from the layers below the new top layer
+    /// each stub it made unreachable (the topmost entry at a path the top
+    /// layer hides, reached plainly: every directory on the way a directory,
+    /// no whiteout, file, opaque or redirected directory above it in any
+    /// layer), when the stub is one name of a data object, and rewrites
+    /// those layers' reference lists. Returns the objects those stubs
+    /// named. A stub another layer's redirect reaches always has a whiteout
+    /// above it, where the lookup stops: it stays.
+    static func pruneShadowed(_ gen: OverlayGuest.Generation, guest: OverlayGuest, shadowing: Shadowing) throws
+        -> Set<[UInt8]>
+    {
+        guard gen.layers.count > 1 else { return [] }
+        var counts: [Int: LayerReferences.Counts] = [:]
+        for i in 1..<gen.layers.count { counts[i] = try LayerReferences.ensure(guest, gen.layers[i].reference) }
+        var removed = Set<[UInt8]>()
+        var changed = Set<Int>()
+        for path in shadowing.paths where shadowing.hides(path) {
+            let parts = path.split(separator: 0x2f).map { FileName(bytes: $0) }
+            guard let last = parts.last else { continue }
+            layers: for i in 1..<gen.layers.count {
+                var dir = gen.layers[i].directory
+                var endsHere = false
+                for part in parts.dropLast() {
+                    let st: FileStat
+                    do { st = try dir.stat(part) } catch Errno.noSuchFileOrDirectory {
+                        if endsHere { break layers } else { continue layers }
+                    }
+                    guard st.isDirectory else { break layers }
+                    dir = try dir.openDirectory(part)
+                    if FoldContext.endsLookup(dir) { endsHere = true }
+                }
+                let st: FileStat
+                do { st = try dir.stat(last) } catch Errno.noSuchFileOrDirectory {
+                    if endsHere { break layers } else { continue layers }
+                }
+                guard st.isRegular, st.linkCount == 1, let f = try? dir.openFileForReading(last),
+                    f.extendedAttribute("trusted.overlay.metacopy") != nil
+                else { break layers }
+                guard let r = f.extendedAttribute("trusted.overlay.redirect") else {
+                    // A metadata-only copy-up, itself hidden: its data is the next layer's at this path.
+                    if endsHere { break layers }
+                    try dir.unlink(last)
+                    continue layers
+                }
+                guard DataObjects.isValidRedirect(r) else { break layers }
+                try dir.unlink(last)
+                counts[i]?[r, default: 1] -= 1
+                changed.insert(i)
+                removed.insert(r)
+                break layers
+            }
+        }
+        for i in changed.sorted() {
+            let parts = gen.layers[i].reference.split(separator: "/").map(String.init)
+            try LayerReferences.write(
+                counts[i] ?? [:], try guest.directory.openDirectory(FileName(parts[0])), parts[1])
+        }
+        return removed
+    }
+
     static let stagingName = FileName("staging")
     static let foldJournalName = FileName("fold-journal")
 
@@ -363,6 +474,9 @@ extension Overlay {
             }
         }
         for (dir, t) in times { try dir.setModificationTime(t) }
+        let top = gen.layers[0].reference.split(separator: "/").map(String.init)
+        try LayerReferences.record(
+            layer, try gen.directory.openDirectory(FileName("..")).openDirectory(FileName(top[0])), top[1])
         try gen.directory.sync()
         try gen.directory.unlink(foldJournalName)
         try gen.directory.removeTree(stagingName)
@@ -447,6 +561,7 @@ extension Overlay {
                 throw error
             }
             merge(try filler.finish(), into: &result)
+            try LayerReferences.record(next.meta, next.directory, "meta")
             try copyRootAttributes(from: merged, to: next.upper)
             try DataLayerHiding.apply(to: next.meta)
             // What was linked unchanged keeps the old generation's escaped xattrs.

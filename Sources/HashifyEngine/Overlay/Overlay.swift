@@ -82,6 +82,7 @@ public struct OverlayReport: Sendable, Codable {
         public var layers: Int?
         /// Data objects a fold removed because its guest no longer references them and no other guest does.
         public var objectsRemoved = 0
+        public var objectsRemovedBytes: UInt64 = 0
         public var seconds = 0.0
         public var notes: [String] = []
         /// The guest's name, when it has one.

@@ -285,7 +285,8 @@ final class OverlayGuest {
         for name in try directory.entryNames() {
             let s = String(decoding: name.bytes, as: UTF8.self)
             if s.hasPrefix("g"), let n = Int(s.dropFirst()), n != keep {
-                let used = Set(kept.filter { $0.hasPrefix("\(s)/") }.map { String($0.dropFirst(s.count + 1)) })
+                var used = Set(kept.filter { $0.hasPrefix("\(s)/") }.map { String($0.dropFirst(s.count + 1)) })
+                used.formUnion(used.map { $0 + ".refs" })
                 if used.isEmpty {
                     try directory.removeTree(name)
                     continue

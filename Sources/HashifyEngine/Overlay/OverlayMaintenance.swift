@@ -47,6 +47,8 @@ extension Overlay {
     /// with the count and size of such stubs.
     struct LayerScan {
         var referenced = Set<[UInt8]>()
+        /// How many stubs redirect to each object.
+        var counts: [[UInt8]: Int] = [:]
         var stubs = 0
         var stubBytes: UInt64 = 0
         var allocatedBytes: UInt64 = 0
@@ -71,6 +73,7 @@ extension Overlay {
                         let r = f.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r)
                     else { return .next }
                     referenced.insert(r)
+                    counts[r, default: 0] += 1
                     stubs += 1
                     stubBytes += st.size
                     return .next

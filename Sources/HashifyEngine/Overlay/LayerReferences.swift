@@ -1,0 +1,102 @@
+import HashifySystem
+import SystemPackage
+
+/// What a metadata layer's stubs reference: for each data object, how many
+/// stubs redirect to it, kept beside the layer (`gK/meta.refs`,
+/// `gK/upper.refs`) so that a fold can tell which objects no guest needs any
+/// more without reading every guest's layers.
+///
+/// A list may say more than its layer holds (a stub removed after the list
+/// was written counts until the list is rewritten), never less: it is
+/// written from a scan of the finished layer before anything may act on it.
+/// A layer without a list is unknown, and an object is removed only when
+/// every layer of every guest is known (`unreferenced`); `gc` reads the
+/// layers themselves and needs none of this.
+enum LayerReferences {
+    typealias Counts = [[UInt8]: Int]
+
+    static func fileName(_ sub: String) -> FileName { FileName(sub + ".refs") }
+
+    /// The list of layer `sub` ("meta", "upper") of generation directory `gen`, or nil when it has none.
+    static func read(_ gen: Directory, _ sub: String) -> Counts? {
+        guard let bytes = try? gen.openFileForReading(fileName(sub)).readAll() else { return nil }
+        var out: Counts = [:]
+        for line in bytes.split(separator: 0x0a) {
+            guard let space = line.lastIndex(of: 0x20),
+                let n = Int(String(decoding: line[(space + 1)...], as: UTF8.self))
+            else { return nil }
+            let r = Array(line[..<space])
+            guard DataObjects.isValidRedirect(r), n > 0 else { return nil }
+            out[r, default: 0] += n
+        }
+        return out
+    }
+
+    static func write(_ counts: Counts, _ gen: Directory, _ sub: String) throws {
+        var bytes: [UInt8] = []
+        for (r, n) in counts.sorted(by: { $0.key.lexicographicallyPrecedes($1.key) }) where n > 0 {
+            bytes += r + [0x20] + Array(String(n).utf8) + [0x0a]
+        }
+        try gen.writeAtomically(bytes, as: fileName(sub))
+    }
+
+    /// Scans a finished layer and writes its list.
+    @discardableResult
+    static func record(_ layer: Directory, _ gen: Directory, _ sub: String) throws -> Counts {
+        var scan = Overlay.LayerScan()
+        scan.scan(layer)
+        if let failure = scan.failure { throw InputError("a metadata layer could not be read whole: \(failure)") }
+        try write(scan.counts, gen, sub)
+        return scan.counts
+    }
+
+    /// The list of one layer of a guest's generation in force, made from the layer when it has none
+    /// (a layer made before lists were kept).
+    static func ensure(_ guest: OverlayGuest, _ reference: String) throws -> Counts {
+        let parts = reference.split(separator: "/").map(String.init)
+        let gen = try guest.directory.openDirectory(FileName(parts[0]))
+        if let counts = read(gen, parts[1]) { return counts }
+        return try record(try gen.openDirectory(FileName(parts[1])), gen, parts[1])
+    }
+
+    /// Of `candidates`, the objects no layer of any guest references, or
+    /// none when that cannot be known: a guest whose state is not `active`,
+    /// that has a stacked fold to finish, or that holds a layer outside its
+    /// generation in force (left by a killed run) keeps every object.
+    /// Layers of generations in force without a list get one.
+    static func unreferenced(_ candidates: Set<[UInt8]>, store: Store) -> Set<[UInt8]> {
+        guard !candidates.isEmpty else { return [] }
+        var left = candidates
+        for g in OverlayGuest.all(in: store) {
+            guard let state = try? g.readState(), state.phase == .active,
+                let refs = try? g.layerReferences(state.generation),
+                (try? g.directory.openDirectory(OverlayGuest.generationName(state.generation)).stat(
+                    Overlay.foldJournalName)) == nil
+            else { return [] }
+            // Every layer directory the record holds must be one the generation in force stacks (or its upper).
+            for n in g.generationNumbers() {
+                guard let gen = try? g.directory.openDirectory(OverlayGuest.generationName(n)) else { return [] }
+                for sub in ["meta", "upper"] where (try? gen.stat(FileName(sub))) != nil {
+                    if n == state.generation && sub == "upper" { continue }
+                    if !refs.contains("g\(n)/\(sub)") { return [] }
+                }
+            }
+            for ref in refs {
+                let parts = ref.split(separator: "/").map(String.init)
+                guard let gen = try? g.directory.openDirectory(FileName(parts[0])) else { return [] }
+                if let bytes = try? gen.openFileForReading(fileName(parts[1])).readAll() {
+                    // Only membership matters here: the lines are not parsed whole.
+                    for line in bytes.split(separator: 0x0a) {
+                        guard let space = line.lastIndex(of: 0x20) else { return [] }
+                        if left.contains(Array(line[..<space])) { left.remove(Array(line[..<space])) }
+                    }
+                } else {
+                    guard let counts = try? ensure(g, ref) else { return [] }
+                    left = left.filter { (counts[$0] ?? 0) == 0 }
+                }
+                if left.isEmpty { return [] }
+            }
+        }
+        return left
+    }
+}
