@@ -213,6 +213,7 @@ extension Overlay {
             before.merge(try LayerReferences.ensure(guest, layer.reference), uniquingKeysWith: +)
         }
         var shadowing = Shadowing()
+        var placement = StubPlacement()
         let stacked = compactionReason(old, asked: compact) == nil
         if let why = compactionReason(old, asked: compact) {
             result = try buildGeneration(
@@ -220,7 +221,7 @@ extension Overlay {
             if !compact { result.notes.append("built whole: \(why)") }
             result.layers = 1
         } else {
-            result = try foldStacked(guest, old, session: s, shadowing: &shadowing)
+            result = try foldStacked(guest, old, session: s, shadowing: &shadowing, placement: &placement)
             result.layers = old.layers.count + 1
         }
         result.root = root.string
@@ -230,7 +231,7 @@ extension Overlay {
         try guest.writeState(state)
         try guest.removeGenerations(except: state.generation)
         let gen = try guest.generation(state.generation)
-        try finishStackedFold(gen)
+        try finishStackedFold(gen, placement: stacked ? placement : nil)
         // The objects only the fold's guest referenced and no longer does go now (gc would find them too).
         var candidates = Set<[UInt8]>()
         if stacked {
@@ -272,7 +273,8 @@ extension Overlay {
     /// switch leaves generation N in force and untouched; killed after, the
     /// next command that opens the guest finishes the renames first.
     static func foldStacked(
-        _ guest: OverlayGuest, _ old: OverlayGuest.Generation, session s: Session, shadowing: inout Shadowing
+        _ guest: OverlayGuest, _ old: OverlayGuest.Generation, session s: Session, shadowing: inout Shadowing,
+        placement: inout StubPlacement
     ) throws -> OverlayReport.Guest {
         var result = OverlayReport.Guest(root: guest.rootPath.string, action: .folded)
         let next = try guest.makeGeneration(
@@ -317,6 +319,7 @@ extension Overlay {
                 // The upper file itself becomes the object unless overlayfs wrote on it (its origin, say).
                 filler.fill(stub, from: file, lease: false, linkSource: !file.carriesOverlayNames)
                 journal += Array("R \(staged) \(st.inode) ".utf8) + Array(hexString(entry.path).utf8) + [0x0a]
+                placement.renames.append((FileName("\(staged)"), entry.directory, entry.name, st.inode))
                 staged += 1
                 let parent = try entry.directory.stat()
                 if directoryTimes[parent.inode] == nil {
@@ -324,6 +327,7 @@ extension Overlay {
                     let t = parent.modificationTime
                     directoryTimes[parent.inode] =
                         Array("T \(t.seconds) \(t.nanoseconds) ".utf8) + Array(hexString(path).utf8) + [0x0a]
+                    placement.times.append((entry.directory, t))
                 }
                 result.filesHashed += 1
                 result.stubs += 1
@@ -389,20 +393,51 @@ extension Overlay {
         for i in 1..<gen.layers.count { counts[i] = try LayerReferences.ensure(guest, gen.layers[i].reference) }
         var removed = Set<[UInt8]>()
         var changed = Set<Int>()
-        for path in shadowing.paths where shadowing.hides(path) {
-            let parts = path.split(separator: 0x2f).map { FileName(bytes: $0) }
-            guard let last = parts.last else { continue }
-            layers: for i in 1..<gen.layers.count {
-                var dir = gen.layers[i].directory
-                var endsHere = false
-                for part in parts.dropLast() {
-                    let st: FileStat
-                    do { st = try dir.stat(part) } catch Errno.noSuchFileOrDirectory {
-                        if endsHere { break layers } else { continue layers }
+        // Where a directory path leads in one layer, each looked up once.
+        enum Place {
+            /// A directory (`ends`: it or one above it in this layer is opaque or redirected).
+            case directory(Directory, ends: Bool)
+            /// Not in this layer (`ends`: the layers below are not reached either).
+            case absent(ends: Bool)
+            /// A whiteout or a file on the way: nothing at or below this layer is seen.
+            case blocked
+        }
+        var places: [Int: [[UInt8]: Place]] = [:]
+        func place(_ i: Int, _ path: [UInt8]) -> Place {
+            if path.isEmpty { return .directory(gen.layers[i].directory, ends: false) }
+            if let known = places[i]?[path] { return known }
+            let slash = path.lastIndex(of: 0x2f)
+            let name = FileName(bytes: path[(slash.map { $0 + 1 } ?? 0)...])
+            let result: Place
+            switch place(i, slash.map { Array(path[..<$0]) } ?? []) {
+            case .blocked: result = .blocked
+            case .absent(let ends): result = .absent(ends: ends)
+            case .directory(let dir, let ends):
+                if let st = try? dir.stat(name) {
+                    if st.isDirectory, let d = try? dir.openDirectory(name) {
+                        result = .directory(d, ends: ends || FoldContext.endsLookup(d))
+                    } else {
+                        result = .blocked
                     }
-                    guard st.isDirectory else { break layers }
-                    dir = try dir.openDirectory(part)
-                    if FoldContext.endsLookup(dir) { endsHere = true }
+                } else {
+                    result = .absent(ends: ends)
+                }
+            }
+            places[i, default: [:]][path] = result
+            return result
+        }
+        for path in shadowing.paths where shadowing.hides(path) {
+            let slash = path.lastIndex(of: 0x2f)
+            let parent = slash.map { Array(path[..<$0]) } ?? []
+            let last = FileName(bytes: path[(slash.map { $0 + 1 } ?? 0)...])
+            layers: for i in 1..<gen.layers.count {
+                let dir: Directory
+                let endsHere: Bool
+                switch place(i, parent) {
+                case .blocked: break layers
+                case .absent(let ends):
+                    if ends { break layers } else { continue layers }
+                case .directory(let d, let ends): (dir, endsHere) = (d, ends)
                 }
                 let st: FileStat
                 do { st = try dir.stat(last) } catch Errno.noSuchFileOrDirectory {
@@ -436,50 +471,74 @@ extension Overlay {
     static let stagingName = FileName("staging")
     static let foldJournalName = FileName("fold-journal")
 
+    /// The renames that put a stacked fold's stubs in place (staging name,
+    /// directory, name, the inode the name must still be) and the mtimes of
+    /// the directories they touch.
+    struct StubPlacement {
+        var renames: [(temp: FileName, directory: Directory, name: FileName, inode: UInt64)] = []
+        var times: [(Directory, Timestamp)] = []
+    }
+
     /// Puts a stacked fold's stubs in place in generation `gen`'s top layer
-    /// (after the switch; again after a kill: a stub already moved is not
-    /// in staging any more), puts back the mtimes of the directories the
-    /// renames touched, and removes the journal and the staging directory.
-    static func finishStackedFold(_ gen: OverlayGuest.Generation) throws {
-        let journal: [UInt8]
-        do { journal = try gen.directory.openFileForReading(foldJournalName).readAll() } catch Errno
-            .noSuchFileOrDirectory
-        {
-            return
-        }
+    /// (after the switch), puts back the mtimes of the directories the
+    /// renames touched, records the layer's references, and removes the
+    /// journal and the staging directory. Without `placement` (the fold was
+    /// killed after its switch) the journal says what to do; a stub already
+    /// moved is not in staging any more.
+    static func finishStackedFold(_ gen: OverlayGuest.Generation, placement: StubPlacement? = nil) throws {
+        guard (try? gen.directory.stat(foldJournalName)) != nil else { return }
         let layer = gen.layers[0].directory
         let staging = try? gen.directory.openDirectory(stagingName)
-        func open(_ hex: Substring) throws -> (Directory, FileName?) {
-            guard let path = bytesFromHex(hex.utf8) else { throw InputError("fold journal damaged") }
-            var dir = layer
-            let parts = path.split(separator: 0x2f, omittingEmptySubsequences: true).map { FileName(bytes: $0) }
-            for part in parts.dropLast() { dir = try dir.openDirectory(part) }
-            return (dir, parts.last)
-        }
-        var times: [(Directory, Timestamp)] = []
-        for line in journal.split(separator: 0x0a) {
-            let fields = String(decoding: line, as: UTF8.self).split(
-                separator: " ", maxSplits: 3, omittingEmptySubsequences: false)
-            if fields.count == 4, fields[0] == "R", let staging, let inode = UInt64(fields[2]) {
-                let temp = FileName(String(fields[1]))
-                guard (try? staging.stat(temp)) != nil else { continue }
-                let (dir, name) = try open(fields[3])
+        let work = try placement ?? journalPlacement(gen, layer: layer)
+        if let staging {
+            for r in work.renames {
+                guard (try? staging.stat(r.temp)) != nil else { continue }
                 // The file the stub stands for, as it was (a lower layer now: nothing writes it).
-                guard let name, let st = try? dir.stat(name), st.inode == inode else { continue }
-                try staging.rename(temp, to: dir, as: name)
-            } else if fields.count == 4, fields[0] == "T", let sec = Int64(fields[1]), let ns = UInt32(fields[2]) {
-                let (dir, name) = try open(fields[3])
-                times.append(
-                    (try name.map { try dir.openDirectory($0) } ?? dir, Timestamp(seconds: sec, nanoseconds: ns)))
+                guard let st = try? r.directory.stat(r.name), st.inode == r.inode else { continue }
+                try staging.rename(r.temp, to: r.directory, as: r.name)
             }
         }
-        for (dir, t) in times { try dir.setModificationTime(t) }
+        for (dir, t) in work.times { try dir.setModificationTime(t) }
         let top = gen.layers[0].reference.split(separator: "/").map(String.init)
         try LayerReferences.record(
             layer, try gen.directory.openDirectory(FileName("..")).openDirectory(FileName(top[0])), top[1])
         try gen.directory.sync()
         try gen.directory.unlink(foldJournalName)
         try gen.directory.removeTree(stagingName)
+    }
+
+    /// The placement a fold journal records, its directories opened from the layer (each once).
+    static func journalPlacement(_ gen: OverlayGuest.Generation, layer: Directory) throws -> StubPlacement {
+        let journal = try gen.directory.openFileForReading(foldJournalName).readAll()
+        var opened: [[UInt8]: Directory] = [[]: layer]
+        func directory(_ path: [UInt8]) throws -> Directory {
+            if let d = opened[path] { return d }
+            let slash = path.lastIndex(of: 0x2f)
+            let parent = try directory(slash.map { Array(path[..<$0]) } ?? [])
+            let d = try parent.openDirectory(FileName(bytes: path[(slash.map { $0 + 1 } ?? 0)...]))
+            opened[path] = d
+            return d
+        }
+        func split(_ hex: Substring) throws -> ([UInt8], FileName) {
+            guard let path = bytesFromHex(hex.utf8), !path.isEmpty else { throw InputError("fold journal damaged") }
+            let slash = path.lastIndex(of: 0x2f)
+            return (slash.map { Array(path[..<$0]) } ?? [], FileName(bytes: path[(slash.map { $0 + 1 } ?? 0)...]))
+        }
+        var out = StubPlacement()
+        for line in journal.split(separator: 0x0a) {
+            let fields = String(decoding: line, as: UTF8.self).split(
+                separator: " ", maxSplits: 3, omittingEmptySubsequences: false)
+            guard fields.count == 4 else { throw InputError("fold journal damaged") }
+            if fields[0] == "R", let inode = UInt64(fields[2]) {
+                let (parent, name) = try split(fields[3])
+                guard let dir = try? directory(parent) else { continue }
+                out.renames.append((FileName(String(fields[1])), dir, name, inode))
+            } else if fields[0] == "T", let sec = Int64(fields[1]), let ns = UInt32(fields[2]) {
+                guard let path = bytesFromHex(fields[3].utf8), let dir = try? directory(path) else { continue }
+                out.times.append((dir, Timestamp(seconds: sec, nanoseconds: ns)))
+            }
+        }
+        return out
     }
 
     /// Gives a new upper root the old upper root's owner, mode, mtime and
