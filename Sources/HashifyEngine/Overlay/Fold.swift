@@ -207,14 +207,16 @@ extension Overlay {
         }
         state.phase = .folding
         try guest.writeState(state)
-        // What the old layers reference, known before any of them changes or goes.
-        var before: LayerReferences.Counts = [:]
-        for layer in old.layers {
-            before.merge(try LayerReferences.ensure(guest, layer.reference), uniquingKeysWith: +)
-        }
         var shadowing = Shadowing()
         var placement = StubPlacement()
         let stacked = compactionReason(old, asked: compact) == nil
+        // What the old layers reference, known before they go (a compaction removes them).
+        var before: LayerReferences.Counts = [:]
+        if !stacked {
+            for layer in old.layers {
+                before.merge(try LayerReferences.ensure(guest, layer.reference), uniquingKeysWith: +)
+            }
+        }
         if let why = compactionReason(old, asked: compact) {
             result = try buildGeneration(
                 state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
@@ -389,8 +391,8 @@ extension Overlay {
         -> Set<[UInt8]>
     {
         guard gen.layers.count > 1 else { return [] }
+        // A layer's list is read (or made) before its first stub goes.
         var counts: [Int: LayerReferences.Counts] = [:]
-        for i in 1..<gen.layers.count { counts[i] = try LayerReferences.ensure(guest, gen.layers[i].reference) }
         var removed = Set<[UInt8]>()
         var changed = Set<Int>()
         // Where a directory path leads in one layer, each looked up once.
@@ -453,6 +455,7 @@ extension Overlay {
                     continue layers
                 }
                 guard DataObjects.isValidRedirect(r) else { break layers }
+                if counts[i] == nil { counts[i] = try LayerReferences.ensure(guest, gen.layers[i].reference) }
                 try dir.unlink(last)
                 counts[i]?[r, default: 1] -= 1
                 changed.insert(i)

@@ -40,6 +40,35 @@ enum LayerReferences {
         try gen.writeAtomically(bytes, as: fileName(sub))
     }
 
+    /// Whether a list as `write` writes it (lines "REDIRECT COUNT", sorted by
+    /// redirect) names `redirect`: a binary search over the bytes.
+    static func sortedLinesContain(_ bytes: [UInt8], _ redirect: [UInt8]) -> Bool {
+        bytes.withUnsafeBufferPointer { buf in
+            // The key of the line that starts at `start`, and where the next line starts.
+            func line(at start: Int) -> (ArraySlice<UInt8>, Int) {
+                var end = start
+                while end < buf.count && buf[end] != 0x0a { end += 1 }
+                var space = end
+                while space > start && buf[space - 1] != 0x20 { space -= 1 }
+                return (ArraySlice(buf[start..<max(start, space - 1)]), end + 1)
+            }
+            // The start of the line holding byte `i`.
+            func lineStart(_ i: Int) -> Int {
+                var j = i
+                while j > 0 && buf[j - 1] != 0x0a { j -= 1 }
+                return j
+            }
+            var (low, high) = (0, buf.count)
+            while low < high {
+                let start = lineStart((low + high) / 2)
+                let (key, next) = line(at: start)
+                if key.elementsEqual(redirect) { return true }
+                if key.lexicographicallyPrecedes(redirect) { low = next } else { high = start }
+            }
+            return false
+        }
+    }
+
     /// Scans a finished layer and writes its list.
     @discardableResult
     static func record(_ layer: Directory, _ gen: Directory, _ sub: String) throws -> Counts {
@@ -85,11 +114,8 @@ enum LayerReferences {
                 let parts = ref.split(separator: "/").map(String.init)
                 guard let gen = try? g.directory.openDirectory(FileName(parts[0])) else { return [] }
                 if let bytes = try? gen.openFileForReading(fileName(parts[1])).readAll() {
-                    // Only membership matters here: the lines are not parsed whole.
-                    for line in bytes.split(separator: 0x0a) {
-                        guard let space = line.lastIndex(of: 0x20) else { return [] }
-                        if left.contains(Array(line[..<space])) { left.remove(Array(line[..<space])) }
-                    }
+                    // Only membership matters here: each candidate is looked up in the sorted lines.
+                    left = left.filter { !sortedLinesContain(bytes, $0) }
                 } else {
                     guard let counts = try? ensure(g, ref) else { return [] }
                     left = left.filter { (counts[$0] ?? 0) == 0 }
