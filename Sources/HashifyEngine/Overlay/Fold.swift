@@ -260,7 +260,7 @@ extension Overlay {
     /// The stacked fold: generation N's upper layer becomes the top metadata
     /// layer of generation N+1, above N's layers, with a fresh upper and work
     /// directory. In it, each file overlayfs copied up whole or the guest
-    /// wrote anew (bigger than `inlineLimit`, one name) is hashed and gets a
+    /// wrote anew (bigger than `stackedInlineLimit`, one name) is hashed and gets a
     /// stub of an existing or a new object (the file itself becomes the
     /// object when nothing of overlayfs is written on it); whiteouts, opaque
     /// and redirected directories, metadata-only copy-ups and everything else
@@ -297,9 +297,13 @@ extension Overlay {
                 shadowing.note(entry.path, stat: st, attributes: attributes)
                 if st.isDirectory { return .enter(()) }
                 escaped += attributes.filter { $0.name.starts(with: TreeCopier.escapedPrefix) }.count
-                guard st.isRegular, st.size > inlineLimit, st.linkCount == 1,
+                guard st.isRegular, st.linkCount == 1,
                     !attributes.contains(where: { $0.name == TreeCopier.metacopyName })
                 else { return .next }
+                if st.size <= stackedInlineLimit {
+                    result.inlineFiles += 1
+                    return .next
+                }
                 let handle = try entry.directory.openFileForReading(entry.name)
                 if attributes.contains(where: { isOverlayOwn($0.name) }),
                     !attributes.contains(where: { $0.name.starts(with: TreeCopier.escapedPrefix) })
@@ -470,6 +474,14 @@ extension Overlay {
         }
         return removed
     }
+
+    /// The size up to which a stacked fold leaves a copied-up file whole in
+    /// its layer, unread: a file of one block holds no more disk than its
+    /// stub would save, and a package update writes thousands of them (a
+    /// time zone database) that would each cost a stub, an object and two
+    /// renames while the guest waits to start. A compaction makes them
+    /// stubs like any other file over `inlineLimit`.
+    static let stackedInlineLimit: UInt64 = 4096
 
     static let stagingName = FileName("staging")
     static let foldJournalName = FileName("fold-journal")
