@@ -121,6 +121,20 @@ struct CloneTests {
         #expect(hashify(["unify", "-q", "--store", store, a, c]).status == 0)
         #expect(overlay(["mount", a, c], store: store).status == 0)
         #expect(guestManifest(a) == before)
+        // A source whose generation stacks layers (two folds) clones exactly too.
+        writeFile("\(a)/etc/changed-again", pseudoRandom(9000, seed: 4))
+        settle()
+        let again = guestManifest(a)
+        #expect(overlay(["umount", a], store: store).status == 0)
+        #expect(overlay(["fold", "-q", a], store: store).status == 0)
+        #expect(overlay(["mount", a], store: store).status == 0)
+        let status = jsonReport(hashify(["status", "--json", "--store", store]).out)
+        let guests = (status["overlay"] as? [String: Any])?["guests"] as? [[String: Any]] ?? []
+        #expect(guests.first { ($0["root"] as? String)?.hasSuffix("/a") == true }?["layers"] as? Int == 3)
+        let d = s.sub("guests/d")
+        #expect(hashify(["clone", "-q", "--store", store, a, d]).status == 0)
+        #expect(guestManifest(d) == again)
+        #expect(guestManifest(a) == again)
     }
 
     @Test("SIGKILL during clone: DST is absent or complete, never half")

@@ -130,6 +130,21 @@ struct MemoryTests {
         #expect(Double(shared) > 0.9 * Double(file))
         #expect(Double(dup) < 0.05 * Double(file))
         #expect((r["storeCachedBytes"] as? Int ?? 0) > 0)
+
+        // perl replaced by the same bytes in one guest (a package reinstall), then folded: the
+        // guest's generation stacks its old upper layer, where perl is a stub of the same object.
+        stop(procs)
+        #expect(run(["/bin/cp", "-p", "\(guests[0])/usr/bin/perl", "\(guests[0])/usr/bin/perl.new"]).status == 0)
+        #expect(rename("\(guests[0])/usr/bin/perl.new", "\(guests[0])/usr/bin/perl") == 0)
+        #expect(overlay(["umount"] + guests, store: store).status == 0)
+        #expect(overlay(["fold", "-q"] + guests, store: store).status == 0)
+        #expect(overlay(["mount"] + guests, store: store).status == 0)
+        let again = try startPerl(in: guests)
+        defer { stop(again) }
+        let stacked = memReport(["--store", store] + guests)
+        let stackedFile = sum(stacked, guests, "fileBackedBytes")
+        #expect(Double(sum(stacked, guests, "sharedBytes")) > 0.9 * Double(stackedFile), "\(stacked)")
+        #expect(Double(sum(stacked, guests, "duplicatedBytes")) < 0.05 * Double(stackedFile))
     }
 
     @Test(
