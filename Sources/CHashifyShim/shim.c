@@ -6,6 +6,7 @@
 #include "hashify_shim.h"
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <malloc.h>
 #include <stdlib.h>
 #include <signal.h>
@@ -216,6 +217,10 @@ int hashify_mount(const char *source, const char *target, const char *fstype, un
 int hashify_umount(const char *target, int flags) { return umount2(target, flags); }
 
 int hashify_syncfs(int fd) { return syncfs(fd); }
+
+int hashify_punch_hole(int fd, long long length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)length);
+}
 
 uint64_t hashify_fs_type(int fd) {
     struct statfs s;

@@ -52,6 +52,14 @@ public final class Directory: @unchecked Sendable {
         }
     }
 
+    /// Opens the regular file `name` write-only, without following a symlink.
+    public func openFileForWriting(_ name: FileName) throws -> OpenFile {
+        let fd = try name.withCString { n in
+            try retrying { hashify_openat(self.fd, n, O_WRONLY | HASHIFY_O_NOFOLLOW | HASHIFY_O_CLOEXEC, 0) }
+        }
+        return OpenFile(adopting: fd)
+    }
+
     /// Creates `name` exclusively for writing. The corresponding C function is `openat()` with `O_CREAT | O_EXCL`.
     public func createFile(_ name: FileName, mode: UInt32) throws -> OpenFile {
         let fd = try name.withCString { n in

@@ -169,6 +169,11 @@ public final class OpenFile: @unchecked Sendable {
     public func sync() throws { _ = try retrying { fsync(self.fd) } }
     public func truncate(_ size: UInt64) throws { _ = try retrying { ftruncate(self.fd, off_t(size)) } }
 
+    /// Frees the file's blocks up to `length`, keeping its size (reads of them give zeros).
+    public func punchHole(_ length: UInt64) throws {
+        _ = try retrying { hashify_punch_hole(self.fd, Int64(length)) }
+    }
+
     /// Every extended attribute, sorted by name (`flistxattr` + `fgetxattr`).
     public func extendedAttributes() throws -> [ExtendedAttribute] { try extendedAttributesOf(descriptor: fd) }
 

@@ -612,14 +612,24 @@ func appendFile(_ path: String, _ bytes: [UInt8]) {
     f.closeFile()
 }
 
+/// A file capability (cap_net_raw+ep), as setfattr takes it.
+let capability = "0sAQAAAgAgAAAAAAAAAAAAAAAAAAA="
+
 extension OverlayTests {
-    /// Changes to fold: `count` files rewritten (copy-ups, new objects), one
+    /// Changes to fold: `count` files rewritten (copy-ups, new objects), 40
+    /// files of contents the store holds (some with a capability), one
     /// deleted, one renamed, one chmod'ed, a journal appended to.
     func changeGuest(_ g: String, round: Int, count: Int) {
         for i in 0..<count {
             writeFile(
                 "\(g)/var/d\((i + round) % 20)/f\(i % 40)",
                 pseudoRandom(2000 + (i * 977 + round * 31) % 30_000, seed: UInt64(round * 1000 + i)))
+        }
+        // Contents the store holds already (a reinstalled package): these files become stubs where they lie.
+        for i in 0..<40 {
+            let path = "\(g)/var/copies/r\(round)/f\(i)"
+            writeFile(path, pseudoRandom(100 + (i * 331 + 3 * 97) % 20_000, seed: UInt64(3 * 50 + i)))
+            if i % 10 == 0 { _ = run(["/usr/bin/setfattr", "-n", "security.capability", "-v", capability, path]) }
         }
         appendFile("\(g)/var/log/journal", pseudoRandom(50_000, seed: UInt64(round)))
         try? FileManager.default.removeItem(atPath: "\(g)/var/d\(round % 20)/f39")

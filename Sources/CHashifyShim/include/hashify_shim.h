@@ -98,6 +98,8 @@ extern const unsigned long HASHIFY_MS_RDONLY;
 extern const int HASHIFY_MNT_DETACH;
 /// syncfs(2): flushes the filesystem that holds fd.
 int hashify_syncfs(int fd);
+/// Deallocates a file's blocks from 0 to `length`, its size kept (fallocate PUNCH_HOLE | KEEP_SIZE).
+int hashify_punch_hole(int fd, long long length);
 /// fstatfs(2)'s f_type of the filesystem that holds fd (0 on error).
 uint64_t hashify_fs_type(int fd);
 /// The kernel's file handle of `name` (`name_to_handle_at`, not following a symlink).

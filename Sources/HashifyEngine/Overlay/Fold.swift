@@ -233,7 +233,7 @@ extension Overlay {
         try guest.writeState(state)
         try guest.removeGenerations(except: state.generation)
         let gen = try guest.generation(state.generation)
-        try finishStackedFold(gen, placement: stacked ? placement : nil)
+        try finishStackedFold(gen, placement: stacked ? placement : nil) { s.objects }
         // The objects only the fold's guest referenced and no longer does go now (gc would find them too).
         var candidates = Set<[UInt8]>()
         if stacked {
@@ -289,6 +289,7 @@ extension Overlay {
         let rootStat = try old.upper.stat()
         var escaped = 0
         var staged = 0
+        var files: [TreeCopier.SourceFile] = []
         var traversal = TreeTraversal<Void>()
         do {
             try traversal.run(old.upper, context: ()) { entry, _ in
@@ -314,27 +315,12 @@ extension Overlay {
                     attributes.removeAll { isOverlayOwn($0.name) }
                     st = try handle.stat()
                 }
-                let stub = try makeStub(FileName("\(staged)"), in: staging, size: st.size, redirect: nil)
-                try stub.setOwner(uid: st.uid, gid: st.gid)
-                try stub.setMode(st.mode)
-                for a in attributes where !isOverlayOwn(a.name) { try stub.setExtendedAttribute(a) }
-                try stub.setModificationTime(st.modificationTime)
                 let file = TreeCopier.SourceFile(
                     directory: entry.directory, name: entry.name, stat: st, handle: handle, path: entry.path,
                     context: nil, attributes: attributes)
                 // The upper file itself becomes the object unless overlayfs wrote on it (its origin, say).
-                filler.fill(stub, from: file, lease: false, linkSource: !file.carriesOverlayNames)
-                journal += Array("R \(staged) \(st.inode) ".utf8) + Array(hexString(entry.path).utf8) + [0x0a]
-                placement.renames.append((FileName("\(staged)"), entry.directory, entry.name, st.inode))
-                staged += 1
-                let parent = try entry.directory.stat()
-                if directoryTimes[parent.inode] == nil {
-                    let path = entry.path.lastIndex(of: 0x2f).map { Array(entry.path[..<$0]) } ?? []
-                    let t = parent.modificationTime
-                    directoryTimes[parent.inode] =
-                        Array("T \(t.seconds) \(t.nanoseconds) ".utf8) + Array(hexString(path).utf8) + [0x0a]
-                    placement.times.append((entry.directory, t))
-                }
+                filler.fill(nil, from: file, lease: false, linkSource: !file.carriesOverlayNames, key: files.count)
+                files.append(file)
                 result.filesHashed += 1
                 result.stubs += 1
                 return .next
@@ -345,6 +331,38 @@ extension Overlay {
         }
         merge(try filler.finish(), into: &result)
         try s.objects.sync()
+        let results = filler.results
+        for (i, file) in files.enumerated() {
+            guard let (redirect, isObject) = results[i] else { throw InputError("\(guest.rootPath): fold lost a file") }
+            let (st, path) = (file.stat, hexString(file.path))
+            if !isObject {
+                // Its content is an object already: the file becomes its stub where it lies.
+                let cap = file.attributes.first { $0.name == Array("security.capability".utf8) }?.value
+                let t = st.modificationTime
+                journal += Array("P \(st.inode) \(t.seconds) \(t.nanoseconds) \(hexString(redirect)) ".utf8)
+                journal += Array((cap.map(hexString) ?? "-").utf8) + [0x20] + Array(path.utf8) + [0x0a]
+                placement.inPlace.append(
+                    (file.directory, file.name, st.inode, st.size, st.mode, t, redirect, cap))
+                continue
+            }
+            // The file is the object now: a stub made beside the layer takes its name.
+            let stub = try makeStub(FileName("\(staged)"), in: staging, size: st.size, redirect: redirect)
+            try stub.setOwner(uid: st.uid, gid: st.gid)
+            try stub.setMode(st.mode)
+            for a in file.attributes where !isOverlayOwn(a.name) { try stub.setExtendedAttribute(a) }
+            try stub.setModificationTime(st.modificationTime)
+            journal += Array("R \(staged) \(st.inode) ".utf8) + Array(path.utf8) + [0x0a]
+            placement.renames.append((FileName("\(staged)"), file.directory, file.name, st.inode))
+            staged += 1
+            let parent = try file.directory.stat()
+            if directoryTimes[parent.inode] == nil {
+                let dir = file.path.lastIndex(of: 0x2f).map { Array(file.path[..<$0]) } ?? []
+                let t = parent.modificationTime
+                directoryTimes[parent.inode] =
+                    Array("T \(t.seconds) \(t.nanoseconds) ".utf8) + Array(hexString(dir).utf8) + [0x0a]
+                placement.times.append((file.directory, t))
+            }
+        }
         for line in directoryTimes.values { journal += line }
         try next.directory.writeAtomically(journal, as: foldJournalName)
         try copyLayerRootAttributes(from: old.upper, stat: rootStat, to: next.upper)
@@ -492,6 +510,14 @@ extension Overlay {
     struct StubPlacement {
         var renames: [(temp: FileName, directory: Directory, name: FileName, inode: UInt64)] = []
         var times: [(Directory, Timestamp)] = []
+        /// Files whose content an object held already: each becomes that object's stub where it
+        /// lies (its redirect and metacopy set, its blocks freed, then its capability and mtime,
+        /// which freeing blocks takes, put back).
+        var inPlace:
+            [(
+                directory: Directory, name: FileName, inode: UInt64, size: UInt64, mode: UInt32, mtime: Timestamp,
+                redirect: [UInt8], capability: [UInt8]?
+            )] = []
     }
 
     /// Puts a stacked fold's stubs in place in generation `gen`'s top layer
@@ -500,7 +526,9 @@ extension Overlay {
     /// journal and the staging directory. Without `placement` (the fold was
     /// killed after its switch) the journal says what to do; a stub already
     /// moved is not in staging any more.
-    static func finishStackedFold(_ gen: OverlayGuest.Generation, placement: StubPlacement? = nil) throws {
+    static func finishStackedFold(
+        _ gen: OverlayGuest.Generation, placement: StubPlacement? = nil, objects: () -> DataObjects?
+    ) throws {
         guard (try? gen.directory.stat(foldJournalName)) != nil else { return }
         let layer = gen.layers[0].directory
         let staging = try? gen.directory.openDirectory(stagingName)
@@ -512,6 +540,25 @@ extension Overlay {
                 guard let st = try? r.directory.stat(r.name), st.inode == r.inode else { continue }
                 try staging.rename(r.temp, to: r.directory, as: r.name)
             }
+        }
+        // Never the object itself (its inode is checked against the file's).
+        let data = work.inPlace.isEmpty ? nil : objects()
+        for p in work.inPlace {
+            guard let st = try? p.directory.stat(p.name), st.inode == p.inode, st.isRegular, st.size == p.size,
+                let object = try? data?.stat(p.redirect), object.inode != p.inode || object.device != st.device
+            else { continue }
+            let f = try p.directory.openFileForWriting(p.name)
+            if f.extendedAttribute("trusted.overlay.metacopy") == nil {
+                try f.setExtendedAttribute(
+                    ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: p.redirect))
+                try f.setExtendedAttribute(ExtendedAttribute(name: TreeCopier.metacopyName, value: []))
+            }
+            do { try f.punchHole(p.size) } catch Errno.notSupported {}  // then the stub keeps its blocks: same view
+            if let cap = p.capability {
+                try f.setExtendedAttribute(ExtendedAttribute(name: Array("security.capability".utf8), value: cap))
+            }
+            try f.setMode(p.mode)
+            try f.setModificationTime(p.mtime)
         }
         for (dir, t) in work.times { try dir.setModificationTime(t) }
         let top = gen.layers[0].reference.split(separator: "/").map(String.init)
@@ -548,6 +595,17 @@ extension Overlay {
                 let (parent, name) = try split(fields[3])
                 guard let dir = try? directory(parent) else { continue }
                 out.renames.append((FileName(String(fields[1])), dir, name, inode))
+            } else if fields[0] == "P" {
+                let f = String(decoding: line, as: UTF8.self).split(
+                    separator: " ", maxSplits: 6, omittingEmptySubsequences: false)
+                guard f.count == 7, let inode = UInt64(f[1]), let sec = Int64(f[2]), let ns = UInt32(f[3]),
+                    let redirect = bytesFromHex(f[4].utf8)
+                else { throw InputError("fold journal damaged") }
+                let cap = f[5] == "-" ? nil : bytesFromHex(f[5].utf8)
+                let (parent, name) = try split(f[6])
+                guard let dir = try? directory(parent), let st = try? dir.stat(name) else { continue }
+                out.inPlace.append(
+                    (dir, name, inode, st.size, st.mode, Timestamp(seconds: sec, nanoseconds: ns), redirect, cap))
             } else if fields[0] == "T", let sec = Int64(fields[1]), let ns = UInt32(fields[2]) {
                 guard let path = bytesFromHex(fields[3].utf8), let dir = try? directory(path) else { continue }
                 out.times.append((dir, Timestamp(seconds: sec, nanoseconds: ns)))

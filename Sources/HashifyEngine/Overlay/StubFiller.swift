@@ -34,6 +34,10 @@ final class StubFiller: @unchecked Sendable {
     /// The objects this filler made (a conversion that fails removes them again).
     private let made = Mutex<Set<[UInt8]>>([])
     var objectsMade: Set<[UInt8]> { made.withLock { $0 } }
+    /// For files queued without a stub (`fill(nil, …, key:)`): the redirect of
+    /// each, and whether the file's own inode became the object.
+    private let resolved = Mutex<[Int: (redirect: [UInt8], isObject: Bool)]>([:])
+    var results: [Int: (redirect: [UInt8], isObject: Bool)] { resolved.withLock { $0 } }
 
     /// `threads` files are read at once (each holds its source, its stub and a 1 MiB buffer).
     init(objects: DataObjects, threads: Int) {
@@ -47,7 +51,8 @@ final class StubFiller: @unchecked Sendable {
     /// Queues `file` (open) whose stub `stub` is made: it is hashed (under a
     /// read lease when `lease`), its object found or made (the source inode
     /// linked when `linkSource`), and the stub given the object's redirect.
-    func fill(_ stub: OpenFile, from file: TreeCopier.SourceFile, lease: Bool, linkSource: Bool) {
+    /// Without a stub, the redirect is kept under `key` (`results`).
+    func fill(_ stub: OpenFile?, from file: TreeCopier.SourceFile, lease: Bool, linkSource: Bool, key: Int = 0) {
         if state.withLock({ $0.error != nil }) { return }
         let (handle, stat, path) = (file.handle, file.stat, file.path)
         slots.wait()
@@ -64,10 +69,10 @@ final class StubFiller: @unchecked Sendable {
                     handle, stat: stat, path: path, buffer: buffer.bytes, lease: lease)
                 try? f.rewind()
                 var counts = Counts()
-                let redirect: [UInt8] = try objectLock.withLock { _ in
+                let (redirect, isObject): ([UInt8], Bool) = try objectLock.withLock { _ in
                     if let r = objects.redirect(for: digest) {
                         counts.filesSharingObjects += 1
-                        return r
+                        return (r, false)
                     }
                     let r = try objects.publish(f, digest: digest, size: stat.size, linkSource: linkSource)
                     made.withLock { _ = $0.insert(r) }
@@ -77,10 +82,14 @@ final class StubFiller: @unchecked Sendable {
                     } else {
                         counts.bytesCopied += stat.allocatedBytes
                     }
-                    return r
+                    return (r, linkSource)
                 }
-                try stub.setExtendedAttribute(
-                    ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
+                if let stub {
+                    try stub.setExtendedAttribute(
+                        ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
+                } else {
+                    resolved.withLock { $0[key] = (redirect, isObject) }
+                }
                 state.withLock {
                     $0.counts.objectsCreated += counts.objectsCreated
                     $0.counts.filesSharingObjects += counts.filesSharingObjects
