@@ -45,6 +45,8 @@ extension Overlay {
         }
         var report = OverlayReport(command: "overlay convert", store: s.store.path.string)
         let hardlinkObjects = Set((try? s.store.objectGenerations())?.keys.map { $0 } ?? [])
+        let remover = BackgroundRemover()
+        defer { try? remover.finish() }
         for i in s.guests.indices {
             let g = s.guests[i]
             let record = try g.record ?? OverlayGuest.open(store: s.store, canonicalRoot: g.canonical, create: true)!
@@ -57,20 +59,21 @@ extension Overlay {
                 report.guests.append(
                     try convertOne(
                         record, root: g.root, session: s, hardlinkObjects: hardlinkObjects, storeDevice: storeDevice,
-                        mount: options.mount))
+                        mount: options.mount, remover: remover))
             } catch {
                 // Before the switch this undoes the work at once (the guest is its plain tree); after it, it finishes it.
                 _ = try? recover(record)
                 throw error
             }
         }
+        try remover.finish()
         report.seconds = elapsed(since: started)
         return report
     }
 
     static func convertOne(
         _ guest: OverlayGuest, root: FilePath, session s: Session, hardlinkObjects: Set<UInt64>, storeDevice: UInt64,
-        mount: Bool
+        mount: Bool, remover: BackgroundRemover
     ) throws -> OverlayReport.Guest {
         let started = MonotonicInstant.now()
         var result = OverlayReport.Guest(root: root.string, action: .converted)
@@ -95,7 +98,8 @@ extension Overlay {
                 throw error
             }
             merge(try filler.finish(), into: &result)
-            try LayerReferences.record(gen.meta, gen.directory, "meta")
+            // Every stub of a conversion is filled by the filler: its counts are the layer's list.
+            try LayerReferences.write(filler.redirectCounts, gen.directory, "meta")
             try copyRootAttributes(from: source, to: gen.upper)
             try DataLayerHiding.apply(to: gen.meta)
             try gen.markEscapedAttributes(copier.escapedAttributes)
@@ -135,7 +139,8 @@ extension Overlay {
             try OverlayMount.mount(gen, data: s.dataPath, on: try parent.openDirectory(name))
             result.action = .convertedAndMounted
         }
-        try scratch.removeTree(plain)
+        // The old tree goes while the next guest is converted.
+        remover.remove(plain, in: scratch)
         result.seconds = elapsed(since: started)
         return result
     }

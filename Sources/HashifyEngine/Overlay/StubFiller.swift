@@ -38,6 +38,9 @@ final class StubFiller: @unchecked Sendable {
     /// each, and whether the file's own inode became the object.
     private let resolved = Mutex<[Int: (redirect: [UInt8], isObject: Bool)]>([:])
     var results: [Int: (redirect: [UInt8], isObject: Bool)] { resolved.withLock { $0 } }
+    /// How many stubs the filler gave each redirect.
+    private let given = Mutex<[[UInt8]: Int]>([:])
+    var redirectCounts: [[UInt8]: Int] { given.withLock { $0 } }
 
     /// `threads` files are read at once (each holds its source, its stub and a 1 MiB buffer).
     init(objects: DataObjects, threads: Int) {
@@ -87,6 +90,7 @@ final class StubFiller: @unchecked Sendable {
                 if let stub {
                     try stub.setExtendedAttribute(
                         ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
+                    given.withLock { $0[redirect, default: 0] += 1 }
                 } else {
                     resolved.withLock { $0[key] = (redirect, isObject) }
                 }
