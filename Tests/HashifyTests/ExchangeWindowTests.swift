@@ -266,9 +266,11 @@ struct ExchangeWindowTests {
         makeGuest(g, index: 0)
         settle()
         #expect(overlay(["convert", "-q", g], store: store).status == 0)
-        writeFile("\(g)/usr/share/written-in-the-guest", pseudoRandom(3000, seed: 8))
+        // Two new files over a block (a stacked fold gives each a stub; smaller ones stay whole).
+        writeFile("\(g)/usr/share/written-in-the-guest", pseudoRandom(9000, seed: 8))
+        writeFile("\(g)/usr/share/written-too", pseudoRandom(9000, seed: 9))
         #expect(overlay(["umount", g], store: store).status == 0)
-        // Giving an entry of the new generation its owner fails: the note says which.
+        // Giving the second stub of the new layer its owner fails: the note says which.
         let r = hashifyFailing("fchown", "error=EIO:when=2", ["unify", "--json", "--store", store, g])
         #expect(r.status == 1, "\(r.out) \(r.err)")
         let guests = jsonReport(r.out)["overlayGuests"] as? [[String: Any]] ?? []

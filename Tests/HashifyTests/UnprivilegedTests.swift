@@ -71,7 +71,7 @@ struct UnprivilegedTests {
             writeFile("\(roots[i])/usr/lib/shared.so", pseudoRandom(8000, seed: 77))
             makeLXCContainer(
                 lxcpath: lxcpath, name: name,
-                initScript: "echo \"\(name) was here\" > /usr/lib/shared.so; echo \(name) > /tmp/mine",
+                initScript: "echo \(name) > /tmp/mine; echo \"\(name) was here\" > /usr/lib/shared.so",
                 extraConfig: """
                     lxc.idmap = u 0 \(bases[i]) 65536
                     lxc.idmap = g 0 \(bases[i]) 65536

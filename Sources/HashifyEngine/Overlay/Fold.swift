@@ -346,11 +346,15 @@ extension Overlay {
                 continue
             }
             // The file is the object now: a stub made beside the layer takes its name.
-            let stub = try makeStub(FileName("\(staged)"), in: staging, size: st.size, redirect: redirect)
-            try stub.setOwner(uid: st.uid, gid: st.gid)
-            try stub.setMode(st.mode)
-            for a in file.attributes where !isOverlayOwn(a.name) { try stub.setExtendedAttribute(a) }
-            try stub.setModificationTime(st.modificationTime)
+            do {
+                let stub = try makeStub(FileName("\(staged)"), in: staging, size: st.size, redirect: redirect)
+                try stub.setOwner(uid: st.uid, gid: st.gid)
+                try stub.setMode(st.mode)
+                for a in file.attributes where !isOverlayOwn(a.name) { try stub.setExtendedAttribute(a) }
+                try stub.setModificationTime(st.modificationTime)
+            } catch {
+                throw TreeTraversal<Void>.EntryFailed(path: file.path, error: error)
+            }
             journal += Array("R \(staged) \(st.inode) ".utf8) + Array(path.utf8) + [0x0a]
             placement.renames.append((FileName("\(staged)"), file.directory, file.name, st.inode))
             staged += 1
