@@ -419,8 +419,9 @@ public enum MemoryScanner {
     }
 
     /// The inode holding the pages of an overlay guest's mapping: its
-    /// copy-up when the upper layer holds one, else the data object the stub
-    /// at the mapping's path redirects to (that stub being the mapped inode).
+    /// copy-up when the upper layer holds one, a whole file a stacked
+    /// metadata layer holds, else the data object the topmost stub at the
+    /// mapping's path redirects to (that stub, or one above it, being the mapped inode).
     static func resolveOverlay(_ path: [UInt8], inode: UInt64, in guest: GuestRoot, objects: DataObjects?) -> (
         Physical, Source, ContentDigest?
     )? {

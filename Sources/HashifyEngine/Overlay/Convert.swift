@@ -99,7 +99,7 @@ extension Overlay {
             }
             merge(try filler.finish(), into: &result)
             // Every stub of a conversion is filled by the filler: its counts are the layer's list.
-            try LayerReferences.write(filler.redirectCounts, gen.directory, "meta")
+            try LayerReferences.write(filler.redirectCounts, gen.layers[0])
             try copyRootAttributes(from: source, to: gen.upper)
             try DataLayerHiding.apply(to: gen.meta)
             try gen.markEscapedAttributes(copier.escapedAttributes)

@@ -58,14 +58,10 @@ enum DataLayerHiding {
                 }
                 let dir = try layer.openDirectory(hex)
                 lowest = dir
-                if dir.extendedAttribute(opaque) == [0x79] || dir.extendedAttribute("trusted.overlay.redirect") != nil {
-                    break
-                }
+                if Overlay.FoldContext.endsLookup(dir) { break }
             }
             if let lowest {
-                if lowest.extendedAttribute(opaque) != [0x79],
-                    lowest.extendedAttribute("trusted.overlay.redirect") == nil
-                {
+                if !Overlay.FoldContext.endsLookup(lowest) {
                     try lowest.setExtendedAttribute(ExtendedAttribute(name: Array(opaque.utf8), value: [0x79]))
                 }
             } else if !hidden {

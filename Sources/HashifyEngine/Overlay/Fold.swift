@@ -209,15 +209,13 @@ extension Overlay {
         try guest.writeState(state)
         var shadowing = Shadowing()
         var placement = StubPlacement()
-        let stacked = compactionReason(old, asked: compact) == nil
+        let compaction = compactionReason(old, asked: compact)
         // What the old layers reference, known before they go (a compaction removes them).
         var before: LayerReferences.Counts = [:]
-        if !stacked {
-            for layer in old.layers {
-                before.merge(try LayerReferences.ensure(guest, layer.reference), uniquingKeysWith: +)
-            }
+        if compaction != nil {
+            for layer in old.layers { before.merge(try LayerReferences.ensure(layer), uniquingKeysWith: +) }
         }
-        if let why = compactionReason(old, asked: compact) {
+        if let why = compaction {
             result = try buildGeneration(
                 state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
             if !compact { result.notes.append("built whole: \(why)") }
@@ -233,12 +231,12 @@ extension Overlay {
         try guest.writeState(state)
         try guest.removeGenerations(except: state.generation)
         let gen = try guest.generation(state.generation)
-        try finishStackedFold(gen, placement: stacked ? placement : nil) { s.objects }
+        try finishStackedFold(gen, placement: compaction == nil ? placement : nil) { s.objects }
         // The objects only the fold's guest referenced and no longer does go now (gc would find them too).
         var candidates = Set<[UInt8]>()
-        if stacked {
-            candidates = try pruneShadowed(gen, guest: guest, shadowing: shadowing)
-        } else if let after = LayerReferences.read(gen.directory, "meta") {
+        if compaction == nil {
+            candidates = try pruneShadowed(gen, shadowing: shadowing)
+        } else if let after = LayerReferences.read(gen.layers[0]) {
             candidates = Set(before.keys.filter { (after[$0] ?? 0) == 0 })
         }
         let unused = LayerReferences.unreferenced(candidates, store: s.store)
@@ -285,11 +283,14 @@ extension Overlay {
         let staging = try next.directory.openDirectory(stagingName)
         let filler = StubFiller(objects: s.objects, threads: fillThreads)
         var journal: [UInt8] = []
-        var directoryTimes: [UInt64: [UInt8]] = [:]
+        var directoryTimes: [ObjectIdentifier: [UInt8]] = [:]
         let rootStat = try old.upper.stat()
         var escaped = 0
         var staged = 0
-        var files: [TreeCopier.SourceFile] = []
+        // What each hashed file needs after hashing (not its descriptor: thousands may change).
+        var files:
+            [(directory: Directory, name: FileName, stat: FileStat, path: [UInt8], attributes: [ExtendedAttribute])] =
+                []
         var traversal = TreeTraversal<Void>()
         do {
             try traversal.run(old.upper, context: ()) { entry, _ in
@@ -320,7 +321,7 @@ extension Overlay {
                     context: nil, attributes: attributes)
                 // The upper file itself becomes the object unless overlayfs wrote on it (its origin, say).
                 filler.fill(nil, from: file, lease: false, linkSource: !file.carriesOverlayNames, key: files.count)
-                files.append(file)
+                files.append((entry.directory, entry.name, st, entry.path, attributes))
                 result.filesHashed += 1
                 result.stubs += 1
                 return .next
@@ -358,12 +359,13 @@ extension Overlay {
             journal += Array("R \(staged) \(st.inode) ".utf8) + Array(path.utf8) + [0x0a]
             placement.renames.append((FileName("\(staged)"), file.directory, file.name, st.inode))
             staged += 1
-            let parent = try file.directory.stat()
-            if directoryTimes[parent.inode] == nil {
-                let dir = file.path.lastIndex(of: 0x2f).map { Array(file.path[..<$0]) } ?? []
-                let t = parent.modificationTime
-                directoryTimes[parent.inode] =
-                    Array("T \(t.seconds) \(t.nanoseconds) ".utf8) + Array(hexString(dir).utf8) + [0x0a]
+            // Siblings share their directory's descriptor (the walk opened each directory once).
+            if directoryTimes[ObjectIdentifier(file.directory)] == nil {
+                let t = try file.directory.stat().modificationTime
+                directoryTimes[ObjectIdentifier(file.directory)] =
+                    Array("T \(t.seconds) \(t.nanoseconds) ".utf8)
+                    + Array(hexString(splitLast(file.path).directory).utf8)
+                    + [0x0a]
                 placement.times.append((file.directory, t))
             }
         }
@@ -389,7 +391,7 @@ extension Overlay {
         mutating func note(_ path: [UInt8], stat st: FileStat, attributes: [ExtendedAttribute]) {
             if let r = attributes.first(where: { $0.name == Array("trusted.overlay.redirect".utf8) })?.value {
                 // Absolute, or relative to the entry's directory.
-                let parent = path.lastIndex(of: 0x2f).map { Array(path[..<$0]) } ?? []
+                let parent = splitLast(path).directory
                 var target = r.first == 0x2f ? Array(r.drop { $0 == 0x2f }) : (parent.isEmpty ? r : parent + [0x2f] + r)
                 while target.last == 0x2f { target.removeLast() }
                 if st.isDirectory { reachedTrees.append(target) } else { reached.insert(target) }
@@ -413,9 +415,7 @@ extension Overlay {
     /// those layers' reference lists. Returns the objects those stubs
     /// named. A stub another layer's redirect reaches always has a whiteout
     /// above it, where the lookup stops: it stays.
-    static func pruneShadowed(_ gen: OverlayGuest.Generation, guest: OverlayGuest, shadowing: Shadowing) throws
-        -> Set<[UInt8]>
-    {
+    static func pruneShadowed(_ gen: OverlayGuest.Generation, shadowing: Shadowing) throws -> Set<[UInt8]> {
         guard gen.layers.count > 1 else { return [] }
         // A layer's list is read (or made) before its first stub goes.
         var counts: [Int: LayerReferences.Counts] = [:]
@@ -434,10 +434,9 @@ extension Overlay {
         func place(_ i: Int, _ path: [UInt8]) -> Place {
             if path.isEmpty { return .directory(gen.layers[i].directory, ends: false) }
             if let known = places[i]?[path] { return known }
-            let slash = path.lastIndex(of: 0x2f)
-            let name = FileName(bytes: path[(slash.map { $0 + 1 } ?? 0)...])
+            let (parent, name) = splitLast(path)
             let result: Place
-            switch place(i, slash.map { Array(path[..<$0]) } ?? []) {
+            switch place(i, parent) {
             case .blocked: result = .blocked
             case .absent(let ends): result = .absent(ends: ends)
             case .directory(let dir, let ends):
@@ -455,9 +454,7 @@ extension Overlay {
             return result
         }
         for path in shadowing.paths where shadowing.hides(path) {
-            let slash = path.lastIndex(of: 0x2f)
-            let parent = slash.map { Array(path[..<$0]) } ?? []
-            let last = FileName(bytes: path[(slash.map { $0 + 1 } ?? 0)...])
+            let (parent, last) = splitLast(path)
             layers: for i in 1..<gen.layers.count {
                 let dir: Directory
                 let endsHere: Bool
@@ -481,7 +478,7 @@ extension Overlay {
                     continue layers
                 }
                 guard DataObjects.isValidRedirect(r) else { break layers }
-                if counts[i] == nil { counts[i] = try LayerReferences.ensure(guest, gen.layers[i].reference) }
+                if counts[i] == nil { counts[i] = try LayerReferences.ensure(gen.layers[i]) }
                 try dir.unlink(last)
                 counts[i]?[r, default: 1] -= 1
                 changed.insert(i)
@@ -489,11 +486,7 @@ extension Overlay {
                 break layers
             }
         }
-        for i in changed.sorted() {
-            let parts = gen.layers[i].reference.split(separator: "/").map(String.init)
-            try LayerReferences.write(
-                counts[i] ?? [:], try guest.directory.openDirectory(FileName(parts[0])), parts[1])
-        }
+        for i in changed.sorted() { try LayerReferences.write(counts[i] ?? [:], gen.layers[i]) }
         return removed
     }
 
@@ -504,6 +497,12 @@ extension Overlay {
     /// renames while the guest waits to start. A compaction makes them
     /// stubs like any other file over `inlineLimit`.
     static let stackedInlineLimit: UInt64 = 4096
+
+    /// A path below a layer's root split at its last slash: its directory's path and its name.
+    static func splitLast(_ path: [UInt8]) -> (directory: [UInt8], name: FileName) {
+        let slash = path.lastIndex(of: 0x2f)
+        return (slash.map { Array(path[..<$0]) } ?? [], FileName(bytes: path[(slash.map { $0 + 1 } ?? 0)...]))
+    }
 
     static let stagingName = FileName("staging")
     static let foldJournalName = FileName("fold-journal")
@@ -565,9 +564,7 @@ extension Overlay {
             try f.setModificationTime(p.mtime)
         }
         for (dir, t) in work.times { try dir.setModificationTime(t) }
-        let top = gen.layers[0].reference.split(separator: "/").map(String.init)
-        try LayerReferences.record(
-            layer, try gen.directory.openDirectory(FileName("..")).openDirectory(FileName(top[0])), top[1])
+        try LayerReferences.record(gen.layers[0])
         try gen.directory.sync()
         try gen.directory.unlink(foldJournalName)
         try gen.directory.removeTree(stagingName)
@@ -579,16 +576,14 @@ extension Overlay {
         var opened: [[UInt8]: Directory] = [[]: layer]
         func directory(_ path: [UInt8]) throws -> Directory {
             if let d = opened[path] { return d }
-            let slash = path.lastIndex(of: 0x2f)
-            let parent = try directory(slash.map { Array(path[..<$0]) } ?? [])
-            let d = try parent.openDirectory(FileName(bytes: path[(slash.map { $0 + 1 } ?? 0)...]))
+            let (parentPath, name) = splitLast(path)
+            let d = try directory(parentPath).openDirectory(name)
             opened[path] = d
             return d
         }
         func split(_ hex: Substring) throws -> ([UInt8], FileName) {
             guard let path = bytesFromHex(hex.utf8), !path.isEmpty else { throw InputError("fold journal damaged") }
-            let slash = path.lastIndex(of: 0x2f)
-            return (slash.map { Array(path[..<$0]) } ?? [], FileName(bytes: path[(slash.map { $0 + 1 } ?? 0)...]))
+            return splitLast(path)
         }
         var out = StubPlacement()
         for line in journal.split(separator: 0x0a) {
@@ -697,7 +692,7 @@ extension Overlay {
                 throw error
             }
             merge(try filler.finish(), into: &result)
-            try LayerReferences.record(next.meta, next.directory, "meta")
+            try LayerReferences.record(next.layers[0])
             try copyRootAttributes(from: merged, to: next.upper)
             try DataLayerHiding.apply(to: next.meta)
             // What was linked unchanged keeps the old generation's escaped xattrs.

@@ -17,9 +17,9 @@ enum LayerReferences {
 
     static func fileName(_ sub: String) -> FileName { FileName(sub + ".refs") }
 
-    /// The list of layer `sub` ("meta", "upper") of generation directory `gen`, or nil when it has none.
-    static func read(_ gen: Directory, _ sub: String) -> Counts? {
-        guard let bytes = try? gen.openFileForReading(fileName(sub)).readAll() else { return nil }
+    /// The list of a layer, or nil when it has none.
+    static func read(_ layer: OverlayGuest.Layer) -> Counts? {
+        guard let bytes = try? layer.holder.openFileForReading(fileName(layer.name)).readAll() else { return nil }
         var out: Counts = [:]
         for line in bytes.split(separator: 0x0a) {
             guard let space = line.lastIndex(of: 0x20),
@@ -32,12 +32,12 @@ enum LayerReferences {
         return out
     }
 
-    static func write(_ counts: Counts, _ gen: Directory, _ sub: String) throws {
+    static func write(_ counts: Counts, _ layer: OverlayGuest.Layer) throws {
         var bytes: [UInt8] = []
         for (r, n) in counts.sorted(by: { $0.key.lexicographicallyPrecedes($1.key) }) where n > 0 {
             bytes += r + [0x20] + Array(String(n).utf8) + [0x0a]
         }
-        try gen.writeAtomically(bytes, as: fileName(sub))
+        try layer.holder.writeAtomically(bytes, as: fileName(layer.name))
     }
 
     /// Whether a list as `write` writes it (lines "REDIRECT COUNT", sorted by
@@ -71,21 +71,18 @@ enum LayerReferences {
 
     /// Scans a finished layer and writes its list.
     @discardableResult
-    static func record(_ layer: Directory, _ gen: Directory, _ sub: String) throws -> Counts {
+    static func record(_ layer: OverlayGuest.Layer) throws -> Counts {
         var scan = Overlay.LayerScan()
-        scan.scan(layer)
+        scan.scan(layer.directory)
         if let failure = scan.failure { throw InputError("a metadata layer could not be read whole: \(failure)") }
-        try write(scan.counts, gen, sub)
+        try write(scan.counts, layer)
         return scan.counts
     }
 
-    /// The list of one layer of a guest's generation in force, made from the layer when it has none
-    /// (a layer made before lists were kept).
-    static func ensure(_ guest: OverlayGuest, _ reference: String) throws -> Counts {
-        let parts = reference.split(separator: "/").map(String.init)
-        let gen = try guest.directory.openDirectory(FileName(parts[0]))
-        if let counts = read(gen, parts[1]) { return counts }
-        return try record(try gen.openDirectory(FileName(parts[1])), gen, parts[1])
+    /// The list of a layer of a generation in force, made from the layer
+    /// when it has none (a layer made before lists were kept).
+    static func ensure(_ layer: OverlayGuest.Layer) throws -> Counts {
+        try read(layer) ?? record(layer)
     }
 
     /// Of `candidates`, the objects no layer of any guest references, or
@@ -111,13 +108,12 @@ enum LayerReferences {
                 }
             }
             for ref in refs {
-                let parts = ref.split(separator: "/").map(String.init)
-                guard let gen = try? g.directory.openDirectory(FileName(parts[0])) else { return [] }
-                if let bytes = try? gen.openFileForReading(fileName(parts[1])).readAll() {
+                guard let layer = try? g.layer(ref) else { return [] }
+                if let bytes = try? layer.holder.openFileForReading(fileName(layer.name)).readAll() {
                     // Only membership matters here: each candidate is looked up in the sorted lines.
                     left = left.filter { !sortedLinesContain(bytes, $0) }
                 } else {
-                    guard let counts = try? ensure(g, ref) else { return [] }
+                    guard let counts = try? record(layer) else { return [] }
                     left = left.filter { (counts[$0] ?? 0) == 0 }
                 }
                 if left.isEmpty { return [] }

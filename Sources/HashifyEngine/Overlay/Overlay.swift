@@ -187,9 +187,8 @@ public enum Overlay {
         try guest.removeGenerations(except: state.generation)
         // A stacked fold killed after its switch: its stubs go in place before anything reads the layer.
         if state.phase == .active {
-            let storePath = guest.path.removingLastComponent().removingLastComponent()
             try finishStackedFold(try guest.generation(state.generation)) {
-                try? Store.open(at: storePath, create: false)?.dataObjects()
+                try? Store.open(at: guest.storePath, create: false)?.dataObjects()
             }
         }
         return state

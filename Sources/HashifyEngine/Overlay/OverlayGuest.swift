@@ -50,6 +50,8 @@ final class OverlayGuest {
     let directory: Directory
     /// The canonical path of `directory` (mount options name layers by path).
     let path: FilePath
+    /// The store's path (STORE/overlay/ID is the record).
+    var storePath: FilePath { path.removingLastComponent().removingLastComponent() }
 
     static func id(for canonicalRoot: FilePath) -> String {
         let digest = SHA256.hash(data: Array(canonicalRoot.string.utf8))
@@ -194,6 +196,18 @@ final class OverlayGuest {
         var reference: String
         var directory: Directory
         var path: FilePath
+        /// The generation directory holding it (gK) and its name there ("meta", "upper").
+        var holder: Directory
+        var name: String
+    }
+
+    /// Opens the layer a reference ("gK/meta", "gK/upper") names.
+    func layer(_ reference: String) throws -> Layer {
+        let parts = reference.split(separator: "/").map(String.init)
+        let holder = try directory.openDirectory(FileName(parts[0]))
+        return Layer(
+            reference: reference, directory: try holder.openDirectory(FileName(parts[1])),
+            path: path.appending(parts[0]).appending(parts[1]), holder: holder, name: parts[1])
     }
 
     /// The directories of one generation.
@@ -264,13 +278,8 @@ final class OverlayGuest {
     func generation(_ n: Int) throws -> Generation {
         let g = try directory.openDirectory(Self.generationName(n))
         let base = path.appending("g\(n)")
-        let layers = try layerReferences(n).map { ref -> Layer in
-            let parts = ref.split(separator: "/").map(String.init)
-            let dir = try directory.openDirectory(FileName(parts[0])).openDirectory(FileName(parts[1]))
-            return Layer(reference: ref, directory: dir, path: path.appending(parts[0]).appending(parts[1]))
-        }
         return Generation(
-            number: n, directory: g, layers: layers,
+            number: n, directory: g, layers: try layerReferences(n).map(layer),
             upper: try g.openDirectory(FileName("upper")),
             work: try g.openDirectory(FileName("work")),
             upperPath: base.appending("upper"), workPath: base.appending("work"))

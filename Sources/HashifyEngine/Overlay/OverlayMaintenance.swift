@@ -46,9 +46,9 @@ extension Overlay {
     /// The data redirects the stubs of a metadata layer (or metacopy files of an upper layer) reference,
     /// with the count and size of such stubs.
     struct LayerScan {
-        var referenced = Set<[UInt8]>()
         /// How many stubs redirect to each object.
         var counts: [[UInt8]: Int] = [:]
+        var referenced: Set<[UInt8]> { Set(counts.keys) }
         var stubs = 0
         var stubBytes: UInt64 = 0
         var allocatedBytes: UInt64 = 0
@@ -72,7 +72,6 @@ extension Overlay {
                         f.extendedAttribute("trusted.overlay.metacopy") != nil,
                         let r = f.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r)
                     else { return .next }
-                    referenced.insert(r)
                     counts[r, default: 0] += 1
                     stubs += 1
                     stubBytes += st.size
@@ -112,7 +111,7 @@ extension Overlay {
                         current.allocatedBytes = scan.allocatedBytes
                         current.entries = scan.entries
                     } else if inForce.contains("g\(n)/\(sub)") {
-                        current.referenced.formUnion(scan.referenced)
+                        current.counts.merge(scan.counts, uniquingKeysWith: +)
                         current.stubs += scan.stubs
                         current.stubBytes += scan.stubBytes
                         current.layers += 1

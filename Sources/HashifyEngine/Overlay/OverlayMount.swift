@@ -28,7 +28,7 @@ enum OverlayMount {
 
     /// The mount option string for a generation in a layout: its metadata
     /// layers top first (in the lower layout a stack has its hiding layer
-    /// above them, `DataLayerHiding.hidingLayer`), then the data directory.
+    /// above them, `DataLayerHiding.prepare`), then the data directory.
     static func options(_ g: OverlayGuest.Generation, data: FilePath, layout: Layout) -> String {
         func esc(_ p: FilePath) -> String {
             var out = ""
