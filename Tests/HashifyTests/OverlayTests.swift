@@ -328,6 +328,7 @@ struct OverlayTests {
         let store = s.sub("store")
         let (a, b, c, d) = (s.sub("guests/a"), s.sub("guests/b"), s.sub("guests/c"), s.sub("guests/d"))
         for (i, r) in [a, b, c, d].enumerated() { try makeRichGuest(r, index: i) }
+        writeFile("\(a)/usr/lib/only-a.so", pseudoRandom(9000, seed: 76))
         settle()
         #expect(overlay(["convert", "-q", a, b], store: store).status == 0)
         #expect(hashify(["unify", "-q", "--store", store, c, d]).status == 0)
@@ -353,15 +354,25 @@ struct OverlayTests {
             open(store + '/data-index', 'wb').write(text + b'0123abc')  # and a last line torn by a kill
             """
         #expect(run(["/usr/bin/python3", "-c", downgrade, store]).status == 0)
+        // The previous version kept no reference lists beside the layers.
+        #expect(run(["/bin/sh", "-c", "rm \(store)/overlay/*/g*/*.refs"]).status == 0)
         let before = [a, b, c, d].map(guestManifest)
         #expect(health()["indexEntries"] as? Int == entries, "the version-1 index is read")
         let v = hashify(["verify", "--json", "--store", store])
         #expect(v.status == 0, "every data object still has its record: \(v.out)")
         #expect(jsonReport(v.out)["dataObjectsChecked"] as? Int ?? 0 > 30)
 
-        // The next changing runs write both files in today's format.
+        // The next changing runs write both files in today's format; the fold makes the lists it needs
+        // and removes the object of the file it replaced (gc finds nothing left below).
         writeFile("\(a)/usr/lib/new.so", pseudoRandom(9000, seed: 77))
-        #expect(overlay(["fold", "-q", a], store: store).status == 0)
+        writeFile("\(a)/usr/lib/only-a.so", pseudoRandom(9000, seed: 78))
+        #expect(overlay(["umount", a], store: store).status == 0)
+        let fold = overlay(["fold", "--json", a], store: store)
+        #expect(fold.status == 0)
+        #expect(
+            (jsonReport(fold.out)["guests"] as? [[String: Any]])?.first?["objectsRemoved"] as? Int == 1, "\(fold.out)")
+        #expect(overlay(["mount", a], store: store).status == 0)
+        #expect(run(["/bin/sh", "-c", "ls \(store)/overlay/*/g1/meta.refs"]).status == 0)
         #expect(hashify(["unify", "-q", "--store", store, c, d]).status == 0)
         for f in ["index", "data-index"] {
             #expect(run(["/usr/bin/head", "-c", "16", "\(store)/\(f)"]).out == "HASHIFY-INDEX-2\n", "\(f) upgraded")

@@ -108,7 +108,9 @@ public enum ManifestCommand {
         var options = OverlayOptions(roots: [root])
         options.store = store.path
         let s = try Overlay.session(options, createRecords: false)  // holds the store's lock: no fold runs meanwhile
-        guard let record = s.guests.first?.record, let state = try record.readState(), state.phase == .active else {
+        // A killed fold is finished first (under the lock), as every overlay command does.
+        guard let record = s.guests.first?.record, let state = try Overlay.recover(record), state.phase == .active
+        else {
             throw InputError("\(root): not an active overlay guest")
         }
         let gen = try record.generation(state.generation)
