@@ -215,6 +215,24 @@ struct UnifyTests {
         }
     }
 
+    @Test("the walk sees every entry of a guest whose root the read-ahead is still listing")
+    func walkSeesWholeRootWhileWarmerLists() throws {
+        let s = Scratch("warm")
+        // A tiny first guest and a last guest with a wide root: the read-ahead
+        // starts at the last guest's root and is still listing it when the walk
+        // arrives there from the first.
+        let small = s.sub("guests/a")
+        let wide = s.sub("guests/b")
+        writeFile("\(small)/only", "x\n")
+        mkdirs(wide)
+        for i in 0..<12_000 { writeFile("\(wide)/f\(i)", "file \(i)\n") }
+        settle()
+        for attempt in 0..<5 {
+            let guests = (totals(hashify(["unify", "-n", "--json", small, wide]).out)["filesScanned"] as? Int) ?? -1
+            #expect(guests == 12_001, "attempt \(attempt): the walk saw \(guests) files")
+        }
+    }
+
     @Test(
         "comparing within a size group never merges different files (late differences, more distinct contents than representatives)"
     )

@@ -57,13 +57,13 @@ final class MetadataWarmer: Sendable {
         ]
         while let (parent, name, path, scope) = pending.popLast() {
             if shouldStop(g) { return }
-            let dir: Directory
-            if let parent {
-                guard let d = try? withCName(name, { try parent.openDirectory(cName: $0) }) else { continue }
-                dir = d
-            } else {
-                dir = root.directory
-            }
+            // Every directory, the root too, through a descriptor of its own: a
+            // listing moves its descriptor's offset, and the walk lists the
+            // root through `root.directory` (sharing it lost the walk entries).
+            guard
+                let dir = try? withCName(
+                    name.isEmpty ? [0x2e] : name, { try (parent ?? root.directory).openDirectory(cName: $0) })
+            else { continue }
             try? dir.forEachEntry { cName, type, _ in
                 // Symlinks, devices, fifos and sockets need no inode read by the walk.
                 if type == 10 || type == 1 || type == 2 || type == 6 || type == 12 { return }
