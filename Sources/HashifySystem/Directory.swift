@@ -282,30 +282,50 @@ public final class Directory: @unchecked Sendable {
 
     /// Removes everything below this directory, never following a symlink
     /// and never descending into another mount.
-    public func removeContents() throws {
+    public func removeContents() throws { _ = try removeContents(keeping: { _ in false }) }
+
+    /// Removes `name` and, when it is a directory, everything below it; no error when it is missing.
+    public func removeTree(_ name: FileName) throws { _ = try removeTree(name, keeping: { _ in false }) }
+
+    /// Removes everything below this directory as `removeContents()`, but the non-directories
+    /// `keep` picks (and the directories that hold them). Returns whether
+    /// anything was kept.
+    public func removeContents(keeping keep: (FileStat) -> Bool) throws -> Bool {
         let mount = try stat().mountID
+        var kept = false
         for name in try entryNames() {
             let st = try stat(name)
             if st.isDirectory {
                 if st.mountID != mount { throw Errno.resourceBusy }
-                try openDirectory(name).removeContents()
-                try unlink(name, isDirectory: true)
+                if try openDirectory(name).removeContents(keeping: keep) {
+                    kept = true
+                } else {
+                    try unlink(name, isDirectory: true)
+                }
+            } else if keep(st) {
+                kept = true
             } else {
                 try unlink(name)
             }
         }
+        return kept
     }
 
-    /// Removes `name` and, when it is a directory, everything below it; no error when it is missing.
-    public func removeTree(_ name: FileName) throws {
+    /// Removes `name` and, when it is a directory, everything below it but
+    /// what `keep` picks (as `removeContents`); no error when it is missing.
+    /// Returns whether anything was kept.
+    public func removeTree(_ name: FileName, keeping keep: (FileStat) -> Bool) throws -> Bool {
         let st: FileStat
-        do { st = try stat(name) } catch Errno.noSuchFileOrDirectory { return }
+        do { st = try stat(name) } catch Errno.noSuchFileOrDirectory { return false }
         if st.isDirectory {
-            try openDirectory(name).removeContents()
+            if try openDirectory(name).removeContents(keeping: keep) { return true }
             try unlink(name, isDirectory: true)
+        } else if keep(st) {
+            return true
         } else {
             try unlink(name)
         }
+        return false
     }
 
     /// Calls body for each entry but "." and "..", with the raw NUL-terminated

@@ -481,6 +481,29 @@ struct OverlayTests {
     }
 
     @Test(
+        "converting many guests unified in hardlink mode in one command: removing a converted guest's old tree does not disturb the next guest's reading of the inodes they share"
+    )
+    func convertManyHardlinkGuests() throws {
+        let s = Scratch("ovhlmany")
+        let store = s.sub("store")
+        let roots = (0..<5).map { s.sub("guests/g\($0)") }
+        // Many shared files: the old tree of one guest is still being removed
+        // while the next guest's copies of the same inodes are read.
+        for r in roots {
+            for i in 0..<1500 {
+                writeFile("\(r)/usr/lib/d\(i % 30)/lib\(i).so", pseudoRandom(5000 + i, seed: UInt64(i)))
+            }
+        }
+        settle()
+        #expect(hashify(["unify", "-q", "--store", store] + roots).status == 0)
+        let before = roots.map { guestManifest($0) }
+        let r = overlay(["convert", "-q"] + roots, store: store)
+        #expect(r.status == 0, "\(r.err)")
+        #expect(roots.map { guestManifest($0) } == before)
+        #expect(run(["/usr/bin/find", store, "-name", "plain"]).out.isEmpty, "the old trees are removed")
+    }
+
+    @Test(
         "exporting a running guest that swaps a directory for a symlink to outside: nothing outside is read or changed")
     func exportWhileSwapping() throws {
         let s = Scratch("ovswap")
