@@ -295,18 +295,8 @@ public final class Directory: @unchecked Sendable {
         var kept = false
         for name in try entryNames() {
             let st = try stat(name)
-            if st.isDirectory {
-                if st.mountID != mount { throw Errno.resourceBusy }
-                if try openDirectory(name).removeContents(keeping: keep) {
-                    kept = true
-                } else {
-                    try unlink(name, isDirectory: true)
-                }
-            } else if keep(st) {
-                kept = true
-            } else {
-                try unlink(name)
-            }
+            if st.isDirectory && st.mountID != mount { throw Errno.resourceBusy }
+            if try remove(name, st, keeping: keep) { kept = true }
         }
         return kept
     }
@@ -317,6 +307,11 @@ public final class Directory: @unchecked Sendable {
     public func removeTree(_ name: FileName, keeping keep: (FileStat) -> Bool) throws -> Bool {
         let st: FileStat
         do { st = try stat(name) } catch Errno.noSuchFileOrDirectory { return false }
+        return try remove(name, st, keeping: keep)
+    }
+
+    /// Removes the entry `name` (of attributes `st`) as `removeTree` does.
+    private func remove(_ name: FileName, _ st: FileStat, keeping keep: (FileStat) -> Bool) throws -> Bool {
         if st.isDirectory {
             if try openDirectory(name).removeContents(keeping: keep) { return true }
             try unlink(name, isDirectory: true)

@@ -228,8 +228,8 @@ struct UnifyTests {
         for i in 0..<12_000 { writeFile("\(wide)/f\(i)", "file \(i)\n") }
         settle()
         for attempt in 0..<5 {
-            let guests = (totals(hashify(["unify", "-n", "--json", small, wide]).out)["filesScanned"] as? Int) ?? -1
-            #expect(guests == 12_001, "attempt \(attempt): the walk saw \(guests) files")
+            let files = (totals(hashify(["unify", "-n", "--json", small, wide]).out)["filesScanned"] as? Int) ?? -1
+            #expect(files == 12_001, "attempt \(attempt): the walk saw \(files) files")
         }
     }
 
