@@ -103,10 +103,15 @@ extension Overlay {
             try copyRootAttributes(from: source, to: gen.upper)
             try DataLayerHiding.apply(to: gen.meta)
             try gen.markEscapedAttributes(copier.escapedAttributes)
+            // The objects made of the guest's own inodes are recorded only
+            // after the switch, when no guest can write them: journaled here.
+            try gen.directory.writeAtomically(
+                s.objects.reservations.flatMap(\.journalLine), as: objectsJournalName)
             try s.objects.sync()
         } catch {
             // Undone at once: the generation, and the objects it alone made
             // (the guest's own inodes, linked: they would keep its link counts raised).
+            s.objects.abandonReservations()
             _ = try? recover(guest)
             try? s.objects.remove(filler.objectsMade)
             throw error
@@ -134,6 +139,7 @@ extension Overlay {
         try? parent.sync()
         state.phase = .active
         try guest.writeState(state)
+        try commitConvertedObjects(gen, plain: try scratch.openDirectory(plain), objects: s.objects)
 
         if mount {
             try OverlayMount.mount(gen, data: s.dataPath, on: try parent.openDirectory(name))
@@ -143,6 +149,74 @@ extension Overlay {
         remover.remove(plain, in: scratch)
         result.seconds = elapsed(since: started)
         return result
+    }
+
+    /// In a generation a conversion made: the objects made of the guest's
+    /// own inodes, recorded after the switch (`DataObjects.Reservation`).
+    static let objectsJournalName = FileName("objects-journal")
+
+    /// Records the objects a conversion made of the guest's own inodes (after
+    /// its switch: the old tree at `plain` is no guest's any more) and
+    /// removes the journal. An inode that changed since it was hashed is not
+    /// recorded; each stub naming it becomes a whole copy of what the old
+    /// tree holds at its path now, so the guest sees its file as it is.
+    static func commitConvertedObjects(_ gen: OverlayGuest.Generation, plain: Directory, objects: DataObjects) throws {
+        let bytes: [UInt8]
+        do { bytes = try gen.directory.openFileForReading(objectsJournalName).readAll() } catch Errno
+            .noSuchFileOrDirectory
+        {
+            return
+        }
+        guard let reservations = DataObjects.Reservation.fromJournal(bytes) else {
+            throw InputError("\(gen.directory): objects journal damaged")
+        }
+        var failed = Set<[UInt8]>()
+        for r in reservations where try !objects.commit(r) { failed.insert(r.redirect) }
+        try objects.sync()
+        if !failed.isEmpty {
+            var stubs: [[UInt8]] = []
+            var traversal = TreeTraversal<Void>()
+            try traversal.run(gen.meta, context: ()) { entry, _ in
+                if entry.stat.isDirectory { return .enter(()) }
+                if entry.stat.isRegular, let f = try? entry.directory.openFileForReading(entry.name),
+                    let r = f.extendedAttribute("trusted.overlay.redirect"), failed.contains(r)
+                {
+                    stubs.append(entry.path)
+                }
+                return .next
+            }
+            for path in stubs { try replaceStubWithCopy(path, layer: gen.meta, tree: plain) }
+            try LayerReferences.record(gen.layers[0])
+        }
+        try gen.directory.sync()
+        try gen.directory.unlink(objectsJournalName)
+    }
+
+    /// Replaces the stub at `path` in a metadata layer with a whole copy of
+    /// the file at the same path in `tree`, with the stub's attributes.
+    static func replaceStubWithCopy(_ path: [UInt8], layer: Directory, tree: Directory) throws {
+        var (dir, source) = (layer, tree)
+        let parts = path.split(separator: 0x2f).map { FileName(bytes: $0) }
+        for part in parts.dropLast() {
+            dir = try dir.openDirectory(part)
+            source = try source.openDirectory(part)
+        }
+        let name = parts[parts.count - 1]
+        let st = try dir.stat(name)
+        let attributes = try extendedAttributes(in: dir, of: name).filter {
+            $0.name != TreeCopier.metacopyName && $0.name != Array("trusted.overlay.redirect".utf8)
+        }
+        let input = try source.openFileForReading(name)
+        let size = try input.stat().size
+        let temp = FileName(Array(".hashify-whole".utf8))
+        try? dir.unlink(temp)
+        let out = try dir.createFile(temp, mode: 0o600)
+        try input.copyContent(to: out, size: size)
+        try out.setOwner(uid: st.uid, gid: st.gid)
+        try out.setMode(st.mode)
+        for a in attributes { try out.setExtendedAttribute(a) }
+        try out.setModificationTime(st.modificationTime)
+        try dir.rename(temp, to: dir, as: name)
     }
 
     /// Mounts an overlay guest's generation in force on its root (nothing when it already is).

@@ -38,12 +38,21 @@ enum DataLayerHiding {
     /// layer holds; where the topmost layer holding a name holds a directory,
     /// the lowest directory of that name the lookup reaches is made opaque
     /// (only the data directory is below it); the bottom layer's whiteouts go.
+    ///
+    /// The hiding layer is made once per generation (beside it under a
+    /// temporary name, then renamed): it is the first lower layer, whose
+    /// root's file handle `index=on` records in the upper layer, so a layer
+    /// made anew at each mount would fail the next mount with ESTALE. Nothing
+    /// it depends on changes while the generation is in force: a fold makes
+    /// the next one.
     static func prepare(_ g: OverlayGuest.Generation) throws {
         guard g.layers.count > 1 else { return try apply(to: g.meta) }
         let name = FileName("hide")
-        try g.directory.removeTree(name)
-        try g.directory.makeDirectory(name, mode: 0o755)
-        let hide = try g.directory.openDirectory(name)
+        if (try? g.directory.stat(name))?.isDirectory == true { return }
+        let temp = FileName("hide.new")
+        try g.directory.removeTree(temp)
+        try g.directory.makeDirectory(temp, mode: 0o755)
+        let hide = try g.directory.openDirectory(temp)
         let base = g.meta
         for byte in 0...255 {
             let hex = FileName(hexString([UInt8(byte)]))
@@ -68,6 +77,8 @@ enum DataLayerHiding {
                 try hide.makeNode(hex, mode: 0o020000, device: 0)
             }
         }
+        try hide.sync()
+        try g.directory.rename(temp, to: g.directory, as: name, flags: .noReplace)
     }
 
     static func apply(to meta: Directory) throws {

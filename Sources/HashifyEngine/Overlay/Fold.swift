@@ -157,6 +157,128 @@ extension Overlay {
         return false
     }
 
+    /// A directory at the root of any of `layers` whose name is a data
+    /// directory's top directory ("00" … "ff"), or nil.
+    static func prefixNamedDirectory(in layers: [Directory]) -> String? {
+        for layer in layers {
+            for name in (try? layer.entryNames()) ?? [] where name.bytes.count == 2 {
+                guard bytesFromHex(name.bytes) != nil, name.bytes.allSatisfy({ !(0x41...0x46).contains($0) }),
+                    (try? layer.stat(name))?.isDirectory == true
+                else { continue }
+                return String(decoding: name.bytes, as: UTF8.self)
+            }
+        }
+        return nil
+    }
+
+    /// Whether an overlay of `gen` is alive somewhere this process cannot
+    /// see: a read-only private mount of it is refused with EBUSY (overlayfs
+    /// keeps an upper directory to one mount while it has `index=on`).
+    static func upperStillInUse(_ guest: OverlayGuest, _ gen: OverlayGuest.Generation, session s: Session) throws
+        -> Bool
+    {
+        do {
+            try withPrivateMount(guest, gen, session: s) { _ in }
+            return false
+        } catch Errno.resourceBusy {
+            return true
+        }
+    }
+
+    static let protectedAttributeName = Array("trusted.overlay.protattr".utf8)
+
+    /// Puts in a new upper layer each entry of the old one that carries
+    /// overlayfs' `trusted.overlay.protattr` (immutable or append-only, set
+    /// through the mount): overlayfs reads it from the upper layer only, so
+    /// once the old upper layer is a lower one the flag would be lost. A
+    /// directory is made with the old one's attributes (it merges with the
+    /// layers below); a regular file becomes a metadata-only copy-up
+    /// (`trusted.overlay.metacopy`: its data is the layer below's at the same
+    /// path) with its attributes and the flag. The directories on the way are
+    /// made with their attributes too. Returns the entries carried.
+    static func carryProtectedAttributes(
+        _ protected: [(path: [UInt8], flag: [UInt8])], from old: Directory, to upper: Directory
+    )
+        throws -> Int
+    {
+        guard !protected.isEmpty else { return 0 }
+        let rootTime = try upper.stat().modificationTime
+        var times: [[UInt8]: (Directory, Timestamp)] = [:]
+        // The directory at `path` in the new upper, made (with the old one's attributes) when missing.
+        func directory(_ path: [UInt8]) throws -> (made: Directory, old: Directory) {
+            if path.isEmpty { return (upper, old) }
+            let (parentPath, name) = splitLast(path)
+            let (parent, oldParent) = try directory(parentPath)
+            let oldDir = try oldParent.openDirectory(name)
+            if (try? parent.stat(name)) == nil {
+                try parent.makeDirectory(name, mode: 0o700)
+                let made = try parent.openDirectory(name)
+                try copyCarriedAttributes(
+                    from: try oldDir.stat(), attributes: try oldDir.extendedAttributes(), owner: made.changeOwner,
+                    mode: made.changeMode, set: made.setExtendedAttribute)
+                times[path] = (made, try oldDir.stat().modificationTime)
+            }
+            return (try parent.openDirectory(name), oldDir)
+        }
+        let flagName = ExtendedAttribute(name: protectedAttributeName, value: []).name
+        for (path, flag) in protected {
+            if path.isEmpty {
+                try upper.setExtendedAttribute(ExtendedAttribute(name: flagName, value: flag))
+                continue
+            }
+            let (parentPath, name) = splitLast(path)
+            let (dest, oldParent) = try directory(parentPath)
+            let st = try oldParent.stat(name)
+            if st.isDirectory {
+                let (made, _) = try directory(path)
+                try made.setExtendedAttribute(ExtendedAttribute(name: flagName, value: flag))
+            } else {
+                let f = try dest.createFile(name, mode: 0o600)
+                try f.truncate(st.size)
+                try f.setExtendedAttribute(ExtendedAttribute(name: TreeCopier.metacopyName, value: []))
+                try copyCarriedAttributes(
+                    from: st, attributes: try extendedAttributes(in: oldParent, of: name), owner: f.setOwner,
+                    mode: f.setMode, set: f.setExtendedAttribute)
+                try f.setExtendedAttribute(ExtendedAttribute(name: flagName, value: flag))
+                try f.setModificationTime(st.modificationTime)
+            }
+        }
+        for (dir, t) in times.values { try dir.setModificationTime(t) }
+        try upper.setModificationTime(rootTime)
+        return protected.count
+    }
+
+    /// The entries of an upper layer (files, directories, its root) that
+    /// carry overlayfs' protection flag, with the flag's value.
+    static func protectedEntries(in upper: Directory) throws -> [(path: [UInt8], flag: [UInt8])] {
+        var out: [(path: [UInt8], flag: [UInt8])] = []
+        if let flag = upper.extendedAttribute("trusted.overlay.protattr") { out.append(([], flag)) }
+        var traversal = TreeTraversal<Void>()
+        try traversal.run(upper, context: ()) { entry, _ in
+            let st = entry.stat
+            guard st.isDirectory || st.isRegular else { return .next }
+            if let a = try extendedAttributes(in: entry.directory, of: entry.name).first(where: {
+                $0.name == protectedAttributeName
+            }) {
+                out.append((entry.path, a.value))
+            }
+            return st.isDirectory ? .enter(()) : .next
+        }
+        return out
+    }
+
+    /// Gives an entry carried into a new upper layer the old one's owner,
+    /// mode and xattrs (the guest's own, as the layer holds them, and
+    /// overlayfs' protection flag; none of overlayfs' other names).
+    static func copyCarriedAttributes(
+        from st: FileStat, attributes: [ExtendedAttribute], owner: (UInt32, UInt32) throws -> Void,
+        mode: (UInt32) throws -> Void, set: (ExtendedAttribute) throws -> Void
+    ) throws {
+        try owner(st.uid, st.gid)
+        try mode(st.mode)
+        for a in attributes where !isOverlayOwn(a.name) { try set(a) }
+    }
+
     /// The most metadata layers a generation stacks: the fold that would
     /// stack one more builds the generation whole instead (a compaction).
     /// Overlayfs takes up to 500 lower layers; each adds a lookup to every
@@ -168,6 +290,12 @@ extension Overlay {
     static func compactionReason(_ old: OverlayGuest.Generation, asked: Bool) -> String? {
         if asked { return "compaction asked for" }
         if old.layers.count >= maxLayers { return "\(old.layers.count) layers stacked, the most a fold stacks" }
+        if let name = prefixNamedDirectory(in: [old.upper] + old.layers.map(\.directory)) {
+            // In the lower layout that directory ends every redirect lookup
+            // through it (it is opaque, so the objects' "ab" does not show in
+            // the guest's): a stub in a layer above it would not reach its object.
+            return "the guest's root has a directory named like the store's object directories (/\(name))"
+        }
         guard let indexed = indexedOrigins(old), indexed.isEmpty else {
             // Their other names are only in the layers below: overlayfs' index joins them, and it does not carry over.
             return "hard-linked files were copied up"
@@ -205,6 +333,17 @@ extension Overlay {
             result.action = .wouldFold
             return result
         }
+        // What a fold publishes must be written by no one any more: an
+        // overlay of this generation still alive anywhere (unmounted lazily
+        // with files open, or in another mount namespace) holds its upper
+        // layer, and overlayfs then refuses a second mount of it (EBUSY).
+        if try upperStillInUse(guest, old, session: s) {
+            result.action = .inUseElsewhere
+            result.notes.append(
+                "its upper layer is still in use by an overlay mount this namespace does not show (a lazy unmount with files open, or another mount namespace)"
+            )
+            return result
+        }
         state.phase = .folding
         try guest.writeState(state)
         var shadowing = Shadowing()
@@ -212,17 +351,31 @@ extension Overlay {
         let compaction = compactionReason(old, asked: compact)
         // What the old layers reference, known before they go (a compaction removes them).
         var before: LayerReferences.Counts = [:]
-        if compaction != nil {
-            for layer in old.layers { before.merge(try LayerReferences.ensure(layer), uniquingKeysWith: +) }
-        }
-        if let why = compaction {
-            result = try buildGeneration(
-                state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
-            if !compact { result.notes.append("built whole: \(why)") }
-            result.layers = 1
-        } else {
-            result = try foldStacked(guest, old, session: s, shadowing: &shadowing, placement: &placement)
-            result.layers = old.layers.count + 1
+        do {
+            // Read before the fold takes overlayfs' names off the files it makes objects of.
+            let protected = try protectedEntries(in: old.upper)
+            if compaction != nil {
+                for layer in old.layers { before.merge(try LayerReferences.ensure(layer), uniquingKeysWith: +) }
+            }
+            if let why = compaction {
+                result = try buildGeneration(
+                    state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
+                if !compact { result.notes.append("built whole: \(why)") }
+                result.layers = 1
+            } else {
+                result = try foldStacked(guest, old, session: s, shadowing: &shadowing, placement: &placement)
+                result.layers = old.layers.count + 1
+            }
+            // What the guest set immutable or append-only through its mount
+            // (overlayfs keeps it on the upper layer only) stays so.
+            result.protectedEntries = try carryProtectedAttributes(
+                protected, from: old.upper, to: try guest.generation(state.generation + 1).upper)
+        } catch {
+            // Nothing of a fold that failed before its switch is published: its
+            // objects made of the guest's files go, the guest keeps its generation.
+            s.objects.abandonReservations()
+            _ = try? recover(guest)
+            throw error
         }
         result.root = root.string
         result.action = .folded
@@ -231,7 +384,13 @@ extension Overlay {
         try guest.writeState(state)
         try guest.removeGenerations(except: state.generation)
         let gen = try guest.generation(state.generation)
-        try finishStackedFold(gen, placement: compaction == nil ? placement : nil) { s.objects }
+        let inPlaceKept = try finishStackedFold(gen, placement: compaction == nil ? placement : nil) { s.objects }
+        if let first = inPlaceKept.first {
+            result.filesKeptWhole += inPlaceKept.count
+            result.notes.append(
+                "\(inPlaceKept.count) file\(inPlaceKept.count == 1 ? "" : "s") kept whole in the layer (its xattrs and a stub's do not fit in one file's xattr space): \(escapedPath(first))"
+            )
+        }
         // The objects only the fold's guest referenced and no longer does go now (gc would find them too).
         var candidates = Set<[UInt8]>()
         if compaction == nil {
@@ -333,42 +492,81 @@ extension Overlay {
         merge(try filler.finish(), into: &result)
         try s.objects.sync()
         let results = filler.results
-        for (i, file) in files.enumerated() {
-            guard let (redirect, isObject) = results[i] else { throw InputError("\(guest.rootPath): fold lost a file") }
-            let (st, path) = (file.stat, hexString(file.path))
-            if !isObject {
-                // Its content is an object already: the file becomes its stub where it lies.
-                let cap = file.attributes.first { $0.name == Array("security.capability".utf8) }?.value
-                let t = st.modificationTime
-                journal += Array("P \(st.inode) \(t.seconds) \(t.nanoseconds) \(hexString(redirect)) ".utf8)
-                journal += Array((cap.map(hexString) ?? "-").utf8) + [0x20] + Array(path.utf8) + [0x0a]
-                placement.inPlace.append(
-                    (file.directory, file.name, st.inode, st.size, st.mode, t, redirect, cap))
-                continue
-            }
-            // The file is the object now: a stub made beside the layer takes its name.
+        // A file whose stub cannot be made (its xattrs do not fit beside the
+        // redirect, a failing disk) stays whole in its layer, and an object
+        // that was to be made of it is not: the guest and the store go on.
+        var keptWhole: [(path: [UInt8], error: any Error)] = []
+        var dropped = Set<[UInt8]>()
+        func noteTime(
+            _ file: (
+                directory: Directory, name: FileName, stat: FileStat, path: [UInt8], attributes: [ExtendedAttribute]
+            )
+        ) throws {
+            // Siblings share their directory's descriptor (the walk opened each directory once).
+            guard directoryTimes[ObjectIdentifier(file.directory)] == nil else { return }
+            let t = try file.directory.stat().modificationTime
+            directoryTimes[ObjectIdentifier(file.directory)] =
+                Array("T \(t.seconds) \(t.nanoseconds) ".utf8)
+                + Array(hexString(splitLast(file.path).directory).utf8)
+                + [0x0a]
+            placement.times.append((file.directory, t))
+        }
+        // A stub made beside the layer, to take the file's name after the switch.
+        func stage(_ i: Int, redirect: [UInt8]) throws -> Bool {
+            let file = files[i]
+            let st = file.stat
             do {
                 let stub = try makeStub(FileName("\(staged)"), in: staging, size: st.size, redirect: redirect)
                 try stub.setOwner(uid: st.uid, gid: st.gid)
                 try stub.setMode(st.mode)
-                for a in file.attributes where !isOverlayOwn(a.name) { try stub.setExtendedAttribute(a) }
+                for a in file.attributes where !isOverlayOwn(a.name) {
+                    do { try stub.setExtendedAttribute(a) } catch let e as Errno { throw StubAttributeError(errno: e) }
+                }
                 try stub.setModificationTime(st.modificationTime)
             } catch {
-                throw TreeTraversal<Void>.EntryFailed(path: file.path, error: error)
+                try? staging.unlink(FileName("\(staged)"))
+                keptWhole.append((file.path, error))
+                return false
             }
-            journal += Array("R \(staged) \(st.inode) ".utf8) + Array(path.utf8) + [0x0a]
+            journal += Array("R \(staged) \(st.inode) ".utf8) + Array(hexString(file.path).utf8) + [0x0a]
             placement.renames.append((FileName("\(staged)"), file.directory, file.name, st.inode))
             staged += 1
-            // Siblings share their directory's descriptor (the walk opened each directory once).
-            if directoryTimes[ObjectIdentifier(file.directory)] == nil {
-                let t = try file.directory.stat().modificationTime
-                directoryTimes[ObjectIdentifier(file.directory)] =
-                    Array("T \(t.seconds) \(t.nanoseconds) ".utf8)
-                    + Array(hexString(splitLast(file.path).directory).utf8)
-                    + [0x0a]
-                placement.times.append((file.directory, t))
-            }
+            try noteTime(file)
+            return true
         }
+        // First the files that become objects: a stub for each.
+        for i in files.indices {
+            guard let (redirect, isObject) = results[i] else { throw InputError("\(guest.rootPath): fold lost a file") }
+            if isObject, try !stage(i, redirect: redirect) { dropped.insert(redirect) }
+        }
+        s.objects.abandon(s.objects.reservations.filter { dropped.contains($0.redirect) })
+        result.objectsCreated -= dropped.count
+        // Then the files whose content an object holds: each becomes its stub
+        // where it lies, or, with a file capability (which freeing its
+        // blocks would take), gets a stub made beside the layer.
+        for (i, file) in files.enumerated() {
+            guard let (redirect, isObject) = results[i], !isObject else { continue }
+            if dropped.contains(redirect) {
+                keptWhole.append((file.path, InputError("its object was not made")))
+                continue
+            }
+            if file.attributes.contains(where: { $0.name == Array("security.capability".utf8) }) {
+                _ = try stage(i, redirect: redirect)
+                continue
+            }
+            let (st, t) = (file.stat, file.stat.modificationTime)
+            journal += Array("P \(st.inode) \(t.seconds) \(t.nanoseconds) \(hexString(redirect)) - ".utf8)
+            journal += Array(hexString(file.path).utf8) + [0x0a]
+            placement.inPlace.append((file.directory, file.name, st.inode, st.size, st.mode, t, redirect, nil))
+        }
+        result.filesKeptWhole += keptWhole.count
+        if let first = keptWhole.first {
+            result.notes.append(
+                "\(keptWhole.count) file\(keptWhole.count == 1 ? "" : "s") kept whole in the layer (no stub could be made): /\(escapedPath(first.path)): \(describeFileError(first.error))"
+            )
+        }
+        // The objects made of the layer's own files, recorded after the switch.
+        for r in s.objects.reservations { journal += r.journalLine }
         for line in directoryTimes.values { journal += line }
         try next.directory.writeAtomically(journal, as: foldJournalName)
         try copyLayerRootAttributes(from: old.upper, stat: rootStat, to: next.upper)
@@ -529,50 +727,96 @@ extension Overlay {
     /// journal and the staging directory. Without `placement` (the fold was
     /// killed after its switch) the journal says what to do; a stub already
     /// moved is not in staging any more.
+    @discardableResult
     static func finishStackedFold(
         _ gen: OverlayGuest.Generation, placement: StubPlacement? = nil, objects: () -> DataObjects?
-    ) throws {
-        guard (try? gen.directory.stat(foldJournalName)) != nil else { return }
+    ) throws -> [[UInt8]] {
+        let journal: [UInt8]
+        do { journal = try gen.directory.openFileForReading(foldJournalName).readAll() } catch Errno
+            .noSuchFileOrDirectory
+        {
+            return []
+        }
         let layer = gen.layers[0].directory
         let staging = try? gen.directory.openDirectory(stagingName)
-        let work = try placement ?? journalPlacement(gen, layer: layer)
+        let work = try placement ?? journalPlacement(gen, layer: layer, journal: journal)
+        guard let reservations = DataObjects.Reservation.fromJournal(journal) else {
+            throw InputError("\(gen.directory): fold journal damaged")
+        }
+        // First the objects made of the layer's own files are recorded (a
+        // lower layer now: no guest writes them); a stub of one that cannot
+        // be is not put in place, its file stays whole.
+        let data = reservations.isEmpty && work.inPlace.isEmpty ? nil : objects()
+        if data == nil && !(reservations.isEmpty && work.inPlace.isEmpty) {
+            throw InputError("\(gen.directory): the store's data objects cannot be read")
+        }
+        var failed = Set<[UInt8]>()
+        for r in reservations where try data?.commit(r) != true { failed.insert(r.redirect) }
+        try data?.sync()
         if let staging {
             for r in work.renames {
-                guard (try? staging.stat(r.temp)) != nil else { continue }
+                guard let stub = try? staging.openFileForReading(r.temp) else { continue }
+                if let redirect = stub.extendedAttribute("trusted.overlay.redirect"), failed.contains(redirect) {
+                    continue
+                }
                 // The file the stub stands for, as it was (a lower layer now: nothing writes it).
                 guard let st = try? r.directory.stat(r.name), st.inode == r.inode else { continue }
-                try staging.rename(r.temp, to: r.directory, as: r.name)
+                try? staging.rename(r.temp, to: r.directory, as: r.name)
             }
         }
-        // Never the object itself (its inode is checked against the file's).
-        let data = work.inPlace.isEmpty ? nil : objects()
-        for p in work.inPlace {
+        var keptWhole: [[UInt8]] = []
+        for p in work.inPlace where !failed.contains(p.redirect) {
+            // Never the object itself (its inode is checked against the file's).
             guard let st = try? p.directory.stat(p.name), st.inode == p.inode, st.isRegular, st.size == p.size,
                 let object = try? data?.stat(p.redirect), object.inode != p.inode || object.device != st.device
             else { continue }
-            let f = try p.directory.openFileForWriting(p.name)
-            if f.extendedAttribute("trusted.overlay.metacopy") == nil {
-                try f.setExtendedAttribute(
-                    ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: p.redirect))
-                try f.setExtendedAttribute(ExtendedAttribute(name: TreeCopier.metacopyName, value: []))
-            }
-            do { try f.punchHole(p.size) } catch Errno.notSupported {}  // then the stub keeps its blocks: same view
-            if let cap = p.capability {
-                try f.setExtendedAttribute(ExtendedAttribute(name: Array("security.capability".utf8), value: cap))
-            }
-            try f.setMode(p.mode)
-            try f.setModificationTime(p.mtime)
+            if !makeStubInPlace(p) { keptWhole.append(p.name.bytes) }
         }
-        for (dir, t) in work.times { try dir.setModificationTime(t) }
+        for (dir, t) in work.times { try? dir.setModificationTime(t) }
         try LayerReferences.record(gen.layers[0])
         try gen.directory.sync()
         try gen.directory.unlink(foldJournalName)
         try gen.directory.removeTree(stagingName)
+        return keptWhole
+    }
+
+    /// Makes a file of a lower layer the stub of the object holding its
+    /// content where it lies: redirect and metacopy set, its blocks freed,
+    /// its mode, capability and mtime put back. A step that fails before the
+    /// blocks go undoes the others (the file stays whole: false); nothing fails after.
+    @discardableResult
+    static func makeStubInPlace(
+        _ p: (
+            directory: Directory, name: FileName, inode: UInt64, size: UInt64, mode: UInt32, mtime: Timestamp,
+            redirect: [UInt8], capability: [UInt8]?
+        )
+    ) -> Bool {
+        guard let f = try? p.directory.openFileForWriting(p.name) else { return false }
+        let redirectName = Array("trusted.overlay.redirect".utf8)
+        if f.extendedAttribute("trusted.overlay.metacopy") == nil {
+            do {
+                try f.setExtendedAttribute(ExtendedAttribute(name: redirectName, value: p.redirect))
+                try f.setExtendedAttribute(ExtendedAttribute(name: TreeCopier.metacopyName, value: []))
+            } catch {
+                try? f.removeExtendedAttribute(redirectName)
+                try? f.removeExtendedAttribute(TreeCopier.metacopyName)
+                try? f.setModificationTime(p.mtime)
+                return false
+            }
+        }
+        do { try f.punchHole(p.size) } catch {}  // then the stub keeps its blocks: the same view
+        if let cap = p.capability {
+            try? f.setExtendedAttribute(ExtendedAttribute(name: Array("security.capability".utf8), value: cap))
+        }
+        try? f.setMode(p.mode)
+        try? f.setModificationTime(p.mtime)
+        return true
     }
 
     /// The placement a fold journal records, its directories opened from the layer (each once).
-    static func journalPlacement(_ gen: OverlayGuest.Generation, layer: Directory) throws -> StubPlacement {
-        let journal = try gen.directory.openFileForReading(foldJournalName).readAll()
+    static func journalPlacement(_ gen: OverlayGuest.Generation, layer: Directory, journal: [UInt8]) throws
+        -> StubPlacement
+    {
         var opened: [[UInt8]: Directory] = [[]: layer]
         func directory(_ path: [UInt8]) throws -> Directory {
             if let d = opened[path] { return d }

@@ -93,7 +93,9 @@ enum LayerReferences {
     static func unreferenced(_ candidates: Set<[UInt8]>, store: Store) -> Set<[UInt8]> {
         guard !candidates.isEmpty else { return [] }
         var left = candidates
-        for g in OverlayGuest.all(in: store) {
+        let (guests, unreadable) = OverlayGuest.records(in: store)
+        guard unreadable.isEmpty else { return [] }
+        for g in guests {
             guard let state = try? g.readState(), state.phase == .active,
                 let refs = try? g.layerReferences(state.generation),
                 (try? g.directory.openDirectory(OverlayGuest.generationName(state.generation)).stat(

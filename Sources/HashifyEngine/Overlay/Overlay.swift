@@ -21,6 +21,8 @@ public struct OverlayReport: Sendable, Codable {
     public enum Action: Sendable, Equatable, Codable, CustomStringConvertible {
         case converted, convertedAndMounted, mounted, alreadyMounted, unmounted, notMounted
         case folded, wouldFold, nothingToFold, foldAtNextStart, built
+        /// Unmounted here, but an overlay of its generation is alive elsewhere (a lazy unmount, another namespace).
+        case inUseElsewhere
         case exportedInPlace
         case exportedTo(String)
         case notAnOverlayGuest
@@ -32,6 +34,7 @@ public struct OverlayReport: Sendable, Codable {
             (.alreadyMounted, "already mounted"), (.unmounted, "unmounted"), (.notMounted, "not mounted"),
             (.folded, "folded"), (.wouldFold, "would fold"), (.nothingToFold, "nothing to fold"),
             (.foldAtNextStart, "mounted: fold at next start"), (.built, "built"),
+            (.inUseElsewhere, "in use elsewhere: fold later"),
             (.exportedInPlace, "exported in place"),
             (.notAnOverlayGuest, "not an overlay guest"), (.leftAsItWas, "left as it was"),
         ]
@@ -78,6 +81,10 @@ public struct OverlayReport: Sendable, Codable {
         public var filesUnchanged = 0
         /// Files a fold read because the upper layer held them.
         public var filesHashed = 0
+        /// Files a fold left whole in their layer because no stub could be made of them (notes say why).
+        public var filesKeptWhole = 0
+        /// Entries a fold carried into the new upper layer because the guest set them immutable or append-only.
+        public var protectedEntries = 0
         /// The metadata layers the guest's generation stacks after this command (a fold adds one; a compaction makes one).
         public var layers: Int?
         /// Data objects a fold removed because its guest no longer references them and no other guest does.
@@ -91,9 +98,11 @@ public struct OverlayReport: Sendable, Codable {
     public var schema = 1
     public var command: String
     public var store: String
-    public var guests: [Guest] = []
+    public var guests: [Guest] = [] {
+        didSet { exitStatus = guests.contains { $0.action == .leftAsItWas || $0.filesKeptWhole > 0 } ? 1 : 0 }
+    }
     public var seconds = 0.0
-    /// 0, or 1 when a guest was left alone because of an error.
+    /// 0, or 1 when a guest was left alone because of an error or a fold kept files whole.
     public var exitStatus: Int32 = 0
 }
 
@@ -107,6 +116,21 @@ public struct OverlayReport: Sendable, Codable {
 /// (`OverlayGuest.Phase`); `recover` brings a guest a killed run left between
 /// two steps to the nearest safe state before anything else is done.
 public enum Overlay {
+    /// What went wrong with one file, as the guest's admin needs it: a full
+    /// xattr space says so instead of "No space left on device".
+    static func describeFileError(_ error: any Error) -> String {
+        if let e = error as? StubAttributeError {
+            return e.errno == .noSpace || e.errno == .argListTooLong
+                ? "its extended attributes and a stub's do not fit in one file's xattr space" : "\(e.errno)"
+        }
+        return "\(error)"
+    }
+
+    /// An xattr a stub could not be given.
+    struct StubAttributeError: Error {
+        var errno: Errno
+    }
+
     /// Files up to this size stay whole in the metadata layer (as composefs does).
     static let inlineLimit: UInt64 = 64
 
@@ -162,17 +186,24 @@ public enum Overlay {
             try guest.writeState(nil)
             return nil
         case .converting:
+            abandonJournaledObjects(guest, generation: state.generation, journal: objectsJournalName)
             try guest.writeState(nil)
             return nil
         case .switching:
             if rootInode == state.rootInode {
                 // The exchange did not happen: the guest is still its plain tree.
+                abandonJournaledObjects(guest, generation: state.generation, journal: objectsJournalName)
                 try guest.writeState(nil)
                 return nil
             }
             state.phase = .active
             try guest.writeState(state)
-        case .folding, .exporting:
+        case .folding:
+            // The next generation's objects made of the guest's files were never recorded: they go.
+            abandonJournaledObjects(guest, generation: state.generation + 1, journal: foldJournalName)
+            state.phase = .active
+            try guest.writeState(state)
+        case .exporting:
             state.phase = .active
             try guest.writeState(state)
         case .restoring:
@@ -184,14 +215,31 @@ public enum Overlay {
             state.phase = .active
             try guest.writeState(state)
         }
+        // A conversion killed after its switch: its objects are recorded while the old tree is still there.
+        if state.phase == .active, let gen = try? guest.generation(state.generation),
+            (try? gen.directory.stat(objectsJournalName)) != nil
+        {
+            let (scratch, plain) = try guest.scratchPlace("plain")
+            try commitConvertedObjects(
+                gen, plain: try scratch.openDirectory(plain), objects: try guest.store.dataObjects())
+        }
         try guest.removeGenerations(except: state.generation)
         // A stacked fold killed after its switch: its stubs go in place before anything reads the layer.
         if state.phase == .active {
-            try finishStackedFold(try guest.generation(state.generation)) {
-                try? Store.open(at: guest.storePath, create: false)?.dataObjects()
-            }
+            try finishStackedFold(try guest.generation(state.generation)) { try? guest.store.dataObjects() }
         }
         return state
+    }
+
+    /// Removes the temporary names of the objects a killed conversion or
+    /// fold of generation `generation` journaled and never recorded.
+    static func abandonJournaledObjects(_ guest: OverlayGuest, generation: Int, journal: FileName) {
+        guard let gen = try? guest.directory.openDirectory(OverlayGuest.generationName(generation)),
+            let bytes = try? gen.openFileForReading(journal).readAll(),
+            let list = DataObjects.Reservation.fromJournal(bytes), !list.isEmpty,
+            let objects = try? guest.store.dataObjects()
+        else { return }
+        objects.abandon(list)
     }
 
     // MARK: checks

@@ -52,13 +52,16 @@ final class OverlayGuest {
     let path: FilePath
     /// The store's path (STORE/overlay/ID is the record).
     var storePath: FilePath { path.removingLastComponent().removingLastComponent() }
+    /// The store holding the record (its data objects are the ones a recovery records objects in).
+    let store: Store
 
     static func id(for canonicalRoot: FilePath) -> String {
         let digest = SHA256.hash(data: Array(canonicalRoot.string.utf8))
         return hexString(Array(digest.prefix(8)))
     }
 
-    private init(id: String, rootPath: FilePath, directory: Directory, path: FilePath) {
+    private init(id: String, rootPath: FilePath, directory: Directory, path: FilePath, store: Store) {
+        self.store = store
         self.id = id
         self.rootPath = rootPath
         self.directory = directory
@@ -91,29 +94,60 @@ final class OverlayGuest {
         }
         let guest = OverlayGuest(
             id: id, rootPath: canonicalRoot, directory: dir,
-            path: storePath.appending("overlay").appending(id))
+            path: storePath.appending("overlay").appending(id), store: store)
         if create, (try? dir.stat(FileName("root"))) == nil {
             try dir.writeAtomically(Array(canonicalRoot.string.utf8), as: FileName("root"))
         }
         return guest
     }
 
-    /// Every guest the store has records of.
-    static func all(in store: Store) -> [OverlayGuest] {
-        guard let parent = try? store.directory.openDirectory(FileName("overlay")) else { return [] }
-        var out: [OverlayGuest] = []
-        for name in (try? parent.entryNames()) ?? [] {
-            guard let dir = try? parent.openDirectory(name),
-                let bytes = try? dir.openFileForReading(FileName("root")).readAll()
-            else { continue }
-            let root = FilePath(String(decoding: bytes, as: UTF8.self))
-            if let g = try? open(store: store, canonicalRoot: root, create: false),
-                g.id == String(decoding: name.bytes, as: UTF8.self)
-            {
-                out.append(g)
-            }
+    /// Every guest the store has records of (those it can read).
+    static func all(in store: Store) -> [OverlayGuest] { records(in: store).guests }
+
+    /// Every guest the store has records of, and what it cannot read: a
+    /// record whose directory or `root` file cannot be read, or whose root
+    /// does not give its name (each named with why). Where the store removes
+    /// objects, an unreadable record keeps every one (unknown means referenced).
+    static func records(in store: Store) -> (guests: [OverlayGuest], unreadable: [String]) {
+        let parent: Directory
+        do { parent = try store.directory.openDirectory(FileName("overlay")) } catch Errno.noSuchFileOrDirectory {
+            return ([], [])
+        } catch {
+            return ([], ["\(store.path)/overlay: \(error)"])
         }
-        return out
+        let names: [FileName]
+        do { names = try parent.entryNames() } catch { return ([], ["\(store.path)/overlay: \(error)"]) }
+        var out: [OverlayGuest] = []
+        var unreadable: [String] = []
+        for name in names {
+            let where_ = "\(store.path)/overlay/\(escapedPath(name.bytes))"
+            let bytes: [UInt8]
+            do {
+                bytes = try parent.openDirectory(name).openFileForReading(FileName("root")).readAll()
+            } catch {
+                unreadable.append("\(where_): its record's root cannot be read (\(error))")
+                continue
+            }
+            let root = FilePath(String(decoding: bytes, as: UTF8.self))
+            guard let g = try? open(store: store, canonicalRoot: root, create: false),
+                g.id == String(decoding: name.bytes, as: UTF8.self)
+            else {
+                unreadable.append("\(where_): its record's root file does not name the guest it belongs to")
+                continue
+            }
+            out.append(g)
+        }
+        return (out, unreadable)
+    }
+
+    /// Throws, naming them, when the store has overlay records it cannot read:
+    /// what they reference is unknown, so nothing may be removed.
+    static func requireReadableRecords(in store: Store) throws {
+        let unreadable = records(in: store).unreadable
+        guard let first = unreadable.first else { return }
+        throw InputError(
+            "\(first)\(unreadable.count > 1 ? " (and \(unreadable.count - 1) more)" : ""); no data object is removed while a guest's record cannot be read whole: repair or remove it"
+        )
     }
 
     // MARK: state

@@ -92,14 +92,24 @@ extension Overlay {
     static func references(in store: Store) throws -> (Set<[UInt8]>, [(OverlayGuest, OverlayGuest.State?, LayerScan)]) {
         var all = Set<[UInt8]>()
         var perGuest: [(OverlayGuest, OverlayGuest.State?, LayerScan)] = []
+        try OverlayGuest.requireReadableRecords(in: store)
         for g in OverlayGuest.all(in: store) {
             let state = try? g.readState()
             let inForce = state.flatMap { try? g.layerReferences($0.generation) } ?? []
             var current = LayerScan()
             for n in g.generationNumbers() {
-                guard let gen = try? g.directory.openDirectory(OverlayGuest.generationName(n)) else { continue }
+                let gen: Directory
+                do { gen = try g.directory.openDirectory(OverlayGuest.generationName(n)) } catch {
+                    throw InputError("\(g.rootPath): its overlay generation \(n) cannot be read (\(error))")
+                }
                 for sub in ["meta", "upper"] {
-                    guard let layer = try? gen.openDirectory(FileName(sub)) else { continue }
+                    let layer: Directory
+                    do { layer = try gen.openDirectory(FileName(sub)) } catch Errno.noSuchFileOrDirectory {
+                        continue
+                    } catch {
+                        throw InputError(
+                            "\(g.rootPath): a layer of its overlay generation \(n) cannot be read (\(error))")
+                    }
                     var scan = LayerScan()
                     scan.scan(layer)
                     if let failure = scan.failure {

@@ -90,7 +90,9 @@ public struct UnifyReport: Sendable, Codable {
     }
 
     /// 0 done, 1 done with files skipped because of errors (or an overlay guest whose fold failed).
-    public var exitStatus: Int32 { totals.errors > 0 || overlayGuests.contains { $0.action == .leftAsItWas } ? 1 : 0 }
+    public var exitStatus: Int32 {
+        totals.errors > 0 || overlayGuests.contains { $0.action == .leftAsItWas || $0.filesKeptWhole > 0 } ? 1 : 0
+    }
 }
 
 /// Formats byte counts the way df -h and du -h do (binary units).

@@ -34,6 +34,55 @@ public final class DataObjects: @unchecked Sendable {
     private var unwritten = false
     /// What was wrong with the index file when it was read (it was then rebuilt from the objects).
     private(set) var indexProblem: String?
+    /// Objects a conversion or fold in progress made of a guest's own inode:
+    /// linked under a temporary name (`.r-NAME`), given to that guest's
+    /// stubs, and recorded (renamed to NAME, a record in the index) only by
+    /// `commit`, after the guest's switch, when no guest can write the inode
+    /// any more. Until then no other guest's stub is given one, and a fold
+    /// that fails or is killed leaves nothing any guest reads.
+    private var reserved: [ContentDigest: Reservation] = [:]
+    private var reservedNames: [[UInt8]: ContentDigest] = [:]
+
+    /// An object made of a guest's own inode, not yet recorded: its redirect,
+    /// digest, and the inode's state once linked (checked again by `commit`).
+    struct Reservation: Equatable {
+        var redirect: [UInt8]
+        var digest: ContentDigest
+        var inode: UInt64
+        var size: UInt64
+        var modificationTime: Timestamp
+        var changeTime: Timestamp
+
+        /// One line of a journal: "O INODE SIZE MTIME MTIME-NS CTIME CTIME-NS DIGEST REDIRECT".
+        var journalLine: [UInt8] {
+            let (m, c) = (modificationTime, changeTime)
+            return Array(
+                "O \(inode) \(size) \(m.seconds) \(m.nanoseconds) \(c.seconds) \(c.nanoseconds) \(digest.hex) ".utf8)
+                + redirect + [0x0a]
+        }
+
+        /// The reservations of a journal's "O" lines (nil when one is damaged).
+        static func fromJournal(_ bytes: [UInt8]) -> [Reservation]? {
+            var out: [Reservation] = []
+            for line in bytes.split(separator: 0x0a) where line.first == 0x4f {
+                let f = line.split(separator: 0x20)
+                guard f.count == 9, let inode = UInt64(String(decoding: f[1], as: UTF8.self)),
+                    let size = UInt64(String(decoding: f[2], as: UTF8.self)),
+                    let ms = Int64(String(decoding: f[3], as: UTF8.self)),
+                    let mn = UInt32(String(decoding: f[4], as: UTF8.self)),
+                    let cs = Int64(String(decoding: f[5], as: UTF8.self)),
+                    let cn = UInt32(String(decoding: f[6], as: UTF8.self)),
+                    let d = bytesFromHex(f[7]), d.count == 32, DataObjects.isValidRedirect(Array(f[8]))
+                else { return nil }
+                out.append(
+                    Reservation(
+                        redirect: Array(f[8]), digest: ContentDigest(bytes: d), inode: inode, size: size,
+                        modificationTime: Timestamp(seconds: ms, nanoseconds: mn),
+                        changeTime: Timestamp(seconds: cs, nanoseconds: cn)))
+            }
+            return out
+        }
+    }
 
     static let indexName = FileName("data-index")
 
@@ -152,8 +201,10 @@ public final class DataObjects: @unchecked Sendable {
         return d
     }
 
-    /// The redirect of the object holding `digest`, if there is one whose file exists.
+    /// The redirect of the object holding `digest`, if there is one whose file
+    /// exists (or one this process reserved for the guest it is converting or folding).
     public func redirect(for digest: ContentDigest) -> [UInt8]? {
+        if let r = reserved[digest] { return r.redirect }
         guard let r = redirects[digest] else { return nil }
         let (p, n) = Self.split(r)
         guard let st = try? prefixDirectory(p).stat(n), st.isRegular else { return nil }
@@ -198,13 +249,22 @@ public final class DataObjects: @unchecked Sendable {
             let exists = (try? dir.stat(FileName(name))) != nil
             // Another content under this name, or a file without a record
             // (never removed here: only gc, which reads every stub, may): the next name.
-            if (recorded != nil && recorded != digest) || (recorded == nil && exists) {
+            if (recorded != nil && recorded != digest) || (recorded == nil && exists) || reservedNames[redirect] != nil
+            {
                 suffix += 1
                 continue
             }
             if exists { return redirect }
             if linkSource {
-                try source.link(into: dir, as: FileName(name))
+                let temp = FileName(Self.reservationPrefix + name)
+                try? dir.unlink(temp)
+                try source.link(into: dir, as: temp)
+                let st = try dir.stat(temp)
+                reserved[digest] = Reservation(
+                    redirect: redirect, digest: digest, inode: st.inode, size: st.size,
+                    modificationTime: st.modificationTime, changeTime: st.changeTime)
+                reservedNames[redirect] = digest
+                return redirect
             } else {
                 let temp = FileName(Array(".new-".utf8) + name)
                 try? dir.unlink(temp)
@@ -221,6 +281,65 @@ public final class DataObjects: @unchecked Sendable {
             return redirect
         }
     }
+
+    /// The temporary name of a reserved object: ".r-" and its name.
+    static let reservationPrefix = Array(".r-".utf8)
+
+    /// The reservations this process holds (a guest's conversion or fold journals them before its switch).
+    var reservations: [Reservation] { Array(reserved.values) }
+
+    /// Records a reserved object (after the switch of the guest whose inode
+    /// it is): its temporary name renamed to its name, its record kept for
+    /// the index. False, and the temporary name removed, when the inode is
+    /// not the one reserved or changed since (then no stub may name it).
+    /// Done already (a replay) counts as done.
+    func commit(_ r: Reservation) throws -> Bool {
+        let (p, n) = Self.split(r.redirect)
+        let dir = try prefixDirectory(p)
+        let temp = FileName(Self.reservationPrefix + n.bytes)
+        defer {
+            reserved[r.digest] = nil
+            reservedNames[r.redirect] = nil
+        }
+        if let st = try? dir.stat(n) {
+            guard st.inode == r.inode, digests[r.redirect] == nil || digests[r.redirect] == r.digest else {
+                try? dir.unlink(temp)
+                return false
+            }
+            if digests[r.redirect] == nil {
+                remember(r.digest, r.redirect)
+                unwritten = true
+            }
+            return true
+        }
+        guard let st = try? dir.stat(temp), st.isRegular, st.inode == r.inode, st.size == r.size,
+            st.modificationTime == r.modificationTime, st.changeTime == r.changeTime
+        else {
+            try? dir.unlink(temp)
+            return false
+        }
+        try dir.rename(temp, to: dir, as: n, flags: .noReplace)
+        remember(r.digest, r.redirect)
+        unwritten = true
+        return true
+    }
+
+    /// Drops reservations (a conversion or fold that failed before its
+    /// switch, or one a killed run journaled): their temporary names go, and
+    /// no stub is given them.
+    func abandon(_ list: [Reservation]) {
+        for r in list {
+            let (p, n) = Self.split(r.redirect)
+            try? prefixDirectory(p).unlink(FileName(Self.reservationPrefix + n.bytes))
+            if reserved[r.digest] == r {
+                reserved[r.digest] = nil
+                reservedNames[r.redirect] = nil
+            }
+        }
+    }
+
+    /// Drops every reservation this process holds.
+    func abandonReservations() { abandon(reservations) }
 
     /// Writes the index file whole (atomically), with every record.
     private func writeIndex() throws {
