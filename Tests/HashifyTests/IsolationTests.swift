@@ -1,0 +1,336 @@
+import Foundation
+import HashifySystem
+import SystemPackage
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Fills a file's xattr space with `user.*` attributes (through whatever
+/// mount the path is on): values of falling sizes until none fits. Returns how many it set.
+@discardableResult
+func fillExtendedAttributes(_ path: String) -> Int {
+    let r = run([
+        "/bin/sh", "-c",
+        """
+        i=0; for n in 200 100 50 20 8 1; do v=$(head -c $n /dev/zero | tr '\\0' x)
+        while setfattr -n user.p$i -v $v "$1" 2>/dev/null; do i=$((i+1)); done; done; echo $i
+        """,
+        "fill", path,
+    ])
+    return Int(r.out.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+}
+
+/// Overwrites the start of a file in place (no truncation, no new inode): what
+/// `dd conv=notrunc` does, and what a guest's root may do to any file it can open.
+func overwriteInPlace(_ path: String, _ bytes: [UInt8]) {
+    let fd = open(path, O_WRONLY | O_CLOEXEC)
+    precondition(fd >= 0, "open \(path): \(errno)")
+    bytes.withUnsafeBytes { _ = pwrite(fd, $0.baseAddress, $0.count, 0) }
+    close(fd)
+}
+
+/// The record directory of the overlay guest at `root` in `store`.
+func overlayRecord(_ store: String, root: String) -> String? {
+    let dir = "\(store)/overlay"
+    for id in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] {
+        if let r = try? String(contentsOfFile: "\(dir)/\(id)/root", encoding: .utf8), r == root {
+            return "\(dir)/\(id)"
+        }
+    }
+    return nil
+}
+
+/// The data objects' files in a store (names below data/XX), temporary names included.
+func dataObjectNames(_ store: String) -> [String] {
+    run(["/usr/bin/find", "\(store)/data", "-mindepth", "2", "-type", "f"]).out.split(separator: "\n").map(String.init)
+        .sorted()
+}
+
+/// The flags `lsattr` shows for a path (its first field).
+func fileFlags(_ path: String) -> String {
+    String(run(["/usr/bin/lsattr", "-d", path]).out.split(separator: " ").first ?? "")
+}
+
+/// The first guest report of a --json overlay or unify report.
+func firstGuestReport(_ out: String) -> [String: Any] {
+    let j = jsonReport(out)
+    return ((j["overlayGuests"] ?? j["guests"]) as? [[String: Any]])?.first ?? [:]
+}
+
+@Suite(
+    "isolation between overlay guests against a guest's root", .serialized,
+    .enabled(if: isRoot, "overlay mounts need root"))
+struct IsolationTests {
+    /// Two converted overlay guests sharing one 20 KB file; A and B as their roots.
+    func twoGuests(_ s: Scratch) -> (store: String, a: String, b: String) {
+        let (store, a, b) = (s.sub("store"), s.sub("guests/a"), s.sub("guests/b"))
+        for (i, g) in [a, b].enumerated() {
+            writeFile("\(g)/usr/lib/common", pseudoRandom(20_000, seed: 1))
+            writeFile("\(g)/usr/lib/own", pseudoRandom(12_000, seed: UInt64(10 + i)))
+            writeFile("\(g)/etc/hostname", "guest\(i)\n")
+            settleDirectoryTimes(g)
+        }
+        settle()
+        let r = overlay(["convert", "-q", a, b], store: store)
+        precondition(r.status == 0, "convert: \(r.err)")
+        return (store, a, b)
+    }
+
+    @Test(
+        "a fold that cannot make a stub (a full xattr space, an injected EIO on fchown) or fails publishes nothing a guest can still write: B never reads what A writes afterwards",
+        arguments: ["xattrs", "eio-first-fchown", "eio-every-fchown", "one-unify-run"])
+    func failedFoldPublishesNothing(_ variant: String) throws {
+        let s = Scratch("isofail")
+        let (store, a, b) = twoGuests(s)
+        let x = pseudoRandom(9000, seed: 77)
+        writeFile("\(a)/usr/lib/X", x)
+        if variant == "xattrs" || variant == "one-unify-run" {
+            writeFile("\(a)/usr/lib/Y", pseudoRandom(9000, seed: 78))
+            #expect(fillExtendedAttributes("\(a)/usr/lib/Y") > 10)
+        }
+        if variant == "one-unify-run" { writeFile("\(b)/usr/lib/X", x) }
+        settle()
+        let aBefore = guestManifest(a)
+        #expect(overlay(["umount", "-q", a], store: store).status == 0)
+        let fold: (status: Int32, out: String, err: String)
+        switch variant {
+        case "eio-first-fchown", "eio-every-fchown":
+            let when = variant == "eio-first-fchown" ? "1" : "1+"
+            fold = run([
+                "/usr/bin/strace", "-f", "-o", "/dev/null", "-e", "inject=fchown:error=EIO:when=\(when)", hashifyBinary,
+                "overlay", "fold", "--json", "--store", store, a,
+            ])
+        case "one-unify-run":
+            #expect(overlay(["umount", "-q", b], store: store).status == 0)
+            fold = hashify(["unify", "--json", "--store", store, a, b])
+        default:
+            fold = overlay(["fold", "--json", a], store: store)
+        }
+        // Exit 1: a file kept whole (or the fold failed); never silently 0.
+        #expect(fold.status == 1, "\(variant): \(fold.out) \(fold.err)")
+        if variant == "xattrs" || variant == "one-unify-run" {
+            let g = firstGuestReport(fold.out)
+            #expect(g["filesKeptWhole"] as? Int == 1, "\(fold.out)")
+            #expect("\(g["notes"] ?? "")".contains("xattr space"), "\(fold.out)")
+        }
+        #expect(!dataObjectNames(store).contains { $0.contains("/.r-") }, "no reserved object left")
+        // A comes back as it was (the LXC hook mounts after a failed fold).
+        #expect(overlay(["mount", "-q", a], store: store).status == 0)
+        #expect(guestManifest(a) == aBefore, "\(manifestDiff(aBefore, guestManifest(a)))")
+        // B writes the same content and folds: whatever object it gets, A cannot reach it.
+        if variant != "one-unify-run" {
+            writeFile("\(b)/usr/lib/X", x)
+            settle()
+            #expect(overlay(["umount", "-q", b], store: store).status == 0)
+            #expect(overlay(["fold", "-q", b], store: store).status == 0)
+        }
+        #expect(overlay(["mount", "-q", b], store: store).status == 0)
+        let bBefore = guestManifest(b)
+        overwriteInPlace("\(a)/usr/lib/X", [UInt8](repeating: 0, count: 100))
+        #expect(FileManager.default.contents(atPath: "\(b)/usr/lib/X") == Data(x), "B read what A wrote")
+        #expect(guestManifest(b) == bBefore)
+        // The next fold of A makes what it could not before, and everything checks.
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+        // (A file kept whole stays so in its layer, now a lower one.)
+        let again = overlay(["fold", "-q", a], store: store)
+        #expect(again.status == 0, "\(again.out) \(again.err)")
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        #expect(hashify(["gc", "-q", "--store", store]).status == 0)
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        #expect(overlay(["mount", "-q", a, b], store: store).status == 0)
+        #expect(FileManager.default.contents(atPath: "\(b)/usr/lib/X") == Data(x))
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+    }
+
+    @Test(
+        "a copy of a shared file whose xattr space is full stays whole after the switch: the guest mounts, gc runs and later folds still remove objects"
+    )
+    func fullXattrsAfterSwitch() throws {
+        let s = Scratch("isojam")
+        let (store, a, b) = twoGuests(s)
+        _ = run(["/bin/cp", "-p", "\(a)/usr/lib/common", "\(a)/usr/lib/common-copy"])
+        #expect(fillExtendedAttributes("\(a)/usr/lib/common-copy") > 10)
+        settle()
+        let aBefore = guestManifest(a)
+        #expect(overlay(["umount", "-q", a], store: store).status == 0)
+        let fold = overlay(["fold", "--json", a], store: store)
+        #expect(fold.status == 1, "\(fold.out) \(fold.err)")
+        #expect(firstGuestReport(fold.out)["filesKeptWhole"] as? Int == 1, "\(fold.out)")
+        #expect(overlay(["mount", "-q", a], store: store).status == 0)
+        #expect(guestManifest(a) == aBefore, "\(manifestDiff(aBefore, guestManifest(a)))")
+        #expect(hashify(["gc", "-q", "--store", store]).status == 0)
+        // B drops its own file: its fold removes the object only it named.
+        unlink("\(b)/usr/lib/own")
+        #expect(overlay(["umount", "-q", b], store: store).status == 0)
+        let foldB = overlay(["fold", "--json", b], store: store)
+        #expect(foldB.status == 0, "\(foldB.err)")
+        #expect(firstGuestReport(foldB.out)["objectsRemoved"] as? Int == 1, "\(foldB.out)")
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        #expect(overlay(["umount", "-q", a], store: store).status == 0)
+    }
+
+    @Test(
+        "a guest unmounted lazily while a process keeps a file open for writing is not folded until the process is gone; the other guest never reads its writes"
+    )
+    func lazyUnmountIsNotFolded() throws {
+        let s = Scratch("isolazy")
+        let (store, a, b) = twoGuests(s)
+        let x = pseudoRandom(9000, seed: 91)
+        writeFile("\(a)/usr/lib/X", x)
+        settle()
+        // A writer that keeps A's file open, then a lazy unmount (what `umount -l` in a hook would do).
+        let writer = Process()
+        writer.executableURL = URL(fileURLWithPath: "/bin/sh")
+        writer.arguments = ["-c", "exec 7>>\"$1\"; read line; printf 'late write' >&7", "writer", "\(a)/usr/lib/X"]
+        let input = Pipe()
+        writer.standardInput = input
+        try writer.run()
+        usleep(300_000)
+        #expect(run(["/bin/umount", "-l", a]).status == 0)
+        let fold = overlay(["fold", "--json", a], store: store)
+        #expect(fold.status == 0, "\(fold.err)")
+        #expect(firstGuestReport(fold.out)["action"] as? String == "in use elsewhere: fold later", "\(fold.out)")
+        // B shares the content meanwhile.
+        writeFile("\(b)/usr/lib/X", x)
+        settle()
+        #expect(overlay(["umount", "-q", b], store: store).status == 0)
+        #expect(overlay(["fold", "-q", b], store: store).status == 0)
+        #expect(overlay(["mount", "-q", b], store: store).status == 0)
+        // The process writes, then exits: A's file has the write, B's does not.
+        input.fileHandleForWriting.write(Data("go\n".utf8))
+        writer.waitUntilExit()
+        #expect(FileManager.default.contents(atPath: "\(b)/usr/lib/X") == Data(x), "B read what A wrote")
+        let after = overlay(["fold", "--json", a], store: store)
+        #expect(firstGuestReport(after.out)["action"] as? String == "folded", "\(after.out) \(after.err)")
+        #expect(overlay(["mount", "-q", a], store: store).status == 0)
+        #expect(FileManager.default.contents(atPath: "\(a)/usr/lib/X") == Data(x + Array("late write".utf8)))
+        #expect(FileManager.default.contents(atPath: "\(b)/usr/lib/X") == Data(x))
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+    }
+
+    @Test("a guest record the store cannot read keeps every object: gc and folds remove nothing and say why")
+    func unreadableRecordKeepsObjects() throws {
+        let s = Scratch("isorecord")
+        let (store, a, b) = twoGuests(s)
+        let aBefore = guestManifest(a)
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+        guard let record = overlayRecord(store, root: a) else {
+            Issue.record("no record of \(a)")
+            return
+        }
+        // One trailing newline: the record no longer names its guest.
+        let f = FileHandle(forWritingAtPath: "\(record)/root")!
+        f.seekToEndOfFile()
+        f.write(Data("\n".utf8))
+        f.closeFile()
+        let objects = dataObjectNames(store)
+        let gc = hashify(["gc", "--store", store])
+        #expect(gc.status == 2, "\(gc.out) \(gc.err)")
+        #expect(gc.err.contains(record), "\(gc.err)")
+        #expect(dataObjectNames(store) == objects)
+        // B drops the file both share and its own: its fold removes nothing while A's record is unknown.
+        #expect(overlay(["mount", "-q", b], store: store).status == 0)
+        unlink("\(b)/usr/lib/common")
+        unlink("\(b)/usr/lib/own")
+        #expect(overlay(["umount", "-q", b], store: store).status == 0)
+        let fold = overlay(["fold", "--json", b], store: store)
+        #expect(fold.status == 0, "\(fold.err)")
+        #expect(firstGuestReport(fold.out)["objectsRemoved"] as? Int == 0, "\(fold.out)")
+        #expect(dataObjectNames(store) == objects)
+        // Repaired, A is whole; gc then removes what only B named.
+        #expect(run(["/usr/bin/truncate", "-s", "-1", "\(record)/root"]).status == 0)
+        #expect(overlay(["mount", "-q", a], store: store).status == 0)
+        #expect(guestManifest(a) == aBefore)
+        #expect(hashify(["gc", "-q", "--store", store]).status == 0)
+        #expect(dataObjectNames(store).count == objects.count - 1)
+        #expect(guestManifest(a) == aBefore)
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        #expect(overlay(["umount", "-q", a], store: store).status == 0)
+    }
+
+    @Test(
+        "the lower layout keeps mounting across writes, folds and mounts; a guest's own directory named like an object directory never hides an object"
+    )
+    func lowerLayoutAcrossFolds() throws {
+        let s = Scratch("isolower")
+        let (store, a) = (s.sub("store"), s.sub("guests/a"))
+        writeFile("\(a)/usr/lib/common", pseudoRandom(20_000, seed: 1))
+        settleDirectoryTimes(a)
+        settle()
+        #expect(overlay(["convert", "-q", a], store: store, layout: "lower").status == 0)
+        for round in 0..<3 {
+            writeFile("\(a)/usr/lib/w\(round)", pseudoRandom(9000, seed: UInt64(200 + round)))
+            settle()
+            #expect(overlay(["umount", "-q", a], store: store, layout: "lower").status == 0)
+            let fold = overlay(["fold", "-q", a], store: store, layout: "lower")
+            #expect(fold.status == 0, "round \(round): \(fold.err)")
+            #expect(overlay(["mount", "-q", a], store: store, layout: "lower").status == 0, "round \(round)")
+            writeFile("\(a)/usr/lib/v\(round)", pseudoRandom(9000, seed: UInt64(300 + round)))
+            settle()
+            let current = guestManifest(a)
+            #expect(overlay(["umount", "-q", a], store: store, layout: "lower").status == 0)
+            let remount = overlay(["mount", "-q", a], store: store, layout: "lower")
+            #expect(remount.status == 0, "round \(round): \(remount.err)")
+            #expect(guestManifest(a) == current, "round \(round)")
+        }
+        // A directory of the guest's own named like the objects' directory of a content it then writes.
+        let p = pseudoRandom(9000, seed: 400)
+        writeFile(s.sub("P"), p)
+        let prefix = String(run(["/usr/bin/sha256sum", s.sub("P")]).out.prefix(2))
+        writeFile("\(a)/\(prefix)/own", "the guest's own\n")
+        writeFile("\(a)/usr/lib/P", p)
+        settle()
+        let current = guestManifest(a)
+        for compact in [false, true] {
+            #expect(overlay(["umount", "-q", a], store: store, layout: "lower").status == 0)
+            let fold = overlay(["fold", "-q", a] + (compact ? ["--compact"] : []), store: store, layout: "lower")
+            #expect(fold.status == 0, "\(fold.err)")
+            #expect(overlay(["mount", "-q", a], store: store, layout: "lower").status == 0)
+            #expect(guestManifest(a) == current, "\(manifestDiff(current, guestManifest(a)))")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: "\(a)/\(prefix)") == ["own"])
+        }
+        #expect(hashify(["manifest", "--store", store, a]).status == 0)
+        let copy = s.sub("exported")
+        #expect(overlay(["export", "-q", a, copy], store: store, layout: "lower").status == 0)
+        #expect(guestManifest(copy) == current)
+        #expect(overlay(["umount", "-q", a], store: store, layout: "lower").status == 0)
+    }
+
+    @Test("immutable and append-only flags set through the mount survive stacked folds and compactions")
+    func protectedFlagsSurviveFolds() throws {
+        let s = Scratch("isoflags")
+        let (store, a, _) = twoGuests(s)
+        writeFile("\(a)/var/log/old.log", "old\n")
+        writeFile("\(a)/usr/lib/new", pseudoRandom(9000, seed: 501))
+        writeFile("\(a)/usr/lib/small", "small\n")
+        for (flag, path) in [
+            ("+i", "usr/lib/common"), ("+i", "usr/lib/new"), ("+i", "usr/lib/small"), ("+a", "var/log"),
+        ] {
+            #expect(run(["/usr/bin/chattr", flag, "\(a)/\(path)"]).status == 0)
+        }
+        settle()
+        let flags = ["usr/lib/common", "usr/lib/new", "usr/lib/small", "var/log"].map { fileFlags("\(a)/\($0)") }
+        #expect(flags.allSatisfy { $0.contains("i") || $0.contains("a") }, "\(flags)")
+        var before = guestManifest(a)
+        for compact in [false, false, true] {
+            #expect(overlay(["umount", "-q", a], store: store).status == 0)
+            let fold = overlay(["fold", "-q", a] + (compact ? ["--compact"] : []), store: store)
+            #expect(fold.status == 0, "\(fold.err)")
+            #expect(overlay(["mount", "-q", a], store: store).status == 0)
+            #expect(guestManifest(a) == before, "\(manifestDiff(before, guestManifest(a)))")
+            #expect(
+                ["usr/lib/common", "usr/lib/new", "usr/lib/small", "var/log"].map { fileFlags("\(a)/\($0)") } == flags,
+                "compact: \(compact)")
+            // Still enforced: no append to the immutable file, no removal in the append-only directory.
+            #expect(run(["/bin/sh", "-c", "echo x >> \"$1\"", "x", "\(a)/usr/lib/new"]).status != 0)
+            #expect(run(["/bin/rm", "-f", "\(a)/var/log/old.log"]).status != 0)
+            // Something else changes, so that the next fold has work.
+            writeFile("\(a)/usr/lib/round", pseudoRandom(9000, seed: compact ? 601 : 600))
+            settle()
+            before = guestManifest(a)
+        }
+        #expect(overlay(["umount", "-q", a], store: store).status == 0)
+    }
+}
