@@ -258,7 +258,9 @@ struct ExchangeWindowTests {
         #expect(run(["/usr/bin/find", s.path, "-name", ".hashify~*"]).out.isEmpty)
     }
 
-    @Test("an overlay fold that fails names the guest's path it failed on")
+    @Test(
+        "an overlay fold that cannot make a stub keeps that file whole and names it; one that fails leaves the guest as it was"
+    )
     func foldFailureNamesPath() throws {
         let s = Scratch("xwin")
         let store = s.sub("store")
@@ -269,16 +271,29 @@ struct ExchangeWindowTests {
         // Two new files over a block (a stacked fold gives each a stub; smaller ones stay whole).
         writeFile("\(g)/usr/share/written-in-the-guest", pseudoRandom(9000, seed: 8))
         writeFile("\(g)/usr/share/written-too", pseudoRandom(9000, seed: 9))
+        let before = guestManifest(g)
         #expect(overlay(["umount", g], store: store).status == 0)
-        // Giving the second stub of the new layer its owner fails: the note says which.
+        // Giving the second stub of the new layer its owner fails: that file stays whole, the note says which.
         let r = hashifyFailing("fchown", "error=EIO:when=2", ["unify", "--json", "--store", store, g])
         #expect(r.status == 1, "\(r.out) \(r.err)")
         let guests = jsonReport(r.out)["overlayGuests"] as? [[String: Any]] ?? []
         let notes = (guests.first?["notes"] as? [String] ?? []).joined(separator: " ")
-        #expect(guests.first?["action"] as? String == "left as it was", "\(guests)")
-        #expect(
-            notes.contains("fold failed: ") && notes.contains("Input/output error") && notes.contains(": /"), "\(notes)"
-        )
+        #expect(guests.first?["action"] as? String == "folded", "\(guests)")
+        #expect(guests.first?["filesKeptWhole"] as? Int == 1, "\(guests)")
+        #expect(notes.contains("Input/output error") && notes.contains(": /usr/share/written-"), "\(notes)")
+        #expect(overlay(["mount", g], store: store).status == 0)
+        #expect(guestManifest(g) == before)
+        // Every fchown failing (the new upper root's too): the fold fails, the guest stays as it was.
+        writeFile("\(g)/usr/share/written-again", pseudoRandom(9000, seed: 10))
+        let changed = guestManifest(g)
+        #expect(overlay(["umount", g], store: store).status == 0)
+        let failed = hashifyFailing("fchown", "error=EIO", ["unify", "--json", "--store", store, g])
+        #expect(failed.status == 1, "\(failed.out) \(failed.err)")
+        let failedGuests = jsonReport(failed.out)["overlayGuests"] as? [[String: Any]] ?? []
+        #expect(failedGuests.first?["action"] as? String == "left as it was", "\(failedGuests)")
+        let failedNotes = (failedGuests.first?["notes"] as? [String] ?? []).joined()
+        #expect(failedNotes.contains("fold failed: "), "\(failedGuests)")
         #expect(overlay(["mount", g], store: store).status == 0, "the generation in force still mounts")
+        #expect(guestManifest(g) == changed)
     }
 }

@@ -75,8 +75,9 @@ let vmChecks = [
     "files-share-objects", "cow-other-guest-unchanged", "cow-objects-unchanged", "cow-append-seen", "cow-copied-up",
     "forge-refused", "forge-metacopy-refused", "umount", "fold", "upper-empty-after-fold", "mount",
     "manifest-after-fold-1", "manifest-after-fold-2", "verify", "umount-2", "fold-stacked", "mount-stacked",
-    "root-lists-own-entries-stacked", "manifest-stacked", "umount-3", "compact", "mount-compacted",
-    "manifest-compacted", "verify-2", "export", "export-plain", "export-manifest",
+    "root-lists-own-entries-stacked", "manifest-stacked", "umount-stacked", "remount-stacked", "manifest-remounted",
+    "umount-3", "compact", "mount-compacted", "manifest-compacted", "verify-2", "umount-prefix-dir",
+    "fold-prefix-dir", "mount-prefix-dir", "manifest-prefix-dir", "export", "export-plain", "export-manifest",
     "own-overlay-xattrs-refused", "own-overlay-xattrs-unchanged", "own-overlay-xattrs-not-mounted",
 ]
 

@@ -971,6 +971,7 @@ extension Overlay {
     public static func fold(roots: [FilePath], store: Store, dryRun: Bool) throws -> [OverlayReport.Guest] {
         guard let dataPath = RootValidation.canonical(store.path)?.appending("data") else { return [] }
         let s = Session(store: store, objects: try store.dataObjects(), dataPath: dataPath, guests: [])
+        if !dryRun { removeAbandonedReservations(store: store, objects: s.objects) }
         var out: [OverlayReport.Guest] = []
         for r in roots {
             guard let c = RootValidation.canonical(r),

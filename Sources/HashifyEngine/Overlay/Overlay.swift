@@ -164,6 +164,7 @@ public enum Overlay {
         for i in guests.indices {
             guests[i].2 = try OverlayGuest.open(store: store, canonicalRoot: guests[i].1, create: false)
         }
+        removeAbandonedReservations(store: store, objects: try store.dataObjects())
         return Session(
             store: store, objects: try store.dataObjects(), dataPath: dataPath,
             guests: guests.map { (root: $0.1, canonical: $0.1, record: $0.2) })
@@ -229,6 +230,32 @@ public enum Overlay {
             try finishStackedFold(try guest.generation(state.generation)) { try? guest.store.dataObjects() }
         }
         return state
+    }
+
+    /// Removes the objects killed runs reserved and no journal will record
+    /// (the store's lock is held; this process reserved nothing yet). A
+    /// reservation a switched conversion or fold still has to record (its
+    /// journal is in a guest's record) stays; with a record that cannot be
+    /// read, everything stays.
+    static func removeAbandonedReservations(store: Store, objects: DataObjects) {
+        guard (try? store.directory.stat(DataObjects.reservedDirectoryName)) != nil else { return }
+        let (guests, unreadable) = OverlayGuest.records(in: store)
+        guard unreadable.isEmpty else { return }
+        var keep = Set<[UInt8]>()
+        for g in guests {
+            for n in g.generationNumbers() {
+                guard let gen = try? g.directory.openDirectory(OverlayGuest.generationName(n)) else { return }
+                for journal in [objectsJournalName, foldJournalName] {
+                    let bytes: [UInt8]
+                    do { bytes = try gen.openFileForReading(journal).readAll() } catch Errno.noSuchFileOrDirectory {
+                        continue
+                    } catch { return }
+                    guard let list = DataObjects.Reservation.fromJournal(bytes) else { return }
+                    keep.formUnion(list.map(\.redirect))
+                }
+            }
+        }
+        objects.removeAbandonedReservations(keeping: keep)
     }
 
     /// Removes the temporary names of the objects a killed conversion or

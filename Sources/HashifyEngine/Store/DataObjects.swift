@@ -35,7 +35,7 @@ public final class DataObjects: @unchecked Sendable {
     /// What was wrong with the index file when it was read (it was then rebuilt from the objects).
     private(set) var indexProblem: String?
     /// Objects a conversion or fold in progress made of a guest's own inode:
-    /// linked under a temporary name (`.r-NAME`), given to that guest's
+    /// linked under a temporary name (`STORE/reserved/ab-NAME`), given to that guest's
     /// stubs, and recorded (renamed to NAME, a record in the index) only by
     /// `commit`, after the guest's switch, when no guest can write the inode
     /// any more. Until then no other guest's stub is given one, and a fold
@@ -256,11 +256,12 @@ public final class DataObjects: @unchecked Sendable {
             }
             if exists { return redirect }
             if linkSource {
-                let temp = FileName(Self.reservationPrefix + name)
-                try? dir.unlink(temp)
-                try source.link(into: dir, as: temp)
-                let st = try dir.stat(temp)
-                reserved[digest] = Reservation(
+                let reserved = try reservedDirectory()
+                let temp = Self.reservedName(redirect)
+                try? reserved.unlink(temp)
+                try source.link(into: reserved, as: temp)
+                let st = try reserved.stat(temp)
+                self.reserved[digest] = Reservation(
                     redirect: redirect, digest: digest, inode: st.inode, size: st.size,
                     modificationTime: st.modificationTime, changeTime: st.changeTime)
                 reservedNames[redirect] = digest
@@ -282,8 +283,32 @@ public final class DataObjects: @unchecked Sendable {
         }
     }
 
-    /// The temporary name of a reserved object: ".r-" and its name.
-    static let reservationPrefix = Array(".r-".utf8)
+    /// Where reserved objects wait for their record: `STORE/reserved`, beside
+    /// the data directory (on its filesystem, outside the layer guests mount).
+    static let reservedDirectoryName = FileName("reserved")
+
+    /// The name of a reserved object there: "ab-cdef0123456789" for "/ab/cdef0123456789".
+    static func reservedName(_ redirect: [UInt8]) -> FileName {
+        let (p, n) = split(redirect)
+        return FileName(p.bytes + [0x2d] + n.bytes)
+    }
+
+    func reservedDirectory() throws -> Directory {
+        do { try storeDirectory.makeDirectory(Self.reservedDirectoryName, mode: 0o700) } catch Errno.fileExists {}
+        return try storeDirectory.openDirectory(Self.reservedDirectoryName)
+    }
+
+    /// Removes what killed runs reserved and no journal will record: every
+    /// name in `STORE/reserved` but those `keeping` names (the reservations
+    /// of switched conversions and folds whose journal is still to be
+    /// finished). Only while this process holds none of its own.
+    func removeAbandonedReservations(keeping: Set<[UInt8]>) {
+        guard reserved.isEmpty, let dir = try? storeDirectory.openDirectory(Self.reservedDirectoryName),
+            let names = try? dir.entryNames()
+        else { return }
+        let kept = Set(keeping.map { Self.reservedName($0).bytes })
+        for n in names where !kept.contains(n.bytes) { try? dir.unlink(n) }
+    }
 
     /// The reservations this process holds (a guest's conversion or fold journals them before its switch).
     var reservations: [Reservation] { Array(reserved.values) }
@@ -296,14 +321,15 @@ public final class DataObjects: @unchecked Sendable {
     func commit(_ r: Reservation) throws -> Bool {
         let (p, n) = Self.split(r.redirect)
         let dir = try prefixDirectory(p)
-        let temp = FileName(Self.reservationPrefix + n.bytes)
+        let reservedDir = try reservedDirectory()
+        let temp = Self.reservedName(r.redirect)
         defer {
             reserved[r.digest] = nil
             reservedNames[r.redirect] = nil
         }
         if let st = try? dir.stat(n) {
+            try? reservedDir.unlink(temp)
             guard st.inode == r.inode, digests[r.redirect] == nil || digests[r.redirect] == r.digest else {
-                try? dir.unlink(temp)
                 return false
             }
             if digests[r.redirect] == nil {
@@ -312,13 +338,13 @@ public final class DataObjects: @unchecked Sendable {
             }
             return true
         }
-        guard let st = try? dir.stat(temp), st.isRegular, st.inode == r.inode, st.size == r.size,
+        guard let st = try? reservedDir.stat(temp), st.isRegular, st.inode == r.inode, st.size == r.size,
             st.modificationTime == r.modificationTime, st.changeTime == r.changeTime
         else {
-            try? dir.unlink(temp)
+            try? reservedDir.unlink(temp)
             return false
         }
-        try dir.rename(temp, to: dir, as: n, flags: .noReplace)
+        try reservedDir.rename(temp, to: dir, as: n, flags: .noReplace)
         remember(r.digest, r.redirect)
         unwritten = true
         return true
@@ -329,8 +355,7 @@ public final class DataObjects: @unchecked Sendable {
     /// no stub is given them.
     func abandon(_ list: [Reservation]) {
         for r in list {
-            let (p, n) = Self.split(r.redirect)
-            try? prefixDirectory(p).unlink(FileName(Self.reservationPrefix + n.bytes))
+            try? reservedDirectory().unlink(Self.reservedName(r.redirect))
             if reserved[r.digest] == r {
                 reserved[r.digest] = nil
                 reservedNames[r.redirect] = nil

@@ -70,7 +70,10 @@ struct StoreObjects {
     /// overlay guests' interrupted commands are finished or undone first, so
     /// their generations say what they reference.
     func collectGarbage(dryRun: Bool) throws -> Collected {
-        if !dryRun { for g in OverlayGuest.all(in: store) { try Overlay.recover(g) } }
+        if !dryRun {
+            for g in OverlayGuest.all(in: store) { try Overlay.recover(g) }
+            if let data = try? store.dataObjects() { Overlay.removeAbandonedReservations(store: store, objects: data) }
+        }
         let (entries, referencedData) = try list()
         var out = Collected()
         var unusedData = Set<[UInt8]>()
