@@ -59,6 +59,7 @@ struct IncusTests {
         let r = overlay(["convert", "-q", unprivileged], store: store)
         #expect(r.status != 0)
         #expect(r.err.contains("an unprivileged Incus container"), "\(r.err)")
+        #expect(r.err.contains("INCUS_IDMAPPED_MOUNTS_DISABLE=1"), "the message names the route that works: \(r.err)")
         #expect(r.err.split(separator: "\n").count == 1, "\(r.err)")
         #expect(!isOverlayMount(unprivileged))
         #expect(guestManifest(unprivileged) == before)

@@ -283,7 +283,7 @@ extension Overlay {
         }
         if privileged || shiftedOnDisk { return nil }
         return
-            "an unprivileged Incus container: Incus mounts its rootfs idmapped at each start, which an overlay mount cannot be (it would not start); make it privileged (security.privileged=true) or keep it in hardlink mode"
+            "an unprivileged Incus container: Incus mounts its rootfs idmapped at each start, which an overlay mount cannot be (it would not start); have Incus shift its files on disk instead (run incusd with INCUS_IDMAPPED_MOUNTS_DISABLE=1 in its environment and start the container once), or make it privileged (security.privileged=true)"
     }
 }
 
