@@ -29,6 +29,8 @@ struct HardlinkRun {
     var report: UnifyReport
     var perGuest: [UnifyReport.Guest]
     var skips: [Skip] = []
+    /// Guests whose root is not trusted, by index, with why: walked, never linked.
+    let untrusted: [Int: String]
     private var clock = MonotonicInstant.now()
 
     /// What planning and hashing found.
@@ -56,6 +58,9 @@ struct HardlinkRun {
         }
         report = UnifyReport(dryRun: options.dryRun, store: storePath.string)
         perGuest = roots.map { UnifyReport.Guest(root: $0.path.string) }
+        var untrusted: [Int: String] = [:]
+        for (g, r) in roots.enumerated() { untrusted[g] = options.untrustedRoots[r.path] }
+        self.untrusted = untrusted
     }
 
     /// Adds the time since the last lap to `phase`.
@@ -108,7 +113,14 @@ struct HardlinkRun {
     /// Candidate groups, hashed (inodes the index vouches for are not read), then identity groups.
     mutating func planAndHash(_ walk: Walker.Result) -> Plan {
         let inventory = walk.inventory
-        let candidates = Planner.candidates(inventory, ignoreModificationTime: options.ignoreModificationTime)
+        var candidates = Planner.candidates(inventory, ignoreModificationTime: options.ignoreModificationTime)
+        if !untrusted.isEmpty {
+            // An inode a guest of an untrusted root names is neither linked nor linked to.
+            let untrusted = self.untrusted
+            candidates = candidates.removing { i in
+                inventory.names(of: i).contains { untrusted[Int(inventory.guest(ofName: $0))] != nil }
+            }
+        }
         for i in candidates.incomplete {
             skips.append(skip(inventory, inode: i, .linksOutsideRoots))
         }
@@ -225,6 +237,11 @@ struct HardlinkRun {
         report.totals.errors = skips.filter { $0.reason.isError }.count
         report.totals.skipped = skips.count
         report.guests = perGuest
+        report.notLinked = untrusted.sorted { $0.key < $1.key }.map { g, why in
+            UnifyReport.NotLinked(
+                root: roots[g].path.string, reason: why, pathsShared: perGuest[g].pathsShared,
+                overlayCanTakeIt: Overlay.idmappedRootfs(roots[g].path) == nil)
+        }
         report.seconds = started.secondsElapsed
         report.peakMemoryBytes = peakResidentBytes()
         return report

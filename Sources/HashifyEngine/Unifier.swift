@@ -18,6 +18,10 @@ public struct UnifyOptions: Sendable {
     public var waitForLock = true
     /// `.overlay`: plain guests that are not running are converted to overlay guests first (the rest wait).
     public var mode: HashifyConfig.Mode = .hardlink
+    /// Whose roots hardlink mode trusts besides the host's root (the config's `trust-guest-roots` and `trust-root`).
+    public var rootTrust = RootTrustPolicy()
+    /// Hardlink mode's guests whose root is not trusted, by canonical root, with why (set by `Unifier.run`).
+    var untrustedRoots: [FilePath: String] = [:]
     public init(roots: [FilePath]) { self.roots = roots }
 
     /// The options the host's config gives (the defaults where it is silent
@@ -32,6 +36,8 @@ public struct UnifyOptions: Sendable {
         ignoreModificationTime = config?.ignoreModificationTime ?? false
         threads = config?.threads ?? Self.defaultThreads(processors: processors)
         mode = config?.mode ?? .hardlink
+        // Guests the config names by root; the command line adds those it knows by name.
+        rootTrust = config?.rootTrust(names: GuestNames()) ?? RootTrustPolicy()
     }
 
     /// Hashing threads for a machine: one per CPU, but at least 4 (on a cold
@@ -85,6 +91,8 @@ public struct Unifier {
             var o = options
             o.roots = plain
             o.store = storePath
+            // Walked (their shared files counted), but none of their files linked.
+            o.untrustedRoots = options.rootTrust.untrusted(plain)
             report = try Unifier(options: o, progress: progress).runHardlink()
         }
         if !overlay.isEmpty {

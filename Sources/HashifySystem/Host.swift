@@ -17,6 +17,9 @@ public func currentProcessID() -> Int32 { getpid() }
 /// Whether this process runs as root. The corresponding C function is `getuid()`.
 public var isRoot: Bool { getuid() == 0 }
 
+/// The user id this process acts as on files. The corresponding C function is `geteuid()`.
+public var effectiveUserID: UInt32 { geteuid() }
+
 /// The memory page size. The corresponding C function is `sysconf(_SC_PAGESIZE)`.
 public func pageSize() -> UInt64 { UInt64(sysconf(Int32(_SC_PAGESIZE))) }
 

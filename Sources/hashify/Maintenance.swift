@@ -36,9 +36,11 @@ struct Status: ParsableCommand {
         let host = configOption.load()
         let config = host.config
         let location = StoreLocation(store: host.store(storeOption.store), roots: roots.map { FilePath($0) })
-        let options = UnifyOptions(roots: [], config: config, processors: onlineProcessors())
+        var options = UnifyOptions(roots: [], config: config, processors: onlineProcessors())
+        let names = host.names
+        if let config { options.rootTrust = config.rootTrust(names: names) }
         let report = runEngine { try StatusCommand.run(location, unifyOptions: options) }
-        emit(report, output: output, names: host.names)
+        emit(report, output: output, names: names)
     }
 }
 

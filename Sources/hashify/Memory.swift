@@ -26,8 +26,11 @@ struct Mem: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let (options, host) = selection.resolve()
-        let r = named(runEngine { try MemoryScanner.run(options) }, host.names)
+        let (selected, host) = selection.resolve()
+        var options = selected
+        let names = host.names
+        if let config = host.config { options.rootTrust = config.rootTrust(names: names) }
+        let r = named(runEngine { try MemoryScanner.run(options) }, names)
         if let m = metricsOption.metrics { runEngine { try MetricsFile.write(r, to: FilePath(m)) } }
         emit(r, output: output)
     }

@@ -72,6 +72,12 @@ struct Unify: ParsableCommand {
     )
     var minSize: UInt64?
 
+    @Flag(
+        help:
+            "Link guests whose root is not the host's root (unprivileged containers: LXC lxc.idmap, Incus not privileged, nspawn PrivateUsers, files shifted into an id range) as if it were: their root can then write a shared file in place for every guest. Default: the config's trust-guest-roots and trust-root, else such guests are left unlinked (overlay mode shares them safely)."
+    )
+    var trustGuestRoots = false
+
     @Flag(help: "Merge files that differ only in mtime (each merged path gets the kept file's mtime).")
     var ignoreMtime = false
 
@@ -149,6 +155,8 @@ struct Unify: ParsableCommand {
         if let threads { options.threads = threads }
         if let mode { options.mode = mode }
         options.waitForLock = wait.waitForLock
+        if let config { options.rootTrust = config.rootTrust(names: names) }
+        if trustGuestRoots { options.rootTrust.trustAll = true }
         var notes: [String] = []
         if let config {
             for root in allRoots {

@@ -104,6 +104,9 @@ struct ConfigTests {
             ),
             ("[guest.web1]\nroot = \"srv/web1\"\n", ":2: guest.web1.root: must be an absolute path"),
             ("exclude = \"/var/cache\"\n", ":1: exclude: must be an array of strings, not a string"),
+            ("trust-guest-roots = \"yes\"\n", ":1: trust-guest-roots: must be true or false, not a string"),
+            ("[guest.web1]\ntrust-root = 1\n", ":2: guest.web1.trust-root: must be true or false, not an integer"),
+            ("[guests]\ntrust-guest-roots = true\n", ":2: guests.trust-guest-roots: unknown key"),
             ("store = \"/unterminated\n", ":1: "),
             ("[guests\nall = true\n", ":1: "),
             ("threads = 2\nthreads = 3\n", ":2: "),
@@ -137,10 +140,15 @@ struct ConfigTests {
             default-excludes = false
             ignore-mtime = true
             include = ["/var/cache/apt/archives"]
+            trust-guest-roots = true
             [guests]
             roots = ["/srv/a", "/srv/b"]
             [guest."web.1"]
             exclude = ["/srv/www"]
+            trust-root = false
+            [guest.build]
+            root = "/srv/build"
+            trust-root = true
             """, file: "t.toml")
         #expect(c.store?.string == "/var/lib/hashify")
         #expect(c.mode == .overlay && c.defaultExcludes == false && c.ignoreModificationTime == true)
@@ -148,6 +156,10 @@ struct ConfigTests {
         #expect(c.roots.map(\.string) == ["/srv/a", "/srv/b"])
         #expect(c.guest(named: "lxc:web.1", root: "/var/lib/lxc/web.1/rootfs")?.excludes == [Array("/srv/www".utf8)])
         #expect(c.guest(named: "lxc:other", root: "/x") == nil)
+        #expect(c.trustGuestRoots == true)
+        #expect(c.guest(named: "lxc:web.1", root: "/x")?.trustRoot == false)
+        let trust = c.rootTrust(names: GuestNames([("lxc:web.1", FilePath("/var/lib/lxc/web.1/rootfs"))]))
+        #expect(trust.trustAll && trust.byRoot == ["/var/lib/lxc/web.1/rootfs": false, "/srv/build": true])
         #expect(throws: InputError.self) { try HashifyConfig.parse("[guest.\"a.b\"]\nexlude = []\n", file: "t.toml") }
         do {
             _ = try HashifyConfig.parse("[guest.\"a.b\"]\nexlude = []\n", file: "t.toml")

@@ -26,6 +26,9 @@ public struct HashifyConfig: Sendable {
         public var root: FilePath?
         public var excludes: [[UInt8]] = []
         public var includes: [[UInt8]] = []
+        /// `trust-root`: hardlink mode links this guest even though its root is
+        /// not the host's root (true), or never trusts it (false); nil: `trust-guest-roots` decides.
+        public var trustRoot: Bool?
     }
 
     /// The file the settings came from.
@@ -36,6 +39,9 @@ public struct HashifyConfig: Sendable {
     public var minimumSize: UInt64?
     public var defaultExcludes: Bool?
     public var ignoreModificationTime: Bool?
+    /// `trust-guest-roots`: hardlink mode links guests whose root is not the
+    /// host's root (unprivileged containers) as if it were.
+    public var trustGuestRoots: Bool?
     public var excludes: [[UInt8]] = []
     public var includes: [[UInt8]] = []
     /// `[guests] all`: every guest of the container managers (as `unify --all`).
@@ -107,6 +113,18 @@ public struct HashifyConfig: Sendable {
         return p
     }
 
+    /// Whose roots hardlink mode trusts: `trust-guest-roots` for all, and
+    /// each `[guest.NAME] trust-root`, its guest found by `root` or by name in `names`.
+    public func rootTrust(names: GuestNames) -> RootTrustPolicy {
+        var p = RootTrustPolicy()
+        p.trustAll = trustGuestRoots ?? false
+        for (name, g) in guests {
+            guard let trusted = g.trustRoot, let root = g.root ?? names.root(named: name) else { continue }
+            p.byRoot[RootValidation.canonical(root) ?? root] = trusted
+        }
+        return p
+    }
+
     /// Roots the config names by path: `[guests] roots` and every `[guest.NAME] root`, with their names.
     public var namedRoots: [(name: String?, root: FilePath)] {
         roots.map { (nil, $0) } + guests.sorted { $0.key < $1.key }.compactMap { g in g.value.root.map { (g.key, $0) } }
@@ -129,7 +147,7 @@ private struct Reader {
             t, at: [],
             [
                 "store", "mode", "threads", "min-size", "default-excludes", "ignore-mtime", "exclude", "include",
-                "guests", "guest",
+                "trust-guest-roots", "guests", "guest",
             ])
         c.store = try path(t, "store", at: [])
         if let m = try string(t, "mode", at: []) {
@@ -153,6 +171,7 @@ private struct Reader {
         }
         c.defaultExcludes = try bool(t, "default-excludes", at: [])
         c.ignoreModificationTime = try bool(t, "ignore-mtime", at: [])
+        c.trustGuestRoots = try bool(t, "trust-guest-roots", at: [])
         c.excludes = try patterns(t, "exclude", at: [])
         c.includes = try patterns(t, "include", at: [])
         if let g = try table(t, "guests", at: []) {
@@ -168,11 +187,12 @@ private struct Reader {
             for name in guests.keys.sorted() {
                 let at = ["guest", name]
                 guard let g = try table(guests, name, at: ["guest"]) else { continue }
-                try known(g, at: at, ["root", "exclude", "include"])
+                try known(g, at: at, ["root", "exclude", "include", "trust-root"])
                 c.guests[name] = HashifyConfig.Guest(
                     root: try path(g, "root", at: at),
                     excludes: try patterns(g, "exclude", at: at),
-                    includes: try patterns(g, "include", at: at))
+                    includes: try patterns(g, "include", at: at),
+                    trustRoot: try bool(g, "trust-root", at: at))
             }
         }
         return c

@@ -83,6 +83,9 @@ public struct StatusReport: Sendable, Codable {
     public var rerunWouldSaveBytes: UInt64 = 0
     /// Overlay guests, data objects and the copy-on-write reserve (absent without overlay guests).
     public var overlay: OverlayStatus?
+    /// Guests `unify` leaves unlinked because their root is not trusted; those
+    /// with `pathsShared` share store objects already (undo: `split --root` or `overlay convert`).
+    public var notLinked: [UnifyReport.NotLinked] = []
     /// What keeps files of a guest from staying shared.
     public var sharingBreakers: [SharingBreaker] = []
     public var notes: [String] = []
@@ -113,6 +116,7 @@ public enum StatusCommand {
             report.guests = plan.guests
             report.rerunWouldLinkPaths = plan.totals.pathsLinked
             report.rerunWouldSaveBytes = plan.totals.bytesSaved
+            report.notLinked = plan.notLinked
             report.notes = plan.notes
         } else {
             report.notes.append("no guest roots known: give them to see per-guest figures")

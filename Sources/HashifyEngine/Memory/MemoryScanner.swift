@@ -6,6 +6,8 @@ import SystemPackage
 public struct MemoryOptions: Sendable {
     public var roots: [FilePath]
     public var store: FilePath?
+    /// Whose roots hardlink mode trusts: the others' copies are merged by overlay mode only.
+    public var rootTrust = RootTrustPolicy()
     public init(roots: [FilePath]) { self.roots = roots }
 }
 
@@ -29,6 +31,8 @@ public enum MemoryScanner {
         var layers: [Directory] = []
         var upper: Directory?
         var overlayDevice: UInt64?
+        /// A plain guest whose root is not trusted (why): unify leaves it unlinked.
+        var untrusted: String?
         /// The layers' directories looked up so far, by path: the mapped files of a
         /// guest lie in a few directories, each opened once.
         var directories = LayerDirectories()
@@ -99,7 +103,14 @@ public enum MemoryScanner {
             report.notes += notes
             self.store = store
             objects = store.flatMap { try? $0.dataObjects() }
-            guests = try loadGuests(rootPaths, store: store)
+            guests = try loadGuests(rootPaths, store: store, rootTrust: options.rootTrust)
+            for g in guests {
+                if let why = g.untrusted {
+                    report.notes.append(
+                        "\(g.label): unify leaves it unlinked (its root is not the host's root: \(why)); overlay mode shares its files copy-on-write"
+                    )
+                }
+            }
             guard let proc = try? Directory.open(path: "/proc") else { throw InputError("/proc is not mounted") }
             self.proc = proc
         }
@@ -288,7 +299,8 @@ public enum MemoryScanner {
         }
 
         /// Resident bytes of the extra copies of one content that unify would
-        /// merge, and those only overlay mode would (see `findDuplicates`).
+        /// merge, and those only overlay mode would (see `findDuplicates`): a
+        /// copy a guest of an untrusted root maps is one unify leaves alone.
         func merges(of copies: [Physical]) -> (unify: UInt64, overlayMode: UInt64) {
             let size = physical[copies[0]]!.size ?? 0
             let mergeable = size > Overlay.inlineLimit
@@ -297,7 +309,9 @@ public enum MemoryScanner {
             for k in copies {
                 let info = physical[k]!
                 var cls = "overlay"
-                if !info.overlay {
+                if !info.overlay && info.guests.contains(where: { $0 >= 0 && guests[$0].untrusted != nil }) {
+                    cls = "untrusted \(k.device):\(k.inode)"  // unify never links it
+                } else if !info.overlay {
                     let identity = (try? open(info.source, objects: objects)).flatMap { f in
                         f.flatMap { try? MetadataIdentity(stat: $0.stat(), xattrs: $0.extendedAttributes()) }
                     }
@@ -367,7 +381,9 @@ public enum MemoryScanner {
     }
 
     /// The guest roots, checked, with what `mem` needs of the overlay guests among them.
-    static func loadGuests(_ rootPaths: [FilePath], store: Store?) throws -> [GuestRoot] {
+    static func loadGuests(_ rootPaths: [FilePath], store: Store?, rootTrust: RootTrustPolicy? = nil) throws
+        -> [GuestRoot]
+    {
         var guests: [GuestRoot] = []
         for checked in try RootValidation.checkedRoots(rootPaths, allowingRepeats: true) {
             let (c, dir, st) = (checked.canonical, checked.directory, checked.stat)
@@ -380,6 +396,9 @@ public enum MemoryScanner {
                 g.layers = gen.layers.map(\.directory)
                 g.upper = gen.upper
             }
+            let isOverlayGuest =
+                store.flatMap { try? OverlayGuest.open(store: $0, canonicalRoot: c, create: false) } != nil
+            if let rootTrust, !isOverlayGuest { g.untrusted = rootTrust.untrustedReason(c, directory: dir) }
             guests.append(g)
         }
         return guests

@@ -262,31 +262,9 @@ extension Overlay {
             return
                 "its LXC config mounts the rootfs idmapped (lxc.rootfs.options = \(options)), which an overlay mount cannot be (it would not start); shift its files on disk instead (no idmap= option)"
         }
-        guard let text = try? instance.openFileForReading(FileName("backup.yaml")).readAll(limit: 1 << 20) else {
-            return nil
-        }
-        let lines = text.split(separator: 0x0a).map { String(decoding: $0, as: UTF8.self) }
-        // expanded_config (profiles applied) is what Incus starts the container with.
-        guard let expanded = lines.firstIndex(where: { $0.trimmingPrefixSpaces() == "expanded_config:" }) else {
-            return nil
-        }
-        let indent = lines[expanded].prefix { $0 == " " }.count
-        var privileged = false
-        var shiftedOnDisk = false
-        for line in lines[(expanded + 1)...] {
-            if line.prefix(while: { $0 == " " }).count <= indent && !line.isEmpty { break }
-            let l = line.trimmingPrefixSpaces()
-            if l == "security.privileged: \"true\"" { privileged = true }
-            if l.hasPrefix("volatile.last_state.idmap:") && l != "volatile.last_state.idmap: '[]'" {
-                shiftedOnDisk = true
-            }
-        }
-        if privileged || shiftedOnDisk { return nil }
+        guard let incus = IncusInstance.read(instance) else { return nil }
+        if incus.privileged || incus.shiftedOnDisk { return nil }
         return
-            "an unprivileged Incus container: Incus mounts its rootfs idmapped at each start, which an overlay mount cannot be (it would not start); have Incus shift its files on disk instead (run incusd with INCUS_IDMAPPED_MOUNTS_DISABLE=1 in its environment and start the container once), or make it privileged (security.privileged=true)"
+            "an unprivileged Incus container: Incus mounts its rootfs idmapped at each start, which an overlay mount cannot be (it would not start); have Incus shift its files on disk instead (run incusd with INCUS_IDMAPPED_MOUNTS_DISABLE=1 in its environment and start the container once), make it privileged (security.privileged=true), or keep it in hardlink mode with its root trusted (trust-root)"
     }
-}
-
-extension String {
-    fileprivate func trimmingPrefixSpaces() -> String { String(drop { $0 == " " }) }
 }

@@ -30,6 +30,22 @@ public enum Planner {
             }
             return out
         }
+
+        /// The candidates without the inodes `drop` names, as if the walk had
+        /// never offered them: a group keeps being whole, and one left with a
+        /// single member is dropped (nothing to merge it with).
+        public func removing(_ drop: (Int32) -> Bool) -> Candidates {
+            var out = Candidates()
+            for g in 0..<groupCount {
+                let kept = group(g).filter { !drop($0) }
+                if kept.count < 2 { continue }
+                out.members += kept
+                out.groupStarts.append(Int32(out.members.count))
+                out.keptWhole.append(keptWhole[g])
+            }
+            out.incomplete = incomplete.filter { !drop($0) }
+            return out
+        }
     }
 
     /// Whether every name of the inode is known: in the roots or in the store.

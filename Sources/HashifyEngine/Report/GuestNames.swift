@@ -58,6 +58,7 @@ extension UnifyReport: GuestNaming {
         for i in guests.indices { guests[i].guest = cache(guests[i].root) }
         for i in skipped.indices { skipped[i].guest = cache(skipped[i].root) }
         for i in overlayGuests.indices { overlayGuests[i].guest = cache(overlayGuests[i].root) }
+        for i in notLinked.indices { notLinked[i].guest = cache(notLinked[i].root) }
     }
 }
 
@@ -65,6 +66,7 @@ extension StatusReport: GuestNaming {
     public mutating func name(_ names: GuestNames) {
         var cache = NameCache(names: names)
         for i in guests.indices { guests[i].guest = cache(guests[i].root) }
+        for i in notLinked.indices { notLinked[i].guest = cache(notLinked[i].root) }
         if overlay != nil {
             for i in overlay!.guests.indices { overlay!.guests[i].guest = cache(overlay!.guests[i].root) }
         }

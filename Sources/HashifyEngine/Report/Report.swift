@@ -65,6 +65,22 @@ public struct UnifyReport: Sendable, Codable {
         public var errno: Int32?
     }
 
+    /// A plain guest hardlink mode leaves unlinked: its root is not the
+    /// host's root and the config does not trust it (a shared file would be
+    /// writable in place by it for every guest).
+    public struct NotLinked: Sendable, Codable {
+        public var root: String
+        /// Why its root is not the host's root: `lxc.idmap`, an unprivileged Incus container, ….
+        public var reason: String
+        /// Its paths that link store objects already (linked by an earlier
+        /// version, or before its root changed): its root can write them in place for every guest.
+        public var pathsShared: Int
+        /// Whether `overlay convert` can take it (not a rootfs its manager mounts idmapped).
+        public var overlayCanTakeIt: Bool
+        /// The guest's name, when it has one.
+        public var guest: String?
+    }
+
     public var schema = 1
     public var command = "unify"
     public var mode = "hardlink"
@@ -83,6 +99,8 @@ public struct UnifyReport: Sendable, Codable {
     public var notes: [String] = []
     /// Overlay guests among the roots: what their fold did (they are not walked as plain guests).
     public var overlayGuests: [OverlayReport.Guest] = []
+    /// Plain guests left unlinked because their root is not trusted (walked and counted, never linked).
+    public var notLinked: [NotLinked] = []
 
     public init(dryRun: Bool, store: String) {
         self.dryRun = dryRun
@@ -92,6 +110,36 @@ public struct UnifyReport: Sendable, Codable {
     /// 0 done, 1 done with files skipped because of errors (or an overlay guest whose fold failed).
     public var exitStatus: Int32 {
         totals.errors > 0 || overlayGuests.contains { $0.action == .leftAsItWas || $0.filesKeptWhole > 0 } ? 1 : 0
+    }
+}
+
+extension UnifyReport.NotLinked {
+    /// The guest's name, or its root.
+    public var label: String { guest ?? root }
+
+    /// The one line that says why the guest is not linked and what to do;
+    /// with the command that undoes its earlier sharing when it shares files already.
+    public var line: String {
+        var l = "\(label): not linked: \(whoseRoot); a shared file would be writable by it — "
+        l +=
+            overlayCanTakeIt
+            ? "use overlay mode (hashify overlay convert) or set trust-root in the config"
+            : "set trust-root in the config if you trust it (overlay mode cannot take a rootfs mounted idmapped)"
+        if pathsShared > 0 { l += "; " + undo }
+        return l
+    }
+
+    /// "its root is not the host's root (REASON)".
+    public var whoseRoot: String {
+        reason == RootTrustPolicy.distrustedByConfig
+            ? "its root is not trusted (\(reason))" : "its root is not the host's root (\(reason))"
+    }
+
+    /// What its root can reach now, and the command that takes it back.
+    public var undo: String {
+        "\(pathsShared) of its files already share store objects, writable by it for every guest that shares them: "
+            + "hashify split --root \(root) gives them their own copies"
+            + (overlayCanTakeIt ? " (or hashify overlay convert \(root))" : "")
     }
 }
 
@@ -133,6 +181,7 @@ extension UnifyReport {
                 "mtime     \(t.pathsWithOtherModificationTime) paths \(dryRun ? "would get" : "got") another mtime (--ignore-mtime)\n"
         }
         for n in notes { out += "note      \(n)\n" }
+        for n in notLinked { out += "untrusted \(n.line)\n" }
         if t.temporariesRemoved > 0 {
             out += "cleaned   \(t.temporariesRemoved) temporary names of an interrupted run\n"
         }

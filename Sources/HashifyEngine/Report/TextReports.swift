@@ -63,7 +63,7 @@ extension MemoryReport: TextReport {
             out += "unify would save \(mib(r.unifyWouldSaveBytes)) of it (then restart what maps those copies)"
             if r.overlayModeWouldSaveBytes > 0 {
                 out +=
-                    "; only overlay mode would merge \(mib(r.overlayModeWouldSaveBytes)) (copies whose owner, mode, mtime or xattrs differ)"
+                    "; only overlay mode would merge \(mib(r.overlayModeWouldSaveBytes)) (copies whose owner, mode, mtime or xattrs differ, or in guests whose root is not trusted)"
             }
             out += "\n"
         }
@@ -119,6 +119,14 @@ extension StatusReport: TextReport {
             out +=
                 "reserve   \(formatBytes(o.freeBytes)) free for copy-ups; a routine update needs about \(formatBytes(o.routineUpdateBytes))\n"
             for w in o.warnings { out += "warning   \(w)\n" }
+        }
+        for n in r.notLinked {
+            if n.pathsShared > 0 {
+                out +=
+                    "warning   \(n.label): \(n.whoseRoot), yet \(n.undo)\n"
+            } else {
+                out += "untrusted \(n.line)\n"
+            }
         }
         for b in r.sharingBreakers {
             out += "breaker   \(b.guest.map { "\($0):\(b.path)" } ?? b.root + b.path): \(b.detail)\n"
