@@ -334,3 +334,32 @@ struct IsolationTests {
         #expect(overlay(["umount", "-q", a], store: store).status == 0)
     }
 }
+
+extension IsolationTests {
+    @Test(
+        "a data object verify finds damaged is never given to a new stub: a guest folding its content gets a sound copy"
+    )
+    func damagedObjectIsNeverReused() throws {
+        let s = Scratch("isodamaged")
+        let (store, a, b) = twoGuests(s)
+        let common = pseudoRandom(20_000, seed: 1)
+        // The object both guests' common file names, damaged in place (a disk fault, a careless admin).
+        let objects = dataObjectNames(store).filter {
+            FileManager.default.contents(atPath: $0) == Data(common)
+        }
+        #expect(objects.count == 1)
+        overwriteInPlace(objects[0], Array("damaged".utf8))
+        let verify = hashify(["verify", "--json", "--store", store])
+        #expect(verify.status == 1, "\(verify.out) \(verify.err)")
+        let damaged = jsonReport(verify.out)["damagedDataObjects"] as? [[String: Any]] ?? []
+        #expect(damaged.count == 1 && damaged.first?["neverReused"] as? Bool == true, "\(damaged)")
+        // A writes the content again under a new name and folds: its stub names a sound object.
+        writeFile("\(a)/usr/lib/common-again", common)
+        settle()
+        #expect(overlay(["umount", "-q", a], store: store).status == 0)
+        #expect(overlay(["fold", "-q", a], store: store).status == 0)
+        #expect(overlay(["mount", "-q", a], store: store).status == 0)
+        #expect(FileManager.default.contents(atPath: "\(a)/usr/lib/common-again") == Data(common))
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+    }
+}

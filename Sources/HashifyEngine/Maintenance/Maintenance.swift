@@ -252,6 +252,21 @@ public enum VerifyCommand {
             }
         }
         report.damagedDataObjects.sort { $0.object < $1.object }
+        // A damaged data object is never given to another stub: its record leaves the data index
+        // (the stubs that name it still read it; the report names them for an operator to repair).
+        let changed = checks.compactMap { c -> [UInt8]? in
+            if case .data(let r, let recorded) = c.kind, recorded != nil, c.contentChanged { return r }
+            return nil
+        }
+        if !changed.isEmpty {
+            if !repair { try store.lock(wait: waitForLock) }
+            try store.dataObjects().forget(Set(changed))
+            for i in report.damagedDataObjects.indices
+            where changed.contains(where: { String(decoding: $0, as: UTF8.self) == report.damagedDataObjects[i].object }
+            ) {
+                report.damagedDataObjects[i].neverReused = true
+            }
+        }
         if bad.isEmpty { return report }
         // Every guest path that links a damaged object.
         let roots = guests.isEmpty ? [] : try RootValidation.openRoots(guests)

@@ -195,5 +195,7 @@ extension Overlay {
         /// What the content hashes to now ("" when missing).
         public var digest: String
         public var missing: Bool
+        /// Its record was dropped from the data index: no fold or conversion gives a new stub this object.
+        public var neverReused = false
     }
 }

@@ -150,7 +150,9 @@ extension VerifyReport: TextReport {
                 + (d.missing
                     ? "missing, but stubs point at it\n"
                     : d.recordedDigest.isEmpty
-                        ? "no record of its digest, but stubs point at it\n" : "content changed (now \(d.digest))\n")
+                        ? "no record of its digest, but stubs point at it\n"
+                        : "content changed (now \(d.digest))"
+                            + (d.neverReused ? "; its record dropped: no new stub is given it\n" : "\n"))
         }
         if r.damaged.isEmpty && r.damagedDataObjects.isEmpty { out += "ok        every object matches its name\n" }
         for d in r.damaged {

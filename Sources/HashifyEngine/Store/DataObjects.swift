@@ -366,6 +366,17 @@ public final class DataObjects: @unchecked Sendable {
     /// Drops every reservation this process holds.
     func abandonReservations() { abandon(reservations) }
 
+    /// Drops the records of objects whose content no longer matches them
+    /// (`verify` found them damaged): their files stay for the stubs that name
+    /// them, but no new stub is given one (a rebuilt index leaves them out too).
+    func forget(_ damaged: Set<[UInt8]>) throws {
+        for r in damaged {
+            if let d = digests[r] { redirects[d] = nil }
+            digests[r] = nil
+        }
+        try writeIndex()
+    }
+
     /// Writes the index file whole (atomically), with every record.
     private func writeIndex() throws {
         let all = redirects.map { Record(digest: $0.key, redirect: $0.value) }
