@@ -363,3 +363,113 @@ extension IsolationTests {
         #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
     }
 }
+
+extension IsolationTests {
+    @Test(
+        "a file no stub can hold in a fold built whole (a prefix-named directory, a compaction) stays whole: the fold goes on and the next ones too"
+    )
+    func fullXattrsInCompaction() throws {
+        let s = Scratch("isocompact")
+        let (store, a, b) = twoGuests(s)
+        writeFile("\(a)/ab/own", "the guest's own\n")
+        _ = run(["/bin/cp", "-p", "\(a)/usr/lib/common", "\(a)/usr/lib/fullcopy"])
+        writeFile("\(a)/usr/lib/fullnew", pseudoRandom(9000, seed: 700))
+        for f in ["fullcopy", "fullnew"] { #expect(fillExtendedAttributes("\(a)/usr/lib/\(f)") > 2) }
+        settle()
+        var before = guestManifest(a)
+        for round in 0..<3 {
+            #expect(overlay(["umount", "-q", a], store: store).status == 0)
+            let fold = overlay(["fold", "--json"] + (round == 2 ? ["--compact"] : []) + [a], store: store)
+            #expect(fold.status == (round == 0 ? 1 : 0), "round \(round): \(fold.out) \(fold.err)")
+            if round == 0 { #expect(firstGuestReport(fold.out)["filesKeptWhole"] as? Int == 2, "\(fold.out)") }
+            #expect(overlay(["mount", "-q", a], store: store).status == 0)
+            #expect(guestManifest(a) == before, "round \(round): \(manifestDiff(before, guestManifest(a)))")
+            writeFile("\(a)/usr/lib/round\(round)", pseudoRandom(9000, seed: UInt64(710 + round)))
+            settle()
+            before = guestManifest(a)
+        }
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+    }
+
+    @Test(
+        "a careless admin's damage to the store removes nothing a guest uses: a truncated or emptied reference list, a stale state, a deleted data index, an immutable object"
+    )
+    func carelessAdmin() throws {
+        let s = Scratch("isoadmin")
+        let (store, a, b) = twoGuests(s)
+        let shared = pseudoRandom(12_000, seed: 800)
+        for g in [a, b] { writeFile("\(g)/etc/z", shared) }
+        settle()
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+        #expect(hashify(["unify", "-q", "--store", store, a, b]).status == 0)
+        guard let recordB = overlayRecord(store, root: b) else {
+            Issue.record("no record of \(b)")
+            return
+        }
+        #expect(overlay(["mount", "-q", a, b], store: store).status == 0)
+        let bBefore = guestManifest(b)
+        // B's reference lists cut mid-line and emptied: A's fold that drops the shared file keeps its object.
+        let lists = run(["/usr/bin/find", recordB, "-name", "*.refs"]).out.split(separator: "\n").map(String.init)
+        #expect(!lists.isEmpty)
+        for (i, l) in lists.enumerated() {
+            #expect(run(["/usr/bin/truncate", "-s", i == 0 ? "8" : "0", l]).status == 0)
+        }
+        unlink("\(a)/etc/z")
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+        let fold = overlay(["fold", "--json", a], store: store)
+        #expect(fold.status == 0, "\(fold.err)")
+        #expect(firstGuestReport(fold.out)["objectsRemoved"] as? Int == 0, "\(fold.out)")
+        #expect(overlay(["mount", "-q", b], store: store).status == 0)
+        #expect(guestManifest(b) == bBefore)
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        // A stale state (one generation behind, as a restored backup would be): refused, nothing removed.
+        writeFile("\(b)/etc/new", pseudoRandom(9000, seed: 801))
+        settle()
+        let bChanged = guestManifest(b)
+        #expect(overlay(["umount", "-q", b], store: store).status == 0)
+        let oldState = try String(contentsOfFile: "\(recordB)/state", encoding: .utf8)
+        #expect(overlay(["fold", "-q", b], store: store).status == 0)
+        let newState = try String(contentsOfFile: "\(recordB)/state", encoding: .utf8)
+        writeFile("\(recordB)/state", oldState)
+        let layersBefore = run(["/usr/bin/find", recordB]).out
+        let mount = overlay(["mount", b], store: store)
+        #expect(mount.status == 2, "\(mount.out) \(mount.err)")
+        #expect(mount.err.contains("damaged overlay record"), "\(mount.err)")
+        #expect(run(["/usr/bin/find", recordB]).out == layersBefore, "nothing of the record removed")
+        #expect(hashify(["gc", "-q", "--store", store]).status != 0)
+        writeFile("\(recordB)/state", newState)
+        #expect(overlay(["mount", "-q", b], store: store).status == 0)
+        #expect(guestManifest(b) == bChanged)
+        // The data index deleted: rebuilt from the objects, so a fold shares instead of copying.
+        #expect(unlink("\(store)/data-index") == 0)
+        writeFile("\(b)/etc/z-again", shared)
+        settle()
+        #expect(overlay(["umount", "-q", b], store: store).status == 0)
+        let refold = overlay(["fold", "--json", b], store: store)
+        #expect(refold.status == 0, "\(refold.err)")
+        #expect(firstGuestReport(refold.out)["filesSharingObjects"] as? Int == 1, "\(refold.out)")
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        // An object made immutable, then unused: neither the fold nor gc says it removed it.
+        #expect(overlay(["mount", "-q", b], store: store).status == 0)
+        let newContent = Data(pseudoRandom(9000, seed: 801))
+        guard
+            let newObject = dataObjectNames(store).first(where: {
+                FileManager.default.contents(atPath: $0) == newContent
+            })
+        else {
+            Issue.record("no object of /etc/new")
+            return
+        }
+        #expect(run(["/usr/bin/chattr", "+i", newObject]).status == 0)
+        defer { _ = run(["/usr/bin/chattr", "-i", newObject]) }
+        unlink("\(b)/etc/new")
+        #expect(overlay(["umount", "-q", b], store: store).status == 0)
+        let dropFold = overlay(["fold", "--json", b], store: store)
+        #expect(firstGuestReport(dropFold.out)["objectsRemoved"] as? Int == 0, "\(dropFold.out)")
+        let gc = hashify(["gc", "--json", "--store", store])
+        #expect(gc.status == 0, "\(gc.err)")
+        #expect(jsonReport(gc.out)["dataObjectsRemoved"] as? Int == 0, "\(gc.out)")
+        #expect(FileManager.default.fileExists(atPath: newObject))
+    }
+}

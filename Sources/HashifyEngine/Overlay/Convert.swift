@@ -103,6 +103,7 @@ extension Overlay {
             try copyRootAttributes(from: source, to: gen.upper)
             try DataLayerHiding.apply(to: gen.meta)
             try gen.markEscapedAttributes(copier.escapedAttributes)
+            noteKeptWhole(copier.keptWhole, first: copier.firstKeptWhole, why: xattrSpaceFull, in: &result)
             // The objects made of the guest's own inodes are recorded only
             // after the switch, when no guest can write them: journaled here.
             try gen.directory.writeAtomically(
@@ -113,7 +114,7 @@ extension Overlay {
             // (the guest's own inodes, linked: they would keep its link counts raised).
             s.objects.abandonReservations()
             _ = try? recover(guest)
-            try? s.objects.remove(filler.objectsMade)
+            _ = try? s.objects.remove(filler.objectsMade)
             throw error
         }
 

@@ -385,12 +385,10 @@ extension Overlay {
         try guest.removeGenerations(except: state.generation)
         let gen = try guest.generation(state.generation)
         let inPlaceKept = try finishStackedFold(gen, placement: compaction == nil ? placement : nil) { s.objects }
-        if let first = inPlaceKept.first {
-            result.filesKeptWhole += inPlaceKept.count
-            result.notes.append(
-                "\(inPlaceKept.count) file\(inPlaceKept.count == 1 ? "" : "s") kept whole in the layer (its xattrs and a stub's do not fit in one file's xattr space): \(escapedPath(first))"
-            )
-        }
+        noteKeptWhole(
+            inPlaceKept.count, first: nil,
+            why: xattrSpaceFull + " (\(inPlaceKept.map { escapedPath($0) }.prefix(3).joined(separator: ", ")))",
+            in: &result)
         // The objects only the fold's guest referenced and no longer does go now (gc would find them too).
         var candidates = Set<[UInt8]>()
         if compaction == nil {
@@ -400,9 +398,11 @@ extension Overlay {
         }
         let unused = LayerReferences.unreferenced(candidates, store: s.store)
         if !unused.isEmpty {
-            for r in unused { result.objectsRemovedBytes += (try? s.objects.stat(r))?.allocatedBytes ?? 0 }
-            try s.objects.remove(unused)
-            result.objectsRemoved = unused.count
+            var bytes: [[UInt8]: UInt64] = [:]
+            for r in unused { bytes[r] = (try? s.objects.stat(r))?.allocatedBytes ?? 0 }
+            let removed = try s.objects.remove(unused)
+            result.objectsRemoved = removed.count
+            result.objectsRemovedBytes = removed.reduce(0) { $0 + (bytes[$1] ?? 0) }
         }
         result.seconds = elapsed(since: started)
         return result
@@ -537,7 +537,10 @@ extension Overlay {
         // First the files that become objects: a stub for each.
         for i in files.indices {
             guard let (redirect, isObject) = results[i] else { throw InputError("\(guest.rootPath): fold lost a file") }
-            if isObject, try !stage(i, redirect: redirect) { dropped.insert(redirect) }
+            if isObject, try !stage(i, redirect: redirect) {
+                dropped.insert(redirect)
+                result.bytesLinked -= min(result.bytesLinked, files[i].stat.allocatedBytes)
+            }
         }
         s.objects.abandon(s.objects.reservations.filter { dropped.contains($0.redirect) })
         result.objectsCreated -= dropped.count
@@ -559,12 +562,9 @@ extension Overlay {
             journal += Array(hexString(file.path).utf8) + [0x0a]
             placement.inPlace.append((file.directory, file.name, st.inode, st.size, st.mode, t, redirect, nil))
         }
-        result.filesKeptWhole += keptWhole.count
-        if let first = keptWhole.first {
-            result.notes.append(
-                "\(keptWhole.count) file\(keptWhole.count == 1 ? "" : "s") kept whole in the layer (no stub could be made): /\(escapedPath(first.path)): \(describeFileError(first.error))"
-            )
-        }
+        noteKeptWhole(
+            keptWhole.count, first: keptWhole.first?.path,
+            why: keptWhole.first.map { describeFileError($0.error) } ?? "", in: &result)
         // The objects made of the layer's own files, recorded after the switch.
         for r in s.objects.reservations { journal += r.journalLine }
         for line in directoryTimes.values { journal += line }
@@ -942,6 +942,7 @@ extension Overlay {
             // What was linked unchanged keeps the old generation's escaped xattrs.
             let carried = (try? old.directory.stat(OverlayGuest.escapedMarker)) != nil && linkUnchanged ? 1 : 0
             try next.markEscapedAttributes(copier.escapedAttributes + carried)
+            noteKeptWhole(copier.keptWhole, first: copier.firstKeptWhole, why: xattrSpaceFull, in: &result)
         }
         if isLive {
             copier.skipVanished = true

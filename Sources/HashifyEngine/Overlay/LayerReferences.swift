@@ -1,3 +1,4 @@
+import Crypto
 import HashifySystem
 import SystemPackage
 
@@ -8,7 +9,9 @@ import SystemPackage
 ///
 /// A list may say more than its layer holds (a stub removed after the list
 /// was written counts until the list is rewritten), never less: it is
-/// written from a scan of the finished layer before anything may act on it.
+/// written from a scan of the finished layer before anything may act on it,
+/// and ends with the SHA-256 of its lines, so that a list truncated, emptied
+/// or edited is taken for none (its layer is scanned again).
 /// A layer without a list is unknown, and an object is removed only when
 /// every layer of every guest is known (`unreferenced`); `gc` reads the
 /// layers themselves and needs none of this.
@@ -17,11 +20,14 @@ enum LayerReferences {
 
     static func fileName(_ sub: String) -> FileName { FileName(sub + ".refs") }
 
-    /// The list of a layer, or nil when it has none.
+    /// The list of a layer, or nil when it has none or it is not whole (then
+    /// its layer is scanned again: a list is never taken on a damaged word).
     static func read(_ layer: OverlayGuest.Layer) -> Counts? {
-        guard let bytes = try? layer.holder.openFileForReading(fileName(layer.name)).readAll() else { return nil }
+        guard let bytes = try? layer.holder.openFileForReading(fileName(layer.name)).readAll(),
+            let body = verifiedBody(bytes)
+        else { return nil }
         var out: Counts = [:]
-        for line in bytes.split(separator: 0x0a) {
+        for line in body.split(separator: 0x0a) {
             guard let space = line.lastIndex(of: 0x20),
                 let n = Int(String(decoding: line[(space + 1)...], as: UTF8.self))
             else { return nil }
@@ -37,7 +43,22 @@ enum LayerReferences {
         for (r, n) in counts.sorted(by: { $0.key.lexicographicallyPrecedes($1.key) }) where n > 0 {
             bytes += r + [0x20] + Array(String(n).utf8) + [0x0a]
         }
-        try layer.holder.writeAtomically(bytes, as: fileName(layer.name))
+        try layer.holder.writeAtomically(bytes + trailer(bytes), as: fileName(layer.name))
+    }
+
+    /// The last line of a list: "#sha256 " and the SHA-256 of the lines before it.
+    static func trailer(_ body: [UInt8]) -> [UInt8] {
+        Array("#sha256 \(hexString(Array(SHA256.hash(data: body))))\n".utf8)
+    }
+
+    /// The lines of a list before its trailer, when the trailer matches them
+    /// (a list truncated, emptied or edited is not whole: nil).
+    static func verifiedBody(_ bytes: [UInt8]) -> [UInt8]? {
+        guard bytes.last == 0x0a else { return nil }
+        let start = bytes.dropLast().lastIndex(of: 0x0a).map { $0 + 1 } ?? 0
+        let body = Array(bytes[..<start])
+        guard Array(bytes[start...]) == trailer(body) else { return nil }
+        return body
     }
 
     /// Whether a list as `write` writes it (lines "REDIRECT COUNT", sorted by
@@ -111,7 +132,9 @@ enum LayerReferences {
             }
             for ref in refs {
                 guard let layer = try? g.layer(ref) else { return [] }
-                if let bytes = try? layer.holder.openFileForReading(fileName(layer.name)).readAll() {
+                if let bytes = try? layer.holder.openFileForReading(fileName(layer.name)).readAll(),
+                    let bytes = verifiedBody(bytes)
+                {
                     // Only membership matters here: each candidate is looked up in the sorted lines.
                     left = left.filter { !sortedLinesContain(bytes, $0) }
                 } else {

@@ -120,10 +120,21 @@ public enum Overlay {
     /// xattr space says so instead of "No space left on device".
     static func describeFileError(_ error: any Error) -> String {
         if let e = error as? StubAttributeError {
-            return e.errno == .noSpace || e.errno == .argListTooLong
-                ? "its extended attributes and a stub's do not fit in one file's xattr space" : "\(e.errno)"
+            return e.errno == .noSpace || e.errno == .argListTooLong ? xattrSpaceFull : "\(e.errno)"
         }
         return "\(error)"
+    }
+
+    static let xattrSpaceFull = "its extended attributes and a stub's do not fit in one file's xattr space"
+
+    /// Counts files a command kept whole in a layer (no stub could be made
+    /// of them) in a guest's report, with a note naming the first and why.
+    static func noteKeptWhole(_ count: Int, first: [UInt8]?, why: String, in result: inout OverlayReport.Guest) {
+        guard count > 0 else { return }
+        result.filesKeptWhole += count
+        result.notes.append(
+            "\(count) file\(count == 1 ? "" : "s") kept whole in the layer, sharing nothing (no stub could be made)\(first.map { ": /\(escapedPath($0))" } ?? ""): \(why)"
+        )
     }
 
     /// An xattr a stub could not be given.
@@ -177,6 +188,15 @@ public enum Overlay {
     @discardableResult
     static func recover(_ guest: OverlayGuest) throws -> OverlayGuest.State? {
         guard var state = try guest.readState() else { return nil }
+        // Only a fold makes a generation past the one in force (its next); a
+        // newer one means the state is not the record's (restored from an
+        // older backup, say): nothing is removed on its word.
+        let allowed = state.phase == .plain ? Int.max : state.generation + (state.phase == .folding ? 1 : 0)
+        if let newer = guest.generationNumbers().first(where: { $0 > allowed }) {
+            throw guest.damaged(
+                "state names generation \(state.generation) (\(state.phase.rawValue)), but the record holds generation \(newer)"
+            )
+        }
         try guest.unmountPrivate()
         let root = try? Directory.open(path: guest.rootPath)
         let rootInode = (try? root?.stat())??.inode

@@ -89,10 +89,13 @@ extension Overlay {
     /// and per record its scan of the generation in force (every layer it
     /// stacks). Throws when a layer could not be read whole (then what it
     /// references is not known: nothing may be collected).
-    static func references(in store: Store) throws -> (Set<[UInt8]>, [(OverlayGuest, OverlayGuest.State?, LayerScan)]) {
+    static func references(in store: Store, everyRecord: Bool = true) throws -> (
+        Set<[UInt8]>, [(OverlayGuest, OverlayGuest.State?, LayerScan)]
+    ) {
         var all = Set<[UInt8]>()
         var perGuest: [(OverlayGuest, OverlayGuest.State?, LayerScan)] = []
-        try OverlayGuest.requireReadableRecords(in: store)
+        // What removes objects needs every record; a report shows the ones it can read.
+        if everyRecord { try OverlayGuest.requireReadableRecords(in: store) }
         for g in OverlayGuest.all(in: store) {
             let state = try? g.readState()
             let inForce = state.flatMap { try? g.layerReferences($0.generation) } ?? []
@@ -137,13 +140,15 @@ extension Overlay {
     public static func status(store: Store) -> OverlayStatus? {
         let referenced: Set<[UInt8]>
         let guests: [(OverlayGuest, OverlayGuest.State?, LayerScan)]
-        do { (referenced, guests) = try references(in: store) } catch {
+        do { (referenced, guests) = try references(in: store, everyRecord: false) } catch {
             var out = OverlayStatus()
             out.warnings.append("\(error)")
             return out
         }
-        guard !guests.isEmpty, let objects = try? store.dataObjects() else { return nil }
+        let unreadable = OverlayGuest.records(in: store).unreadable
+        guard !guests.isEmpty || !unreadable.isEmpty, let objects = try? store.dataObjects() else { return nil }
         var out = OverlayStatus()
+        out.warnings += unreadable.map { "\($0): no data object is removed until it is repaired" }
         if let problem = objects.indexProblem { out.warnings.append(problem) }
         for (g, state, scan) in guests {
             guard let state else {

@@ -67,6 +67,10 @@ final class TreeCopier {
     /// tree read for a backup), instead of failing the copy.
     var skipVanished = false
     private(set) var vanished = 0
+    /// Files whose stub could not hold their xattrs besides its own (a full
+    /// xattr space): each made a whole copy instead, the first one's path kept.
+    private(set) var keptWhole = 0
+    private(set) var firstKeptWhole: [UInt8]?
 
     init(overlayNames: OverlayNames, context: ContextPolicy? = nil, regularFile: @escaping RegularFilePolicy) {
         self.overlayNames = overlayNames
@@ -119,10 +123,27 @@ final class TreeCopier {
             let file = SourceFile(
                 directory: source, name: name, stat: st, handle: handle, path: entry.path, context: place.context,
                 attributes: try handle.extendedAttributes())
-            if let made = try regularFile(file, destination) {
+            if var made = try regularFile(file, destination) {
                 try made.setOwner(uid: st.uid, gid: st.gid)
                 try made.setMode(st.mode)
-                for a in file.attributes { try made.setExtendedAttribute(rename(a)) }
+                do {
+                    for a in file.attributes { try made.setExtendedAttribute(rename(a)) }
+                } catch let e as Errno
+                    where (e == .noSpace || e == .argListTooLong)
+                    && made.extendedAttribute("trusted.overlay.metacopy") != nil
+                {
+                    // The stub's own xattrs and the file's do not fit together: the file stays whole.
+                    try destination.unlink(name)
+                    made = try destination.createFile(name, mode: 0o600)
+                    // A descriptor of its own: the filler may be reading the file through `handle`.
+                    try source.openFileForReading(name).cloneContent(to: made, size: st.size)
+                    guard try made.stat().size == st.size else { throw Errno.ioError }
+                    try made.setOwner(uid: st.uid, gid: st.gid)
+                    try made.setMode(st.mode)
+                    for a in file.attributes { try made.setExtendedAttribute(rename(a)) }
+                    keptWhole += 1
+                    if firstKeptWhole == nil { firstKeptWhole = entry.path }
+                }
                 try made.setModificationTime(st.modificationTime)
             }
             if st.linkCount > 1 { links[st.inode] = (destination, name, st.linkCount - 1) }

@@ -121,7 +121,11 @@ public final class DataObjects: @unchecked Sendable {
         var records: [Record] = []
         switch IndexFile<Record>.read(Self.indexName, in: storeDirectory, { records.append($0) }) {
         case .missing:
-            break
+            // Objects without an index (it was deleted): rebuilt from them, never taken as no objects.
+            if let objects = try? list(), !objects.isEmpty {
+                indexProblem = "the data index is missing"
+                try rebuild()
+            }
         case .intact:
             for r in records where Self.isValidRedirect(r.redirect) { remember(r.digest, r.redirect) }
         case .damaged(let problem):
@@ -401,15 +405,21 @@ public final class DataObjects: @unchecked Sendable {
         return out
     }
 
-    /// Removes the objects behind `redirects` and rewrites the index without them.
-    public func remove(_ unused: Set<[UInt8]>) throws {
+    /// Removes the objects behind `redirects` and rewrites the index without
+    /// them; returns those removed (one that cannot be, immutable say, stays
+    /// with its record, and is not counted).
+    @discardableResult
+    public func remove(_ unused: Set<[UInt8]>) throws -> Set<[UInt8]> {
+        var removed = Set<[UInt8]>()
         for r in unused {
             let (p, n) = Self.split(r)
-            try? prefixDirectory(p).unlink(n)
+            do { try prefixDirectory(p).unlink(n) } catch Errno.noSuchFileOrDirectory {} catch { continue }
+            removed.insert(r)
             if let d = digests[r] { redirects[d] = nil }
             digests[r] = nil
         }
         try writeIndex()
+        return removed
     }
 
     /// Makes the objects and their records durable (before a generation

@@ -76,7 +76,7 @@ struct StoreObjects {
         }
         let (entries, referencedData) = try list()
         var out = Collected()
-        var unusedData = Set<[UInt8]>()
+        var unusedData: [[UInt8]: UInt64] = [:]
         for e in entries where !Self.isReferenced(e, referencedData: referencedData) {
             switch e.kind {
             case .hardlink(let o):
@@ -89,13 +89,15 @@ struct StoreObjects {
                 out.objects += 1
                 out.bytes += st.allocatedBytes
             case .data(let r, _):
-                unusedData.insert(r)
-                out.dataObjects += 1
-                out.dataBytes += e.stat.allocatedBytes
+                unusedData[r] = e.stat.allocatedBytes
             }
         }
+        // Only what was removed is counted (an immutable object stays, with its record).
+        let removed =
+            dryRun || unusedData.isEmpty ? Set(unusedData.keys) : try store.dataObjects().remove(Set(unusedData.keys))
+        out.dataObjects = removed.count
+        out.dataBytes = removed.reduce(0) { $0 + (unusedData[$1] ?? 0) }
         if !dryRun {
-            if !unusedData.isEmpty { try store.dataObjects().remove(unusedData) }
             try ContentIndex.remove(out.dropped, in: store)
         }
         return out
