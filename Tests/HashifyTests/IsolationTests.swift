@@ -243,6 +243,9 @@ struct IsolationTests {
         #expect(run(["/usr/bin/truncate", "-s", "-1", "\(record)/root"]).status == 0)
         #expect(overlay(["mount", "-q", a], store: store).status == 0)
         #expect(guestManifest(a) == aBefore)
+        // A record a conversion killed at its very start leaves (no root, no state, no generation) references nothing.
+        mkdirs("\(store)/overlay/0123456789abcdef/mnt")
+        writeFile("\(store)/overlay/0123456789abcdef/.root.new", "/somewhere")
         #expect(hashify(["gc", "-q", "--store", store]).status == 0)
         #expect(dataObjectNames(store).count == objects.count - 1)
         #expect(guestManifest(a) == aBefore)

@@ -124,6 +124,14 @@ final class OverlayGuest {
             let bytes: [UInt8]
             do {
                 bytes = try parent.openDirectory(name).openFileForReading(FileName("root")).readAll()
+            } catch Errno.noSuchFileOrDirectory
+                where ((try? parent.openDirectory(name).entryNames()) ?? [FileName("state")]).allSatisfy({
+                    let n = String(decoding: $0.bytes, as: UTF8.self)
+                    return n != "state" && !(n.hasPrefix("g") && Int(n.dropFirst()) != nil)
+                })
+            {
+                // A record a conversion killed at its very start left without state or generations: it references nothing.
+                continue
             } catch {
                 unreadable.append("\(where_): its record's root cannot be read (\(error))")
                 continue
