@@ -40,9 +40,9 @@ struct KSMCommand: ParsableCommand {
         @OptionGroup var output: OutputOptions
 
         func run() throws {
-            let (options, host) = selection.resolve()
+            let (options, _, names) = selection.resolve()
             let r = runEngine { try KSM.status(options) }
-            emit(r, output: output, names: host.names)
+            emit(r, output: output, names: names)
         }
     }
 }

@@ -24,20 +24,31 @@ func runEngine<T>(_ body: () throws -> T) -> T {
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show what is shared, the store's health and what a re-run would still gain.",
-        discussion: "Without ROOTs, the guests earlier unify runs on this store were given. Nothing is changed.")
+        discussion: """
+            Without ROOTs, the host's guests as `unify --all` finds them (the config's, then those of \
+            LXC, nspawn and Incus/LXD dir pools); with --store alone, the guests earlier runs on that \
+            store were given. Nothing is changed.
+            """)
 
-    @Argument(help: "Guest root directories (default: the ones the store remembers).")
+    @Argument(help: "Guest root directories (default: the host's guests, as unify --all finds them).")
     var roots: [String] = []
     @OptionGroup var storeOption: StoreOption
+    @OptionGroup var places: DiscoveryPlaces
     @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         let host = configOption.load()
         let config = host.config
-        let location = StoreLocation(store: host.store(storeOption.store), roots: roots.map { FilePath($0) })
+        let found = HostGuests.forReport(host: host, roots: roots, store: storeOption.store, places: places)
+        if found.roots.isEmpty && found.store == nil {
+            fail(
+                "no guests found: \(config == nil ? "no config names any" : "the config names none") and LXC, nspawn and Incus have none where they keep them; give guest roots, --lxcpath or --store"
+            )
+        }
+        let location = StoreLocation(store: found.store, roots: found.roots)
         var options = UnifyOptions(roots: [], config: config, processors: onlineProcessors())
-        let names = host.names
+        let names = found.names
         if let config { options.rootTrust = config.rootTrust(names: names) }
         let report = runEngine { try StatusCommand.run(location, unifyOptions: options) }
         emit(report, output: output, names: names)

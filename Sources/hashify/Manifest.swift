@@ -19,12 +19,16 @@ struct ManifestCommandLine: ParsableCommand {
     @Argument(help: "The guest: its root directory or its name.")
     var guest: String
     @OptionGroup var storeOption: StoreOption
+    @OptionGroup var places: DiscoveryPlaces
     @OptionGroup var configOption: ConfigOption
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         let host = configOption.load()
-        let names = host.names
+        // Names as unify --all finds the guests (the config's, then the managers', --lxcpath's).
+        let names =
+            guest.contains("/")
+            ? host.names : HostGuests(host: host, given: [], store: nil, discover: true, places: places).names
         let root: FilePath
         if guest.contains("/") {
             root = FilePath(guest)

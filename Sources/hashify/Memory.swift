@@ -26,9 +26,8 @@ struct Mem: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let (selected, host) = selection.resolve()
+        let (selected, host, names) = selection.resolve()
         var options = selected
-        let names = host.names
         if let config = host.config { options.rootTrust = config.rootTrust(names: names) }
         let r = named(runEngine { try MemoryScanner.run(options) }, names)
         if let m = metricsOption.metrics { runEngine { try MetricsFile.write(r, to: FilePath(m)) } }
@@ -38,16 +37,18 @@ struct Mem: ParsableCommand {
 
 /// The guests `mem` and `ksm status` look at.
 struct GuestSelection: ParsableArguments {
-    @Argument(help: "Guest root directories (default: the guests of the store).")
+    @Argument(help: "Guest root directories (default: the host's guests, as unify --all finds them).")
     var roots: [String] = []
     @OptionGroup var storeOption: StoreOption
+    @OptionGroup var places: DiscoveryPlaces
     @OptionGroup var configOption: ConfigOption
 
-    /// The selection, with the config (read once) for the report's names.
-    func resolve() -> (MemoryOptions, HostSettings) {
+    /// The selection, with the config (read once) and the guests' names for the report.
+    func resolve() -> (MemoryOptions, HostSettings, GuestNames) {
         let host = configOption.load()
-        var o = MemoryOptions(roots: roots.map { FilePath($0) })
-        o.store = host.store(storeOption.store)
-        return (o, host)
+        let found = HostGuests.forReport(host: host, roots: roots, store: storeOption.store, places: places)
+        var o = MemoryOptions(roots: found.roots)
+        o.store = found.store
+        return (o, host, found.names)
     }
 }

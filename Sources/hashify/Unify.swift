@@ -38,11 +38,7 @@ struct Unify: ParsableCommand {
     )
     var all = false
 
-    @Option(help: "With --all: an LXC lxcpath to search (repeatable; given, it replaces the default places).")
-    var lxcpath: [String] = []
-
-    @Option(help: "With --all: the nspawn machines directory (given, it replaces the default places).")
-    var machines: String?
+    @OptionGroup var places: DiscoveryPlaces
 
     @OptionGroup var storeOption: StoreOption
 
@@ -95,7 +91,7 @@ struct Unify: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
-        if !all && (!lxcpath.isEmpty || machines != nil) {
+        if !all && places.given {
             throw ValidationError("--lxcpath and --machines go with --all")
         }
         if let m = minSize, m < 1 {
@@ -109,33 +105,16 @@ struct Unify: ParsableCommand {
     func run() throws {
         let host = configOption.load()
         let config = host.config
-        var discovered: [GuestDiscovery.Found] = []
         // The command line's roots replace the config's guests.
-        var allRoots = roots.map { FilePath($0) }
-        if roots.isEmpty, let config { allRoots = config.namedRoots.map(\.root) }
-        let storePath = host.store(storeOption.store)
         let discovering = all || (roots.isEmpty && config?.all == true)
-        if discovering {
-            var places = config?.places ?? GuestDiscovery.Places()
-            if !lxcpath.isEmpty || machines != nil {
-                places.lxcPaths = lxcpath.map { FilePath($0) }
-                places.machines = FilePath(machines ?? "/nonexistent")
-                places.incusPools = []
-            }
-            discovered = GuestDiscovery.find(places)
-            let candidates = discovered.filter { $0.unusable == nil }.map { FilePath($0.root) }
-            let discoveredStore =
-                storePath ?? (candidates.isEmpty ? nil : RootValidation.defaultStorePath(for: candidates))
-            let overlays = discoveredStore.map { Overlay.overlayGuests(among: candidates, storePath: $0) } ?? []
-            let found = GuestDiscovery.usable(
-                &discovered, store: discoveredStore, overlayGuests: overlays, mode: mode ?? config?.mode ?? .hardlink)
-            allRoots += found.filter { !allRoots.contains($0) }
-            if allRoots.isEmpty {
-                let left = discovered.map { "\($0.name) (\($0.root)): \($0.unusable ?? "")" }.joined(separator: "; ")
-                fail("--all found no guest hashify can use" + (left.isEmpty ? "" : ": " + left))
-            }
+        let found = HostGuests(
+            host: host, given: roots.map { FilePath($0) }, store: storeOption.store, discover: discovering,
+            places: places, mode: mode)
+        let (allRoots, discovered, names, storePath) = (found.roots, found.discovered, found.names, found.store)
+        if discovering && allRoots.isEmpty {
+            let left = discovered.map { "\($0.name) (\($0.root)): \($0.unusable ?? "")" }.joined(separator: "; ")
+            fail("--all found no guest hashify can use" + (left.isEmpty ? "" : ": " + left))
         }
-        let names = config.guestNames(found: discovering ? discovered : nil)
         if allRoots.isEmpty {
             fail(
                 config == nil

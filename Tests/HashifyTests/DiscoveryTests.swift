@@ -57,6 +57,39 @@ struct DiscoveryTests {
             manifest([outside], inodes: true) == outsideBefore, "a symlinked rootfs pointing outside is not followed")
     }
 
+    @Test(
+        "status, mem and manifest given no guest find them as unify --all does (--lxcpath, the config), and name them"
+    )
+    func reportsFindGuests() throws {
+        let s = Scratch("discoverreport")
+        let lxc = s.sub("lxc")
+        for (i, name) in ["web1", "web2"].enumerated() {
+            makeGuest("\(lxc)/\(name)/rootfs", index: i)
+            writeFile(
+                "\(lxc)/\(name)/config",
+                "lxc.uts.name = \(name)\nlxc.rootfs.path = dir:\(lxc)/\(name)/rootfs\nlxc.net.0.type = empty\n")
+        }
+        settle()
+        #expect(hashify(["unify", "-q", "--all", "--lxcpath", lxc]).status == 0)
+        let status = hashify(["status", "--json", "--lxcpath", lxc])
+        #expect(status.status == 0, "\(status.err)")
+        let guests = (jsonReport(status.out)["guests"] as? [[String: Any]] ?? []).compactMap { $0["guest"] as? String }
+        #expect(guests.sorted() == ["lxc:web1", "lxc:web2"], "\(status.out)")
+        #expect(status.out.contains("\(lxc)/.hashify"), "the store unify made: \(status.out)")
+        let mem = hashify(["mem", "--lxcpath", lxc])
+        #expect(mem.status == 0 && mem.out.contains("lxc:web1") && mem.out.contains("lxc:web2"), "\(mem.out)\(mem.err)")
+        let manifest = hashify(["manifest", "--lxcpath", lxc, "lxc:web2"])
+        #expect(manifest.status == 0 && manifest.out.contains("/usr/share/private-1"), "\(manifest.err)")
+        // The config's guests, without --lxcpath.
+        let config = s.sub("hashify.toml")
+        writeFile(config, "[guests]\nall = true\nlxcpath = [\"\(lxc)\"]\n")
+        let byConfig = hashify(["status", "--config", config])
+        #expect(byConfig.status == 0 && byConfig.out.contains("lxc:web1"), "\(byConfig.out)\(byConfig.err)")
+        // Nothing anywhere: one line, exit 2.
+        let none = hashify(["status", "--lxcpath", s.sub("empty")])
+        #expect(none.status == 2 && none.err.contains("no guests found"), "\(none.err)")
+    }
+
     @Test("--all with no usable guest: a clear error, nothing changed")
     func nothingUsable() {
         let s = Scratch("discovernone")
