@@ -223,6 +223,14 @@ struct HardlinkRun {
         do { try plan.contents.save(to: store, inventory: inventory) } catch {
             report.notes.append("could not save the index: \(error)")
         }
+        // The objects no guest links any more go now: the routine needs no separate gc for them.
+        do {
+            let collected = try StoreObjects(store: store).collectUnlinkedObjects()
+            report.totals.objectsRemoved = collected.objects
+            report.totals.bytesFreedByRemoval = collected.bytes
+        } catch {
+            report.notes.append("could not remove the objects no guest links any more: \(error)")
+        }
         store.rememberGuests(roots.map(\.path))
         store.recordOpenForWriting(
             skips.filter { $0.reason == .openForWriting }.map { (roots[$0.guest].path.string, escapedPath($0.path)) },

@@ -32,6 +32,9 @@ public struct UnifyReport: Sendable, Codable {
         public var objectsCreated = 0
         public var pathsWithOtherModificationTime = 0
         public var temporariesRemoved = 0
+        /// Hardlink objects no guest linked any more, removed after linking (with the bytes they held).
+        public var objectsRemoved = 0
+        public var bytesFreedByRemoval: UInt64 = 0
         public var skipped = 0
         public var errors = 0
     }
@@ -182,6 +185,10 @@ extension UnifyReport {
         }
         for n in notes { out += "note      \(n)\n" }
         for n in notLinked { out += "untrusted \(n.line)\n" }
+        if t.objectsRemoved > 0 {
+            out +=
+                "removed   \(t.objectsRemoved) objects no guest links any more (\(formatBytes(t.bytesFreedByRemoval)))\n"
+        }
         if t.temporariesRemoved > 0 {
             out += "cleaned   \(t.temporariesRemoved) temporary names of an interrupted run\n"
         }

@@ -80,14 +80,7 @@ struct StoreObjects {
         for e in entries where !Self.isReferenced(e, referencedData: referencedData) {
             switch e.kind {
             case .hardlink(let o):
-                let dir = try store.prefixDirectory(o.digest.firstByte)
-                guard let st = try? dir.stat(o.name), st.linkCount == 1, st.inode == o.stat.inode else { continue }
-                if !dryRun {
-                    try dir.unlink(o.name)
-                    out.dropped.insert(InodeKey(device: st.device, inode: st.inode))
-                }
-                out.objects += 1
-                out.bytes += st.allocatedBytes
+                try removeUnlinked(o, dryRun: dryRun, into: &out)
             case .data(let r, _):
                 unusedData[r] = e.stat.allocatedBytes
             }
@@ -100,6 +93,32 @@ struct StoreObjects {
         if !dryRun {
             try ContentIndex.remove(out.dropped, in: store)
         }
+        return out
+    }
+
+    /// Removes a hardlink object no guest links any more (only the store's
+    /// own name left), checked again right before its name goes.
+    private func removeUnlinked(_ o: Store.Object, dryRun: Bool, into out: inout Collected) throws {
+        let dir = try store.prefixDirectory(o.digest.firstByte)
+        guard let st = try? dir.stat(o.name), st.linkCount == 1, st.inode == o.stat.inode else { return }
+        if !dryRun {
+            do { try dir.unlink(o.name) } catch { return }  // immutable, say: it stays, and is not counted
+            out.dropped.insert(InodeKey(device: st.device, inode: st.inode))
+        }
+        out.objects += 1
+        out.bytes += st.allocatedBytes
+    }
+
+    /// The hardlink part of `collectGarbage`, which `unify` runs after linking:
+    /// the objects no guest links any more (a package update replaced their
+    /// files in every guest, a killed run made them and linked nothing) go,
+    /// with their index records. Needs no walk of the guests: a link count tells.
+    func collectUnlinkedObjects() throws -> Collected {
+        var out = Collected()
+        for o in try store.listObjects() where o.stat.linkCount == 1 {
+            try removeUnlinked(o, dryRun: false, into: &out)
+        }
+        try ContentIndex.remove(out.dropped, in: store)
         return out
     }
 
