@@ -130,7 +130,11 @@ public struct Unifier {
         var c = Conversion()
         for root in plain {
             if options.dryRun {
-                c.notes.append("\(root) would be converted to an overlay guest (mode overlay)")
+                if let why = Overlay.conversionRefusal(root: root, storePath: storePath) {
+                    c.notes.append("\(root) would be left as it is until a later run (mode overlay): \(why)")
+                } else {
+                    c.notes.append("\(root) would be converted to an overlay guest (mode overlay)")
+                }
                 continue
             }
             var o = OverlayOptions(roots: [root])

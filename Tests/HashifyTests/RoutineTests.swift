@@ -56,3 +56,32 @@ struct RoutineTests {
         #expect(hashify(["verify", "-q", "--store", store]).status == 0)
     }
 }
+
+extension RoutineTests {
+    @Test(
+        "unify --mode overlay --dry-run predicts the real run: a running guest would be left as it is, the other converted",
+        .enabled(if: isRoot, "overlay mounts need root"))
+    func overlayDryRunPredictsRefusals() throws {
+        let s = Scratch("routinedry")
+        let store = s.sub("store")
+        let (idle, busy) = (s.sub("guests/idle"), s.sub("guests/busy"))
+        makeGuest(idle, index: 0)
+        makeGuest(busy, index: 1)
+        settle()
+        let p = try sleeper(in: busy)
+        defer {
+            p.terminate()
+            p.waitUntilExit()
+        }
+        let before = [idle, busy].map { manifest([$0]) }
+        let dry = hashify(["unify", "--dry-run", "--mode", "overlay", "--store", store, idle, busy])
+        #expect(dry.status == 0, "\(dry.err)")
+        #expect(dry.out.contains("\(busy) would be left as it is") && dry.out.contains("in use by"), "\(dry.out)")
+        #expect(dry.out.contains("\(idle) would be converted"), "\(dry.out)")
+        #expect([idle, busy].map { manifest([$0]) } == before)
+        let real = hashify(["unify", "--mode", "overlay", "--store", store, idle, busy])
+        #expect(real.out.contains("\(busy) left as it is") && real.out.contains("in use by"), "\(real.out)\(real.err)")
+        #expect(isOverlayMount(idle))
+        #expect(overlay(["umount", "-q", idle], store: store).status == 0)
+    }
+}

@@ -71,6 +71,35 @@ extension Overlay {
         return report
     }
 
+    /// Why `convert` would refuse the plain guest at `root` (what a dry run
+    /// predicts), or nil: the same checks, nothing made or changed.
+    public static func conversionRefusal(root: FilePath, storePath: FilePath) -> String? {
+        do {
+            guard let canonical = RootValidation.canonical(root) else { return "\(root): no such directory" }
+            let dir = try Directory.open(path: canonical)
+            if OverlayMount.isMountPoint(dir) {
+                return "\(root): already a mount point (convert needs the plain directory)"
+            }
+            var p = storePath
+            var storeDirectory: Directory?
+            while storeDirectory == nil && !p.isEmpty {
+                storeDirectory = try? Directory.open(path: p)
+                if storeDirectory == nil { p = p.removingLastComponent() }
+            }
+            if let storeDirectory, try !dir.isOnSameFilesystem(as: storeDirectory) {
+                return "\(root): not on the filesystem of the store \(storePath)"
+            }
+            try checkNotInUse(root, canonical: canonical, mountedOverlay: false)
+            if let why = idmappedRootfs(canonical) { return "\(root): \(why)" }
+            try ownOverlayAttributeRefusal(root: root, tree: dir)
+            return nil
+        } catch let e as InputError {
+            return e.description
+        } catch {
+            return "\(root): \(error)"
+        }
+    }
+
     static func convertOne(
         _ guest: OverlayGuest, root: FilePath, session s: Session, hardlinkObjects: Set<UInt64>, storeDevice: UInt64,
         mount: Bool, remover: BackgroundRemover

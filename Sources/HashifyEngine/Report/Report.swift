@@ -168,6 +168,9 @@ extension UnifyReport {
         let verb = dryRun ? "would link" : "linked"
         out += "hashify unify\(dryRun ? " (dry run: nothing changed)" : "") — store \(store)\n"
         if guests.isEmpty && !overlayGuests.isEmpty {
+            // Overlay guests alone; what was left as it is (a refused conversion) still said.
+            for n in notes { out += "note      \(n)\n" }
+            if !notes.isEmpty { out += "\n" }
             return out + overlaySection(width: 5) + "done in \((seconds * 100).rounded() / 100) s\n"
         }
         out +=
