@@ -70,7 +70,7 @@ extension RoutineTests {
         settle()
         let p = try sleeper(in: busy)
         defer {
-            p.terminate()
+            kill(p.processIdentifier, SIGKILL)
             p.waitUntilExit()
         }
         let before = [idle, busy].map { manifest([$0]) }
@@ -83,5 +83,45 @@ extension RoutineTests {
         #expect(real.out.contains("\(busy) left as it is") && real.out.contains("in use by"), "\(real.out)\(real.err)")
         #expect(isOverlayMount(idle))
         #expect(overlay(["umount", "-q", idle], store: store).status == 0)
+    }
+}
+
+extension RoutineTests {
+    @Test(
+        "the LXC hook says what it did and what failed, with the container's name: an unmount a shell inside prevents, the unfolded start it causes",
+        .enabled(if: isRoot, "overlay mounts need root"))
+    func hookSaysWhatFailed() throws {
+        let s = Scratch("routinehook")
+        let store = s.sub("store")
+        let root = s.sub("lxc/web9/rootfs")
+        makeGuest(root, index: 0)
+        settle()
+        #expect(overlay(["convert", "-q", root], store: store).status == 0)
+        let hook = packageRoot.appendingPathComponent("contrib/lxc/hashify-lxc-hook").path
+        func runHook(_ type: String) -> (status: Int32, out: String, err: String) {
+            run([
+                "/usr/bin/env", "HASHIFY=\(hashifyBinary)", "LXC_ROOTFS_PATH=dir:\(root)", "LXC_NAME=web9",
+                "LXC_HOOK_TYPE=\(type)", hook, store, "web9", "lxc", type,
+            ])
+        }
+        writeFile("\(root)/usr/lib/new", pseudoRandom(9000, seed: 1200))
+        // A shell left inside the rootfs: post-stop cannot unmount, and says so.
+        let p = try sleeper(in: "\(root)/usr")
+        let stop = runHook("post-stop")
+        #expect(stop.status == 1, "\(stop.err)")
+        #expect(stop.err.contains("lxc:web9: could not unmount") && stop.err.contains("in use by"), "\(stop.err)")
+        #expect(isOverlayMount(root))
+        // The next start runs on the mounted generation, unfolded, and says that too.
+        let start = runHook("pre-start")
+        #expect(start.status == 0, "\(start.err)")
+        #expect(start.err.contains("lxc:web9: mounted: fold at next start"), "\(start.err)")
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        #expect(runHook("post-stop").status == 0)
+        let again = runHook("pre-start")
+        #expect(again.status == 0 && again.err.contains("lxc:web9: folded"), "\(again.err)")
+        #expect(FileManager.default.contents(atPath: "\(root)/usr/lib/new") == Data(pseudoRandom(9000, seed: 1200)))
+        #expect(runHook("post-stop").status == 0)
+        #expect(!isOverlayMount(root))
     }
 }
