@@ -112,7 +112,6 @@ extension HostGuests {
         var found = HostGuests(
             host: host, given: roots.map { FilePath($0) }, store: store, discover: discover, places: places)
         if storeOnly { found.roots = [] }
-        if found.store == nil, !found.roots.isEmpty { found.store = RootValidation.defaultStorePath(for: found.roots) }
         return found
     }
 }

@@ -94,6 +94,13 @@ struct MemoryTests {
         let listed = restart.filter { pids.contains($0["pid"] as? Int ?? -1) }
         #expect(listed.count >= 2, "perl processes to restart: \(restart)")
         #expect(listed.allSatisfy { ($0["bytes"] as? Int ?? 0) > 0 && ($0["command"] as? String) == "perl" })
+        // What the processes still map of the replaced copies is a restart's to free, not unify's (a re-run links nothing).
+        #expect(after["unifyWouldSaveBytes"] as? Int == 0, "\(after["unifyWouldSaveBytes"] ?? "-")")
+        let dupFiles = after["duplicatedFiles"] as? [[String: Any]] ?? []
+        #expect(!dupFiles.isEmpty && dupFiles.allSatisfy { $0["mergedBy"] as? String == "a restart" }, "\(dupFiles)")
+        #expect(dupFiles.allSatisfy { !($0["path"] as? String ?? "").contains(".hashify~") }, "\(dupFiles)")
+        let rerun = hashify(["unify", "--json"] + guests)
+        #expect(totals(rerun.out)["pathsLinked"] as? Int == 0)
 
         stop(procs)
         procs = try startPerl(in: guests)

@@ -69,9 +69,13 @@ public struct MemoryReport: Sendable, Codable {
         /// Page cache the extra copies hold (`cachestat`): mapped or not.
         public var cachedBytes: UInt64
         /// What would merge the extra copies: `unify`, `overlay mode`,
-        /// `unify, then overlay mode`, or `nothing` (64 bytes or less: whole in each overlay guest).
+        /// `unify, then overlay mode`, `a restart` (copies unify replaced
+        /// already, which processes still map), or `nothing` (64 bytes or
+        /// less: whole in each overlay guest).
         public var mergedBy = "unify"
         public var unifyWouldSaveBytes: UInt64 = 0
         public var overlayModeWouldSaveBytes: UInt64 = 0
+        /// Resident bytes of copies unify replaced already (deleted inodes processes still map): a restart frees them.
+        public var restartWouldFreeBytes: UInt64 = 0
     }
 }

@@ -276,7 +276,9 @@ public enum MemoryScanner {
                 if let d = info.digest { byContent[d, default: []].append(k) }
             }
             for (_, ks) in byContent where ks.count > 1 {
-                let kept = ks.max { physical[$0]!.resident < physical[$1]!.resident }!
+                // The copy kept (and named) is a live one: a deleted copy goes at its processes' restart.
+                func rank(_ k: Physical) -> (Int, UInt64) { (physical[k]!.deleted ? 0 : 1, physical[k]!.resident) }
+                let kept = ks.max { rank($0) < rank($1) }!
                 let extra = ks.filter { $0 != kept }
                 duplicate.formUnion(extra)
                 let cached = extra.reduce(UInt64(0)) { sum, k in
@@ -285,11 +287,13 @@ public enum MemoryScanner {
                 var d = MemoryReport.DuplicatedFile(
                     path: escapedPath(physical[kept]!.path), copies: ks.count,
                     duplicatedBytes: extra.reduce(0) { $0 + physical[$1]!.resident }, cachedBytes: cached)
-                (d.unifyWouldSaveBytes, d.overlayModeWouldSaveBytes) = merges(of: ks)
+                (d.unifyWouldSaveBytes, d.overlayModeWouldSaveBytes, d.restartWouldFreeBytes) = merges(
+                    of: ks, kept: kept)
                 d.mergedBy =
                     d.unifyWouldSaveBytes > 0
                     ? (d.overlayModeWouldSaveBytes > 0 ? "unify, then overlay mode" : "unify")
-                    : (d.overlayModeWouldSaveBytes > 0 ? "overlay mode" : "nothing")
+                    : (d.overlayModeWouldSaveBytes > 0
+                        ? "overlay mode" : (d.restartWouldFreeBytes > 0 ? "a restart" : "nothing"))
                 report.unifyWouldSaveBytes += d.unifyWouldSaveBytes
                 report.overlayModeWouldSaveBytes += d.overlayModeWouldSaveBytes
                 report.duplicatedFiles.append(d)
@@ -301,13 +305,19 @@ public enum MemoryScanner {
         /// Resident bytes of the extra copies of one content that unify would
         /// merge, and those only overlay mode would (see `findDuplicates`): a
         /// copy a guest of an untrusted root maps is one unify leaves alone.
-        func merges(of copies: [Physical]) -> (unify: UInt64, overlayMode: UInt64) {
+        func merges(of copies: [Physical], kept: Physical) -> (unify: UInt64, overlayMode: UInt64, restart: UInt64) {
             let size = physical[copies[0]]!.size ?? 0
             let mergeable = size > Overlay.inlineLimit
             // Classes unify merges within: overlay guests' copies (by a fold), plain copies by identity.
             var classes: [String: [UInt64]] = [:]
+            var restart: UInt64 = 0
             for k in copies {
                 let info = physical[k]!
+                // A copy unify replaced already (deleted, still mapped): no run links it, a restart frees it.
+                if info.deleted && k != kept {
+                    restart += info.resident
+                    continue
+                }
                 var cls = "overlay"
                 if !info.overlay && info.guests.contains(where: { $0 >= 0 && guests[$0].untrusted != nil }) {
                     cls = "untrusted \(k.device):\(k.inode)"  // unify never links it
@@ -330,8 +340,8 @@ public enum MemoryScanner {
                 unify += resident.reduce(0, +) - top
                 keepers.append(top)
             }
-            let rest = keepers.reduce(0, +) - keepers.max()!
-            return (unify, mergeable ? rest : 0)
+            let rest = keepers.isEmpty ? 0 : keepers.reduce(0, +) - keepers.max()!
+            return (unify, mergeable ? rest : 0, restart)
         }
 
         /// Per guest: file-backed, shared, duplicated, anonymous and KSM-merged bytes, and who must restart.
