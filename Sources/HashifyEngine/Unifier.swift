@@ -75,8 +75,17 @@ public struct Unifier {
         if options.roots.isEmpty { throw InputError("no guest root given") }
         // Guests are named by their real path in every report (as status and mem name them).
         let roots = options.roots.map { RootValidation.canonical($0) ?? $0 }
-        let storePath = options.store ?? RootValidation.defaultStorePath(for: roots)
-        var overlay = Overlay.overlayGuests(among: roots, storePath: storePath)
+        // Each overlay guest carries its store: given another, the run refuses; not given, the
+        // plain guests' default store is found without them, and each overlay guest folds in its own.
+        if let given = options.store { try GuestStore.check(roots, store: given) }
+        var ownStores: [FilePath: FilePath] = [:]
+        for r in roots { if let own = GuestStore.of(r) { ownStores[r] = own } }
+        let unmarked = roots.filter { ownStores[$0] == nil }
+        let storePath =
+            options.store
+            ?? (unmarked.isEmpty
+                ? ownStores[roots[0]]! : RootValidation.defaultStorePath(for: unmarked))
+        var overlay = Overlay.overlayGuests(among: unmarked, storePath: storePath).union(ownStores.keys)
         var plain = roots.filter { !overlay.contains($0) }
         var conversion = Conversion()
         if options.mode == .overlay {
@@ -98,12 +107,15 @@ public struct Unifier {
         if !overlay.isEmpty {
             let started = MonotonicInstant.now()
             _ = prepareProcessForUnification()
-            guard let store = try Store.open(at: storePath, create: false) else { return report }
-            if !options.dryRun { try store.lock(wait: options.waitForLock) }
             // A guest converted by this run has nothing to fold: its conversion is its report.
-            report.overlayGuests = try Overlay.fold(
-                roots: roots.filter { overlay.contains($0) && !conversion.converted.contains($0) }, store: store,
-                dryRun: options.dryRun)
+            let toFold = roots.filter { overlay.contains($0) && !conversion.converted.contains($0) }
+            var byStore: [FilePath: [FilePath]] = [:]
+            for r in toFold { byStore[ownStores[r] ?? storePath, default: []].append(r) }
+            for (path, group) in byStore.sorted(by: { $0.key.string < $1.key.string }) {
+                guard let store = try Store.open(at: path, create: false) else { continue }
+                if !options.dryRun { try store.lock(wait: options.waitForLock) }
+                report.overlayGuests += try Overlay.fold(roots: group, store: store, dryRun: options.dryRun)
+            }
             report.overlayGuests += conversion.reports
             report.mode = plain.isEmpty ? "overlay" : "hardlink+overlay"
             report.seconds += Overlay.elapsed(since: started)

@@ -125,3 +125,50 @@ extension RoutineTests {
         #expect(!isOverlayMount(root))
     }
 }
+
+extension RoutineTests {
+    @Test(
+        "an overlay guest carries its store: every command finds it from the guest, and one given another store refuses in one line",
+        .enabled(if: isRoot, "overlay mounts need root"))
+    func overlayGuestCarriesItsStore() throws {
+        let s = Scratch("routinestore")
+        let (plain, ov) = (s.sub("lxc/a/rootfs"), s.sub("lxc/b/rootfs"))
+        makeGuest(plain, index: 0)
+        makeGuest(ov, index: 1)
+        settle()
+        // The two stores the README once named: hardlink guests' (above them), overlay guests' (elsewhere).
+        let hardlinkStore = s.sub("lxc/.hashify")
+        let overlayStore = s.sub("var-lib-hashify")
+        #expect(hashify(["unify", "-q", "--store", hardlinkStore, plain]).status == 0)
+        #expect(overlay(["convert", "-q", ov], store: overlayStore).status == 0)
+        let before = [plain, ov].map(guestManifest)
+        // Without --store: the plain guest unified with its store, the overlay guest folded in its own.
+        let both = hashify(["unify", "--json", plain, ov])
+        #expect(both.status == 0, "\(both.out) \(both.err)")
+        #expect(jsonReport(both.out)["store"] as? String == hardlinkStore, "\(both.out)")
+        #expect(firstGuestReport(both.out)["action"] as? String == "mounted: fold at next start", "\(both.out)")
+        #expect(hashify(["status", ov]).status == 0)
+        let manifest = hashify(["manifest", ov])
+        #expect(manifest.status == 0 && manifest.out.contains("overlay"), "\(manifest.out.prefix(300)) \(manifest.err)")
+        // Given the other store: one line naming the guest and its store, nothing changed.
+        for args in [
+            ["unify", "--store", hardlinkStore, plain, ov], ["status", "--store", hardlinkStore, ov],
+            ["manifest", "--store", hardlinkStore, ov], ["overlay", "fold", "--store", hardlinkStore, ov],
+        ] {
+            let r = hashify(args)
+            #expect(r.status == 2, "\(args): \(r.out) \(r.err)")
+            #expect(r.err.contains("\(ov): an overlay guest of the store \(overlayStore)"), "\(args): \(r.err)")
+        }
+        #expect([plain, ov].map(guestManifest) == before)
+        // Unmounted, a guest converted by an earlier version learns its store at its next mount.
+        #expect(overlay(["umount", "-q", ov], store: overlayStore).status == 0)
+        _ = run(["/usr/bin/setfattr", "-x", "trusted.hashify.store", ov])
+        #expect(overlay(["mount", "-q", ov], store: overlayStore).status == 0)
+        #expect(overlay(["umount", "-q", ov], store: overlayStore).status == 0)
+        let fold = hashify(["overlay", "fold", "--json", ov])
+        #expect(fold.status == 0, "found from the mark alone: \(fold.err)")
+        #expect(overlay(["mount", "-q", ov], store: overlayStore).status == 0)
+        #expect(guestManifest(ov) == before[1])
+        #expect(overlay(["umount", "-q", ov], store: overlayStore).status == 0)
+    }
+}

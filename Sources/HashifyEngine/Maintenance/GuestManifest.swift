@@ -63,6 +63,7 @@ public enum ManifestCommand {
             throw InputError("\(root): no such directory")
         }
         let path = storePath ?? RootValidation.defaultStorePath(for: [root])
+        try GuestStore.check([root], store: path)
         guard let store = try Store.open(at: path, create: false) else {
             throw InputError("\(path): no hashify store here (run unify first, or give --store)")
         }

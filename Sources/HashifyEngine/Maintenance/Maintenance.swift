@@ -25,6 +25,7 @@ public struct StoreLocation: Sendable {
                     ? "give --store or the guest roots"
                     : "\(paths[0]): no store knows a guest holding it (give --store or --root)")
         }
+        try GuestStore.check(roots, store: path)
         guard let s = try Store.open(at: path, create: false) else {
             throw InputError("\(path): no hashify store here (run unify first, or give --store)")
         }

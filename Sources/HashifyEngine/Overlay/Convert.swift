@@ -158,6 +158,7 @@ extension Overlay {
         let mountPoint = try scratch.openDirectory(plain)
         try mountPoint.changeOwner(uid: rootStat.uid, gid: rootStat.gid)
         try mountPoint.changeMode(rootStat.mode)
+        try GuestStore.mark(mountPoint, store: s.store.path)
         try mountPoint.setModificationTime(rootStat.modificationTime)
         let (parent, name) = try parentAndName(guest.rootPath)
         guard let now = try? parent.stat(name), now.inode == rootStat.inode else {
@@ -261,6 +262,8 @@ extension Overlay {
         }
         if OverlayMount.isMountPoint(dir) { throw InputError("\(root): something else is mounted here") }
         if try !dir.entryNames().isEmpty { throw InputError("\(root): the mount point is not empty") }
+        // Guests converted by earlier versions learn their store here.
+        try? GuestStore.mark(dir, store: s.store.path)
         do {
             try OverlayMount.mount(gen, data: s.dataPath, on: dir)
         } catch {

@@ -989,10 +989,11 @@ extension Overlay {
         return out
     }
 
-    /// The roots among `roots` that are overlay guests of the store at `storePath`.
+    /// The roots among `roots` that are overlay guests: of the store at
+    /// `storePath`, or of the store they carry (`GuestStore`).
     public static func overlayGuests(among roots: [FilePath], storePath: FilePath) -> Set<FilePath> {
-        guard let store = try? Store.open(at: storePath, create: false) else { return [] }
-        var out = Set<FilePath>()
+        var out = Set(roots.filter { GuestStore.of($0) != nil })
+        guard let store = try? Store.open(at: storePath, create: false) else { return out }
         for r in roots {
             guard let c = RootValidation.canonical(r),
                 let g = try? OverlayGuest.open(store: store, canonicalRoot: c, create: false),

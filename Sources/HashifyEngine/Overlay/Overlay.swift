@@ -160,6 +160,7 @@ public enum Overlay {
             ($0.given, $0.canonical, nil)
         }
         let storePath = options.store ?? RootValidation.defaultStorePath(for: options.roots)
+        try GuestStore.check(options.roots, store: storePath)
         for (r, c, _) in guests {
             if let cs = RootValidation.canonical(storePath), cs == c || RootValidation.isInside(cs, c) {
                 throw InputError("\(storePath): the store must not be inside the guest root \(r)")

@@ -67,9 +67,13 @@ public enum RootValidation {
     /// The default store of guests, the same for every command: the nearest
     /// `.hashify` store in or above the roots' common parent that knows one of
     /// them (the one `unify`, `overlay convert` or `clone` made or used for
-    /// them), else `.hashify` in the nearest common parent (where `unify` makes it).
+    /// them), else the store an overlay guest among them carries (`GuestStore`),
+    /// else `.hashify` in the nearest common parent (where `unify` makes it).
     public static func defaultStorePath(for paths: [FilePath]) -> FilePath {
         let canon = paths.map { canonical($0) ?? $0 }
+        // Overlay guests alone, of one store: theirs, whatever else remembers them.
+        let own = canon.map(GuestStore.of)
+        if let first = own.first ?? nil, own.allSatisfy({ $0 == first }) { return first }
         var common = canon[0].removingLastComponent()
         for c in canon.dropFirst() {
             while !c.starts(with: common) || c == common { common = common.removingLastComponent() }
@@ -82,6 +86,8 @@ public enum RootValidation {
             if up == dir || up.isEmpty { break }
             dir = up
         }
+        // An overlay guest carries its store (wherever it is).
+        if let own = GuestStore.common(canon) { return own }
         return common.appending(".hashify")
     }
 
