@@ -172,3 +172,25 @@ extension RoutineTests {
         #expect(overlay(["umount", "-q", ov], store: overlayStore).status == 0)
     }
 }
+
+extension RoutineTests {
+    @Test(
+        "a conversion that fails on the system (no space) names the guest and says it is left as it was; it leaves no object",
+        .enabled(if: isRoot, "overlay mounts need root"))
+    func failedConversionNamesGuest() throws {
+        let s = Scratch("routinenospace")
+        let store = s.sub("store")
+        let g = s.sub("guests/g")
+        makeGuest(g, index: 0)
+        settle()
+        let before = guestManifest(g)
+        let r = hashifyFailing("linkat", "error=ENOSPC:when=3", ["overlay", "convert", "--store", store, g])
+        #expect(r.status != 0, "\(r.out)")
+        #expect(r.err.contains("\(g): conversion failed (the guest is left as it was"), "\(r.err)")
+        #expect(r.err.contains("No space left on device"), "\(r.err)")
+        #expect(!isOverlayMount(g))
+        #expect(guestManifest(g) == before)
+        #expect(dataObjectNames(store).isEmpty, "\(dataObjectNames(store))")
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: "\(store)/reserved")) ?? []).isEmpty)
+    }
+}

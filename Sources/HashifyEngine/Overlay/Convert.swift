@@ -60,10 +60,16 @@ extension Overlay {
                     try convertOne(
                         record, root: g.root, session: s, hardlinkObjects: hardlinkObjects, storeDevice: storeDevice,
                         mount: options.mount, remover: remover))
+            } catch let e as InputError {
+                _ = try? recover(record)
+                throw e
             } catch {
                 // Before the switch this undoes the work at once (the guest is its plain tree); after it, it finishes it.
-                _ = try? recover(record)
-                throw error
+                let state = (try? recover(record)) ?? nil
+                // Named with the guest and what happened to it (a bare "/usr/share: No space left on device"
+                // reads like the host's /usr/share).
+                throw ConversionFailed(
+                    root: g.root, leftAsItWas: state?.phase != .active, underlying: error)
             }
         }
         try remover.finish()
@@ -97,6 +103,17 @@ extension Overlay {
             return e.description
         } catch {
             return "\(root): \(error)"
+        }
+    }
+
+    /// A conversion that failed on an error of the system (not of its input):
+    /// names the guest and whether it was left as it was.
+    struct ConversionFailed: Error, CustomStringConvertible {
+        var root: FilePath
+        var leftAsItWas: Bool
+        var underlying: any Error
+        var description: String {
+            "\(root): conversion failed (\(leftAsItWas ? "the guest is left as it was, a plain directory" : "the guest is an overlay guest; the next command finishes its conversion")): \(underlying)"
         }
     }
 

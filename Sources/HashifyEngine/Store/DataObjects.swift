@@ -274,10 +274,13 @@ public final class DataObjects: @unchecked Sendable {
                 let temp = FileName(Array(".new-".utf8) + name)
                 try? dir.unlink(temp)
                 let f = try dir.createFile(temp, mode: 0o400)
-                try source.cloneContent(to: f, size: size)
-                guard try f.stat().size == size else {
+                do {
+                    try source.cloneContent(to: f, size: size)
+                    guard try f.stat().size == size else { throw Errno.ioError }
+                } catch {
+                    // A copy that failed (the disk full, say) leaves nothing behind.
                     try? dir.unlink(temp)
-                    throw Errno.ioError
+                    throw error
                 }
                 try dir.rename(temp, to: dir, as: FileName(name), flags: .noReplace)
             }
