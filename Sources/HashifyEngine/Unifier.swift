@@ -76,15 +76,12 @@ public struct Unifier {
         // Guests are named by their real path in every report (as status and mem name them).
         let roots = options.roots.map { RootValidation.canonical($0) ?? $0 }
         // Each overlay guest carries its store: given another, the run refuses; not given, the
-        // plain guests' default store is found without them, and each overlay guest folds in its own.
+        // plain guests take the default store, and each overlay guest folds in its own.
         if let given = options.store { try GuestStore.check(roots, store: given) }
         var ownStores: [FilePath: FilePath] = [:]
         for r in roots { if let own = GuestStore.of(r) { ownStores[r] = own } }
         let unmarked = roots.filter { ownStores[$0] == nil }
-        let storePath =
-            options.store
-            ?? (unmarked.isEmpty
-                ? ownStores[roots[0]]! : RootValidation.defaultStorePath(for: unmarked))
+        let storePath = options.store ?? RootValidation.defaultStorePath(for: roots)
         var overlay = Overlay.overlayGuests(among: unmarked, storePath: storePath).union(ownStores.keys)
         var plain = roots.filter { !overlay.contains($0) }
         var conversion = Conversion()
