@@ -476,3 +476,28 @@ extension IsolationTests {
         #expect(FileManager.default.fileExists(atPath: newObject))
     }
 }
+
+extension IsolationTests {
+    @Test("a data object deleted by hand: status names the guests whose files used it")
+    func missingObjectNamed() throws {
+        let s = Scratch("isomissing")
+        let (store, a, b) = twoGuests(s)
+        let own = Data(pseudoRandom(12_000, seed: 11))  // b's own file
+        guard let object = dataObjectNames(store).first(where: { FileManager.default.contents(atPath: $0) == own })
+        else {
+            Issue.record("no object of b's own file")
+            return
+        }
+        #expect(unlink(object) == 0)
+        let status = hashify(["status", "--json", "--store", store])
+        let section = jsonReport(status.out)["overlay"] as? [String: Any] ?? [:]
+        let rows = section["guests"] as? [[String: Any]] ?? []
+        #expect(rows.first { $0["root"] as? String == b }?["missingDataObjects"] as? Int == 1, "\(rows)")
+        #expect(rows.first { $0["root"] as? String == a }?["missingDataObjects"] as? Int == 0, "\(rows)")
+        let warnings = (section["warnings"] as? [String] ?? []).joined(separator: "\n")
+        #expect(warnings.contains("\(b): 1 data object its files use is missing"), "\(warnings)")
+        let text = hashify(["status", "--store", store])
+        #expect(text.out.contains("\(b): 1 data object its files use is missing"), "\(text.out)")
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+    }
+}

@@ -24,6 +24,9 @@ public struct OverlayStatus: Sendable, Codable {
         public var copyUpBytes: UInt64 = 0
         /// Whether the upper layer holds anything a fold would take back.
         public var foldPending = false
+        /// Data objects the guest's stubs name that the store does not hold: its only copy of
+        /// those files is gone (`verify` lists them; a backup restores them).
+        public var missingDataObjects = 0
         /// The guest's name, when it has one.
         public var guest: String?
     }
@@ -150,6 +153,7 @@ extension Overlay {
         var out = OverlayStatus()
         out.warnings += unreadable.map { "\($0): no data object is removed until it is repaired" }
         if let problem = objects.indexProblem { out.warnings.append(problem) }
+        let held = Set(((try? objects.list()) ?? []).map(\.redirect))
         for (g, state, scan) in guests {
             guard let state else {
                 do { _ = try g.readState() } catch { out.warnings.append(error.description) }
@@ -166,6 +170,14 @@ extension Overlay {
             entry.sharedBytes = scan.stubBytes
             entry.copyUpBytes = scan.allocatedBytes
             entry.foldPending = scan.entries > 0
+            // In overlay mode the store holds the only copy of a shared file's data.
+            let missing = scan.counts.keys.filter { !held.contains($0) }.sorted { $0.lexicographicallyPrecedes($1) }
+            entry.missingDataObjects = missing.count
+            if let first = missing.first {
+                out.warnings.append(
+                    "\(g.rootPath): \(missing.count) data object\(missing.count == 1 ? "" : "s") its files use \(missing.count == 1 ? "is" : "are") missing from the store (\(String(decoding: first, as: UTF8.self))\(missing.count > 1 ? ", …" : "")): those files cannot be read; restore the store from a backup (hashify verify names the objects)"
+                )
+            }
             out.routineUpdateBytes += max(scan.stubBytes / 10, scan.allocatedBytes)
             if state.phase != .active {
                 out.warnings.append(
