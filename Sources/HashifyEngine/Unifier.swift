@@ -77,7 +77,19 @@ public struct Unifier {
         let roots = options.roots.map { RootValidation.canonical($0) ?? $0 }
         // Each overlay guest carries its store: given another, the run refuses; not given, the
         // plain guests take the default store, and each overlay guest folds in its own.
-        if let given = options.store { try GuestStore.check(roots, store: given) }
+        if let given = options.store {
+            try GuestStore.check(roots, store: given)
+            // A plain guest an earlier run unified with the store above it belongs to that one.
+            let canonicalGiven = RootValidation.canonical(given) ?? given
+            for r in roots where GuestStore.of(r) == nil {
+                guard let known = RootValidation.storeKnowing(root: r),
+                    (RootValidation.canonical(known) ?? known) != canonicalGiven
+                else { continue }
+                throw InputError(
+                    "\(r): a guest of the store \(known), not of \(given) (a guest belongs to one store: give --store \(known), or first split it whole out of that one: hashify split --store \(known) --root \(r))"
+                )
+            }
+        }
         var ownStores: [FilePath: FilePath] = [:]
         for r in roots { if let own = GuestStore.of(r) { ownStores[r] = own } }
         let unmarked = roots.filter { ownStores[$0] == nil }

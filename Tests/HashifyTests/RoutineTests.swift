@@ -194,3 +194,28 @@ extension RoutineTests {
         #expect(((try? FileManager.default.contentsOfDirectory(atPath: "\(store)/reserved")) ?? []).isEmpty)
     }
 }
+
+extension RoutineTests {
+    @Test(
+        "plain guests unified with one store refuse a second --store in one line; split whole out of it, they may move")
+    func plainGuestsKeepTheirStore() throws {
+        let s = Scratch("routinetwostores")
+        let guests = (0..<2).map { s.sub("lxc/g\($0)/rootfs") }
+        for (i, g) in guests.enumerated() { makeGuest(g, index: i) }
+        settle()
+        let first = s.sub("lxc/.hashify")
+        let second = s.sub("other-store")
+        #expect(hashify(["unify", "-q", "--store", first] + guests).status == 0)
+        let before = guests.map { manifest([$0], inodes: true) }
+        let again = hashify(["unify", "--store", second] + guests)
+        #expect(again.status == 2, "\(again.out) \(again.err)")
+        #expect(again.err.contains("\(guests[0]): a guest of the store \(first)"), "\(again.err)")
+        #expect(guests.map { manifest([$0], inodes: true) } == before, "nothing changed")
+        #expect(!FileManager.default.fileExists(atPath: second), "no store made")
+        // Split whole out of the first store, a guest may go to another.
+        for g in guests { #expect(hashify(["split", "-q", "--store", first, "--root", g]).status == 0) }
+        let moved = hashify(["unify", "--json", "--store", second] + guests)
+        #expect(moved.status == 0, "\(moved.err)")
+        #expect((totals(moved.out)["pathsLinked"] as? Int ?? 0) > 0)
+    }
+}

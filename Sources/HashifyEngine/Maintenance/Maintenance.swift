@@ -456,6 +456,8 @@ public enum SplitCommand {
             journal.finish()
             report.pathsSplit += splitter.split
             report.skipped += skippedPaths(splitter.skips, roots: [roots[i]])
+            // A guest split whole shares nothing with this store any more: it may go to another.
+            if paths.isEmpty && includes.isEmpty && splitter.skips.isEmpty { store.forgetGuests([order[i]]) }
         }
         return report
     }

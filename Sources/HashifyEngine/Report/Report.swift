@@ -174,10 +174,10 @@ extension UnifyReport {
             return out + overlaySection(width: 5) + "done in \((seconds * 100).rounded() / 100) s\n"
         }
         out +=
-            "scanned   \(t.filesScanned) files (\(formatBytes(t.bytesScanned))) in \(t.guests) guests, \(t.directories) directories"
+            "scanned   \(t.filesScanned) files (\(formatBytes(t.bytesScanned)) in size) in \(t.guests) guests, \(t.directories) directories"
         out += "; excluded \(t.excluded), conffiles \(t.conffiles), below min size \(t.belowMinimumSize)\n"
         out +=
-            "hashed    \(t.candidates) candidate files (\(t.indexHits) known from the index), \(formatBytes(t.bytesHashed)) read; "
+            "hashed    \(t.candidates) candidate files (\(t.indexHits) known from the index), \(formatBytes(t.bytesHashed)) read (a file compared with another counts both); "
         out += "\(t.identityGroups) groups of identical files\n"
         out += "\(verb.rightPadded(11))\(t.pathsLinked) paths; \(t.inodesFreed) copies freed, "
         out +=

@@ -215,6 +215,14 @@ public final class Store: @unchecked Sendable {
         replaceFile("guests", with: data)
     }
 
+    /// Forgets guests (split whole, they share nothing with the store any more).
+    public func forgetGuests(_ roots: [FilePath]) {
+        let gone = Set(roots.map { RootValidation.canonical($0) ?? $0 })
+        var data: [UInt8] = []
+        for r in rememberedGuests() where !gone.contains(r) { data += Array(r.string.utf8) + [0] }
+        replaceFile("guests", with: data)
+    }
+
     /// Replaces the store file `name` with `data` in one step (best effort: these files are hints).
     private func replaceFile(_ name: String, with data: [UInt8]) {
         try? directory.writeAtomically(data, as: FileName(name))

@@ -91,6 +91,20 @@ public enum RootValidation {
         return common.appending(".hashify")
     }
 
+    /// The nearest `.hashify` store above a guest root that knows it (the one
+    /// an earlier run used for it), or nil.
+    public static func storeKnowing(root: FilePath) -> FilePath? {
+        guard let c = canonical(root) else { return nil }
+        var dir = c.removingLastComponent()
+        while true {
+            let candidate = dir.appending(".hashify")
+            if let store = try? Store.open(at: candidate, create: false), store.knowsAny(of: [c]) { return candidate }
+            let up = dir.removingLastComponent()
+            if up == dir || up.isEmpty { return nil }
+            dir = up
+        }
+    }
+
     /// The nearest `.hashify` store at or above `path` that knows a guest whose root holds `path`.
     public static func storeKnowingGuest(of path: FilePath) -> FilePath? {
         guard let c = canonical(path.removingLastComponent()).map({ $0.appending(path.lastComponent?.string ?? "") })
