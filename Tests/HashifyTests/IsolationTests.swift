@@ -501,3 +501,45 @@ extension IsolationTests {
         #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
     }
 }
+
+extension IsolationTests {
+    @Test(
+        "verify --repair puts a missing data object back from another copy of its content, and otherwise lists the files lost"
+    )
+    func repairRestoresMissingObject() throws {
+        let s = Scratch("isorestore")
+        let store = s.sub("guests/.hashify")
+        let (p1, p2, o) = (s.sub("guests/p1"), s.sub("guests/p2"), s.sub("guests/o"))
+        let shared = pseudoRandom(20_000, seed: 61)
+        for g in [p1, p2, o] { writeFile("\(g)/usr/lib/shared", shared) }
+        writeFile("\(o)/usr/lib/own", pseudoRandom(12_000, seed: 62))
+        for g in [p1, p2, o] { settleDirectoryTimes(g) }
+        settle()
+        // Two plain guests share the content through a hardlink object; the overlay guest holds it as a data object.
+        #expect(hashify(["unify", "-q", "--store", store, p1, p2]).status == 0)
+        #expect(overlay(["convert", "-q", o], store: store).status == 0)
+        let objects = dataObjectNames(store)
+        guard let sharedObject = objects.first(where: { FileManager.default.contents(atPath: $0) == Data(shared) }),
+            let ownObject = objects.first(where: {
+                FileManager.default.contents(atPath: $0) == Data(pseudoRandom(12_000, seed: 62))
+            })
+        else {
+            Issue.record("objects not found: \(objects)")
+            return
+        }
+        #expect(overlay(["umount", "-q", o], store: store).status == 0)
+        for object in [sharedObject, ownObject] { #expect(unlink(object) == 0) }
+        let repair = hashify(["verify", "--repair", "--json", "--store", store])
+        let damaged = jsonReport(repair.out)["damagedDataObjects"] as? [[String: Any]] ?? []
+        let restored = damaged.filter { $0["restored"] as? Bool == true }
+        let lost = damaged.flatMap { $0["filesLost"] as? [String] ?? [] }
+        #expect(restored.count == 1, "\(damaged)")
+        #expect(lost == ["\(o): /usr/lib/own"], "\(damaged)")
+        let text = hashify(["verify", "--store", store])
+        #expect(text.out.contains("missing"), "the lost object is still reported: \(text.out)")
+        #expect(overlay(["mount", "-q", o], store: store).status == 0)
+        #expect(FileManager.default.contents(atPath: "\(o)/usr/lib/shared") == Data(shared))
+        #expect(FileManager.default.contents(atPath: "\(o)/usr/lib/own") == nil, "that file's only copy is gone")
+        #expect(overlay(["umount", "-q", o], store: store).status == 0)
+    }
+}

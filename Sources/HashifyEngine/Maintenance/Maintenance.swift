@@ -268,6 +268,7 @@ public enum VerifyCommand {
                 report.damagedDataObjects[i].neverReused = true
             }
         }
+        if repair { try restoreDataObjects(&report, checks: checks, store: store) }
         if bad.isEmpty { return report }
         // Every guest path that links a damaged object.
         let roots = guests.isEmpty ? [] : try RootValidation.openRoots(guests)
@@ -307,6 +308,49 @@ public enum VerifyCommand {
         }
         if repair { try ContentIndex.remove(dropped, in: store) }
         return report
+    }
+}
+
+extension VerifyCommand {
+    /// `verify --repair` for data objects, which in overlay mode hold the
+    /// only copy of a shared file's data: each missing or damaged one whose
+    /// digest is known gets its content back from another copy (a hardlink
+    /// object of that content, sound by this run's check); without one, the
+    /// guests' files that read it are listed as lost.
+    static func restoreDataObjects(_ report: inout VerifyReport, checks: [StoreObjects.Check], store: Store) throws {
+        let data = try store.dataObjects()
+        var wanted: [[UInt8]: ContentDigest] = [:]
+        var badHardlink = Set<[UInt8]>()
+        for c in checks {
+            switch c.kind {
+            case .data(let r, let recorded):
+                if let d = recorded ?? data.digests[r], c.missing || c.contentChanged { wanted[r] = d }
+            case .hardlink(let o): badHardlink.insert(o.name.bytes)
+            }
+        }
+        guard !wanted.isEmpty else { return }
+        var sources: [ContentDigest: Store.Object] = [:]
+        for o in try store.listObjects() where !badHardlink.contains(o.name.bytes) { sources[o.digest] = o }
+        var lost = Set<[UInt8]>()
+        for (r, digest) in wanted {
+            let name = String(decoding: r, as: UTF8.self)
+            guard let i = report.damagedDataObjects.firstIndex(where: { $0.object == name }) else { continue }
+            if let o = sources[digest],
+                let f = try? store.prefixDirectory(o.digest.firstByte).openFileForReading(o.name),
+                try data.restore(r, digest: digest, from: f, size: o.stat.size)
+            {
+                report.damagedDataObjects[i].restored = true
+                report.damagedDataObjects[i].restoredFrom = "objects/" + o.name.description
+            } else {
+                lost.insert(r)
+            }
+        }
+        let files = Overlay.files(naming: lost, in: store)
+        for r in lost {
+            let name = String(decoding: r, as: UTF8.self)
+            guard let i = report.damagedDataObjects.firstIndex(where: { $0.object == name }) else { continue }
+            report.damagedDataObjects[i].filesLost = files[r] ?? []
+        }
     }
 }
 

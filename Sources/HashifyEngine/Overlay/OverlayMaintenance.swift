@@ -139,6 +139,28 @@ extension Overlay {
         return (all, perGuest)
     }
 
+    /// The files of every overlay guest (its generation in force) whose stubs
+    /// name one of `redirects`, as "ROOT: /PATH", per redirect.
+    static func files(naming redirects: Set<[UInt8]>, in store: Store) -> [[UInt8]: [String]] {
+        var out: [[UInt8]: [String]] = [:]
+        guard !redirects.isEmpty else { return out }
+        for g in OverlayGuest.all(in: store) {
+            guard let state = try? g.readState(), let gen = try? g.generation(state.generation) else { continue }
+            for layer in gen.layers {
+                var traversal = TreeTraversal<Void>()
+                try? traversal.run(layer.directory, context: ()) { entry, _ in
+                    if entry.stat.isDirectory { return .enter(()) }
+                    guard entry.stat.isRegular, let f = try? entry.directory.openFileForReading(entry.name),
+                        let r = f.extendedAttribute("trusted.overlay.redirect"), redirects.contains(r)
+                    else { return .next }
+                    out[r, default: []].append("\(g.rootPath): /\(escapedPath(entry.path))")
+                    return .next
+                }
+            }
+        }
+        return out
+    }
+
     /// `status` for overlay mode (nil when the store has no overlay guests).
     public static func status(store: Store) -> OverlayStatus? {
         let referenced: Set<[UInt8]>
@@ -214,5 +236,10 @@ extension Overlay {
         public var missing: Bool
         /// Its record was dropped from the data index: no fold or conversion gives a new stub this object.
         public var neverReused = false
+        /// `verify --repair` put its content back from another copy (`restoredFrom`: which).
+        public var restored = false
+        public var restoredFrom: String?
+        /// With no copy of its content left: the guests' files that read it ("ROOT: /PATH").
+        public var filesLost: [String] = []
     }
 }

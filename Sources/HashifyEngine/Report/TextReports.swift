@@ -153,6 +153,13 @@ extension VerifyReport: TextReport {
                         ? "no record of its digest, but stubs point at it\n"
                         : "content changed (now \(d.digest))"
                             + (d.neverReused ? "; its record dropped: no new stub is given it\n" : "\n"))
+            if let from = d.restoredFrom { out += "restored  data\(d.object) from \(from)\n" }
+            for f in d.filesLost.prefix(verbose ? Int.max : 10) {
+                out += "LOST      \(f) (no copy of its content is left)\n"
+            }
+            if !verbose && d.filesLost.count > 10 {
+                out += "LOST      … \(d.filesLost.count - 10) more (-v lists them)\n"
+            }
         }
         if r.damaged.isEmpty && r.damagedDataObjects.isEmpty { out += "ok        every object matches its name\n" }
         for d in r.damaged {

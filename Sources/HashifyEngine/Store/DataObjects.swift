@@ -373,6 +373,36 @@ public final class DataObjects: @unchecked Sendable {
     /// Drops every reservation this process holds.
     func abandonReservations() { abandon(reservations) }
 
+    /// Puts back the object behind `redirect` (missing, or damaged) with the
+    /// content of `source`, checked to hash to `digest` before it takes the
+    /// object's name; its record is kept. False when the copy does not hold `digest`.
+    func restore(_ redirect: [UInt8], digest: ContentDigest, from source: OpenFile, size: UInt64) throws -> Bool {
+        let (p, n) = Self.split(redirect)
+        let dir = try prefixDirectory(p)
+        let temp = FileName(Array(".restore-".utf8) + n.bytes)
+        try? dir.unlink(temp)
+        let f = try dir.createFile(temp, mode: 0o400)
+        do {
+            try source.cloneContent(to: f, size: size)
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+            defer { buffer.deallocate() }
+            let check = try dir.openFileForReading(temp)
+            let (d, read) = try ContentHasher.contentDigest(of: check, size: size, buffer: buffer)
+            guard d == digest, read == size else {
+                try? dir.unlink(temp)
+                return false
+            }
+        } catch {
+            try? dir.unlink(temp)
+            throw error
+        }
+        try dir.rename(temp, to: dir, as: n)
+        remember(digest, redirect)
+        unwritten = true
+        try writeIndexIfNeeded()
+        return true
+    }
+
     /// Drops the records of objects whose content no longer matches them
     /// (`verify` found them damaged): their files stay for the stubs that name
     /// them, but no new stub is given one (a rebuilt index leaves them out too).
