@@ -97,6 +97,7 @@ extension RoutineTests {
         makeGuest(root, index: 0)
         settle()
         #expect(overlay(["convert", "-q", root], store: store).status == 0)
+        writeFile(s.sub("lxc/web9/config"), "lxc.uts.name = web9\nlxc.rootfs.path = dir:\(root)\n")
         let hook = packageRoot.appendingPathComponent("contrib/lxc/hashify-lxc-hook").path
         func runHook(_ type: String) -> (status: Int32, out: String, err: String) {
             run([
@@ -117,6 +118,10 @@ extension RoutineTests {
         #expect(start.err.contains("lxc:web9: mounted: fold at next start"), "\(start.err)")
         kill(p.processIdentifier, SIGKILL)
         p.waitUntilExit()
+        // Stopped (no process), still mounted, copy-ups to fold: status says so.
+        let status = hashify(["status", "--store", store, root])
+        #expect(
+            status.out.contains("\(root): its container is stopped but its overlay is still mounted"), "\(status.out)")
         #expect(runHook("post-stop").status == 0)
         let again = runHook("pre-start")
         #expect(again.status == 0 && again.err.contains("lxc:web9: folded"), "\(again.err)")

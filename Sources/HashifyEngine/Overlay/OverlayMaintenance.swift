@@ -161,6 +161,17 @@ extension Overlay {
         return out
     }
 
+    /// Whether `root` is an LXC container's rootfs (`ROOT/../config` names it in `lxc.rootfs.path`).
+    static func isLXCRootfs(_ root: FilePath) -> Bool {
+        guard root.lastComponent?.string == "rootfs",
+            let config = try? Directory.open(path: root.removingLastComponent()).openFileForReading(
+                FileName("config")
+            ).readAll(limit: 1 << 20),
+            let value = GuestDiscovery.lxcConfigValue(config, keys: ["lxc.rootfs.path", "lxc.rootfs"])
+        else { return false }
+        return value.hasSuffix(root.string)
+    }
+
     /// `status` for overlay mode (nil when the store has no overlay guests).
     public static func status(store: Store) -> OverlayStatus? {
         let referenced: Set<[UInt8]>
@@ -192,6 +203,16 @@ extension Overlay {
             entry.sharedBytes = scan.stubBytes
             entry.copyUpBytes = scan.allocatedBytes
             entry.foldPending = scan.entries > 0
+            // An LXC container's rootfs mounted while no process uses it (the container is stopped),
+            // with copy-ups to fold: its post-stop hook did not unmount it.
+            if entry.foldPending, layout != nil, isLXCRootfs(g.rootPath),
+                let st = try? Directory.open(path: g.rootPath).stat(),
+                ProcessScanner.processesUsing(root: g.rootPath, stat: st, ownDevice: true).isEmpty
+            {
+                out.warnings.append(
+                    "\(g.rootPath): its container is stopped but its overlay is still mounted (the post-stop hook could not unmount it): its next start runs unfolded; hashify overlay umount it, and it folds at its next start"
+                )
+            }
             // In overlay mode the store holds the only copy of a shared file's data.
             let missing = scan.counts.keys.filter { !held.contains($0) }.sorted { $0.lexicographicallyPrecedes($1) }
             entry.missingDataObjects = missing.count
