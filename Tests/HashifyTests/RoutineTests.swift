@@ -224,3 +224,39 @@ extension RoutineTests {
         #expect((totals(moved.out)["pathsLinked"] as? Int ?? 0) > 0)
     }
 }
+
+extension RoutineTests {
+    @Test(
+        "a reinstall in every guest (identical copies) keeps one object of that identity: no second generation piles up"
+    )
+    func reinstallKeepsOneObject() throws {
+        let s = Scratch("routinereinstall")
+        let store = s.sub("store")
+        let guests = (0..<3).map { s.sub("guests/g\($0)") }
+        for (i, g) in guests.enumerated() { makeGuest(g, index: i) }
+        settle()
+        #expect(hashify(["unify", "-q", "--store", store] + guests).status == 0)
+        func objectNames() -> [String] {
+            run(["/usr/bin/find", "\(store)/objects", "-type", "f", "-printf", "%f\\n"]).out.split(separator: "\n").map(
+                String.init
+            ).sorted()
+        }
+        let names = objectNames()
+        for round in 0..<3 {
+            // Every guest reinstalls its package: each file an identical new copy, renamed over the old.
+            for g in guests {
+                for f in ["usr/bin/tool", "usr/lib/lib5.so"] {
+                    _ = run(["/bin/cp", "-p", "\(g)/\(f)", "\(g)/\(f).dpkg-new"])
+                    rename("\(g)/\(f).dpkg-new", "\(g)/\(f)")
+                }
+                settleDirectoryTimes(g)
+            }
+            settle()
+            let r = hashify(["unify", "--json", "--store", store] + guests)
+            #expect(r.status == 0, "\(r.err)")
+            #expect(objectNames() == names, "round \(round): \(objectNames().filter { !names.contains($0) })")
+        }
+        #expect(jsonReport(hashify(["gc", "--json", "--store", store]).out)["objectsRemoved"] as? Int == 0)
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+    }
+}

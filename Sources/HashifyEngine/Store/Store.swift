@@ -142,7 +142,9 @@ public final class Store: @unchecked Sendable {
     /// itself is linked in under the first generation from `fromGeneration`
     /// on that is free, and that generation returned. Idempotent: when the
     /// inode already is the object under one of those names, that one is
-    /// returned and nothing is made. (A full object, at the filesystem's link
+    /// returned and nothing is made. An object under a name that no guest
+    /// links any more is replaced, not skipped: objects of one identity do not
+    /// pile up as generations. (A full object, at the filesystem's link
     /// limit, makes the next victim the next generation: see HardlinkLinker.)
     public func publish(
         _ file: OpenFile, digest: ContentDigest, identityKey: String, fromGeneration: Int
@@ -156,7 +158,20 @@ public final class Store: @unchecked Sendable {
                 try file.link(into: dir, as: name)
                 return generation
             } catch Errno.fileExists {
-                if (try? dir.stat(name))?.inode == inode { return generation }
+                guard let st = try? dir.stat(name) else { throw Errno.fileExists }
+                if st.inode == inode { return generation }
+                if st.linkCount == 1 {
+                    // An object no guest links any more (a reinstall in every guest replaced its
+                    // files): the new one takes its name rather than a second generation. Linked
+                    // under the next free name first, then moved over it, so a kill between the
+                    // two leaves an ordinary object.
+                    let free = try publish(
+                        file, digest: digest, identityKey: identityKey, fromGeneration: generation + 1)
+                    guard (try? dir.stat(name))?.linkCount == 1 else { return free }
+                    try dir.rename(
+                        Self.objectName(digest: digest, key: identityKey, generation: free), to: dir, as: name)
+                    return generation
+                }
                 generation += 1
             }
         }
