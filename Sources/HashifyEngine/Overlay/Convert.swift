@@ -29,19 +29,7 @@ extension Overlay {
                 }
                 continue
             }
-            if OverlayMount.isMountPoint(dir) {
-                throw InputError("\(g.root): already a mount point (convert needs the plain directory)")
-            }
-            if try !dir.isOnSameFilesystem(as: s.store.directory) {
-                throw InputError(
-                    dir.btrfsFilesystemID != nil && s.store.directory.btrfsFilesystemID != nil
-                        ? "\(g.root): on another btrfs filesystem than the store \(s.store.path) (objects are reflinks of the guest's files; give --store on its filesystem)"
-                        : "\(g.root): not on the filesystem of the store \(s.store.path) (objects are links of the guest's inodes; give --store on it)"
-                )
-            }
-            try checkNotInUse(g.root, canonical: g.canonical, mountedOverlay: false)
-            if let why = idmappedRootfs(g.canonical) { throw InputError("\(g.root): \(why)") }
-            try ownOverlayAttributeRefusal(root: g.root, tree: dir)
+            try checkConvertible(g.root, canonical: g.canonical, dir, store: s.store.directory, storePath: s.store.path)
         }
         var report = OverlayReport(command: "overlay convert", store: s.store.path.string)
         let hardlinkObjects = Set((try? s.store.objectGenerations())?.keys.map { $0 } ?? [])
@@ -82,28 +70,43 @@ extension Overlay {
     public static func conversionRefusal(root: FilePath, storePath: FilePath) -> String? {
         do {
             guard let canonical = RootValidation.canonical(root) else { return "\(root): no such directory" }
-            let dir = try Directory.open(path: canonical)
-            if OverlayMount.isMountPoint(dir) {
-                return "\(root): already a mount point (convert needs the plain directory)"
-            }
+            // The store, or its nearest existing parent (a dry run makes nothing).
             var p = storePath
             var storeDirectory: Directory?
             while storeDirectory == nil && !p.isEmpty {
                 storeDirectory = try? Directory.open(path: p)
                 if storeDirectory == nil { p = p.removingLastComponent() }
             }
-            if let storeDirectory, try !dir.isOnSameFilesystem(as: storeDirectory) {
-                return "\(root): not on the filesystem of the store \(storePath)"
-            }
-            try checkNotInUse(root, canonical: canonical, mountedOverlay: false)
-            if let why = idmappedRootfs(canonical) { return "\(root): \(why)" }
-            try ownOverlayAttributeRefusal(root: root, tree: dir)
+            try checkConvertible(
+                root, canonical: canonical, try Directory.open(path: canonical), store: storeDirectory,
+                storePath: storePath)
             return nil
         } catch let e as InputError {
             return e.description
         } catch {
             return "\(root): \(error)"
         }
+    }
+
+    /// Refuses (one line, nothing changed) a plain guest `convert` cannot take:
+    /// a mount point, another filesystem than the store, processes using it,
+    /// a rootfs its manager mounts idmapped, overlay xattrs of its own before 6.7.
+    static func checkConvertible(
+        _ root: FilePath, canonical: FilePath, _ dir: Directory, store: Directory?, storePath: FilePath
+    ) throws {
+        if OverlayMount.isMountPoint(dir) {
+            throw InputError("\(root): already a mount point (convert needs the plain directory)")
+        }
+        if let store, try !dir.isOnSameFilesystem(as: store) {
+            throw InputError(
+                dir.btrfsFilesystemID != nil && store.btrfsFilesystemID != nil
+                    ? "\(root): on another btrfs filesystem than the store \(storePath) (objects are reflinks of the guest's files; give --store on its filesystem)"
+                    : "\(root): not on the filesystem of the store \(storePath) (objects are links of the guest's inodes; give --store on it)"
+            )
+        }
+        try checkNotInUse(root, canonical: canonical, mountedOverlay: false)
+        if let why = idmappedRootfs(canonical) { throw InputError("\(root): \(why)") }
+        try ownOverlayAttributeRefusal(root: root, tree: dir)
     }
 
     /// A conversion that failed on an error of the system (not of its input):
@@ -222,18 +225,9 @@ extension Overlay {
         for r in reservations where try !objects.commit(r) { failed.insert(r.redirect) }
         try objects.sync()
         if !failed.isEmpty {
-            var stubs: [[UInt8]] = []
-            var traversal = TreeTraversal<Void>()
-            try traversal.run(gen.meta, context: ()) { entry, _ in
-                if entry.stat.isDirectory { return .enter(()) }
-                if entry.stat.isRegular, let f = try? entry.directory.openFileForReading(entry.name),
-                    let r = f.extendedAttribute("trusted.overlay.redirect"), failed.contains(r)
-                {
-                    stubs.append(entry.path)
-                }
-                return .next
+            for stub in try stubs(in: gen.meta, naming: failed) {
+                try replaceStubWithCopy(stub.path, layer: gen.meta, tree: plain)
             }
-            for path in stubs { try replaceStubWithCopy(path, layer: gen.meta, tree: plain) }
             try LayerReferences.record(gen.layers[0])
         }
         try gen.directory.sync()
@@ -306,7 +300,7 @@ extension Overlay {
             let instance = try? Directory.open(path: root.removingLastComponent())
         else { return nil }
         // LXC's own idmapped rootfs (`lxc.rootfs.options = idmap=container`): the same failure.
-        if let lxc = try? instance.openFileForReading(FileName("config")).readAll(limit: 1 << 20),
+        if let lxc = GuestDiscovery.lxcConfig(besideRootfs: root),
             let options = GuestDiscovery.lxcConfigValue(lxc, keys: ["lxc.rootfs.options"]), options.contains("idmap=")
         {
             return

@@ -248,21 +248,23 @@ extension Overlay {
         return protected.count
     }
 
-    /// The entries of an upper layer (files, directories, its root) that
-    /// carry overlayfs' protection flag, with the flag's value.
+    /// The flag overlayfs' protection xattr gives a file or directory, if any.
+    static func protectedFlag(_ st: FileStat, _ attributes: [ExtendedAttribute]) -> [UInt8]? {
+        guard st.isDirectory || st.isRegular else { return nil }
+        return attributes.first { $0.name == protectedAttributeName }?.value
+    }
+
+    /// The entries below an upper layer's root (files, directories) that
+    /// carry overlayfs' protection flag, with the flag's value (a stacked
+    /// fold notes them in its own walk of the layer; a compaction asks here).
     static func protectedEntries(in upper: Directory) throws -> [(path: [UInt8], flag: [UInt8])] {
         var out: [(path: [UInt8], flag: [UInt8])] = []
-        if let flag = upper.extendedAttribute("trusted.overlay.protattr") { out.append(([], flag)) }
         var traversal = TreeTraversal<Void>()
         try traversal.run(upper, context: ()) { entry, _ in
-            let st = entry.stat
-            guard st.isDirectory || st.isRegular else { return .next }
-            if let a = try extendedAttributes(in: entry.directory, of: entry.name).first(where: {
-                $0.name == protectedAttributeName
-            }) {
-                out.append((entry.path, a.value))
+            if let flag = protectedFlag(entry.stat, try extendedAttributes(in: entry.directory, of: entry.name)) {
+                out.append((entry.path, flag))
             }
-            return st.isDirectory ? .enter(()) : .next
+            return entry.stat.isDirectory ? .enter(()) : .next
         }
         return out
     }
@@ -351,11 +353,13 @@ extension Overlay {
         let compaction = compactionReason(old, asked: compact)
         // What the old layers reference, known before they go (a compaction removes them).
         var before: LayerReferences.Counts = [:]
+        // What the guest set immutable or append-only through its mount (its root's flag too).
+        var protected: [(path: [UInt8], flag: [UInt8])] =
+            old.upper.extendedAttribute("trusted.overlay.protattr").map { [([], $0)] } ?? []
         do {
-            // Read before the fold takes overlayfs' names off the files it makes objects of.
-            let protected = try protectedEntries(in: old.upper)
             if compaction != nil {
                 for layer in old.layers { before.merge(try LayerReferences.ensure(layer), uniquingKeysWith: +) }
+                protected += try protectedEntries(in: old.upper)
             }
             if let why = compaction {
                 result = try buildGeneration(
@@ -363,11 +367,11 @@ extension Overlay {
                 if !compact { result.notes.append("built whole: \(why)") }
                 result.layers = 1
             } else {
-                result = try foldStacked(guest, old, session: s, shadowing: &shadowing, placement: &placement)
+                result = try foldStacked(
+                    guest, old, session: s, shadowing: &shadowing, placement: &placement, protected: &protected)
                 result.layers = old.layers.count + 1
             }
-            // What the guest set immutable or append-only through its mount
-            // (overlayfs keeps it on the upper layer only) stays so.
+            // Overlayfs keeps those flags on the upper layer only: they go to the new one.
             result.protectedEntries = try carryProtectedAttributes(
                 protected, from: old.upper, to: try guest.generation(state.generation + 1).upper)
         } catch {
@@ -433,7 +437,7 @@ extension Overlay {
     /// next command that opens the guest finishes the renames first.
     static func foldStacked(
         _ guest: OverlayGuest, _ old: OverlayGuest.Generation, session s: Session, shadowing: inout Shadowing,
-        placement: inout StubPlacement
+        placement: inout StubPlacement, protected: inout [(path: [UInt8], flag: [UInt8])]
     ) throws -> OverlayReport.Guest {
         var result = OverlayReport.Guest(root: guest.rootPath.string, action: .folded)
         let next = try guest.makeGeneration(
@@ -456,6 +460,8 @@ extension Overlay {
                 var st = entry.stat
                 var attributes = try extendedAttributes(in: entry.directory, of: entry.name)
                 shadowing.note(entry.path, stat: st, attributes: attributes)
+                // Read before overlayfs' names come off a file made an object.
+                if let flag = protectedFlag(st, attributes) { protected.append((entry.path, flag)) }
                 if st.isDirectory { return .enter(()) }
                 escaped += attributes.filter { $0.name.starts(with: TreeCopier.escapedPrefix) }.count
                 guard st.isRegular, st.linkCount == 1,
@@ -497,11 +503,8 @@ extension Overlay {
         // that was to be made of it is not: the guest and the store go on.
         var keptWhole: [(path: [UInt8], error: any Error)] = []
         var dropped = Set<[UInt8]>()
-        func noteTime(
-            _ file: (
-                directory: Directory, name: FileName, stat: FileStat, path: [UInt8], attributes: [ExtendedAttribute]
-            )
-        ) throws {
+        func noteTime(_ i: Int) throws {
+            let file = files[i]
             // Siblings share their directory's descriptor (the walk opened each directory once).
             guard directoryTimes[ObjectIdentifier(file.directory)] == nil else { return }
             let t = try file.directory.stat().modificationTime
@@ -531,7 +534,7 @@ extension Overlay {
             journal += Array("R \(staged) \(st.inode) ".utf8) + Array(hexString(file.path).utf8) + [0x0a]
             placement.renames.append((FileName("\(staged)"), file.directory, file.name, st.inode))
             staged += 1
-            try noteTime(file)
+            try noteTime(i)
             return true
         }
         // First the files that become objects: a stub for each.
@@ -784,7 +787,6 @@ extension Overlay {
     /// content where it lies: redirect and metacopy set, its blocks freed,
     /// its mode, capability and mtime put back. A step that fails before the
     /// blocks go undoes the others (the file stays whole: false); nothing fails after.
-    @discardableResult
     static func makeStubInPlace(
         _ p: (
             directory: Directory, name: FileName, inode: UInt64, size: UInt64, mode: UInt32, mtime: Timestamp,

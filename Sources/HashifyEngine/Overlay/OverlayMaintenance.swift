@@ -147,26 +147,35 @@ extension Overlay {
         for g in OverlayGuest.all(in: store) {
             guard let state = try? g.readState(), let gen = try? g.generation(state.generation) else { continue }
             for layer in gen.layers {
-                var traversal = TreeTraversal<Void>()
-                try? traversal.run(layer.directory, context: ()) { entry, _ in
-                    if entry.stat.isDirectory { return .enter(()) }
-                    guard entry.stat.isRegular, let f = try? entry.directory.openFileForReading(entry.name),
-                        let r = f.extendedAttribute("trusted.overlay.redirect"), redirects.contains(r)
-                    else { return .next }
-                    out[r, default: []].append("\(g.rootPath): /\(escapedPath(entry.path))")
-                    return .next
+                for (path, r) in (try? stubs(in: layer.directory, naming: redirects)) ?? [] {
+                    out[r, default: []].append("\(g.rootPath): /\(escapedPath(path))")
                 }
             }
         }
         return out
     }
 
+    /// The stubs of a metadata layer whose redirect is one of `redirects`: their paths and redirects.
+    static func stubs(in layer: Directory, naming redirects: Set<[UInt8]>) throws -> [(
+        path: [UInt8], redirect: [UInt8]
+    )] {
+        var out: [(path: [UInt8], redirect: [UInt8])] = []
+        var traversal = TreeTraversal<Void>()
+        try traversal.run(layer, context: ()) { entry, _ in
+            if entry.stat.isDirectory { return .enter(()) }
+            if entry.stat.isRegular, let f = try? entry.directory.openFileForReading(entry.name),
+                let r = f.extendedAttribute("trusted.overlay.redirect"), redirects.contains(r)
+            {
+                out.append((entry.path, r))
+            }
+            return .next
+        }
+        return out
+    }
+
     /// Whether `root` is an LXC container's rootfs (`ROOT/../config` names it in `lxc.rootfs.path`).
     static func isLXCRootfs(_ root: FilePath) -> Bool {
-        guard root.lastComponent?.string == "rootfs",
-            let config = try? Directory.open(path: root.removingLastComponent()).openFileForReading(
-                FileName("config")
-            ).readAll(limit: 1 << 20),
+        guard let config = GuestDiscovery.lxcConfig(besideRootfs: root),
             let value = GuestDiscovery.lxcConfigValue(config, keys: ["lxc.rootfs.path", "lxc.rootfs"])
         else { return false }
         return value.hasSuffix(root.string)

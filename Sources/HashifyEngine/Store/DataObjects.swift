@@ -271,18 +271,7 @@ public final class DataObjects: @unchecked Sendable {
                 reservedNames[redirect] = digest
                 return redirect
             } else {
-                let temp = FileName(Array(".new-".utf8) + name)
-                try? dir.unlink(temp)
-                let f = try dir.createFile(temp, mode: 0o400)
-                do {
-                    try source.cloneContent(to: f, size: size)
-                    guard try f.stat().size == size else { throw Errno.ioError }
-                } catch {
-                    // A copy that failed (the disk full, say) leaves nothing behind.
-                    try? dir.unlink(temp)
-                    throw error
-                }
-                try dir.rename(temp, to: dir, as: FileName(name), flags: .noReplace)
+                _ = try placeCopy(of: source, size: size, in: dir, as: FileName(name), checking: nil, flags: .noReplace)
             }
             remember(digest, redirect)
             unwritten = true
@@ -378,28 +367,44 @@ public final class DataObjects: @unchecked Sendable {
     /// object's name; its record is kept. False when the copy does not hold `digest`.
     func restore(_ redirect: [UInt8], digest: ContentDigest, from source: OpenFile, size: UInt64) throws -> Bool {
         let (p, n) = Self.split(redirect)
-        let dir = try prefixDirectory(p)
-        let temp = FileName(Array(".restore-".utf8) + n.bytes)
+        guard try placeCopy(of: source, size: size, in: try prefixDirectory(p), as: n, checking: digest, flags: [])
+        else { return false }
+        remember(digest, redirect)
+        unwritten = true
+        try writeIndexIfNeeded()
+        return true
+    }
+
+    /// Writes a copy (a clone where the filesystem can) of `source` under a
+    /// temporary name beside `name`, checks its size (and, given `digest`,
+    /// its content), then renames it to `name` with `flags`. A copy that
+    /// fails (the disk full, say) or does not check leaves nothing behind:
+    /// false when the content was not `digest`.
+    private func placeCopy(
+        of source: OpenFile, size: UInt64, in dir: Directory, as name: FileName, checking digest: ContentDigest?,
+        flags: RenameFlags
+    ) throws -> Bool {
+        let temp = FileName(Array(".new-".utf8) + name.bytes)
         try? dir.unlink(temp)
         let f = try dir.createFile(temp, mode: 0o400)
         do {
             try source.cloneContent(to: f, size: size)
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
-            defer { buffer.deallocate() }
-            let check = try dir.openFileForReading(temp)
-            let (d, read) = try ContentHasher.contentDigest(of: check, size: size, buffer: buffer)
-            guard d == digest, read == size else {
-                try? dir.unlink(temp)
-                return false
+            guard try f.stat().size == size else { throw Errno.ioError }
+            if let digest {
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+                defer { buffer.deallocate() }
+                let (d, read) = try ContentHasher.contentDigest(
+                    of: try dir.openFileForReading(temp), size: size, buffer: buffer)
+                guard d == digest, read == size else {
+                    try? dir.unlink(temp)
+                    return false
+                }
             }
         } catch {
             try? dir.unlink(temp)
             throw error
         }
-        try dir.rename(temp, to: dir, as: n)
-        remember(digest, redirect)
-        unwritten = true
-        try writeIndexIfNeeded()
+        try dir.rename(temp, to: dir, as: name, flags: flags)
         return true
     }
 

@@ -72,6 +72,14 @@ public enum GuestDiscovery {
         return out
     }
 
+    /// The LXC config of the container whose rootfs is `root` (`…/NAME/rootfs`
+    /// beside `…/NAME/config`), or nil when it is not laid out so.
+    static func lxcConfig(besideRootfs root: FilePath) -> [UInt8]? {
+        guard root.lastComponent?.string == "rootfs" else { return nil }
+        return try? Directory.open(path: root.removingLastComponent()).openFileForReading(FileName("config")).readAll(
+            limit: 1 << 20)
+    }
+
     /// The value an LXC config gives the last of `keys` it sets ("KEY = VALUE" lines), or nil.
     static func lxcConfigValue(_ config: [UInt8], keys: Set<String>) -> String? {
         var value: String?

@@ -34,7 +34,7 @@ public enum GuestRootTrust {
     public static func whyNotHostRoot(_ root: FilePath, directory: Directory, places: Places = Places()) -> String? {
         let parent = root.removingLastComponent()
         let instance = root.lastComponent?.string == "rootfs" ? try? Directory.open(path: parent) : nil
-        if let instance, let config = try? instance.openFileForReading(FileName("config")).readAll(limit: 1 << 20),
+        if let config = GuestDiscovery.lxcConfig(besideRootfs: root),
             let map = GuestDiscovery.lxcConfigValue(config, keys: ["lxc.idmap", "lxc.id_map"]), !map.isEmpty
         {
             return "lxc.idmap"
