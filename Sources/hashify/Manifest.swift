@@ -38,6 +38,6 @@ struct ManifestCommandLine: ParsableCommand {
             fail("\(guest): no guest of that name (give its root directory, or lxc:NAME / nspawn:NAME)")
         }
         let report = runEngine { try ManifestCommand.run(root: root, store: host.store(storeOption.store)) }
-        emit(report, output: output, names: names)
+        try finish(report, output: output, names: names)
     }
 }

@@ -173,6 +173,7 @@ extension UnifyReport: StatusReporting {}
 extension VerifyReport: StatusReporting {}
 extension GCReport: StatusReporting {}
 extension SplitReport: StatusReporting {}
+extension ManifestReport: StatusReporting {}
 
 /// Prints a report as `emit` does, then exits with the report's status.
 func finish<R: StatusReporting & TextReport>(_ report: R, output: OutputOptions, names: GuestNames? = nil) throws {

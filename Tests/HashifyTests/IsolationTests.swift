@@ -478,7 +478,7 @@ extension IsolationTests {
 }
 
 extension IsolationTests {
-    @Test("a data object deleted by hand: status names the guests whose files used it")
+    @Test("a data object deleted by hand: status, unify, mount and manifest name the file and its object")
     func missingObjectNamed() throws {
         let s = Scratch("isomissing")
         let (store, a, b) = twoGuests(s)
@@ -495,10 +495,23 @@ extension IsolationTests {
         #expect(rows.first { $0["root"] as? String == b }?["missingDataObjects"] as? Int == 1, "\(rows)")
         #expect(rows.first { $0["root"] as? String == a }?["missingDataObjects"] as? Int == 0, "\(rows)")
         let warnings = (section["warnings"] as? [String] ?? []).joined(separator: "\n")
-        #expect(warnings.contains("\(b): 1 data object its files use is missing"), "\(warnings)")
+        let named = "\(b): 1 file cannot be read: its data object is missing from the store (/usr/lib/own (data/"
+        #expect(warnings.contains(named), "\(warnings)")
         let text = hashify(["status", "--store", store])
-        #expect(text.out.contains("\(b): 1 data object its files use is missing"), "\(text.out)")
+        #expect(text.out.contains(named), "\(text.out)")
+        // Every command that reads the guest names the file and its object.
+        let fold = hashify(["unify", "--json", "--store", store, a, b])
+        let rows2 = (jsonReport(fold.out)["overlayGuests"] as? [[String: Any]]) ?? []
+        #expect(rows2.first { $0["root"] as? String == b }?["filesWithoutData"] as? Int == 1, "\(fold.out)")
         #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+        let mount = overlay(["mount", b], store: store)
+        #expect(
+            mount.status == 0 && mount.out.contains("cannot be read") && mount.out.contains("/usr/lib/own"),
+            "\(mount.out)")
+        #expect(overlay(["umount", "-q", b], store: store).status == 0)
+        let manifest = hashify(["manifest", "--store", store, b])
+        #expect(manifest.status == 1, "the listing is not whole")
+        #expect(manifest.out.contains("unreadable /usr/lib/own: its data object data/"), "\(manifest.out)")
     }
 }
 
@@ -513,32 +526,47 @@ extension IsolationTests {
         let shared = pseudoRandom(20_000, seed: 61)
         for g in [p1, p2, o] { writeFile("\(g)/usr/lib/shared", shared) }
         writeFile("\(o)/usr/lib/own", pseudoRandom(12_000, seed: 62))
+        // A content a plain guest holds alone (not linked: no hardlink object), and one the overlay guest copies.
+        let plainOnly = pseudoRandom(9_000, seed: 63)
+        let copied = pseudoRandom(7_000, seed: 64)
+        for g in [p1, o] { writeFile("\(g)/usr/share/plain-only", plainOnly) }
+        writeFile("\(o)/usr/lib/copied", copied)
         for g in [p1, p2, o] { settleDirectoryTimes(g) }
         settle()
         // Two plain guests share the content through a hardlink object; the overlay guest holds it as a data object.
         #expect(hashify(["unify", "-q", "--store", store, p1, p2]).status == 0)
         #expect(overlay(["convert", "-q", o], store: store).status == 0)
         let objects = dataObjectNames(store)
-        guard let sharedObject = objects.first(where: { FileManager.default.contents(atPath: $0) == Data(shared) }),
-            let ownObject = objects.first(where: {
-                FileManager.default.contents(atPath: $0) == Data(pseudoRandom(12_000, seed: 62))
-            })
+        func object(of content: [UInt8]) -> String? {
+            objects.first(where: { FileManager.default.contents(atPath: $0) == Data(content) })
+        }
+        guard let sharedObject = object(of: shared), let ownObject = object(of: pseudoRandom(12_000, seed: 62)),
+            let plainObject = object(of: plainOnly), let copiedObject = object(of: copied)
         else {
             Issue.record("objects not found: \(objects)")
             return
         }
+        // The guest copies a file: the copy is a copy-up in its upper layer, the only other copy of that content.
+        writeFile("\(o)/usr/lib/copy-of-copied", copied)
         #expect(overlay(["umount", "-q", o], store: store).status == 0)
-        for object in [sharedObject, ownObject] { #expect(unlink(object) == 0) }
-        let repair = hashify(["verify", "--repair", "--json", "--store", store])
+        for object in [sharedObject, ownObject, plainObject, copiedObject] { #expect(unlink(object) == 0) }
+        let repair = hashify(["verify", "--repair", "--json", "--store", store, p1, p2, o])
         let damaged = jsonReport(repair.out)["damagedDataObjects"] as? [[String: Any]] ?? []
         let restored = damaged.filter { $0["restored"] as? Bool == true }
+        let from = restored.compactMap { $0["restoredFrom"] as? String }.sorted()
         let lost = damaged.flatMap { $0["filesLost"] as? [String] ?? [] }
-        #expect(restored.count == 1, "\(damaged)")
+        #expect(restored.count == 3, "\(damaged)")
+        #expect(from.contains { $0.hasPrefix("objects/") }, "\(from)")
+        #expect(from.contains("\(p1): /usr/share/plain-only"), "\(from)")
+        #expect(
+            from.contains { $0.hasPrefix("\(o) (copy-ups") && $0.hasSuffix(": /usr/lib/copy-of-copied") }, "\(from)")
         #expect(lost == ["\(o): /usr/lib/own"], "\(damaged)")
         let text = hashify(["verify", "--store", store])
         #expect(text.out.contains("missing"), "the lost object is still reported: \(text.out)")
         #expect(overlay(["mount", "-q", o], store: store).status == 0)
         #expect(FileManager.default.contents(atPath: "\(o)/usr/lib/shared") == Data(shared))
+        #expect(FileManager.default.contents(atPath: "\(o)/usr/share/plain-only") == Data(plainOnly))
+        #expect(FileManager.default.contents(atPath: "\(o)/usr/lib/copied") == Data(copied))
         #expect(FileManager.default.contents(atPath: "\(o)/usr/lib/own") == nil, "that file's only copy is gone")
         #expect(overlay(["umount", "-q", o], store: store).status == 0)
     }

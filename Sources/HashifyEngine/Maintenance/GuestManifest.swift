@@ -50,7 +50,11 @@ public struct ManifestReport: Sendable, Codable {
     public var mode: String
     public var entries: [Entry] = []
     public var totals = Totals()
+    /// The entries that could not be read, each with why ("/PATH: reason").
+    public var unreadablePaths: [String] = []
     public var notes: [String] = []
+    /// 0, or 1 when an entry could not be read (the listing is not whole).
+    public var exitStatus: Int32 { totals.unreadable > 0 ? 1 : 0 }
 }
 
 extension ManifestReport: GuestNaming {
@@ -134,6 +138,20 @@ public enum ManifestCommand {
             try Overlay.withPrivateMount(record, gen, session: s, build)
             report.notes.append("not mounted: read through a private read-only mount of generation \(state.generation)")
         }
+        // A file that cannot be read because its data object is gone says so, with the object.
+        if !report.unreadablePaths.isEmpty {
+            var objectOf: [String: [UInt8]] = [:]
+            for f in Overlay.filesWithoutData(record, objects: s.objects) {
+                objectOf["/" + escapedPath(f.path)] = f.redirect
+            }
+            report.unreadablePaths = report.unreadablePaths.map { line in
+                guard let colon = line.range(of: ": ", options: .backwards),
+                    let r = objectOf[String(line[..<colon.lowerBound])]
+                else { return line }
+                return
+                    "\(line[..<colon.lowerBound]): its data object data\(escapedPath(r)) is missing from the store (hashify verify --repair puts back what another copy still holds)"
+            }
+        }
         return report
     }
 
@@ -166,6 +184,7 @@ public enum ManifestCommand {
                     e.digest = try ContentHasher.contentDigest(of: f, size: st.size, buffer: buffer).0.hex
                 } catch {
                     report.totals.unreadable += 1
+                    report.unreadablePaths.append("\(e.path): \(error)")
                 }
                 let (how, guests) = sharing(name, st, ctx)
                 e.sharing = how
@@ -220,6 +239,7 @@ extension ManifestReport {
         out +=
             "shared \(t.sharedFiles) (\(formatBytes(t.sharedBytes))), private \(t.privateFiles) (\(formatBytes(t.privateBytes)))"
         out += t.unreadable > 0 ? "; \(t.unreadable) could not be read\n" : "\n"
+        for u in unreadablePaths { out += "unreadable \(u)\n" }
         for n in notes { out += "note      \(n)\n" }
         return out
     }

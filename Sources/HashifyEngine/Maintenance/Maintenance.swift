@@ -268,7 +268,7 @@ public enum VerifyCommand {
                 report.damagedDataObjects[i].neverReused = true
             }
         }
-        if repair { try restoreDataObjects(&report, checks: checks, store: store) }
+        if repair { try restoreDataObjects(&report, checks: checks, store: store, plainGuests: guests) }
         if bad.isEmpty { return report }
         // Every guest path that links a damaged object.
         let roots = guests.isEmpty ? [] : try RootValidation.openRoots(guests)
@@ -315,9 +315,13 @@ extension VerifyCommand {
     /// `verify --repair` for data objects, which in overlay mode hold the
     /// only copy of a shared file's data: each missing or damaged one whose
     /// digest is known gets its content back from another copy (a hardlink
-    /// object of that content, sound by this run's check); without one, the
-    /// guests' files that read it are listed as lost.
-    static func restoreDataObjects(_ report: inout VerifyReport, checks: [StoreObjects.Check], store: Store) throws {
+    /// object of that content, sound by this run's check; else a whole file
+    /// of that size and digest in a plain guest of the store or in an overlay
+    /// guest's copy-ups and whole files); without one, the guests' files that
+    /// read it are listed as lost.
+    static func restoreDataObjects(
+        _ report: inout VerifyReport, checks: [StoreObjects.Check], store: Store, plainGuests: [FilePath]
+    ) throws {
         let data = try store.dataObjects()
         var wanted: [[UInt8]: ContentDigest] = [:]
         var badHardlink = Set<[UInt8]>()
@@ -328,28 +332,54 @@ extension VerifyCommand {
             case .hardlink(let o): badHardlink.insert(o.name.bytes)
             }
         }
+        func restored(_ r: [UInt8], from source: String) {
+            let name = String(decoding: r, as: UTF8.self)
+            guard let i = report.damagedDataObjects.firstIndex(where: { $0.object == name }) else { return }
+            report.damagedDataObjects[i].restored = true
+            report.damagedDataObjects[i].restoredFrom = source
+            wanted[r] = nil
+        }
         guard !wanted.isEmpty else { return }
         var sources: [ContentDigest: Store.Object] = [:]
         for o in try store.listObjects() where !badHardlink.contains(o.name.bytes) { sources[o.digest] = o }
-        var lost = Set<[UInt8]>()
         for (r, digest) in wanted {
-            let name = String(decoding: r, as: UTF8.self)
-            guard let i = report.damagedDataObjects.firstIndex(where: { $0.object == name }) else { continue }
             if let o = sources[digest],
                 let f = try? store.prefixDirectory(o.digest.firstByte).openFileForReading(o.name),
                 try data.restore(r, digest: digest, from: f, size: o.stat.size)
             {
-                report.damagedDataObjects[i].restored = true
-                report.damagedDataObjects[i].restoredFrom = "objects/" + o.name.description
-            } else {
-                lost.insert(r)
+                restored(r, from: "objects/" + o.name.description)
             }
         }
-        let files = Overlay.files(naming: lost, in: store)
-        for r in lost {
+        guard !wanted.isEmpty else { return }
+        // The stubs that read what is still wanted tell its size: whole files of that size are hashed.
+        let readers = Overlay.files(naming: Set(wanted.keys), in: store)
+        var bySize: [UInt64: [(redirect: [UInt8], digest: ContentDigest)]] = [:]
+        for (r, d) in wanted { if let size = readers[r]?.size { bySize[size, default: []].append((r, d)) } }
+        var trees = Overlay.wholeFileTrees(in: store)
+        for root in plainGuests { if let dir = try? Directory.open(path: root) { trees.append((root.string, dir)) } }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        for (label, tree) in trees where !bySize.isEmpty {
+            var traversal = TreeTraversal<Void>()
+            try? traversal.run(tree, context: ()) { entry, _ in
+                if entry.stat.isDirectory { return .enter(()) }
+                guard entry.stat.isRegular, let candidates = bySize[entry.stat.size],
+                    let f = try? entry.directory.openFileForReading(entry.name),
+                    f.extendedAttribute("trusted.overlay.metacopy") == nil,
+                    let (d, _) = try? ContentHasher.contentDigest(of: f, size: entry.stat.size, buffer: buffer),
+                    let match = candidates.first(where: { $0.digest == d }),
+                    (try? data.restore(match.redirect, digest: d, from: f, size: entry.stat.size)) == true
+                else { return .next }
+                restored(match.redirect, from: "\(label): /\(escapedPath(entry.path))")
+                bySize[entry.stat.size]?.removeAll { $0.redirect == match.redirect }
+                if bySize[entry.stat.size]?.isEmpty == true { bySize[entry.stat.size] = nil }
+                return .next
+            }
+        }
+        for r in wanted.keys {
             let name = String(decoding: r, as: UTF8.self)
             guard let i = report.damagedDataObjects.firstIndex(where: { $0.object == name }) else { continue }
-            report.damagedDataObjects[i].filesLost = files[r] ?? []
+            report.damagedDataObjects[i].filesLost = readers[r]?.files ?? []
         }
     }
 }

@@ -268,9 +268,9 @@ extension Overlay {
         }
         let gen = try guest.generation(state.generation)
         let dir = try Directory.open(path: guest.rootPath)
-        if OverlayMount.isMounted(gen, at: dir) {
-            return OverlayReport.Guest(root: root.string, action: .alreadyMounted)
-        }
+        var result = OverlayReport.Guest(root: root.string, action: .alreadyMounted)
+        noteMissingData(guest, objects: s.objects, in: &result)
+        if OverlayMount.isMounted(gen, at: dir) { return result }
         if OverlayMount.isMountPoint(dir) { throw InputError("\(root): something else is mounted here") }
         if try !dir.entryNames().isEmpty { throw InputError("\(root): the mount point is not empty") }
         // Guests converted by earlier versions learn their store here.
@@ -280,7 +280,8 @@ extension Overlay {
         } catch {
             throw InputError("\(root): mount failed: \(error)")
         }
-        return OverlayReport.Guest(root: root.string, action: .mounted)
+        result.action = .mounted
+        return result
     }
 }
 

@@ -964,7 +964,9 @@ extension Overlay {
         for g in s.guests { _ = try activeGuest(g) }
         var report = OverlayReport(command: "overlay fold", store: s.store.path.string)
         for g in s.guests {
-            report.guests.append(try fold(g.record!, root: g.root, session: s, dryRun: false, compact: options.compact))
+            var result = try fold(g.record!, root: g.root, session: s, dryRun: false, compact: options.compact)
+            noteMissingData(g.record!, objects: s.objects, in: &result)
+            report.guests.append(result)
         }
         report.seconds = elapsed(since: started)
         return report
@@ -981,7 +983,9 @@ extension Overlay {
                 let g = try OverlayGuest.open(store: store, canonicalRoot: c, create: false)
             else { continue }
             do {
-                out.append(try fold(g, root: c, session: s, dryRun: dryRun))
+                var result = try fold(g, root: c, session: s, dryRun: dryRun)
+                noteMissingData(g, objects: s.objects, in: &result)
+                out.append(result)
             } catch {
                 var failed = OverlayReport.Guest(root: c.string, action: .leftAsItWas)
                 failed.notes.append("fold failed: \(error)")

@@ -90,6 +90,8 @@ public struct OverlayReport: Sendable, Codable {
         /// Data objects a fold removed because its guest no longer references them and no other guest does.
         public var objectsRemoved = 0
         public var objectsRemovedBytes: UInt64 = 0
+        /// Files of the guest's generation in force whose data object is missing from the store (notes name them).
+        public var filesWithoutData = 0
         public var seconds = 0.0
         public var notes: [String] = []
         /// The guest's name, when it has one.

@@ -141,36 +141,88 @@ extension Overlay {
 
     /// The files of every overlay guest (its generation in force) whose stubs
     /// name one of `redirects`, as "ROOT: /PATH", per redirect.
-    static func files(naming redirects: Set<[UInt8]>, in store: Store) -> [[UInt8]: [String]] {
-        var out: [[UInt8]: [String]] = [:]
+    static func files(naming redirects: Set<[UInt8]>, in store: Store) -> [[UInt8]: (files: [String], size: UInt64)] {
+        var out: [[UInt8]: (files: [String], size: UInt64)] = [:]
         guard !redirects.isEmpty else { return out }
         for g in OverlayGuest.all(in: store) {
             guard let state = try? g.readState(), let gen = try? g.generation(state.generation) else { continue }
             for layer in gen.layers {
-                for (path, r) in (try? stubs(in: layer.directory, naming: redirects)) ?? [] {
-                    out[r, default: []].append("\(g.rootPath): /\(escapedPath(path))")
+                for stub in (try? stubs(in: layer.directory, naming: redirects)) ?? [] {
+                    out[stub.redirect, default: ([], stub.size)].files.append(
+                        "\(g.rootPath): /\(escapedPath(stub.path))")
                 }
             }
         }
         return out
     }
 
-    /// The stubs of a metadata layer whose redirect is one of `redirects`: their paths and redirects.
+    /// The stubs of a metadata layer whose redirect is one of `redirects`: their paths, redirects and sizes.
     static func stubs(in layer: Directory, naming redirects: Set<[UInt8]>) throws -> [(
-        path: [UInt8], redirect: [UInt8]
+        path: [UInt8], redirect: [UInt8], size: UInt64
     )] {
-        var out: [(path: [UInt8], redirect: [UInt8])] = []
+        var out: [(path: [UInt8], redirect: [UInt8], size: UInt64)] = []
         var traversal = TreeTraversal<Void>()
         try traversal.run(layer, context: ()) { entry, _ in
             if entry.stat.isDirectory { return .enter(()) }
             if entry.stat.isRegular, let f = try? entry.directory.openFileForReading(entry.name),
                 let r = f.extendedAttribute("trusted.overlay.redirect"), redirects.contains(r)
             {
-                out.append((entry.path, r))
+                out.append((entry.path, r, entry.stat.size))
             }
             return .next
         }
         return out
+    }
+
+    /// The whole files (no stubs) an overlay guest's layers in force hold: its
+    /// copy-ups, small files kept whole, files no stub could be made of; with
+    /// a label naming each tree.
+    static func wholeFileTrees(in store: Store) -> [(label: String, directory: Directory)] {
+        var out: [(label: String, directory: Directory)] = []
+        for g in OverlayGuest.all(in: store) {
+            guard let state = try? g.readState(), let gen = try? g.generation(state.generation) else { continue }
+            out.append(("\(g.rootPath) (copy-ups, \(g.path.appending("g\(gen.number)/upper")))", gen.upper))
+            for layer in gen.layers { out.append(("\(g.rootPath) (layer \(layer.path))", layer.directory)) }
+        }
+        return out
+    }
+
+    /// The files of a guest's generation in force whose data object is
+    /// missing from the store (the store holds the only copy of a shared
+    /// file's data in overlay mode), from the layers' reference lists and the
+    /// data directory's names; the layers are walked only when one is missing.
+    static func filesWithoutData(_ guest: OverlayGuest, objects: DataObjects) -> [(path: [UInt8], redirect: [UInt8])] {
+        guard let state = try? guest.readState(), let gen = try? guest.generation(state.generation) else { return [] }
+        let held = objects.heldRedirects()
+        var missing = Set<[UInt8]>()
+        for layer in gen.layers {
+            var counts = LayerReferences.read(layer)
+            if counts == nil {
+                var scan = LayerScan()
+                scan.scan(layer.directory)
+                counts = scan.counts
+            }
+            for r in counts?.keys ?? [:].keys where !held.contains(r) { missing.insert(r) }
+        }
+        guard !missing.isEmpty else { return [] }
+        return gen.layers.flatMap { layer in
+            ((try? stubs(in: layer.directory, naming: missing)) ?? []).map { ($0.path, $0.redirect) }
+        }
+    }
+
+    /// Notes in a guest's report the files whose data object is missing from the store.
+    static func noteMissingData(_ guest: OverlayGuest, objects: DataObjects, in result: inout OverlayReport.Guest) {
+        let lost = filesWithoutData(guest, objects: objects)
+        guard !lost.isEmpty else { return }
+        result.filesWithoutData = lost.count
+        result.notes.append(missingDataNote(lost))
+    }
+
+    /// "N files cannot be read: …", naming the first files and their objects.
+    static func missingDataNote(_ lost: [(path: [UInt8], redirect: [UInt8])]) -> String {
+        let named = lost.prefix(3).map { "/\(escapedPath($0.path)) (data\(escapedPath($0.redirect)))" }
+        return
+            "\(lost.count) file\(lost.count == 1 ? "" : "s") cannot be read: \(lost.count == 1 ? "its" : "their") data object is missing from the store (\(named.joined(separator: ", "))\(lost.count > 3 ? ", …" : "")); hashify verify --repair puts back what another copy still holds"
     }
 
     /// Whether `root` is an LXC container's rootfs (`ROOT/../config` names it in `lxc.rootfs.path`).
@@ -223,12 +275,11 @@ extension Overlay {
                 )
             }
             // In overlay mode the store holds the only copy of a shared file's data.
-            let missing = scan.counts.keys.filter { !held.contains($0) }.sorted { $0.lexicographicallyPrecedes($1) }
+            let missing = scan.counts.keys.filter { !held.contains($0) }
             entry.missingDataObjects = missing.count
-            if let first = missing.first {
-                out.warnings.append(
-                    "\(g.rootPath): \(missing.count) data object\(missing.count == 1 ? "" : "s") its files use \(missing.count == 1 ? "is" : "are") missing from the store (\(String(decoding: first, as: UTF8.self))\(missing.count > 1 ? ", …" : "")): those files cannot be read; restore the store from a backup (hashify verify names the objects)"
-                )
+            if !missing.isEmpty {
+                let lost = filesWithoutData(g, objects: objects)
+                out.warnings.append("\(g.rootPath): \(missingDataNote(lost))")
             }
             out.routineUpdateBytes += max(scan.stubBytes / 10, scan.allocatedBytes)
             if state.phase != .active {

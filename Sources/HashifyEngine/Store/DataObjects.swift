@@ -443,6 +443,19 @@ public final class DataObjects: @unchecked Sendable {
         return out
     }
 
+    /// The redirects of the objects the data directory holds now (names
+    /// only, no stat; read once per command and kept).
+    func heldRedirects() -> Set<[UInt8]> {
+        if let held { return held }
+        var out = Set<[UInt8]>()
+        for p in (try? data.entryNames()) ?? [] where p.bytes.count == 2 && bytesFromHex(p.bytes) != nil {
+            for n in (try? prefixDirectory(p).entryNames()) ?? [] { out.insert([0x2f] + p.bytes + [0x2f] + n.bytes) }
+        }
+        held = out
+        return out
+    }
+    private var held: Set<[UInt8]>?
+
     /// Removes the objects behind `redirects` and rewrites the index without
     /// them; returns those removed (one that cannot be, immutable say, stays
     /// with its record, and is not counted).
