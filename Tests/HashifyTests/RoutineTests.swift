@@ -222,6 +222,15 @@ extension RoutineTests {
         let moved = hashify(["unify", "--json", "--store", second] + guests)
         #expect(moved.status == 0, "\(moved.err)")
         #expect((totals(moved.out)["pathsLinked"] as? Int ?? 0) > 0)
+        // A store that is not above them is found too (the host's list of stores, checked against the store's
+        // own list of guests): a third store is refused, and status finds theirs without --store.
+        let third = s.sub("third-store")
+        let refused = hashify(["unify", "--store", third] + guests)
+        #expect(refused.status == 2, "\(refused.out) \(refused.err)")
+        #expect(refused.err.contains("\(guests[0]): a guest of the store \(second)"), "\(refused.err)")
+        let status = hashify(["status", "--json"] + guests)
+        #expect(status.status == 0, "\(status.err)")
+        #expect(jsonReport(status.out)["store"] as? String == second, "\(status.out)")
     }
 }
 

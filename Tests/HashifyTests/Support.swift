@@ -13,8 +13,12 @@ import Glibc
 let packageRoot: URL = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
     .deletingLastPathComponent()
 
-/// The hashify binary built with the tests.
+/// The hashify binary built with the tests. The commands the tests run keep
+/// the host's list of stores (`STATE_DIRECTORY`) in the build directory, not in /var/lib/hashify.
 let hashifyBinary: String = {
+    let state = packageRoot.appendingPathComponent(".build/test-state").path
+    try? FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true)
+    setenv("STATE_DIRECTORY", state, 1)
     let candidates = [
         Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("hashify").path,
         packageRoot.appendingPathComponent(".build/debug/hashify").path,

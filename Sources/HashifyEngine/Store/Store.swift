@@ -228,6 +228,7 @@ public final class Store: @unchecked Sendable {
         var data: [UInt8] = []
         for r in all { data += Array(r.string.utf8) + [0] }
         replaceFile("guests", with: data)
+        StoreRegistry.register(path)
     }
 
     /// Forgets guests (split whole, they share nothing with the store any more).

@@ -86,13 +86,15 @@ public enum RootValidation {
             if up == dir || up.isEmpty { break }
             dir = up
         }
-        // An overlay guest carries its store (wherever it is).
+        // An overlay guest carries its store (wherever it is); a plain guest may be known to one elsewhere.
         if let own = GuestStore.common(canon) { return own }
+        for c in canon { if let known = StoreRegistry.store(knowing: c) { return known } }
         return common.appending(".hashify")
     }
 
-    /// The nearest `.hashify` store above a guest root that knows it (the one
-    /// an earlier run used for it), or nil.
+    /// The store an earlier run unified a guest root with: the nearest
+    /// `.hashify` above it that knows it, else a store of the host's list
+    /// (`StoreRegistry`) that knows it; or nil.
     public static func storeKnowing(root: FilePath) -> FilePath? {
         guard let c = canonical(root) else { return nil }
         var dir = c.removingLastComponent()
@@ -100,7 +102,7 @@ public enum RootValidation {
             let candidate = dir.appending(".hashify")
             if let store = try? Store.open(at: candidate, create: false), store.knowsAny(of: [c]) { return candidate }
             let up = dir.removingLastComponent()
-            if up == dir || up.isEmpty { return nil }
+            if up == dir || up.isEmpty { return StoreRegistry.store(knowing: c) }
             dir = up
         }
     }
