@@ -25,10 +25,16 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // EROFS images: a tree described in memory, written as an image, read back.
+        .target(
+            name: "ErofsImage",
+            dependencies: ["HashifySystem"]
+        ),
         // The engine: walk, plan, hash, store, link, report.
         .target(
             name: "HashifyEngine",
             dependencies: [
+                "ErofsImage",
                 "HashifySystem",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -46,7 +52,7 @@ let package = Package(
         ),
         .testTarget(
             name: "HashifyTests",
-            dependencies: ["HashifyEngine", "HashifySystem", "CHashifyShim"]
+            dependencies: ["ErofsImage", "HashifyEngine", "HashifySystem", "CHashifyShim"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -75,6 +75,19 @@ public final class OpenFile: @unchecked Sendable {
         try bytes.withUnsafeBytes { try write($0) }
     }
 
+    /// Writes all of bytes at offset, the file offset left as it was.
+    /// The corresponding C function is `pwrite()`.
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        try bytes.withUnsafeBytes { b in
+            var done = 0
+            while done < b.count {
+                done += try retrying {
+                    pwrite(self.fd, b.baseAddress! + done, b.count - done, off_t(offset) + off_t(done))
+                }
+            }
+        }
+    }
+
     /// Reads the whole file from offset 0.
     public func readAll() throws -> [UInt8] {
         try readAll(limit: Int.max)!
