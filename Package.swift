@@ -52,7 +52,10 @@ let package = Package(
         ),
         .testTarget(
             name: "HashifyTests",
-            dependencies: ["ErofsImage", "HashifyEngine", "HashifySystem", "CHashifyShim"]
+            dependencies: [
+                "ErofsImage", "HashifyEngine", "HashifySystem", "CHashifyShim",
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -217,7 +217,8 @@ private struct Plan {
             let dotdot = Array("..".utf8)
             var entries: [(name: [UInt8], inode: Int)] = [(dot, current), (dotdot, -2)]
             var subdirectories: UInt32 = 0
-            for entry in list {
+            // In name order: the image depends on the tree's shape, not on how it was built.
+            for entry in list.sorted(by: { $0.name.lexicographicallyPrecedes($1.name) }) {
                 try checkName(entry.name, in: current)
                 guard tree.nodes.indices.contains(entry.node) else {
                     throw ErofsImageError.invalidTree("entry \(escapedPath(entry.name)) names no node (\(entry.node))")
