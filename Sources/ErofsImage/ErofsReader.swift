@@ -274,9 +274,13 @@ public final class ErofsReader {
         }
         let bits = UInt64(blockSize.trailingZeroBitCount) + UInt64(format & Erofs.chunkFormatBlockBitsMask)
         let chunkSize = UInt64(1) << bits
-        let count = d.size == 0 ? 0 : Int((d.size - 1) >> bits) + 1
         let indexes = format & Erofs.chunkFormatIndexes != 0
         let unit = indexes ? 8 : 4
+        let chunkCount = d.size == 0 ? 0 : ((d.size - 1) >> bits) + 1
+        guard chunkCount <= imageBytes / UInt64(unit) else {
+            throw ErofsImageError.corruptImage("nid \(nid): \(chunkCount) chunks do not fit the image")
+        }
+        let count = Int(chunkCount)
         let start = UInt64(roundUp(Int(d.dataOffset), unit))
         let table = try bytes(at: start, count: unit * count)
         var addresses: [UInt32?] = []
@@ -307,11 +311,15 @@ public final class ErofsReader {
     /// The whole content of an inode's data.
     private func content(_ d: DataMap, nid: UInt64) throws -> [UInt8] {
         guard d.size > 0 else { return [] }
-        guard d.size <= UInt64(Int.max / 2) else { throw ErofsImageError.corruptImage("nid \(nid): size \(d.size)") }
+        // Content read whole is at most what the image holds. (A partly sparse chunked file larger
+        // than its image, which mkfs.erofs could make, is refused rather than materialized.)
+        guard d.size <= imageBytes else {
+            throw ErofsImageError.unsupported("nid \(nid): \(d.size) bytes of content in an image of \(imageBytes)")
+        }
         let bs = UInt64(blockSize)
         switch d.layout {
         case .flatPlain:
-            if d.u == Erofs.nullAddress { return [UInt8](repeating: 0, count: Int(d.size)) }
+            if d.u == Erofs.nullAddress { throw ErofsImageError.corruptImage("nid \(nid): content without a block") }
             return try bytes(at: UInt64(d.u) * bs, count: Int(d.size))
         case .flatInline:
             let blocks = (d.size + bs - 1) / bs - 1
@@ -359,7 +367,7 @@ public final class ErofsReader {
                 let child = block.le64(d)
                 let from = Int(block.le16(d + 8))
                 var to = k + 1 < count ? Int(block.le16(d + Erofs.direntSize + 8)) : block.count
-                guard from >= first, from < to || k + 1 == count, to <= block.count else {
+                guard from >= first, from <= to, from < to || k + 1 == count, to <= block.count else {
                     throw ErofsImageError.corruptImage("nid \(nid): bad dirent name offset")
                 }
                 if k + 1 == count {
