@@ -560,6 +560,15 @@ extension ErofsImageTests {
             let r = run(["/usr/bin/fsck.erofs", "-d3", image])
             #expect(r.status == 0 && !(r.out + r.err).contains("<E>"), "fsck.erofs: \(r.out) \(r.err)")
             print("fsck.erofs of the guest image: \((r.out + r.err).trimmingCharacters(in: .whitespacesAndNewlines))")
+            // What one stub costs, as dump.erofs reads it.
+            var stubPath: [UInt8]? = nil
+            tree.forEachPath { path, id in
+                if stubPath == nil, case .file(.external) = tree[id].kind { stubPath = path }
+            }
+            if let stubPath, FileManager.default.isExecutableFile(atPath: "/usr/bin/dump.erofs") {
+                let d = run(["/usr/bin/dump.erofs", "--path=/" + String(decoding: stubPath, as: UTF8.self), image])
+                print("a stub as dump.erofs shows it: \(d.out.split(separator: "\n").joined(separator: " | "))")
+            }
         }
 
         // The image mounted, the data directory as a data-only lower layer below it.
