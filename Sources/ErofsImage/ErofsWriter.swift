@@ -45,8 +45,11 @@ public enum ErofsWriter {
         public var volumeName: [UInt8]
         /// Whether to set the superblock checksum (crc32c, `EROFS_FEATURE_COMPAT_SB_CHKSUM`).
         public var checksum: Bool
-        /// Largest tail of a regular file or directory packed after its inode
-        /// (a larger one takes a block of its own): half a block by default, as composefs does.
+        /// Largest tail (the bytes past the last whole block) of a regular
+        /// file's content or a directory's entries packed after its inode; a
+        /// larger one takes a block of its own. Half a block by default, as
+        /// composefs does. A symlink's target is packed whenever it fits the
+        /// inode's block (the kernel's fast symlinks), whatever this says.
         public var inlineTailLimit: Int
 
         public init(
@@ -219,7 +222,7 @@ private struct Plan {
             var subdirectories: UInt32 = 0
             // In name order: the image depends on the tree's shape, not on how it was built.
             for entry in list.sorted(by: { $0.name.lexicographicallyPrecedes($1.name) }) {
-                try checkName(entry.name, in: current)
+                try checkName(entry.name)
                 guard tree.nodes.indices.contains(entry.node) else {
                     throw ErofsImageError.invalidTree("entry \(escapedPath(entry.name)) names no node (\(entry.node))")
                 }
@@ -253,7 +256,7 @@ private struct Plan {
 
     private var parents: [Int: Int] = [:]
 
-    func checkName(_ name: [UInt8], in directory: Int) throws {
+    func checkName(_ name: [UInt8]) throws {
         guard !name.isEmpty, name.count <= Erofs.maxNameLength, !name.contains(0), !name.contains(0x2f),
             name != Array(".".utf8), name != Array("..".utf8)
         else {

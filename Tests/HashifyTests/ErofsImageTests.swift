@@ -507,7 +507,7 @@ private func objectRedirect(_ content: [UInt8]) -> String {
 
 extension ErofsImageTests {
     @Test(
-        "a real guest as composefs lays it out: files of at most 64 bytes inline, the rest stubs into a data-only layer; overlayfs over the mounted image shows the guest as it is",
+        "a real guest as composefs lays it out: files of at most 64 bytes inline, the rest stubs into a data-only layer; overlayfs over the mounted image (with and without index=on) shows the guest as it is",
         .enabled(if: isRoot, "mounting needs root"))
     func realGuestThroughOverlay() throws {
         guard kernelHasErofs else {
@@ -614,6 +614,25 @@ extension ErofsImageTests {
         let seen = body(manifest([merged], links: true))
         #expect(want == seen, "\(manifestDiff(want, seen).prefix(6000))")
         #expect(want.split(separator: "\n").count == paths + 1)
+
+        // With index=on (hard links stay whole across copy-up), over a fresh upper and work directory.
+        unmount(merged)
+        let upper2 = s.sub("upper2")
+        let work2 = s.sub("work2")
+        for d in [upper2, work2] { mkdirs(d) }
+        let upper2Dir = try Directory.open(path: FilePath(upper2))
+        try upper2Dir.changeOwner(uid: rootStat.uid, gid: rootStat.gid)
+        try upper2Dir.changeMode(rootStat.mode)
+        let indexed =
+            "lowerdir=\(meta)::\(data),upperdir=\(upper2),workdir=\(work2),redirect_dir=on,metacopy=on,index=on"
+        let ri = run(["/bin/mount", "-t", "overlay", "overlay", "-o", indexed, merged])
+        #expect(
+            ri.status == 0, "overlay with index=on over the image: \(ri.err) \(run(["/bin/dmesg"]).out.suffix(600))")
+        if ri.status == 0 {
+            try upper2Dir.setModificationTime(rootStat.modificationTime)
+            let seenIndexed = body(manifest([merged], links: true))
+            #expect(want == seenIndexed, "\(manifestDiff(want, seenIndexed).prefix(3000))")
+        }
     }
 
     @Test(
