@@ -20,6 +20,8 @@ enum Erofs {
 
     static let compatSuperblockChecksum: UInt32 = 0x1
     static let compatMtime: UInt32 = 0x2
+    static let compatXattrFilter: UInt32 = 0x4
+    static let xattrFilterSeed: UInt32 = 0x25BB_E08F
     static let incompatChunkedFile: UInt32 = 0x4
     /// Incompatible features the reader understands (it refuses any other).
     static let incompatUnderstood: UInt32 = incompatChunkedFile | 0x1
@@ -153,5 +155,60 @@ enum CRC32C {
         var crc = seed
         for b in bytes { crc = table[Int((crc ^ UInt32(b)) & 0xff)] ^ (crc >> 8) }
         return crc
+    }
+}
+
+/// XXH32, the hash of EROFS's xattr name filter: bit `xxh32(suffix, seed +
+/// prefix index) % 32` of an inode's `h_name_filter` is clear when it may
+/// have an xattr of that name, so that a lookup of an absent one (overlayfs
+/// asks for several on every file) stops without reading the xattrs.
+enum XXH32 {
+    static let p1: UInt32 = 0x9E37_79B1
+    static let p2: UInt32 = 0x85EB_CA77
+    static let p3: UInt32 = 0xC2B2_AE3D
+    static let p4: UInt32 = 0x27D4_EB2F
+    static let p5: UInt32 = 0x1656_67B1
+
+    @inline(__always)
+    private static func rotl(_ x: UInt32, _ r: UInt32) -> UInt32 { (x << r) | (x >> (32 - r)) }
+
+    @inline(__always)
+    private static func round(_ acc: UInt32, _ lane: UInt32) -> UInt32 { rotl(acc &+ lane &* p2, 13) &* p1 }
+
+    static func hash(_ bytes: [UInt8], seed: UInt32) -> UInt32 {
+        let n = bytes.count
+        var i = 0
+        var h: UInt32
+        if n >= 16 {
+            var v1 = seed &+ p1 &+ p2
+            var v2 = seed &+ p2
+            var v3 = seed
+            var v4 = seed &- p1
+            while i + 16 <= n {
+                v1 = round(v1, bytes.le32(i))
+                v2 = round(v2, bytes.le32(i + 4))
+                v3 = round(v3, bytes.le32(i + 8))
+                v4 = round(v4, bytes.le32(i + 12))
+                i += 16
+            }
+            h = rotl(v1, 1) &+ rotl(v2, 7) &+ rotl(v3, 12) &+ rotl(v4, 18)
+        } else {
+            h = seed &+ p5
+        }
+        h = h &+ UInt32(truncatingIfNeeded: n)
+        while i + 4 <= n {
+            h = rotl(h &+ bytes.le32(i) &* p3, 17) &* p4
+            i += 4
+        }
+        while i < n {
+            h = rotl(h &+ UInt32(bytes[i]) &* p5, 11) &* p1
+            i += 1
+        }
+        h ^= h >> 15
+        h = h &* p2
+        h ^= h >> 13
+        h = h &* p3
+        h ^= h >> 16
+        return h
     }
 }

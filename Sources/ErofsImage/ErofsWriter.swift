@@ -32,6 +32,8 @@ public enum ErofsImageError: Error, Hashable, Sendable, CustomStringConvertible 
 ///   as zeros, `st_size` the file's.
 /// - A (name, value) xattr pair that several inodes carry is stored once in the
 ///   shared xattr area and named by a 4-byte id in each inode.
+/// - Each inode with xattrs carries the name filter (`EROFS_FEATURE_COMPAT_XATTR_FILTER`,
+///   Linux 6.6; older kernels ignore it): a lookup of an xattr it lacks stops at once.
 /// - Small tails (directory entries, file content, symlink targets) are packed
 ///   after the inode (`EROFS_INODE_FLAT_INLINE`), never across a block boundary.
 /// - The output depends on the tree and options only: the same tree gives the same bytes.
@@ -498,7 +500,7 @@ private struct Plan {
     func writeSuperblock(into meta: inout [UInt8], xattrBlock: Int) {
         let o = Erofs.superblockOffset
         meta.put32(Erofs.magic, at: o)
-        var compat = Erofs.compatMtime
+        var compat = Erofs.compatMtime | Erofs.compatXattrFilter
         if options.checksum { compat |= Erofs.compatSuperblockChecksum }
         meta.put32(compat, at: o + 8)
         meta[o + 12] = Erofs.blockSizeBits
@@ -561,6 +563,11 @@ private struct Plan {
         }
         var x = p + inode.headerSize
         if inode.xattrSize > 0 {
+            var present: UInt32 = 0
+            for stored in inode.sharedXattrs.map({ shared[$0] }) + inode.ownXattrs {
+                present |= 1 << (XXH32.hash(stored.suffix, seed: Erofs.xattrFilterSeed &+ UInt32(stored.index)) & 31)
+            }
+            meta.put32(~present, at: x)
             meta[x + 4] = UInt8(inode.sharedXattrs.count)
             x += Erofs.xattrBodyHeaderSize
             for s in inode.sharedXattrs {

@@ -1,9 +1,10 @@
 import Crypto
-import ErofsImage
 import Foundation
 import HashifySystem
 import SystemPackage
 import Testing
+
+@testable import ErofsImage
 
 #if canImport(Glibc)
 import Glibc
@@ -748,5 +749,17 @@ extension ErofsImageTests {
             let r = run(["/usr/bin/fsck.erofs", "-d3", s.sub("big.img")])
             #expect(r.status == 0 && !(r.out + r.err).contains("<E>"), "fsck.erofs: \(r.out) \(r.err)")
         }
+    }
+}
+
+@Test("XXH32, the hash of EROFS's xattr name filter, gives libxxhash's values")
+func xxh32ReferenceValues() {
+    // Reference values from libxxhash 0.8 (XXH32(data, length, seed)).
+    for (text, seed, value): (String, UInt32, UInt32) in [
+        ("", 0, 0x02CC_5D05), ("a", 0, 0x550D_7456), ("abc", 0, 0x32D1_53FF),
+        ("Nobody inspects the spammish repetition", 0, 0xE229_3B2F),
+        ("overlay.redirect", 0x25BB_E08F + 4, 0x887E_C271), ("", 0x25BB_E08F + 2, 0x0857_597E),
+    ] {
+        #expect(XXH32.hash(Array(text.utf8), seed: seed) == value, "\(text)")
     }
 }
