@@ -226,12 +226,25 @@ struct HardlinkRun {
         // The objects no guest links any more go now: the routine needs no separate gc for them.
         do {
             let collected = try StoreObjects(store: store).collectUnlinkedObjects()
-            report.totals.objectsRemoved = collected.objects
-            report.totals.bytesFreedByRemoval = collected.bytes
+            // An unused object a new one of its identity replaced is removed too.
+            report.totals.objectsRemoved = collected.objects + store.replacedObjects
+            report.totals.bytesFreedByRemoval = collected.bytes + store.replacedBytes
+            if let first = collected.notRemoved.first {
+                report.notes.append(
+                    "\(collected.notRemoved.count) object\(collected.notRemoved.count == 1 ? "" : "s") no guest links any more could not be removed (\(first)): they stay"
+                )
+            }
         } catch {
             report.notes.append("could not remove the objects no guest links any more: \(error)")
         }
         store.rememberGuests(roots.map(\.path))
+        // Another run may have unified them with another store at the same time: said, never silent.
+        for r in roots {
+            do { _ = try RootValidation.storeKnowing(root: r.path) } catch let e as InputError {
+                report.guestsOfTwoStores.append(e.description)
+                report.notes.append(e.description)
+            } catch {}
+        }
         store.recordOpenForWriting(
             skips.filter { $0.reason == .openForWriting }.map { (roots[$0.guest].path.string, escapedPath($0.path)) },
             roots: roots.map(\.path.string))

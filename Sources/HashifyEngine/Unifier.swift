@@ -77,23 +77,12 @@ public struct Unifier {
         let roots = options.roots.map { RootValidation.canonical($0) ?? $0 }
         // Each overlay guest carries its store: given another, the run refuses; not given, the
         // plain guests take the default store, and each overlay guest folds in its own.
-        if let given = options.store {
-            try GuestStore.check(roots, store: given)
-            // A plain guest an earlier run unified with the store above it belongs to that one.
-            let canonicalGiven = RootValidation.canonical(given) ?? given
-            for r in roots where GuestStore.of(r) == nil {
-                guard let known = RootValidation.storeKnowing(root: r),
-                    (RootValidation.canonical(known) ?? known) != canonicalGiven
-                else { continue }
-                throw InputError(
-                    "\(r): a guest of the store \(known), not of \(given) (a guest belongs to one store: give --store \(known), or first split it whole out of that one: hashify split --store \(known) --root \(r))"
-                )
-            }
-        }
         var ownStores: [FilePath: FilePath] = [:]
         for r in roots { if let own = GuestStore.of(r) { ownStores[r] = own } }
         let unmarked = roots.filter { ownStores[$0] == nil }
         let storePath = options.store ?? RootValidation.defaultStorePath(for: roots)
+        // A plain guest belongs to the store an earlier run unified it with (given another, the run refuses).
+        try GuestStore.check(options.store == nil ? unmarked : roots, store: storePath)
         var overlay = Overlay.overlayGuests(among: unmarked, storePath: storePath).union(ownStores.keys)
         var plain = roots.filter { !overlay.contains($0) }
         var conversion = Conversion()
@@ -121,7 +110,14 @@ public struct Unifier {
             var byStore: [FilePath: [FilePath]] = [:]
             for r in toFold { byStore[ownStores[r] ?? storePath, default: []].append(r) }
             for (path, group) in byStore.sorted(by: { $0.key.string < $1.key.string }) {
-                guard let store = try Store.open(at: path, create: false) else { continue }
+                guard let store = try Store.open(at: path, create: false) else {
+                    for r in group {
+                        var left = OverlayReport.Guest(root: r.string, action: .leftAsItWas)
+                        left.notes.append("its store \(path) cannot be opened")
+                        report.overlayGuests.append(left)
+                    }
+                    continue
+                }
                 if !options.dryRun { try store.lock(wait: options.waitForLock) }
                 report.overlayGuests += try Overlay.fold(roots: group, store: store, dryRun: options.dryRun)
             }

@@ -116,12 +116,13 @@ extension RoutineTests {
         let start = runHook("pre-start")
         #expect(start.status == 0, "\(start.err)")
         #expect(start.err.contains("lxc:web9: mounted: fold at next start"), "\(start.err)")
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
-        // Stopped (no process), still mounted, copy-ups to fold: status says so.
+        // Stopped (no process has its root there; the shell's cwd still holds it), still mounted,
+        // copy-ups to fold: status says so.
         let status = hashify(["status", "--store", store, root])
         #expect(
             status.out.contains("\(root): its container is stopped but its overlay is still mounted"), "\(status.out)")
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
         #expect(runHook("post-stop").status == 0)
         let again = runHook("pre-start")
         #expect(again.status == 0 && again.err.contains("lxc:web9: folded"), "\(again.err)")
@@ -267,5 +268,28 @@ extension RoutineTests {
         }
         #expect(jsonReport(hashify(["gc", "--json", "--store", store]).out)["objectsRemoved"] as? Int == 0)
         #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+    }
+}
+
+extension RoutineTests {
+    @Test(
+        "an overlay guest exported in place leaves no record behind: the next fold still removes the objects only it named",
+        .enabled(if: isRoot, "overlay mounts need root"))
+    func exportLeavesNoRecord() throws {
+        let s = Scratch("routineexport")
+        let store = s.sub("store")
+        let (a, b) = (s.sub("guests/a"), s.sub("guests/b"))
+        for (i, g) in [a, b].enumerated() { makeGuest(g, index: i) }
+        writeFile("\(a)/opt/only-a", pseudoRandom(30_000, seed: 1300))
+        settle()
+        #expect(overlay(["convert", "-q", a, b], store: store).status == 0)
+        #expect(overlay(["export", "-q", b], store: store).status == 0)
+        let records = (try? FileManager.default.contentsOfDirectory(atPath: "\(store)/overlay")) ?? []
+        #expect(records.count == 1, "b's record went with its export: \(records)")
+        unlink("\(a)/opt/only-a")
+        #expect(overlay(["umount", "-q", a], store: store).status == 0)
+        let fold = overlay(["fold", "--json", a], store: store)
+        #expect(firstGuestReport(fold.out)["objectsRemoved"] as? Int == 1, "\(fold.out)")
+        #expect(hashify(["gc", "--json", "--store", store]).out.contains("\"dataObjectsRemoved\" : 0"))
     }
 }

@@ -77,6 +77,7 @@ public enum Clone {
         let dstName = FileName(name.string)
         if let parent, (try? parent.stat(dstName)) != nil { throw InputError("\(options.destination): already exists") }
         let storePath = options.store ?? RootValidation.defaultStorePath(for: [options.source])
+        try GuestStore.check([options.source], store: storePath)
         guard let store = try Store.open(at: storePath, create: false) else {
             throw InputError("\(storePath): no hashify store here (unify or convert the source first, or give --store)")
         }

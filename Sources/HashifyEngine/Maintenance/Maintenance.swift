@@ -16,6 +16,7 @@ public struct StoreLocation: Sendable {
     }
 
     func resolve() throws -> (FilePath, Store, [FilePath]) {
+        for r in roots where (try? Directory.open(path: r)) == nil { throw InputError("\(r): no such directory") }
         let found =
             roots.isEmpty
             ? paths.first.flatMap(RootValidation.storeKnowingGuest(of:)) : RootValidation.defaultStorePath(for: roots)
@@ -399,8 +400,10 @@ public struct GCReport: Sendable, Codable {
     public var dataObjectsRemoved = 0
     public var dataBytesFreed: UInt64 = 0
     public var skipped: [UnifyReport.SkippedPath] = []
+    /// Unused objects that could not be removed (immutable, say), with why.
+    public var notRemoved: [String] = []
     public var notes: [String] = []
-    public var exitStatus: Int32 { skipped.contains { $0.error } ? 1 : 0 }
+    public var exitStatus: Int32 { skipped.contains { $0.error } || !notRemoved.isEmpty ? 1 : 0 }
 }
 
 public enum GCCommand {
@@ -414,6 +417,12 @@ public enum GCCommand {
         report.bytesFreed = collected.bytes
         report.dataObjectsRemoved = collected.dataObjects
         report.dataBytesFreed = collected.dataBytes
+        report.notRemoved = collected.notRemoved
+        if let first = collected.notRemoved.first {
+            report.notes.append(
+                "\(collected.notRemoved.count) unused object\(collected.notRemoved.count == 1 ? "" : "s") could not be removed (\(first)\(collected.notRemoved.count > 1 ? ", …" : "")): they stay"
+            )
+        }
         if !dryRun {
             if !store.unfinishedRuns().isEmpty {
                 if guests.isEmpty {

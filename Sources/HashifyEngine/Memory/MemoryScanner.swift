@@ -418,6 +418,7 @@ public enum MemoryScanner {
     static func guestPaths(_ options: MemoryOptions) throws -> ([FilePath], Store?, [String]) {
         let storePath =
             options.store ?? (options.roots.isEmpty ? nil : RootValidation.defaultStorePath(for: options.roots))
+        if let given = options.store, !options.roots.isEmpty { try GuestStore.check(options.roots, store: given) }
         let store = try storePath.flatMap { try Store.open(at: $0, create: false) }
         if options.store != nil && store == nil { throw InputError("\(options.store!): no hashify store here") }
         var rootPaths = options.roots

@@ -5,8 +5,9 @@ import SystemPackage
 /// mounted, the overlay's upper directory (`STORE/overlay/ID/gN/upper`);
 /// unmounted, `trusted.hashify.store` on the mount point, the empty
 /// directory the overlay covers (set by `convert` and by every mount; the
-/// guest never sees it). Every command finds a guest's store from it, and
-/// one given another store for the guest refuses.
+/// guest never sees it), taken only when that store holds the guest's
+/// overlay record. Every command finds a guest's store from it, and one
+/// given another store for the guest refuses.
 enum GuestStore {
     static let attributeName = "trusted.hashify.store"
 
@@ -24,8 +25,20 @@ enum GuestStore {
             for _ in 0..<3 { path = path.removingLastComponent() }
             return path.lastComponent?.string == "overlay" ? path.removingLastComponent() : nil
         }
-        guard let value = dir.extendedAttribute(attributeName), !value.isEmpty, value.first == 0x2f else { return nil }
-        return FilePath(String(decoding: value, as: UTF8.self))
+        guard let value = dir.extendedAttribute(attributeName), !value.isEmpty, value.first == 0x2f,
+            String(validating: value, as: UTF8.self) != nil
+        else { return nil }
+        // The mark is a hint, taken only where no guest can have written it: an empty directory
+        // (an unmounted overlay guest's mount point; a plain guest's root, which its root user
+        // can mark, is never empty), naming a store outside it that has this guest's overlay record.
+        let marked = FilePath(String(decoding: value, as: UTF8.self))
+        guard (try? dir.entryNames())?.isEmpty == true, let store = RootValidation.canonical(marked),
+            store != canonical, !store.starts(with: canonical),
+            let s = try? Store.open(at: store, create: false),
+            let record = try? OverlayGuest.open(store: s, canonicalRoot: canonical, create: false),
+            record.hasState || !record.generationNumbers().isEmpty
+        else { return nil }
+        return marked
     }
 
     /// Notes on an (unmounted, empty) mount point which store its guest belongs to.
@@ -39,13 +52,21 @@ enum GuestStore {
     }
 
     /// Refuses a command that works on `roots` with the store at `store`
-    /// when one of them is an overlay guest of another store.
+    /// when one of them is an overlay guest of another store, or a plain
+    /// guest an earlier run unified with another store (or with two, or
+    /// when the lists that tell cannot be read).
     static func check(_ roots: [FilePath], store: FilePath) throws {
         let given = RootValidation.canonical(store) ?? store
         for r in roots {
-            guard let own = of(r), (RootValidation.canonical(own) ?? own) != given else { continue }
+            if let own = of(r) {
+                guard (RootValidation.canonical(own) ?? own) != given else { continue }
+                throw InputError(
+                    "\(r): an overlay guest of the store \(own), not of \(store) (a guest belongs to one store: give --store \(own))"
+                )
+            }
+            guard let known = try RootValidation.storeKnowing(root: r), known != given else { continue }
             throw InputError(
-                "\(r): an overlay guest of the store \(own), not of \(store) (a guest belongs to one store: give --store \(own))"
+                "\(r): a guest of the store \(known), not of \(store) (a guest belongs to one store: give --store \(known), or first split it whole out of that one: hashify split --store \(known) --root \(r))"
             )
         }
     }

@@ -117,6 +117,8 @@ enum LayerReferences {
         let (guests, unreadable) = OverlayGuest.records(in: store)
         guard unreadable.isEmpty else { return [] }
         for g in guests {
+            // A record with neither state nor generations is no guest (an export's leftover).
+            if (try? g.readState()) == .some(nil) && g.generationNumbers().isEmpty { continue }
             guard let state = try? g.readState(), state.phase == .active,
                 let refs = try? g.layerReferences(state.generation),
                 (try? g.directory.openDirectory(OverlayGuest.generationName(state.generation)).stat(

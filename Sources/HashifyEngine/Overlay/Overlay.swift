@@ -101,10 +101,19 @@ public struct OverlayReport: Sendable, Codable {
     public var command: String
     public var store: String
     public var guests: [Guest] = [] {
-        didSet { exitStatus = guests.contains { $0.action == .leftAsItWas || $0.filesKeptWhole > 0 } ? 1 : 0 }
+        didSet {
+            // A guest whose files lost their data object still mounts (exit 0: the hook starts it, and
+            // logs the note); every other command says so in its status too.
+            exitStatus =
+                guests.contains {
+                    $0.action == .leftAsItWas || $0.filesKeptWhole > 0
+                        || ($0.filesWithoutData > 0 && command != "overlay mount")
+                } ? 1 : 0
+        }
     }
     public var seconds = 0.0
-    /// 0, or 1 when a guest was left alone because of an error or a fold kept files whole.
+    /// 0, or 1 when a guest was left alone because of an error, a fold kept files whole, or
+    /// files of a guest lost their data object.
     public var exitStatus: Int32 = 0
 }
 

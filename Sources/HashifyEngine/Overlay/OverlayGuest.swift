@@ -223,6 +223,13 @@ final class OverlayGuest {
             try removeGenerations(except: nil)
             try directory.unlink(FileName("state"))
             try? directory.sync()
+            // The guest is plain again: its record goes whole (a record left without a state
+            // would keep every fold from proving an object unused).
+            try? unmountPrivate()
+            if let parent = try? store.directory.openDirectory(FileName("overlay")) {
+                try? parent.removeTree(FileName(id))
+                try? parent.sync()
+            }
             return
         }
         let text = "phase \(state.phase.rawValue)\ngeneration \(state.generation)\nroot-inode \(state.rootInode)\n"

@@ -264,11 +264,12 @@ extension Overlay {
             entry.sharedBytes = scan.stubBytes
             entry.copyUpBytes = scan.allocatedBytes
             entry.foldPending = scan.entries > 0
-            // An LXC container's rootfs mounted while no process uses it (the container is stopped),
-            // with copy-ups to fold: its post-stop hook did not unmount it.
+            // An LXC container's rootfs mounted while no process has its root there (the container
+            // is stopped; a shell's cwd may still hold it), with copy-ups to fold: its post-stop
+            // hook did not unmount it.
             if entry.foldPending, layout != nil, isLXCRootfs(g.rootPath),
                 let st = try? Directory.open(path: g.rootPath).stat(),
-                ProcessScanner.processesUsing(root: g.rootPath, stat: st, ownDevice: true).isEmpty
+                ProcessScanner.processesUsing(root: g.rootPath, stat: st, ownDevice: true, rootOnly: true).isEmpty
             {
                 out.warnings.append(
                     "\(g.rootPath): its container is stopped but its overlay is still mounted (the post-stop hook could not unmount it): its next start runs unfolded; hashify overlay umount it, and it folds at its next start"

@@ -48,7 +48,9 @@ public enum ProcessScanner {
     /// (canonical path `path`, attributes `stat`) or below it: by device and
     /// inode (containers in their own mount namespace), by the overlay's own
     /// device when the guest is mounted, and by path.
-    public static func processesUsing(root path: FilePath, stat: FileStat, ownDevice: Bool) -> [StaleProcess] {
+    public static func processesUsing(
+        root path: FilePath, stat: FileStat, ownDevice: Bool, rootOnly: Bool = false
+    ) -> [StaleProcess] {
         guard let proc = try? Directory.open(path: "/proc") else { return [] }
         let prefix = Array(path.string.utf8)
         let me = currentProcessID()
@@ -58,7 +60,7 @@ public enum ProcessScanner {
                 let pdir = try? proc.openDirectory(name)
             else { continue }
             var inside = false
-            for link in ["root", "cwd"] {
+            for link in rootOnly ? ["root"] : ["root", "cwd"] {
                 if let st = try? Directory.open(path: FilePath("/proc/\(pid)/\(link)")).stat(),
                     (st.device == stat.device && st.inode == stat.inode) || (ownDevice && st.device == stat.device)
                 {

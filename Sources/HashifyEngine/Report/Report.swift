@@ -110,10 +110,16 @@ public struct UnifyReport: Sendable, Codable {
         self.store = store
     }
 
-    /// 0 done, 1 done with files skipped because of errors (or an overlay guest whose fold failed).
+    /// 0 done, 1 done with files skipped because of errors (or an overlay guest whose fold failed,
+    /// kept files whole, or has files whose data object is missing), or a guest claimed by two stores.
     public var exitStatus: Int32 {
-        totals.errors > 0 || overlayGuests.contains { $0.action == .leftAsItWas || $0.filesKeptWhole > 0 } ? 1 : 0
+        totals.errors > 0 || !guestsOfTwoStores.isEmpty
+            || overlayGuests.contains { $0.action == .leftAsItWas || $0.filesKeptWhole > 0 || $0.filesWithoutData > 0 }
+            ? 1 : 0
     }
+    /// Guests another store claimed while this run unified them (two runs with different stores at
+    /// once): each line names both stores.
+    public var guestsOfTwoStores: [String] = []
 }
 
 extension UnifyReport.NotLinked {

@@ -65,6 +65,8 @@ public final class Store: @unchecked Sendable {
             return try Store(path: path, directory: try parent.openDirectory(name))
         } catch Errno.noSuchFileOrDirectory {
             return nil
+        } catch Errno.notDirectory {
+            throw InputError("\(path): not a directory")
         }
     }
 
@@ -146,6 +148,10 @@ public final class Store: @unchecked Sendable {
     /// links any more is replaced, not skipped: objects of one identity do not
     /// pile up as generations. (A full object, at the filesystem's link
     /// limit, makes the next victim the next generation: see HardlinkLinker.)
+    /// Unused objects `publish` replaced in this process (they count as removed), and their bytes.
+    public private(set) var replacedObjects = 0
+    public private(set) var replacedBytes: UInt64 = 0
+
     public func publish(
         _ file: OpenFile, digest: ContentDigest, identityKey: String, fromGeneration: Int
     ) throws -> Int {
@@ -170,6 +176,8 @@ public final class Store: @unchecked Sendable {
                     guard (try? dir.stat(name))?.linkCount == 1 else { return free }
                     try dir.rename(
                         Self.objectName(digest: digest, key: identityKey, generation: free), to: dir, as: name)
+                    replacedObjects += 1
+                    replacedBytes += st.allocatedBytes
                     return generation
                 }
                 generation += 1
@@ -247,20 +255,34 @@ public final class Store: @unchecked Sendable {
     /// Guest roots earlier runs were given (canonical paths). What is not an
     /// absolute path of printable characters is not a root hashify wrote
     /// there, and is left out (the next unify writes the file anew).
-    public func rememberedGuests() -> [FilePath] {
-        guard let data = try? directory.openFileForReading(FileName("guests")).readAll(limit: 1 << 20) else {
-            return []
+    public func rememberedGuests() -> [FilePath] { (try? readGuests()) ?? [] }
+
+    /// The guests the store remembers, or why its list cannot be read whole
+    /// (not a regular file, larger than 1 MiB, an entry that is no absolute path).
+    func readGuests() throws -> [FilePath] {
+        guard let st = try? directory.stat(FileName("guests")) else { return [] }
+        let damaged = { (why: String) in
+            InputError(
+                "\(self.path.appending("guests")): the store's list of guests cannot be read (\(why)); which guests belong to this store cannot be told: repair it"
+            )
         }
-        return data.split(separator: 0).filter { entry in
-            entry.first == 0x2f && !entry.contains { $0 < 0x20 || $0 == 0x7f }
-                && String(validating: entry, as: UTF8.self) != nil
-        }.map { FilePath(String(decoding: $0, as: UTF8.self)) }
+        guard st.isRegular else { throw damaged("not a regular file") }
+        guard let data = try? directory.openFileForReading(FileName("guests")).readAll(limit: 1 << 20) else {
+            throw damaged("unreadable, or larger than 1 MiB")
+        }
+        return try data.split(separator: 0).map { entry in
+            guard entry.first == 0x2f, !entry.contains(where: { $0 < 0x20 || $0 == 0x7f }),
+                let text = String(validating: entry, as: UTF8.self)
+            else { throw damaged("an entry that is not an absolute path") }
+            return FilePath(text)
+        }
     }
 
     /// Whether the store has a record of one of `canonicalRoots`: unify ran on
-    /// it with this store, or it is one of the store's overlay guests.
-    func knowsAny(of canonicalRoots: [FilePath]) -> Bool {
-        let remembered = Set(rememberedGuests())
+    /// it with this store, or it is one of the store's overlay guests. Throws
+    /// when its list of guests cannot be read.
+    func knowsAny(of canonicalRoots: [FilePath]) throws -> Bool {
+        let remembered = Set(try readGuests())
         let overlay = try? directory.openDirectory(FileName("overlay"))
         return canonicalRoots.contains { r in
             remembered.contains(r) || (try? overlay?.stat(FileName(OverlayGuest.id(for: r)))) != nil

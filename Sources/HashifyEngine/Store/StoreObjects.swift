@@ -63,6 +63,8 @@ struct StoreObjects {
         var dataBytes: UInt64 = 0
         /// Removed hardlink objects' inodes (their index records go too).
         var dropped = Set<InodeKey>()
+        /// Unused objects that could not be removed ("objects/ab/NAME: why"): they stay, with their records.
+        var notRemoved: [String] = []
     }
 
     /// Removes every object no guest uses. Each hardlink object is checked
@@ -90,6 +92,9 @@ struct StoreObjects {
             dryRun || unusedData.isEmpty ? Set(unusedData.keys) : try store.dataObjects().remove(Set(unusedData.keys))
         out.dataObjects = removed.count
         out.dataBytes = removed.reduce(0) { $0 + (unusedData[$1] ?? 0) }
+        for r in unusedData.keys where !removed.contains(r) {
+            out.notRemoved.append("data\(escapedPath(r)): could not be removed")
+        }
         if !dryRun {
             try ContentIndex.remove(out.dropped, in: store)
         }
@@ -102,7 +107,11 @@ struct StoreObjects {
         let dir = try store.prefixDirectory(o.digest.firstByte)
         guard let st = try? dir.stat(o.name), st.linkCount == 1, st.inode == o.stat.inode else { return }
         if !dryRun {
-            do { try dir.unlink(o.name) } catch { return }  // immutable, say: it stays, and is not counted
+            do { try dir.unlink(o.name) } catch {
+                // Immutable, say: it stays, is not counted, and is named.
+                out.notRemoved.append("objects/\(hexString([o.digest.firstByte]))/\(o.name): \(error)")
+                return
+            }
             out.dropped.insert(InodeKey(device: st.device, inode: st.inode))
         }
         out.objects += 1

@@ -81,30 +81,47 @@ public enum RootValidation {
         var dir = common
         while true {
             let candidate = dir.appending(".hashify")
-            if let store = try? Store.open(at: candidate, create: false), store.knowsAny(of: canon) { return candidate }
+            if let store = try? Store.open(at: candidate, create: false), (try? store.knowsAny(of: canon)) == true {
+                return candidate
+            }
             let up = dir.removingLastComponent()
             if up == dir || up.isEmpty { break }
             dir = up
         }
-        // An overlay guest carries its store (wherever it is); a plain guest may be known to one elsewhere.
+        // An overlay guest carries its store (wherever it is); a plain guest may be known to one elsewhere
+        // (what cannot be read here is refused by GuestStore.check, which every command runs).
         if let own = GuestStore.common(canon) { return own }
-        for c in canon { if let known = StoreRegistry.store(knowing: c) { return known } }
+        for c in canon { if let known = try? StoreRegistry.stores(knowing: c).first { return known } }
         return common.appending(".hashify")
     }
 
-    /// The store an earlier run unified a guest root with: the nearest
-    /// `.hashify` above it that knows it, else a store of the host's list
-    /// (`StoreRegistry`) that knows it; or nil.
-    public static func storeKnowing(root: FilePath) -> FilePath? {
+    /// The store an earlier run unified a guest root with (a `.hashify`
+    /// above it that knows it, or a store of the host's list, `StoreRegistry`,
+    /// that knows it), or nil. Throws when two stores know it, or when a list
+    /// that tells cannot be read (then which store it has cannot be told).
+    public static func storeKnowing(root: FilePath) throws -> FilePath? {
         guard let c = canonical(root) else { return nil }
+        var found: [FilePath] = []
         var dir = c.removingLastComponent()
         while true {
             let candidate = dir.appending(".hashify")
-            if let store = try? Store.open(at: candidate, create: false), store.knowsAny(of: [c]) { return candidate }
+            if let store = try? Store.open(at: candidate, create: false), try store.knowsAny(of: [c]) {
+                found.append(canonical(candidate) ?? candidate)
+            }
             let up = dir.removingLastComponent()
-            if up == dir || up.isEmpty { return StoreRegistry.store(knowing: c) }
+            if up == dir || up.isEmpty { break }
             dir = up
         }
+        for s in try StoreRegistry.stores(knowing: c) {
+            let cs = canonical(s) ?? s
+            if !found.contains(cs) { found.append(cs) }
+        }
+        if found.count > 1 {
+            throw InputError(
+                "\(root): a guest of two stores, \(found[0]) and \(found[1]) (a guest belongs to one store: split it whole out of one, hashify split --store \(found[1]) --root \(root))"
+            )
+        }
+        return found.first
     }
 
     /// The nearest `.hashify` store at or above `path` that knows a guest whose root holds `path`.
