@@ -240,10 +240,10 @@ struct HardlinkRun {
         store.rememberGuests(roots.map(\.path))
         // Another run may have unified them with another store at the same time: said, never silent.
         for r in roots {
-            do { _ = try RootValidation.storeKnowing(root: r.path) } catch let e as InputError {
-                report.guestsOfTwoStores.append(e.description)
-                report.notes.append(e.description)
-            } catch {}
+            do { _ = try RootValidation.storeKnowing(root: r.path, using: store.path) } catch {
+                if "\(error)".contains(": a guest of two stores, ") { report.guestsOfTwoStores.append("\(error)") }
+                report.notes.append("\(error)")
+            }
         }
         store.recordOpenForWriting(
             skips.filter { $0.reason == .openForWriting }.map { (roots[$0.guest].path.string, escapedPath($0.path)) },

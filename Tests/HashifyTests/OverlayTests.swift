@@ -143,7 +143,7 @@ struct OverlayTests {
         let changed = guests.map(guestManifest)
         #expect(overlay(["umount"] + guests, store: store).status == 0)
         let fold = hashify(["unify", "--json", "--store", store] + guests)
-        #expect(fold.status == 0, "\(fold.err)")
+        #expect(fold.status == 0, "\(fold.err)\(fold.out)")
         let folds = jsonReport(fold.out)["overlayGuests"] as? [[String: Any]] ?? []
         #expect(folds.map { $0["action"] as? String } == ["folded", "folded", "folded"])
         #expect(overlay(["mount"] + guests, store: store).status == 0)

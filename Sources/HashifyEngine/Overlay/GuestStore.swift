@@ -64,7 +64,7 @@ enum GuestStore {
                     "\(r): an overlay guest of the store \(own), not of \(store) (a guest belongs to one store: give --store \(own))"
                 )
             }
-            guard let known = try RootValidation.storeKnowing(root: r), known != given else { continue }
+            guard let known = try RootValidation.storeKnowing(root: r, using: given), known != given else { continue }
             throw InputError(
                 "\(r): a guest of the store \(known), not of \(store) (a guest belongs to one store: give --store \(known), or first split it whole out of that one: hashify split --store \(known) --root \(r))"
             )

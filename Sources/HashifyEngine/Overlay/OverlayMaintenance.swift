@@ -202,7 +202,10 @@ extension Overlay {
                 scan.scan(layer.directory)
                 counts = scan.counts
             }
-            for r in counts?.keys ?? [:].keys where !held.contains(r) { missing.insert(r) }
+            // The listing is read once per command: an object made since is looked up itself.
+            for r in counts?.keys ?? [:].keys where !held.contains(r) && (try? objects.stat(r)) == nil {
+                missing.insert(r)
+            }
         }
         guard !missing.isEmpty else { return [] }
         return gen.layers.flatMap { layer in

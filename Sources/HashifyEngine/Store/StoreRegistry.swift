@@ -75,11 +75,11 @@ enum StoreRegistry {
     }
 
     /// The listed stores whose list of guests names `root` (canonical).
-    static func stores(knowing root: FilePath) throws -> [FilePath] {
+    static func stores(knowing root: FilePath, unlessItIs target: FilePath? = nil) throws -> [FilePath] {
         var out: [FilePath] = []
         for store in try read().get() {
             guard let s = try Store.open(at: store, create: false) else { continue }
-            if try s.knowsAny(of: [root]) { out.append(store) }
+            if try RootValidation.knows(s, root, at: store, unlessItIs: target) { out.append(store) }
         }
         return out
     }

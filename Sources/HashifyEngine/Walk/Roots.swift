@@ -99,20 +99,25 @@ public enum RootValidation {
     /// above it that knows it, or a store of the host's list, `StoreRegistry`,
     /// that knows it), or nil. Throws when two stores know it, or when a list
     /// that tells cannot be read (then which store it has cannot be told).
-    public static func storeKnowing(root: FilePath) throws -> FilePath? {
+    /// The list of `using`, the store the command works with, may be damaged:
+    /// the command rewrites it whole from the guests it is given.
+    public static func storeKnowing(root: FilePath, using: FilePath? = nil) throws -> FilePath? {
         guard let c = canonical(root) else { return nil }
+        let target = using.map { canonical($0) ?? $0 }
         var found: [FilePath] = []
         var dir = c.removingLastComponent()
         while true {
             let candidate = dir.appending(".hashify")
-            if let store = try? Store.open(at: candidate, create: false), try store.knowsAny(of: [c]) {
+            if let store = try? Store.open(at: candidate, create: false),
+                try Self.knows(store, c, at: candidate, unlessItIs: target)
+            {
                 found.append(canonical(candidate) ?? candidate)
             }
             let up = dir.removingLastComponent()
             if up == dir || up.isEmpty { break }
             dir = up
         }
-        for s in try StoreRegistry.stores(knowing: c) {
+        for s in try StoreRegistry.stores(knowing: c, unlessItIs: target) {
             let cs = canonical(s) ?? s
             if !found.contains(cs) { found.append(cs) }
         }
@@ -122,6 +127,15 @@ public enum RootValidation {
             )
         }
         return found.first
+    }
+
+    /// Whether `store` knows the guest; a list that cannot be read throws, but for the store `target`.
+    static func knows(_ store: Store, _ root: FilePath, at path: FilePath, unlessItIs target: FilePath?) throws -> Bool
+    {
+        do { return try store.knowsAny(of: [root]) } catch {
+            if let target, (canonical(path) ?? path) == target { return false }
+            throw error
+        }
     }
 
     /// The nearest `.hashify` store at or above `path` that knows a guest whose root holds `path`.
