@@ -188,6 +188,7 @@ extension Overlay {
         try? parent.setModificationTime(parentTime)
         try? parent.sync()
         try guest.writeState(nil)
+        guest.removeRecord()
         var result = outcome()
         result.seconds = elapsed(since: started)
         return result

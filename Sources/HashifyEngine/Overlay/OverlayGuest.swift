@@ -223,17 +223,20 @@ final class OverlayGuest {
             try removeGenerations(except: nil)
             try directory.unlink(FileName("state"))
             try? directory.sync()
-            // The guest is plain again: its record goes whole (a record left without a state
-            // would keep every fold from proving an object unused).
-            try? unmountPrivate()
-            if let parent = try? store.directory.openDirectory(FileName("overlay")) {
-                try? parent.removeTree(FileName(id))
-                try? parent.sync()
-            }
             return
         }
         let text = "phase \(state.phase.rawValue)\ngeneration \(state.generation)\nroot-inode \(state.rootInode)\n"
         try directory.writeAtomically(Array(text.utf8), as: FileName("state"))
+    }
+
+    /// Removes the whole record of a guest that is plain again (`export` in
+    /// place): a record left without state or generations is no guest, and
+    /// is passed over by what proves objects unused, but it is clutter.
+    func removeRecord() {
+        try? unmountPrivate()
+        guard let parent = try? store.directory.openDirectory(FileName("overlay")) else { return }
+        try? parent.removeTree(FileName(id))
+        try? parent.sync()
     }
 
     // MARK: generations
