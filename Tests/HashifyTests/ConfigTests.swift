@@ -122,10 +122,16 @@ struct ConfigTests {
         }
         let missing = hashify(["unify", "--config", s.sub("none.toml")] + roots)
         #expect(missing.status == 2 && missing.err.contains("none.toml: No such file"), "\(missing.err)")
-        let empty = s.sub("empty.toml")
-        writeFile(empty, "# nothing configured\n")
-        let noGuests = hashify(["unify", "--config", empty])
+        let noGuestsFile = s.sub("noguests.toml")
+        writeFile(noGuestsFile, "# guests not configured\nthreads = 2\n")
+        let noGuests = hashify(["unify", "--config", noGuestsFile])
         #expect(noGuests.status == 2 && noGuests.err.contains("names no guests"), "\(noGuests.err)")
+        // A file that sets nothing is no config at all (the Debian package's /etc/hashify/hashify.toml).
+        let empty = s.sub("empty.toml")
+        writeFile(empty, "# nothing configured\n#threads = 2\n")
+        let asNone = hashify(["unify", "--config", empty])
+        #expect(
+            asNone.status == 2 && asNone.err == "hashify: give at least one guest root, or --all\n", "\(asNone.err)")
         #expect(!FileManager.default.fileExists(atPath: s.sub("store")))
         #expect(manifest(roots, inodes: true) == before)
     }
@@ -168,10 +174,25 @@ struct ConfigTests {
         }
     }
 
-    @Test("the example config contrib/hashify.toml parses")
+    @Test("the example config sets nothing as shipped (no config), and parses with every setting uncommented")
     func example() throws {
-        let c = try HashifyConfig.load(FilePath(packageRoot.appendingPathComponent("contrib/hashify.toml").path))
-        #expect(c?.mode == .hardlink && c?.all == true && c?.guests.isEmpty == true)
+        let path = packageRoot.appendingPathComponent("contrib/hashify.toml").path
+        // As the Debian package installs it in /etc/hashify: hashify runs as without a config.
+        #expect(try HashifyConfig.load(FilePath(path)) == nil)
+        // "#key = value" and "#[table]" lines uncommented; the prose ("# ...") stays.
+        let text = try String(contentsOfFile: path, encoding: .utf8).split(
+            separator: "\n", omittingEmptySubsequences: false
+        )
+        .map { line in
+            line.hasPrefix("#") && line.dropFirst().first.map { $0.isLetter || $0 == "[" } == true
+                ? line.dropFirst() : line
+        }.joined(separator: "\n")
+        let c = try HashifyConfig.parse(text, file: "hashify.toml")
+        #expect(c.mode == .hardlink && c.all && c.store == "/var/lib/lxc/.hashify" && c.threads == 4)
+        #expect(c.minimumSize == 1 && c.defaultExcludes == true && c.trustGuestRoots == false)
+        #expect(
+            c.lxcPaths == ["/var/lib/lxc"] && c.machines == "/var/lib/machines" && c.roots == ["/srv/chroots/build"])
+        #expect(c.guests["web1"]?.trustRoot == true && c.guests["build"]?.root == "/srv/chroots/build")
     }
 
     @Test(

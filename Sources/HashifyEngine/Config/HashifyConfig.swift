@@ -56,7 +56,9 @@ public struct HashifyConfig: Sendable {
 
     public init() {}
 
-    /// Reads the config at `path`; nil when `path` is the default and no file is there.
+    /// Reads the config at `path`; nil when `path` is the default and no file
+    /// is there, and when the file sets nothing (all comments, as the example
+    /// the Debian package installs): hashify then runs exactly as without one.
     public static func load(_ path: FilePath?) throws -> HashifyConfig? {
         let file = path ?? defaultPath
         let bytes: [UInt8]
@@ -75,22 +77,27 @@ public struct HashifyConfig: Sendable {
         guard let text = String(validating: bytes, as: UTF8.self) else {
             throw InputError("\(file): not UTF-8 text (TOML files are UTF-8)")
         }
-        var config = try parse(text, file: file.string)
+        let table = try document(text, file: file.string)
+        if table.isEmpty { return nil }
+        var config = try Reader(text: text, file: file.string).config(table)
         config.file = file
         return config
     }
 
     /// Parses TOML text; errors name `file` and the line.
     public static func parse(_ text: String, file: String) throws -> HashifyConfig {
-        let table: TOMLTable
+        try Reader(text: text, file: file).config(document(text, file: file))
+    }
+
+    /// The TOML document of `text`; errors name `file` and the line.
+    private static func document(_ text: String, file: String) throws -> TOMLTable {
         do {
-            table = try TOMLTable(string: text)
+            return try TOMLTable(string: text)
         } catch let e as TOMLParseError {
             throw InputError("\(file):\(e.source.begin.line): \(e.description)")
         } catch {
             throw InputError("\(file): \(error)")
         }
-        return try Reader(text: text, file: file).config(table)
     }
 
     /// The guest settings for a guest named `name` (`lxc:web1`) or rooted at `root`.
