@@ -108,7 +108,10 @@ extension HostGuests {
     /// discovery unless the config names guests without `all`).
     static func forReport(host: HostSettings, roots: [String], store: String?, places: DiscoveryPlaces) -> HostGuests {
         let storeOnly = roots.isEmpty && store != nil && !places.given
-        let discover = roots.isEmpty && !storeOnly && (host.config?.all ?? true || places.given)
+        // A config that names no guests (it sets the store, say) leaves them to discovery.
+        let discover =
+            roots.isEmpty && !storeOnly
+            && (host.config.map { $0.all || $0.namedRoots.isEmpty } ?? true || places.given)
         var found = HostGuests(
             host: host, given: roots.map { FilePath($0) }, store: store, discover: discover, places: places)
         if storeOnly { found.roots = [] }

@@ -696,7 +696,8 @@ extension OverlayTests {
         let t0 = Date()
         #expect(overlay(["fold", "-q", g], store: store).status == 0)
         var window = max(0.02, Date().timeIntervalSince(t0))
-        #expect(overlay(["mount", g], store: store).status == 0)
+        let mounted = overlay(["mount", g], store: store)
+        #expect(mounted.status == 0, "\(mounted.err)")
         #expect(guestManifest(g) == current)
         var kills = 0
         var runs = 0
