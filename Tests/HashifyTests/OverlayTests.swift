@@ -729,7 +729,8 @@ extension OverlayTests {
             // The next fold finishes or redoes what the kill left; the guest mounts and shows what it showed.
             let again = overlay(["fold", "-q", g], store: store)
             #expect(again.status == 0, "after round \(round): \(again.err)")
-            #expect(overlay(["mount", g], store: store).status == 0)
+            let remounted = overlay(["mount", g], store: store)
+            #expect(remounted.status == 0, "after round \(round): \(remounted.err)")
             #expect(guestManifest(g) == current, "after round \(round)")
             #expect(guestManifest(h) == other, "the other guest after round \(round)")
         }

@@ -5,10 +5,10 @@ import Testing
 import Glibc
 #endif
 
-/// The host's list of stores the test suite keeps (`STATE_DIRECTORY`, set by `hashifyBinary`).
-private var storesList: String {
-    _ = hashifyBinary
-    return packageRoot.appendingPathComponent(".build/test-state/stores").path
+/// hashify with a list of stores of its own (`STATE_DIRECTORY` in `state`): a test that damages
+/// that list must not damage the one the suite's other tests use at the same time.
+private func hashify(state: String, _ args: [String]) -> (status: Int32, out: String, err: String) {
+    run(["/usr/bin/env", "STATE_DIRECTORY=\(state)", hashifyBinary] + args)
 }
 
 /// Which store a guest belongs to, against a guest's root and a careless admin: what no guest
@@ -67,18 +67,19 @@ struct StoreOwnershipTests {
     @Test("a damaged list of stores or of a store's guests is reported and left as it is, never rewritten or acted on")
     func damagedListsRefused() throws {
         let s = Scratch("owndamaged")
+        let state = s.sub("state")
+        let storesList = "\(state)/stores"
         let g = s.sub("srv/g1/rootfs")
         makeGuest(g, index: 0)
         settle()
         let elsewhere = s.sub("stores/one")
         try FileManager.default.createDirectory(atPath: s.sub("stores"), withIntermediateDirectories: true)
-        #expect(hashify(["unify", "-q", "--store", elsewhere, g]).status == 0)
+        #expect(hashify(state: state, ["unify", "-q", "--store", elsewhere, g]).status == 0)
         // The host's list damaged: the guest's store cannot be told, so no second store is made for it.
         let saved = try Data(contentsOf: URL(fileURLWithPath: storesList))
-        defer { try? saved.write(to: URL(fileURLWithPath: storesList)) }
         let junk = Data(pseudoRandom(5000, seed: 5))
         try junk.write(to: URL(fileURLWithPath: storesList))
-        let r = hashify(["unify", g])
+        let r = hashify(state: state, ["unify", g])
         #expect(r.status == 2, "\(r.out)")
         #expect(r.err.contains("\(storesList): the host's list of stores cannot be read"), "\(r.err)")
         #expect(!FileManager.default.fileExists(atPath: s.sub("srv/g1/.hashify")), "no second store")
@@ -89,12 +90,12 @@ struct StoreOwnershipTests {
         let list = try Data(contentsOf: URL(fileURLWithPath: guestsFile))
         unlink(guestsFile)
         mkfifo(guestsFile, 0o600)
-        let r2 = hashify(["unify", g])
+        let r2 = hashify(state: state, ["unify", g])
         #expect(r2.status == 2 && r2.err.contains("the store's list of guests cannot be read"), "\(r2.err)")
         #expect(!FileManager.default.fileExists(atPath: s.sub("srv/g1/.hashify")), "no second store")
         unlink(guestsFile)
         try list.write(to: URL(fileURLWithPath: guestsFile))
-        let r3 = hashify(["unify", "--json", g])
+        let r3 = hashify(state: state, ["unify", "--json", g])
         #expect(r3.status == 0 && jsonReport(r3.out)["store"] as? String == elsewhere, "\(r3.out)\(r3.err)")
     }
 
