@@ -21,6 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/stat.h>
+#include <linux/loop.h>
+#include <sys/ioctl.h>
 
 const uint64_t HASHIFY_ATTR_IMMUTABLE = STATX_ATTR_IMMUTABLE;
 const uint64_t HASHIFY_ATTR_APPEND = STATX_ATTR_APPEND;
@@ -215,6 +217,55 @@ int hashify_mount(const char *source, const char *target, const char *fstype, un
 }
 
 int hashify_umount(const char *target, int flags) { return umount2(target, flags); }
+
+int hashify_loop_attach(int backing_fd, char *path, size_t path_size) {
+    int control = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+    if (control < 0) return -1;
+    /* Another process may take the free device between the two calls: tried again. */
+    for (int attempt = 0; attempt < 32; attempt++) {
+        int n = ioctl(control, LOOP_CTL_GET_FREE);
+        if (n < 0) break;
+        snprintf(path, path_size, "/dev/loop%d", n);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            if (errno == ENOENT) continue;
+            break;
+        }
+        struct loop_config config;
+        memset(&config, 0, sizeof config);
+        config.fd = (unsigned)backing_fd;
+        config.info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+        if (ioctl(fd, LOOP_CONFIGURE, &config) == 0) {
+            close(control);
+            return fd;
+        }
+        if (errno == EINVAL || errno == ENOTTY) {
+            /* Before Linux 5.8: the two older calls. */
+            if (ioctl(fd, LOOP_SET_FD, backing_fd) == 0) {
+                struct loop_info64 info;
+                memset(&info, 0, sizeof info);
+                info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+                if (ioctl(fd, LOOP_SET_STATUS64, &info) == 0) {
+                    close(control);
+                    return fd;
+                }
+                int saved = errno;
+                ioctl(fd, LOOP_CLR_FD, 0);
+                errno = saved;
+                close(fd);
+                break;
+            }
+        }
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        if (saved != EBUSY) break;
+    }
+    int saved = errno;
+    close(control);
+    errno = saved;
+    return -1;
+}
 
 int hashify_syncfs(int fd) { return syncfs(fd); }
 

@@ -135,3 +135,19 @@ public func mountFilesystem(source: String, target: [UInt8], type: String, readO
 public func unmountFilesystem(_ target: FilePath) throws {
     if target.withPlatformString({ hashify_umount($0, 0) }) != 0 { throw Errno(rawValue: errno) }
 }
+
+/// Unmounts `target` lazily (`MNT_DETACH`): it leaves the namespace at once
+/// and goes when nothing holds it (an overlay holds its layers' mounts).
+public func detachFilesystem(_ target: FilePath) throws {
+    if target.withPlatformString({ hashify_umount($0, HASHIFY_MNT_DETACH) }) != 0 { throw Errno(rawValue: errno) }
+}
+
+/// Attaches `file` to a free loop device, read-only and with autoclear, and
+/// returns the device's path and an open descriptor of it: the device
+/// detaches itself once that descriptor is closed and nothing mounts it.
+public func attachLoopDevice(_ file: OpenFile) throws -> (path: String, device: OpenFile) {
+    var buffer = [CChar](repeating: 0, count: 64)
+    let fd = hashify_loop_attach(file.fd, &buffer, buffer.count)
+    if fd < 0 { throw Errno(rawValue: errno) }
+    return (String(cString: buffer), OpenFile(adopting: fd))
+}

@@ -96,6 +96,12 @@ int hashify_mount(const char *source, const char *target, const char *fstype, un
 int hashify_umount(const char *target, int flags);
 extern const unsigned long HASHIFY_MS_RDONLY;
 extern const int HASHIFY_MNT_DETACH;
+/// Attaches the file `backing_fd` is open on to a free loop device, read-only
+/// and with autoclear (the device detaches itself when its last user, the
+/// mount, goes): LOOP_CONFIGURE (5.8+), else LOOP_SET_FD and LOOP_SET_STATUS64.
+/// Writes the device's path (/dev/loopN) to `path` and returns its descriptor
+/// (the caller closes it once the device is mounted), or -1 with errno.
+int hashify_loop_attach(int backing_fd, char *path, size_t path_size);
 /// syncfs(2): flushes the filesystem that holds fd.
 int hashify_syncfs(int fd);
 /// Deallocates a file's blocks from 0 to `length`, its size kept (fallocate PUNCH_HOLE | KEEP_SIZE).

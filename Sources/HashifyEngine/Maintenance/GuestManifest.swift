@@ -122,7 +122,7 @@ public enum ManifestCommand {
         let (_, perGuest) = try Overlay.references(in: store)
         var guestsOfObject: [[UInt8]: Int] = [:]
         for (_, _, scan) in perGuest { for r in scan.referenced { guestsOfObject[r, default: 0] += 1 } }
-        let context = Overlay.FoldContext(gen)
+        let context = try Overlay.FoldContext.root(of: gen, reuse: false)
         let build = { (merged: Directory) throws in
             try list(merged, into: &report, context: context) { name, st, context in
                 guard let r = (context as? Overlay.FoldContext)?.unchangedRedirect(name, size: st.size) else {

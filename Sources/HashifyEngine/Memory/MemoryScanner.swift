@@ -1,3 +1,4 @@
+import ErofsImage
 import Crypto
 import HashifySystem
 import SystemPackage
@@ -29,6 +30,8 @@ public enum MemoryScanner {
         /// generation in force), and the overlay's device.
         /// An overlay guest's metadata layers, top first.
         var layers: [Directory] = []
+        /// The generation's image, for a guest of this version (then `layers` is empty).
+        var image: Overlay.OldImage?
         var upper: Directory?
         var overlayDevice: UInt64?
         /// A plain guest whose root is not trusted (why): unify leaves it unlinked.
@@ -403,7 +406,8 @@ public enum MemoryScanner {
                 OverlayMount.isMounted(gen, at: dir)
             {
                 g.overlayDevice = st.device
-                g.layers = gen.layers.map(\.directory)
+                g.layers = gen.layers.compactMap(\.directory)
+                if gen.isImage { g.image = (try? GuestImage.read(gen)).map(Overlay.OldImage.init) }
                 g.upper = gen.upper
             }
             let isOverlayGuest =
@@ -463,6 +467,23 @@ public enum MemoryScanner {
         // file of its own (an upper layer a fold stacked), or, for a
         // metadata-only copy-up, the layers below.
         guard let objects else { return nil }
+        if let image = guest.image {
+            // The image holds the path: a stub names its object; an inline file shares nothing.
+            var p = path[...]
+            let prefix = Array(guest.canonical.string.utf8)
+            if p.count > prefix.count, p.starts(with: prefix), p[prefix.count] == 0x2f { p = p[prefix.count...] }
+            var id = ErofsTree.rootID
+            for part in p.split(separator: 0x2f) {
+                guard let next = image.child(id, Array(part)) else { return nil }
+                id = next
+            }
+            guard let redirect = GuestImage.redirect(of: image.tree[id]), let object = try? objects.stat(redirect) else {
+                return nil
+            }
+            return (
+                Physical(device: object.device, inode: object.inode), .dataObject(redirect), objects.digests[redirect]
+            )
+        }
         var mappedSeen = false
         for (i, layer) in guest.layers.enumerated() {
             guard let (dir, name, st) = lookup(path, in: layer, layer: 2 + i, guest: guest, anyType: true) else {

@@ -130,29 +130,24 @@ extension Overlay {
         let rootStat = try source.stat()
         var state = OverlayGuest.State(phase: .converting, generation: 1, rootInode: rootStat.inode)
         try guest.writeState(state)
-        let gen = try guest.makeGeneration(1)
+        let generation = try guest.makeGeneration(1)
         let filler = StubFiller(objects: s.objects, threads: fillThreads)
-        let copier = TreeCopier(overlayNames: .escape) { file, dest in
+        let builder = GenerationBuilder(filler: filler, lease: true) { file in
             // The guest's own inode becomes the object when no name outside the guest links it.
             // An inode carrying trusted.overlay.* xattrs is cloned instead: as an object it would keep them.
             // A file of another btrfs subvolume cannot be linked: it is cloned (a reflink, no data copied).
-            let link =
-                file.stat.linkCount == 1 && !hardlinkObjects.contains(file.stat.inode) && !file.carriesOverlayNames
+            file.stat.linkCount == 1 && !hardlinkObjects.contains(file.stat.inode) && !file.carriesOverlayNames
                 && file.stat.device == storeDevice
-            return try makeEntry(file, in: dest, filler: filler, lease: true, linkSource: link, result: &result)
         }
+        let gen: OverlayGuest.Generation
         do {
-            do { try copier.copy(source, into: gen.meta) } catch {
-                _ = try? filler.finish()
-                throw error
-            }
-            merge(try filler.finish(), into: &result)
-            // Every stub of a conversion is filled by the filler: its counts are the layer's list.
-            try LayerReferences.write(filler.redirectCounts, gen.layers[0])
+            merge(try builder.build(source, context: nil), into: &result)
+            result.stubs = builder.stubs
+            result.inlineFiles = builder.inlineFiles
+            try GuestImage.write(builder.tree, into: generation, number: 1)
+            gen = try guest.generation(1)
             try copyRootAttributes(from: source, to: gen.upper)
-            try DataLayerHiding.apply(to: gen.meta)
-            try gen.markEscapedAttributes(copier.escapedAttributes)
-            noteKeptWhole(copier.keptWhole, first: copier.firstKeptWhole, why: xattrSpaceFull, in: &result)
+            try gen.markEscapedAttributes(builder.escapedAttributes)
             // The objects made of the guest's own inodes are recorded only
             // after the switch, when no guest can write them: journaled here.
             try gen.directory.writeAtomically(
@@ -209,8 +204,9 @@ extension Overlay {
     /// Records the objects a conversion made of the guest's own inodes (after
     /// its switch: the old tree at `plain` is no guest's any more) and
     /// removes the journal. An inode that changed since it was hashed is not
-    /// recorded; each stub naming it becomes a whole copy of what the old
-    /// tree holds at its path now, so the guest sees its file as it is.
+    /// recorded; each stub naming it is given an object of what the old tree
+    /// holds at its path now (the image written again), so the guest sees
+    /// its file as it is.
     static func commitConvertedObjects(_ gen: OverlayGuest.Generation, plain: Directory, objects: DataObjects) throws {
         let bytes: [UInt8]
         do { bytes = try gen.directory.openFileForReading(objectsJournalName).readAll() } catch Errno
@@ -225,40 +221,32 @@ extension Overlay {
         for r in reservations where try !objects.commit(r) { failed.insert(r.redirect) }
         try objects.sync()
         if !failed.isEmpty {
-            for stub in try stubs(in: gen.meta, naming: failed) {
-                try replaceStubWithCopy(stub.path, layer: gen.meta, tree: plain)
+            var tree = try GuestImage.read(gen)
+            for stub in GuestImage.stubs(in: tree, naming: failed) {
+                guard let id = tree.lookup(stub.path) else { continue }
+                let redirect = try objectOfFile(at: stub.path, in: plain, objects: objects)
+                tree[id].xattrs.removeAll { $0.name == GuestImage.redirectName }
+                tree[id].xattrs.append(ExtendedAttribute(name: GuestImage.redirectName, value: redirect))
             }
-            try LayerReferences.record(gen.layers[0])
+            try GuestImage.write(tree, into: gen.directory, number: gen.number)
         }
         try gen.directory.sync()
         try gen.directory.unlink(objectsJournalName)
     }
 
-    /// Replaces the stub at `path` in a metadata layer with a whole copy of
-    /// the file at the same path in `tree`, with the stub's attributes.
-    static func replaceStubWithCopy(_ path: [UInt8], layer: Directory, tree: Directory) throws {
-        var (dir, source) = (layer, tree)
+    /// The data object (found, or made as a copy) of the file at `path` in `tree`.
+    static func objectOfFile(at path: [UInt8], in tree: Directory, objects: DataObjects) throws -> [UInt8] {
+        var dir = tree
         let parts = path.split(separator: 0x2f).map { FileName(bytes: $0) }
-        for part in parts.dropLast() {
-            dir = try dir.openDirectory(part)
-            source = try source.openDirectory(part)
-        }
-        let name = parts[parts.count - 1]
-        let st = try dir.stat(name)
-        let attributes = try extendedAttributes(in: dir, of: name).filter {
-            $0.name != TreeCopier.metacopyName && $0.name != Array("trusted.overlay.redirect".utf8)
-        }
-        let input = try source.openFileForReading(name)
-        let size = try input.stat().size
-        let temp = FileName(Array(".hashify-whole".utf8))
-        try? dir.unlink(temp)
-        let out = try dir.createFile(temp, mode: 0o600)
-        try input.copyContent(to: out, size: size)
-        try out.setOwner(uid: st.uid, gid: st.gid)
-        try out.setMode(st.mode)
-        for a in attributes { try out.setExtendedAttribute(a) }
-        try out.setModificationTime(st.modificationTime)
-        try dir.rename(temp, to: dir, as: name)
+        for part in parts.dropLast() { dir = try dir.openDirectory(part) }
+        let file = try dir.openFileForReading(parts[parts.count - 1])
+        let size = try file.stat().size
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        let (digest, _) = try ContentHasher.contentDigest(of: file, size: size, buffer: buffer)
+        if let r = objects.redirect(for: digest) { return r }
+        try file.rewind()
+        return try objects.publish(file, digest: digest, size: size, linkSource: false)
     }
 
     /// Mounts an overlay guest's generation in force on its root (nothing when it already is).

@@ -46,20 +46,20 @@ enum DataLayerHiding {
     /// it depends on changes while the generation is in force: a fold makes
     /// the next one.
     static func prepare(_ g: OverlayGuest.Generation) throws {
-        guard g.layers.count > 1 else { return try apply(to: g.meta) }
+        guard let base = g.layers.last?.directory else { return }
+        guard g.layers.count > 1 else { return try apply(to: base) }
         let name = FileName("hide")
         if (try? g.directory.stat(name))?.isDirectory == true { return }
         let temp = FileName("hide.new")
         try g.directory.removeTree(temp)
         try g.directory.makeDirectory(temp, mode: 0o755)
         let hide = try g.directory.openDirectory(temp)
-        let base = g.meta
         for byte in 0...255 {
             let hex = FileName(hexString([UInt8(byte)]))
             if let st = try? base.stat(hex), isOurWhiteout(st) { try base.unlink(hex) }
             var lowest: Directory?
             var hidden = false
-            for layer in g.layers.map(\.directory) {
+            for layer in g.layers.compactMap(\.directory) {
                 guard let st = try? layer.stat(hex) else { continue }
                 guard st.isDirectory else {
                     hidden = lowest == nil

@@ -94,7 +94,7 @@ enum LayerReferences {
     @discardableResult
     static func record(_ layer: OverlayGuest.Layer) throws -> Counts {
         var scan = Overlay.LayerScan()
-        scan.scan(layer.directory)
+        scan.scan(layer)
         if let failure = scan.failure { throw InputError("a metadata layer could not be read whole: \(failure)") }
         try write(scan.counts, layer)
         return scan.counts
@@ -127,7 +127,7 @@ enum LayerReferences {
             // Every layer directory the record holds must be one the generation in force stacks (or its upper).
             for n in g.generationNumbers() {
                 guard let gen = try? g.directory.openDirectory(OverlayGuest.generationName(n)) else { return [] }
-                for sub in ["meta", "upper"] where (try? gen.stat(FileName(sub))) != nil {
+                for sub in [GuestImage.layerName, "meta", "upper"] where (try? gen.stat(FileName(sub))) != nil {
                     if n == state.generation && sub == "upper" { continue }
                     if !refs.contains("g\(n)/\(sub)") { return [] }
                 }

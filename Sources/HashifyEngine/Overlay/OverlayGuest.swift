@@ -241,25 +241,33 @@ final class OverlayGuest {
 
     // MARK: generations
 
-    /// One metadata layer of a generation: its directory and where it lives
-    /// ("gK/meta", made whole by a conversion or a compaction, or "gK/upper",
-    /// generation K's upper layer folded in place and stacked).
+    /// One metadata layer of a generation: where it lives ("gK/meta.erofs",
+    /// the image a conversion or fold writes once; in records of earlier
+    /// versions "gK/meta", a directory made whole, or "gK/upper", generation
+    /// K's upper layer folded in place and stacked) and, for a directory, the directory.
     struct Layer {
         var reference: String
-        var directory: Directory
+        /// The layer's directory (nil for an image).
+        var directory: Directory?
         var path: FilePath
-        /// The generation directory holding it (gK) and its name there ("meta", "upper").
+        /// The generation directory holding it (gK) and its name there ("meta.erofs", "meta", "upper").
         var holder: Directory
         var name: String
+        var isImage: Bool { name == GuestImage.layerName }
     }
 
-    /// Opens the layer a reference ("gK/meta", "gK/upper") names.
+    /// Opens the layer a reference ("gK/meta.erofs", "gK/meta", "gK/upper") names.
     func layer(_ reference: String) throws -> Layer {
         let parts = reference.split(separator: "/").map(String.init)
         let holder = try directory.openDirectory(FileName(parts[0]))
+        let path = path.appending(parts[0]).appending(parts[1])
+        if parts[1] == GuestImage.layerName {
+            guard (try holder.stat(GuestImage.fileName)).isRegular else { throw Errno.noSuchFileOrDirectory }
+            return Layer(reference: reference, directory: nil, path: path, holder: holder, name: parts[1])
+        }
         return Layer(
-            reference: reference, directory: try holder.openDirectory(FileName(parts[1])),
-            path: path.appending(parts[0]).appending(parts[1]), holder: holder, name: parts[1])
+            reference: reference, directory: try holder.openDirectory(FileName(parts[1])), path: path, holder: holder,
+            name: parts[1])
     }
 
     /// The directories of one generation.
@@ -274,8 +282,16 @@ final class OverlayGuest {
         /// Canonical paths, for mount options.
         var upperPath: FilePath
         var workPath: FilePath
-        /// The bottom metadata layer (the whole one a conversion or compaction made).
-        var meta: Directory { layers[layers.count - 1].directory }
+        /// gN's path.
+        var path: FilePath
+        /// Whether the generation is one image (this version's); else directory layers of an earlier one.
+        var isImage: Bool { layers.count == 1 && layers[0].isImage }
+        /// The image's layer record (its reference list lives beside it).
+        var imageLayer: Layer {
+            Layer(
+                reference: "g\(number)/\(GuestImage.layerName)", directory: nil,
+                path: path.appending(GuestImage.layerName), holder: directory, name: GuestImage.layerName)
+        }
     }
 
     static func generationName(_ n: Int) -> FileName { FileName("g\(n)") }
@@ -286,20 +302,16 @@ final class OverlayGuest {
     static let layersFile = FileName("layers")
 
     /// Makes generation `n` afresh (whatever a killed run left under its name
-    /// is removed first): with a metadata layer of its own, or stacking
-    /// `layers` (references "gK/upper", "gK/meta", top first).
-    func makeGeneration(_ n: Int, stacking layers: [String]? = nil) throws -> Generation {
+    /// is removed first): its upper and work directories; its image is
+    /// written by what builds it (`GuestImage.write`), before anything opens
+    /// it as a generation.
+    func makeGeneration(_ n: Int) throws -> Directory {
         let name = Self.generationName(n)
         try directory.removeTree(name)
         try directory.makeDirectory(name, mode: 0o700)
         let g = try directory.openDirectory(name)
-        for sub in (layers == nil ? ["meta"] : []) + ["upper", "work"] {
-            try g.makeDirectory(FileName(sub), mode: 0o755)
-        }
-        if let layers {
-            try g.writeAtomically(Array(layers.map { $0 + "\n" }.joined().utf8), as: Self.layersFile)
-        }
-        return try generation(n)
+        for sub in ["upper", "work"] { try g.makeDirectory(FileName(sub), mode: 0o755) }
+        return g
     }
 
     /// The layer references of generation `n` (top first), read from its record.
@@ -307,7 +319,7 @@ final class OverlayGuest {
         let g = try directory.openDirectory(Self.generationName(n))
         let file: OpenFile
         do { file = try g.openFileForReading(Self.layersFile) } catch Errno.noSuchFileOrDirectory {
-            return ["g\(n)/meta"]
+            return [GuestImage.holdsImage(g) ? "g\(n)/\(GuestImage.layerName)" : "g\(n)/meta"]
         }
         let bytes = try file.readAll(limit: 65536)
         let refs = (bytes ?? []).split(separator: 0x0a).map { String(decoding: $0, as: UTF8.self) }
@@ -317,7 +329,7 @@ final class OverlayGuest {
         return refs
     }
 
-    /// "gK/meta" or "gK/upper".
+    /// "gK/meta" or "gK/upper" (what a stack of an earlier version names).
     static func isLayerReference(_ s: String) -> Bool {
         let parts = s.split(separator: "/")
         guard parts.count == 2, ["meta", "upper"].contains(parts[1]), parts[0].hasPrefix("g"),
@@ -334,7 +346,7 @@ final class OverlayGuest {
             number: n, directory: g, layers: try layerReferences(n).map(layer),
             upper: try g.openDirectory(FileName("upper")),
             work: try g.openDirectory(FileName("work")),
-            upperPath: base.appending("upper"), workPath: base.appending("work"))
+            upperPath: base.appending("upper"), workPath: base.appending("work"), path: base)
     }
 
     /// Removes every generation but `keep` (and the scratch trees named in
@@ -389,12 +401,16 @@ final class OverlayGuest {
         return path.appending("mnt")
     }
 
-    /// Unmounts what a killed fold or export left mounted at the private mount point.
+    /// Unmounts what a killed fold or export left mounted at the private
+    /// mount point, and detaches an image a killed mount left at the image's
+    /// mount point (an overlay that holds it keeps it).
     func unmountPrivate() throws {
         let mnt = try privateMountPoint()
         // No descriptor may stay open inside the mount while it is unmounted.
         let mounted = (try? Directory.open(path: mnt)).map(OverlayMount.isMountPoint) ?? false
         if mounted { try OverlayMount.unmount(mnt) }
+        let image = path.appending(OverlayMount.imageMountName)
+        if (try? Directory.open(path: image)).map(OverlayMount.isMountPoint) == true { try detachFilesystem(image) }
     }
 }
 

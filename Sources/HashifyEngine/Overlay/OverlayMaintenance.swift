@@ -1,3 +1,4 @@
+import ErofsImage
 import HashifySystem
 import SystemPackage
 
@@ -61,6 +62,25 @@ extension Overlay {
         /// What stopped the scan before its end (then `referenced` may lack redirects).
         var failure: String?
 
+        /// Scans a layer: an image from its description, a directory entry by entry.
+        mutating func scan(_ layer: OverlayGuest.Layer) {
+            guard layer.isImage else { return scan(layer.directory!) }
+            do {
+                let tree = try GuestImage.read(in: layer.holder)
+                var seen = Set<ErofsTree.NodeID>()
+                tree.forEachPath { _, id in
+                    entries += 1
+                    guard seen.insert(id).inserted, let r = GuestImage.redirect(of: tree[id]) else { return }
+                    counts[r, default: 0] += 1
+                    stubs += 1
+                    stubBytes += tree[id].size
+                }
+                allocatedBytes += (try layer.holder.stat(GuestImage.fileName)).allocatedBytes
+            } catch {
+                failure = "\(error)"
+            }
+        }
+
         mutating func scan(_ dir: Directory) {
             var traversal = TreeTraversal<Void>()
             traversal.mountPoints = .visit
@@ -104,13 +124,12 @@ extension Overlay {
             let inForce = state.flatMap { try? g.layerReferences($0.generation) } ?? []
             var current = LayerScan()
             for n in g.generationNumbers() {
-                let gen: Directory
-                do { gen = try g.directory.openDirectory(OverlayGuest.generationName(n)) } catch {
+                do { _ = try g.directory.openDirectory(OverlayGuest.generationName(n)) } catch {
                     throw InputError("\(g.rootPath): its overlay generation \(n) cannot be read (\(error))")
                 }
-                for sub in ["meta", "upper"] {
-                    let layer: Directory
-                    do { layer = try gen.openDirectory(FileName(sub)) } catch Errno.noSuchFileOrDirectory {
+                for sub in [GuestImage.layerName, "meta", "upper"] {
+                    let layer: OverlayGuest.Layer
+                    do { layer = try g.layer("g\(n)/\(sub)") } catch Errno.noSuchFileOrDirectory {
                         continue
                     } catch {
                         throw InputError(
@@ -147,7 +166,7 @@ extension Overlay {
         for g in OverlayGuest.all(in: store) {
             guard let state = try? g.readState(), let gen = try? g.generation(state.generation) else { continue }
             for layer in gen.layers {
-                for stub in (try? stubs(in: layer.directory, naming: redirects)) ?? [] {
+                for stub in (try? stubs(in: layer, naming: redirects)) ?? [] {
                     out[stub.redirect, default: ([], stub.size)].files.append(
                         "\(g.rootPath): /\(escapedPath(stub.path))")
                 }
@@ -157,6 +176,14 @@ extension Overlay {
     }
 
     /// The stubs of a metadata layer whose redirect is one of `redirects`: their paths, redirects and sizes.
+    static func stubs(in layer: OverlayGuest.Layer, naming redirects: Set<[UInt8]>) throws -> [(
+        path: [UInt8], redirect: [UInt8], size: UInt64
+    )] {
+        if layer.isImage { return GuestImage.stubs(in: try GuestImage.read(in: layer.holder), naming: redirects) }
+        return try stubs(in: layer.directory!, naming: redirects)
+    }
+
+    /// The stubs of a directory layer whose redirect is one of `redirects`.
     static func stubs(in layer: Directory, naming redirects: Set<[UInt8]>) throws -> [(
         path: [UInt8], redirect: [UInt8], size: UInt64
     )] {
@@ -182,7 +209,9 @@ extension Overlay {
         for g in OverlayGuest.all(in: store) {
             guard let state = try? g.readState(), let gen = try? g.generation(state.generation) else { continue }
             out.append(("\(g.rootPath) (copy-ups, \(g.path.appending("g\(gen.number)/upper")))", gen.upper))
-            for layer in gen.layers { out.append(("\(g.rootPath) (layer \(layer.path))", layer.directory)) }
+            for layer in gen.layers {
+                if let dir = layer.directory { out.append(("\(g.rootPath) (layer \(layer.path))", dir)) }
+            }
         }
         return out
     }
@@ -199,7 +228,7 @@ extension Overlay {
             var counts = LayerReferences.read(layer)
             if counts == nil {
                 var scan = LayerScan()
-                scan.scan(layer.directory)
+                scan.scan(layer)
                 counts = scan.counts
             }
             // The listing is read once per command: an object made since is looked up itself.
@@ -209,7 +238,7 @@ extension Overlay {
         }
         guard !missing.isEmpty else { return [] }
         return gen.layers.flatMap { layer in
-            ((try? stubs(in: layer.directory, naming: missing)) ?? []).map { ($0.path, $0.redirect) }
+            ((try? stubs(in: layer, naming: missing)) ?? []).map { ($0.path, $0.redirect) }
         }
     }
 

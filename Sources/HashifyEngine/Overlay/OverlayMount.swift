@@ -38,7 +38,7 @@ enum OverlayMount {
             }
             return out
         }
-        var lowers = g.layers.map { esc($0.path) }
+        var lowers = g.isImage ? [esc(imageMountPath(g))] : g.layers.map { esc($0.path) }
         if layout == .lower, g.layers.count > 1 { lowers.insert(esc(DataLayerHiding.hidingPath(g)), at: 0) }
         let separator = layout == .dataOnly ? "::" : ":"
         return
@@ -69,10 +69,63 @@ enum OverlayMount {
         throws -> Layout
     {
         if let why = g.refusalOnThisKernel() { throw InputError(why) }
+        if g.isImage {
+            // The image is mounted where the overlay's options name it, and
+            // detached once the overlay holds it (or failed): the overlay is
+            // then its only user, and its unmount takes the image's mount and
+            // loop device with it.
+            let image = imageMountPath(g)
+            try mountImage(g, at: image)
+            defer { try? detachFilesystem(image) }
+            return try mountOverlay(g, data: data, on: target, readOnly: readOnly)
+        }
+        return try mountOverlay(g, data: data, on: target, readOnly: readOnly)
+    }
+
+    /// The name, in a guest's record, of the directory its image is mounted on while its overlay is mounted.
+    static let imageMountName = "image"
+
+    static func imageMountPath(_ g: OverlayGuest.Generation) -> FilePath {
+        g.path.removingLastComponent().appending(imageMountName)
+    }
+
+    /// Mounts generation `g`'s image read-only at `path` (made when missing):
+    /// file-backed where EROFS takes a file (Linux 6.12+), else through a
+    /// loop device attached read-only with autoclear (detached when unmounted).
+    static func mountImage(_ g: OverlayGuest.Generation, at path: FilePath) throws {
+        let record = try Directory.open(path: path.removingLastComponent())
+        do { try record.makeDirectory(FileName(imageMountName), mode: 0o700) } catch Errno.fileExists {}
+        let target = try Directory.open(path: path)
+        if isMountPoint(target) { try detachFilesystem(path) }
+        let image = try g.directory.openFileForReading(GuestImage.fileName)
+        do {
+            try mountFilesystem(
+                source: "/proc/self/fd/\(image.fd)", target: target.procPath, type: "erofs", readOnly: true,
+                options: "")
+            return
+        } catch Errno.notBlockDevice, Errno.invalidArgument {
+            // No file-backed EROFS here: a loop device.
+        } catch Errno.operationNotSupportedByDevice {
+            throw InputError("this kernel has no EROFS (modprobe erofs; overlay guests' metadata is an EROFS image)")
+        }
+        let (device, handle) = try attachLoopDevice(image)
+        try withExtendedLifetime(handle) {
+            do {
+                try mountFilesystem(source: device, target: target.procPath, type: "erofs", readOnly: true, options: "")
+            } catch Errno.operationNotSupportedByDevice {
+                throw InputError(
+                    "this kernel has no EROFS (modprobe erofs; overlay guests' metadata is an EROFS image)")
+            }
+        }
+    }
+
+    private static func mountOverlay(
+        _ g: OverlayGuest.Generation, data: FilePath, on target: Directory, readOnly: Bool
+    ) throws -> Layout {
         var firstError: (any Error)?
         for layout in layoutsToTry {
             do {
-                if layout == .lower { try DataLayerHiding.prepare(g) }
+                if layout == .lower && !g.isImage { try DataLayerHiding.prepare(g) }
                 try mount(g, data: data, on: target, readOnly: readOnly, layout: layout)
                 return layout
             } catch Errno.invalidArgument where layout == .dataOnly {
@@ -158,7 +211,8 @@ enum OverlayMount {
         }
         let upper = "upperdir=\(mountinfoEscaped(g.upperPath))"
         guard opts.contains(upper + ",") || opts.hasSuffix(upper) else { return nil }
-        return opts.contains("\(mountinfoEscaped(g.layers[g.layers.count - 1].path))::") ? .dataOnly : .lower
+        let bottom = g.isImage ? imageMountPath(g) : g.layers[g.layers.count - 1].path
+        return opts.contains("\(mountinfoEscaped(bottom))::") ? .dataOnly : .lower
     }
 
     /// A path as mountinfo shows it: space, tab, newline and backslash as octal.
