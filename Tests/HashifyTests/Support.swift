@@ -1,7 +1,9 @@
 import CHashifyShim
+import ErofsImage
 import Foundation
 import HashifyEngine
 import HashifySystem
+import Synchronization
 import SystemPackage
 import Testing
 
@@ -68,7 +70,35 @@ func run(_ argv: [String], input: String? = nil) -> (status: Int32, out: String,
 /// Runs the hashify binary.
 @discardableResult
 func hashify(_ args: [String]) -> (status: Int32, out: String, err: String) {
-    run([hashifyBinary] + args)
+    let r = run([hashifyBinary] + args)
+    if let i = args.firstIndex(of: "--store"), i + 1 < args.count { checkImages(store: args[i + 1]) }
+    return r
+}
+
+/// Images fsck.erofs has accepted already (path, inode, size, mtime).
+private let checkedImages = Mutex<Set<String>>([])
+
+/// Runs fsck.erofs (erofs-utils) over every overlay image of a store that
+/// it has not checked yet: every image the suite makes must be one it
+/// accepts. (Skipped where erofs-utils is not installed; CI installs it.)
+func checkImages(store: String) {
+    guard FileManager.default.isExecutableFile(atPath: "/usr/bin/fsck.erofs") else { return }
+    let records = "\(store)/overlay"
+    for id in (try? FileManager.default.contentsOfDirectory(atPath: records)) ?? [] {
+        for gen in (try? FileManager.default.contentsOfDirectory(atPath: "\(records)/\(id)")) ?? []
+        where gen.hasPrefix("g") {
+            let image = "\(records)/\(id)/\(gen)/meta.erofs"
+            var st = stat()
+            guard lstat(image, &st) == 0 else { continue }
+            let key = "\(image) \(st.st_ino) \(st.st_size) \(st.st_mtim.tv_sec) \(st.st_mtim.tv_nsec)"
+            guard checkedImages.withLock({ $0.insert(key).inserted }) else { continue }
+            let r = run(["/usr/bin/fsck.erofs", image])
+            // A fold or gc may have removed it meanwhile: only an image still there counts.
+            if r.status != 0 && lstat(image, &st) == 0 {
+                Issue.record("fsck.erofs refuses \(image): \(r.out) \(r.err)")
+            }
+        }
+    }
 }
 
 /// Parses a --json report.
@@ -221,4 +251,25 @@ func killAtRandom(
     kill(p.processIdentifier, SIGKILL)
     window *= grow
     return true
+}
+
+/// The redirects (data object paths, "/ab/…") of the stub at `path` (no
+/// leading slash) in the images of a store's overlay records: of every
+/// record's generation in force, or only of the record of guest root `root`.
+/// An entry that is no stub gives "".
+func stubRedirects(store: String, path: String, root: String? = nil) -> [String] {
+    var out: [String] = []
+    let recordsPath = "\(store)/overlay"
+    for id in (try? FileManager.default.contentsOfDirectory(atPath: recordsPath))?.sorted() ?? [] {
+        let record = "\(recordsPath)/\(id)"
+        if let root, (try? String(contentsOfFile: "\(record)/root", encoding: .utf8)) != root { continue }
+        guard let state = try? String(contentsOfFile: "\(record)/state", encoding: .utf8),
+            let line = state.split(separator: "\n").first(where: { $0.hasPrefix("generation ") }),
+            let image = try? OpenFile.open(path: Array("\(record)/g\(line.dropFirst(11))/meta.erofs".utf8)),
+            let tree = try? ErofsReader.read(from: image), let node = tree.lookup(Array(path.utf8))
+        else { continue }
+        let r = tree[node].xattrs.first { $0.name == Array("trusted.overlay.redirect".utf8) }?.value ?? []
+        out.append(String(decoding: r, as: UTF8.self))
+    }
+    return out
 }

@@ -152,7 +152,7 @@ public enum Clone {
         var shared = 0
         var copied = 0
         var bytes: UInt64 = 0
-        let copier = TreeCopier(overlayNames: .keep) { file, dest in
+        let copier = TreeCopier { file, dest in
             let path = [0x2f] + file.path
             let isMutable = mutable.contains {
                 path.starts(with: $0) && (path.count == $0.count || path[$0.count] == 0x2f)

@@ -1,5 +1,5 @@
-import ErofsImage
 import Crypto
+import ErofsImage
 import HashifySystem
 import SystemPackage
 
@@ -477,7 +477,8 @@ public enum MemoryScanner {
                 guard let next = image.child(id, Array(part)) else { return nil }
                 id = next
             }
-            guard let redirect = GuestImage.redirect(of: image.tree[id]), let object = try? objects.stat(redirect) else {
+            guard let redirect = GuestImage.redirect(of: image.tree[id]), let object = try? objects.stat(redirect)
+            else {
                 return nil
             }
             return (

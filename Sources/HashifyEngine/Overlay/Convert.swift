@@ -162,8 +162,28 @@ extension Overlay {
             throw error
         }
 
-        // The switch: an empty mount point takes the tree's place in one rename.
-        // A guest started while it was being read would lose what it writes now: checked again right before.
+        let (scratch, plain, parent, name) = try switchToMountPoint(
+            guest, root: root, rootStat: rootStat, state: &state, session: s)
+        try commitConvertedObjects(gen, plain: try scratch.openDirectory(plain), objects: s.objects)
+
+        if mount {
+            try OverlayMount.mount(gen, data: s.dataPath, on: try parent.openDirectory(name))
+            result.action = .convertedAndMounted
+        }
+        // The old tree goes while the next guest is converted.
+        remover.remove(plain, in: scratch)
+        result.seconds = elapsed(since: started)
+        return result
+    }
+
+    /// The switch: an empty mount point with the root's attributes takes the
+    /// tree's place in one rename (`switching` → `active`); returns where the
+    /// old tree is now and where the mount point is. A guest started while
+    /// it was being read would lose what it writes now: checked again right before.
+    static func switchToMountPoint(
+        _ guest: OverlayGuest, root: FilePath, rootStat: FileStat, state: inout OverlayGuest.State,
+        session s: Session
+    ) throws -> (scratch: Directory, plain: FileName, parent: Directory, name: FileName) {
         try checkNotInUse(root, canonical: guest.rootPath, mountedOverlay: false)
         state.phase = .switching
         try guest.writeState(state)
@@ -185,16 +205,7 @@ extension Overlay {
         try? parent.sync()
         state.phase = .active
         try guest.writeState(state)
-        try commitConvertedObjects(gen, plain: try scratch.openDirectory(plain), objects: s.objects)
-
-        if mount {
-            try OverlayMount.mount(gen, data: s.dataPath, on: try parent.openDirectory(name))
-            result.action = .convertedAndMounted
-        }
-        // The old tree goes while the next guest is converted.
-        remover.remove(plain, in: scratch)
-        result.seconds = elapsed(since: started)
-        return result
+        return (scratch, plain, parent, name)
     }
 
     /// In a generation a conversion made: the objects made of the guest's

@@ -3,150 +3,6 @@ import HashifySystem
 import SystemPackage
 
 extension Overlay {
-    /// A generation's description read back from its image, with how many
-    /// entries name each node (more than one: a hard link).
-    final class OldImage {
-        let tree: ErofsTree
-        let linkCounts: [Int]
-        private var children: [ErofsTree.NodeID: [[UInt8]: ErofsTree.NodeID]] = [:]
-
-        init(_ tree: ErofsTree) {
-            self.tree = tree
-            var counts = [Int](repeating: 0, count: tree.nodes.count)
-            for node in tree.nodes {
-                if case .directory(let entries) = node.kind { for e in entries { counts[e.node] += 1 } }
-            }
-            linkCounts = counts
-        }
-
-        /// The node named `name` in the directory `dir`, or nil.
-        func child(_ dir: ErofsTree.NodeID, _ name: [UInt8]) -> ErofsTree.NodeID? {
-            if let known = children[dir] { return known[name] }
-            var byName: [[UInt8]: ErofsTree.NodeID] = [:]
-            for e in tree.entries(of: dir) { byName[e.name] = e.node }
-            children[dir] = byName
-            return byName[name]
-        }
-    }
-
-    /// Where a directory of the merged view stands in the layers of a
-    /// generation: the same directory in its upper layer, and its node in the
-    /// generation's image (or, for a generation of an earlier version, its
-    /// directory in each metadata layer the lookup reaches), when the path
-    /// leads there plainly. This is the one place that applies overlayfs'
-    /// lookup rules to a stack (an opaque or redirected upper directory, or
-    /// another entry of the same name, ends the lookup of what is below);
-    /// fold, clone, manifest and mem ask it what the guest sees unchanged.
-    final class FoldContext {
-        let upper: Directory?
-        /// Directory layers of an earlier version's generation, top first (a
-        /// layer without one is left out; an opaque or redirected directory ends the list).
-        let layers: [Directory]
-        let image: OldImage?
-        let node: ErofsTree.NodeID?
-        /// Whether entries the upper layer does not touch may be taken from the image unread
-        /// (not while overlayfs' index holds copied-up hard links: they show new content under every name).
-        let reuse: Bool
-
-        init(upper: Directory?, layers: [Directory], image: OldImage?, node: ErofsTree.NodeID?, reuse: Bool) {
-            self.upper = upper
-            self.layers = layers
-            self.image = image
-            self.node = node
-            self.reuse = reuse
-        }
-
-        /// The context of generation `gen`'s root; `reuse` as above (a fold of a stopped guest).
-        static func root(of gen: OverlayGuest.Generation, reuse: Bool) throws -> FoldContext {
-            if gen.isImage {
-                return FoldContext(
-                    upper: gen.upper, layers: [], image: OldImage(try GuestImage.read(gen)), node: ErofsTree.rootID,
-                    reuse: reuse && !indexHoldsCopyUps(gen))
-            }
-            return FoldContext(
-                upper: gen.upper, layers: gen.layers.compactMap(\.directory), image: nil, node: nil, reuse: false)
-        }
-
-        static func endsLookup(_ dir: Directory) -> Bool {
-            dir.extendedAttribute("trusted.overlay.opaque") != nil
-                || dir.extendedAttribute("trusted.overlay.redirect") != nil
-        }
-
-        /// The child context. Below an opaque or redirected directory the
-        /// layers under it at the same path are not what the guest sees, so
-        /// nothing below is taken from them unread.
-        func child(_ name: FileName) -> FoldContext {
-            let u = try? upper?.openDirectory(name)
-            if let u, Self.endsLookup(u) {
-                return FoldContext(upper: u, layers: [], image: nil, node: nil, reuse: false)
-            }
-            if upper != nil, u == nil, (try? upper?.stat(name)) != nil {
-                // The upper holds something else under this name (a whiteout, a file).
-                return FoldContext(upper: nil, layers: [], image: nil, node: nil, reuse: false)
-            }
-            var below: [Directory] = []
-            for layer in layers {
-                let d: Directory
-                do { d = try layer.openDirectory(name) } catch Errno.noSuchFileOrDirectory { continue } catch { break }
-                below.append(d)
-                if Self.endsLookup(d) { break }
-            }
-            let n = node.flatMap { image?.child($0, name.bytes) }.flatMap { image?.tree[$0].isDirectory == true ? $0 : nil }
-            return FoldContext(upper: u, layers: below, image: n == nil ? nil : image, node: n, reuse: reuse)
-        }
-
-        /// Whether the upper layer surely holds nothing under `name` (no upper
-        /// directory here, or no entry of that name; an error counts as holding).
-        private func upperLacks(_ name: FileName) -> Bool {
-            guard let upper else { return true }
-            do {
-                _ = try upper.stat(name)
-                return false
-            } catch Errno.noSuchFileOrDirectory { return true } catch { return false }
-        }
-
-        /// The image's node the guest sees unchanged under `name` (the upper
-        /// layer holds nothing there), to be taken as it is; nil otherwise.
-        func unchangedNode(_ name: FileName) -> (image: OldImage, id: ErofsTree.NodeID)? {
-            guard reuse, let image, let node, upperLacks(name), let id = image.child(node, name.bytes) else {
-                return nil
-            }
-            return (image, id)
-        }
-
-        /// The object a regular file of the merged view still has from the
-        /// layers below the upper one: the upper layer has nothing under its
-        /// name, or only a metadata-only copy-up (a chmod, a chown) that no
-        /// rename moved; the layer below holds a stub of an object of that
-        /// size under the name, and the stub is no hard link (overlayfs keeps
-        /// copied-up hard links in its index, not under each name).
-        func unchangedRedirect(_ name: FileName, size: UInt64) -> [UInt8]? {
-            if !upperLacks(name) {
-                guard let f = try? upper?.openFileForReading(name),
-                    f.extendedAttribute("trusted.overlay.metacopy") != nil,
-                    f.extendedAttribute("trusted.overlay.redirect") == nil
-                else { return nil }
-            }
-            if let image, let node {
-                guard let id = image.child(node, name.bytes), image.linkCounts[id] == 1,
-                    image.tree[id].size == size
-                else { return nil }
-                return GuestImage.redirect(of: image.tree[id])
-            }
-            for layer in layers {
-                let st: FileStat
-                do { st = try layer.stat(name) } catch Errno.noSuchFileOrDirectory { continue } catch { return nil }
-                guard st.isRegular, st.linkCount == 1, st.size == size,
-                    let stub = try? layer.openFileForReading(name),
-                    stub.extendedAttribute("trusted.overlay.metacopy") != nil,
-                    let r = stub.extendedAttribute("trusted.overlay.redirect"), DataObjects.isValidRedirect(r)
-                else { return nil }
-                return r
-            }
-            return nil
-        }
-    }
-
     /// Whether overlayfs' index of a generation holds copy-ups (of hard-linked
     /// lower files; names beginning with "#" are its own temporaries).
     static func indexHoldsCopyUps(_ gen: OverlayGuest.Generation) -> Bool {
@@ -199,27 +55,13 @@ extension Overlay {
         }
         let old = try guest.generation(state.generation)
         var result = OverlayReport.Guest(root: root.string, action: .folded)
-        if OverlayMount.isMounted(old, at: try Directory.open(path: guest.rootPath)) {
-            result.action = .foldAtNextStart
-            return result
-        }
-        if !hasCopyUps(old) && (old.isImage || !compact) {
-            result.action = .nothingToFold
-            return result
-        }
-        if dryRun {
-            result.action = .wouldFold
-            return result
-        }
-        // What a fold publishes must be written by no one any more: an
-        // overlay of this generation still alive anywhere (unmounted lazily
-        // with files open, or in another mount namespace) holds its upper
-        // layer, and overlayfs then refuses a second mount of it (EBUSY).
-        if try upperStillInUse(guest, old, session: s) {
-            result.action = .inUseElsewhere
-            result.notes.append(
-                "its upper layer is still in use by an overlay mount this namespace does not show (a lazy unmount with files open, or another mount namespace)"
-            )
+        if let action = try reasonNotToFold(guest, old, session: s, dryRun: dryRun, compact: compact) {
+            result.action = action
+            if action == .inUseElsewhere {
+                result.notes.append(
+                    "its upper layer is still in use by an overlay mount this namespace does not show (a lazy unmount with files open, or another mount namespace)"
+                )
+            }
             return result
         }
         // What the old layers reference, known before they go.
@@ -253,17 +95,40 @@ extension Overlay {
         try guest.removeGenerations(except: state.generation)
         // The objects only the fold's guest referenced and no longer does go now (gc would find them too).
         let after = LayerReferences.read(try guest.generation(state.generation).imageLayer) ?? [:]
-        let candidates = Set(before.keys.filter { (after[$0] ?? 0) == 0 })
-        let unused = LayerReferences.unreferenced(candidates, store: s.store)
-        if !unused.isEmpty {
-            var bytes: [[UInt8]: UInt64] = [:]
-            for r in unused { bytes[r] = (try? s.objects.stat(r))?.allocatedBytes ?? 0 }
-            let removed = try s.objects.remove(unused)
-            result.objectsRemoved = removed.count
-            result.objectsRemovedBytes = removed.reduce(0) { $0 + (bytes[$1] ?? 0) }
-        }
+        try removeObjects(Set(before.keys.filter { (after[$0] ?? 0) == 0 }), session: s, into: &result)
         result.seconds = elapsed(since: started)
         return result
+    }
+
+    /// What a fold does instead of folding (nil: it folds): a mounted guest
+    /// is left for its next start; a generation with nothing to fold (an
+    /// earlier version's is made an image when `compact` asks); a dry run
+    /// only says it would; an overlay of the generation still alive
+    /// elsewhere (unmounted lazily with files open, or in another mount
+    /// namespace) holds its upper layer, which a fold must publish only
+    /// when no one writes it any more (overlayfs then refuses a second
+    /// mount of it, EBUSY).
+    static func reasonNotToFold(
+        _ guest: OverlayGuest, _ old: OverlayGuest.Generation, session s: Session, dryRun: Bool, compact: Bool
+    ) throws -> OverlayReport.Action? {
+        if OverlayMount.isMounted(old, at: try Directory.open(path: guest.rootPath)) { return .foldAtNextStart }
+        if !hasCopyUps(old) && (old.isImage || !compact) { return .nothingToFold }
+        if dryRun { return .wouldFold }
+        return try upperStillInUse(guest, old, session: s) ? .inUseElsewhere : nil
+    }
+
+    /// Removes the data objects among `candidates` no guest references any
+    /// more, counting them in `result`.
+    static func removeObjects(_ candidates: Set<[UInt8]>, session s: Session, into result: inout OverlayReport.Guest)
+        throws
+    {
+        let unused = LayerReferences.unreferenced(candidates, store: s.store)
+        guard !unused.isEmpty else { return }
+        var bytes: [[UInt8]: UInt64] = [:]
+        for r in unused { bytes[r] = (try? s.objects.stat(r))?.allocatedBytes ?? 0 }
+        let removed = try s.objects.remove(unused)
+        result.objectsRemoved = removed.count
+        result.objectsRemovedBytes = removed.reduce(0) { $0 + (bytes[$1] ?? 0) }
     }
 
     /// Builds generation `number` of `guest` from what `source`'s generation
@@ -280,12 +145,15 @@ extension Overlay {
         session s: Session
     ) throws -> OverlayReport.Guest {
         var result = OverlayReport.Guest(root: guest.rootPath.string, action: .built)
+        if let why = OverlayMount.imageUnsupportedReason() { throw InputError(why) }
         let old = try source.generation(generation)
         let next = try guest.makeGeneration(number)
         let live = try Directory.open(path: source.rootPath)
         let isLive = OverlayMount.isMounted(old, at: live)
         if source !== guest, old.isImage, !hasCopyUps(old) {
-            for name in [GuestImage.fileName, LayerReferences.fileName(GuestImage.layerName), OverlayGuest.escapedMarker]
+            for name in [
+                GuestImage.fileName, LayerReferences.fileName(GuestImage.layerName), OverlayGuest.escapedMarker,
+            ]
             where (try? old.directory.stat(name)) != nil {
                 try old.directory.link(name, to: next, as: name)
             }

@@ -73,7 +73,9 @@ final class GenerationBuilder {
 
     /// Guest xattrs written escaped in the description (a generation holding any needs Linux 6.7).
     var escapedAttributes: Int {
-        tree.nodes.reduce(0) { n, node in n + node.xattrs.filter { $0.name.starts(with: TreeCopier.escapedPrefix) }.count }
+        tree.nodes.reduce(0) { n, node in
+            n + node.xattrs.filter { $0.name.starts(with: TreeCopier.escapedPrefix) }.count
+        }
     }
 
     private func describe(_ source: Directory, context: Overlay.FoldContext?) throws {
@@ -168,9 +170,8 @@ final class GenerationBuilder {
         filesHashed += 1
         let id = tree.add(stub, as: name.bytes, in: place.node)
         let file = TreeCopier.SourceFile(
-            directory: dir, name: name, stat: st, handle: handle, path: entry.path, context: nil,
-            attributes: attributes)
-        filler.fill(nil, from: file, lease: lease, linkSource: linkSource(file), key: id)
+            directory: dir, name: name, stat: st, handle: handle, path: entry.path, attributes: attributes)
+        filler.fill(file, lease: lease, linkSource: linkSource(file), key: id)
         pending.append(id)
         return id
     }
@@ -194,7 +195,9 @@ final class GenerationBuilder {
             if !node.isDirectory {
                 if image.linkCounts[old] > 1 { adopted[old] = id }
                 filesUnchanged += 1
-                if case .file(.inline) = node.kind { inlineFiles += 1 } else if GuestImage.redirect(of: node) != nil {
+                if case .file(.inline) = node.kind {
+                    inlineFiles += 1
+                } else if GuestImage.redirect(of: node) != nil {
                     stubs += 1
                 }
             }

@@ -47,7 +47,9 @@ extension Overlay {
         {
             return []
         }
-        guard let layer = gen.layers[0].directory else { throw InputError("\(gen.directory): fold journal beside an image") }
+        guard let layer = gen.layers[0].directory else {
+            throw InputError("\(gen.directory): fold journal beside an image")
+        }
         let staging = try? gen.directory.openDirectory(stagingName)
         let work = try placement ?? journalPlacement(gen, layer: layer, journal: journal)
         guard let reservations = DataObjects.Reservation.fromJournal(journal) else {

@@ -67,7 +67,7 @@ extension Overlay {
     /// A copier that makes full copies of regular files (an export).
     static func plainCopier(result: OverlayReport.Guest) -> (TreeCopier, () -> OverlayReport.Guest) {
         var result = result
-        let copier = TreeCopier(overlayNames: .keep) { file, dest in
+        let copier = TreeCopier { file, dest in
             let out = try dest.createFile(file.name, mode: 0o600)
             try file.handle.cloneContent(to: out, size: file.stat.size)
             guard try out.stat().size == file.stat.size else { throw Errno.ioError }

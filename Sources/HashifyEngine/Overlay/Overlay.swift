@@ -81,11 +81,9 @@ public struct OverlayReport: Sendable, Codable {
         public var filesUnchanged = 0
         /// Files a fold read because the upper layer held them.
         public var filesHashed = 0
-        /// Files a fold left whole in their layer because no stub could be made of them (notes say why).
-        public var filesKeptWhole = 0
         /// Entries a fold carried into the new upper layer because the guest set them immutable or append-only.
         public var protectedEntries = 0
-        /// The metadata layers the guest's generation stacks after this command (a fold adds one; a compaction makes one).
+        /// The metadata layers the guest's generation stacks after this command (1: a fold writes one image).
         public var layers: Int?
         /// Data objects a fold removed because its guest no longer references them and no other guest does.
         public var objectsRemoved = 0
@@ -106,14 +104,12 @@ public struct OverlayReport: Sendable, Codable {
             // logs the note); every other command says so in its status too.
             exitStatus =
                 guests.contains {
-                    $0.action == .leftAsItWas || $0.filesKeptWhole > 0
-                        || ($0.filesWithoutData > 0 && command != "overlay mount")
+                    $0.action == .leftAsItWas || ($0.filesWithoutData > 0 && command != "overlay mount")
                 } ? 1 : 0
         }
     }
     public var seconds = 0.0
-    /// 0, or 1 when a guest was left alone because of an error, a fold kept files whole, or
-    /// files of a guest lost their data object.
+    /// 0, or 1 when a guest was left alone because of an error, or files of a guest lost their data object.
     public var exitStatus: Int32 = 0
 }
 
@@ -127,32 +123,6 @@ public struct OverlayReport: Sendable, Codable {
 /// (`OverlayGuest.Phase`); `recover` brings a guest a killed run left between
 /// two steps to the nearest safe state before anything else is done.
 public enum Overlay {
-    /// What went wrong with one file, as the guest's admin needs it: a full
-    /// xattr space says so instead of "No space left on device".
-    static func describeFileError(_ error: any Error) -> String {
-        if let e = error as? StubAttributeError {
-            return e.errno == .noSpace || e.errno == .argListTooLong ? xattrSpaceFull : "\(e.errno)"
-        }
-        return "\(error)"
-    }
-
-    static let xattrSpaceFull = "its extended attributes and a stub's do not fit in one file's xattr space"
-
-    /// Counts files a command kept whole in a layer (no stub could be made
-    /// of them) in a guest's report, with a note naming the first and why.
-    static func noteKeptWhole(_ count: Int, first: [UInt8]?, why: String, in result: inout OverlayReport.Guest) {
-        guard count > 0 else { return }
-        result.filesKeptWhole += count
-        result.notes.append(
-            "\(count) file\(count == 1 ? "" : "s") kept whole in the layer, sharing nothing (no stub could be made)\(first.map { ": /\(escapedPath($0))" } ?? ""): \(why)"
-        )
-    }
-
-    /// An xattr a stub could not be given.
-    struct StubAttributeError: Error {
-        var errno: Errno
-    }
-
     /// Files up to this size stay whole in the metadata layer (as composefs does).
     static let inlineLimit: UInt64 = 64
 
@@ -248,7 +218,15 @@ public enum Overlay {
             state.phase = .active
             try guest.writeState(state)
         }
-        // A conversion killed after its switch: its objects are recorded while the old tree is still there.
+        try finishSwitched(guest, state)
+        return state
+    }
+
+    /// For a guest whose generation in force is switched to: records the
+    /// objects of a conversion killed after its switch (while its old tree is
+    /// still there), removes every other generation, and finishes an earlier
+    /// version's stacked fold killed after its switch.
+    static func finishSwitched(_ guest: OverlayGuest, _ state: OverlayGuest.State) throws {
         if state.phase == .active, let gen = try? guest.generation(state.generation),
             (try? gen.directory.stat(objectsJournalName)) != nil
         {
@@ -257,11 +235,9 @@ public enum Overlay {
                 gen, plain: try scratch.openDirectory(plain), objects: try guest.store.dataObjects())
         }
         try guest.removeGenerations(except: state.generation)
-        // A stacked fold killed after its switch: its stubs go in place before anything reads the layer.
         if state.phase == .active {
             try finishStackedFold(try guest.generation(state.generation)) { try? guest.store.dataObjects() }
         }
-        return state
     }
 
     /// Removes the objects killed runs reserved and no journal will record
@@ -321,28 +297,7 @@ public enum Overlay {
         return (try Directory.open(path: canonical.removingLastComponent()), FileName(last.string))
     }
 
-    // MARK: building a metadata layer
-
-    /// Makes a stub: a sparse file of the real size pointing at an object
-    /// (the redirect is set here, or by a `StubFiller` once the content is hashed).
-    static func makeStub(_ name: FileName, in dir: Directory, size: UInt64, redirect: [UInt8]?) throws -> OpenFile {
-        let stub = try dir.createFile(name, mode: 0o600)
-        try stub.truncate(size)
-        try stub.setExtendedAttribute(ExtendedAttribute(name: Array("trusted.overlay.metacopy".utf8), value: []))
-        if let redirect {
-            try stub.setExtendedAttribute(
-                ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
-        }
-        return stub
-    }
-
-    /// Makes a whole copy of a small (or empty) file.
-    static func makeInline(_ name: FileName, in dir: Directory, from source: OpenFile, size: UInt64) throws -> OpenFile
-    {
-        let f = try dir.createFile(name, mode: 0o600)
-        if size > 0 { try source.copyContent(to: f, size: size) }
-        return f
-    }
+    // MARK: building a generation
 
     /// Reads a file under a read lease (no writer may have it open or open it
     /// meanwhile) and returns it with its digest, checked unchanged.
@@ -364,25 +319,6 @@ public enum Overlay {
             throw InputError("\(escapedPath(path)): changed while being read (is the guest running?)")
         }
         return (f, digest)
-    }
-
-    /// Makes the metadata-layer entry for a regular file: a whole copy when
-    /// it is small, else a stub that `filler` gives the redirect of the object
-    /// holding its content (made from the file when there is none yet: its
-    /// inode linked when `linkSource`, else cloned or copied).
-    static func makeEntry(
-        _ file: TreeCopier.SourceFile, in dest: Directory, filler: StubFiller, lease: Bool, linkSource: Bool,
-        result: inout OverlayReport.Guest
-    ) throws -> OpenFile {
-        let size = file.stat.size
-        if size <= inlineLimit {
-            result.inlineFiles += 1
-            return try makeInline(file.name, in: dest, from: file.handle, size: size)
-        }
-        result.stubs += 1
-        let stub = try makeStub(file.name, in: dest, size: size, redirect: nil)
-        filler.fill(stub, from: file, lease: lease, linkSource: linkSource)
-        return stub
     }
 
     /// Adds what a filler counted to a guest's report.

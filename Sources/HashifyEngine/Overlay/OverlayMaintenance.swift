@@ -285,41 +285,9 @@ extension Overlay {
                 do { _ = try g.readState() } catch { out.warnings.append(error.description) }
                 continue
             }
-            let layout = (try? g.generation(state.generation)).flatMap { gen in
-                (try? Directory.open(path: g.rootPath)).flatMap { OverlayMount.mountedLayout(gen, at: $0) }
-            }
-            var entry = OverlayStatus.Guest(
-                root: g.rootPath.string, generation: state.generation, mounted: layout != nil)
-            entry.layout = layout?.rawValue
-            entry.layers = max(1, scan.layers)
-            entry.sharedFiles = scan.stubs
-            entry.sharedBytes = scan.stubBytes
-            entry.copyUpBytes = scan.allocatedBytes
-            entry.foldPending = scan.entries > 0
-            // An LXC container's rootfs mounted while no process has its root there (the container
-            // is stopped; a shell's cwd may still hold it), with copy-ups to fold: its post-stop
-            // hook did not unmount it.
-            if entry.foldPending, layout != nil, isLXCRootfs(g.rootPath),
-                let st = try? Directory.open(path: g.rootPath).stat(),
-                ProcessScanner.processesUsing(root: g.rootPath, stat: st, ownDevice: true, rootOnly: true).isEmpty
-            {
-                out.warnings.append(
-                    "\(g.rootPath): its container is stopped but its overlay is still mounted (the post-stop hook could not unmount it): its next start runs unfolded; hashify overlay umount it, and it folds at its next start"
-                )
-            }
-            // In overlay mode the store holds the only copy of a shared file's data.
-            let missing = scan.counts.keys.filter { !held.contains($0) }
-            entry.missingDataObjects = missing.count
-            if !missing.isEmpty {
-                let lost = filesWithoutData(g, objects: objects)
-                out.warnings.append("\(g.rootPath): \(missingDataNote(lost))")
-            }
+            let (entry, warnings) = guestStatus(g, state, scan, objects: objects, held: held)
+            out.warnings += warnings
             out.routineUpdateBytes += max(scan.stubBytes / 10, scan.allocatedBytes)
-            if state.phase != .active {
-                out.warnings.append(
-                    "\(g.rootPath): interrupted (\(state.phase.rawValue)); the next overlay command or unify finishes or undoes it"
-                )
-            }
             out.guests.append(entry)
         }
         out.guests.sort { $0.root < $1.root }
@@ -338,6 +306,46 @@ extension Overlay {
             )
         }
         return out
+    }
+
+    /// One overlay guest's line of `status`, and what it warns of.
+    static func guestStatus(
+        _ g: OverlayGuest, _ state: OverlayGuest.State, _ scan: LayerScan, objects: DataObjects, held: Set<[UInt8]>
+    ) -> (OverlayStatus.Guest, [String]) {
+        var warnings: [String] = []
+        let layout = (try? g.generation(state.generation)).flatMap { gen in
+            (try? Directory.open(path: g.rootPath)).flatMap { OverlayMount.mountedLayout(gen, at: $0) }
+        }
+        var entry = OverlayStatus.Guest(root: g.rootPath.string, generation: state.generation, mounted: layout != nil)
+        entry.layout = layout?.rawValue
+        entry.layers = max(1, scan.layers)
+        entry.sharedFiles = scan.stubs
+        entry.sharedBytes = scan.stubBytes
+        entry.copyUpBytes = scan.allocatedBytes
+        entry.foldPending = scan.entries > 0
+        // An LXC container's rootfs mounted while no process has its root there (the container
+        // is stopped; a shell's cwd may still hold it), with copy-ups to fold: its post-stop
+        // hook did not unmount it.
+        if entry.foldPending, layout != nil, isLXCRootfs(g.rootPath),
+            let st = try? Directory.open(path: g.rootPath).stat(),
+            ProcessScanner.processesUsing(root: g.rootPath, stat: st, ownDevice: true, rootOnly: true).isEmpty
+        {
+            warnings.append(
+                "\(g.rootPath): its container is stopped but its overlay is still mounted (the post-stop hook could not unmount it): its next start runs unfolded; hashify overlay umount it, and it folds at its next start"
+            )
+        }
+        // In overlay mode the store holds the only copy of a shared file's data.
+        let missing = scan.counts.keys.filter { !held.contains($0) }
+        entry.missingDataObjects = missing.count
+        if !missing.isEmpty {
+            warnings.append("\(g.rootPath): \(missingDataNote(filesWithoutData(g, objects: objects)))")
+        }
+        if state.phase != .active {
+            warnings.append(
+                "\(g.rootPath): interrupted (\(state.phase.rawValue)); the next overlay command or unify finishes or undoes it"
+            )
+        }
+        return (entry, warnings)
     }
 
     /// A data object that does not hold what its record says, or a stub's object that is missing.

@@ -70,6 +70,7 @@ enum OverlayMount {
     {
         if let why = g.refusalOnThisKernel() { throw InputError(why) }
         if g.isImage {
+            if let why = imageUnsupportedReason() { throw InputError("generation \(g.number): \(why)") }
             // The image is mounted where the overlay's options name it, and
             // detached once the overlay holds it (or failed): the overlay is
             // then its only user, and its unmount takes the image's mount and
@@ -230,13 +231,18 @@ enum OverlayMount {
         return escaped
     }
 
+    /// Why this kernel cannot make or mount a generation's image, or nil:
+    /// a stub is a sparse file, which EROFS holds from Linux 5.15 on (chunk-based files).
+    static func imageUnsupportedReason() -> String? {
+        let (major, minor) = kernelVersion()
+        guard (major, minor) < (5, 15) else { return nil }
+        return
+            "overlay guests keep their metadata in EROFS images whose stubs are sparse files, which EROFS reads from Linux 5.15 on (this is Linux \(major).\(minor)); nothing changed"
+    }
+
     /// Why this kernel or filesystem cannot hold overlay guests, or nil when it can.
     static func unsupportedReason(store: Store) -> String? {
-        let (major, minor) = kernelVersion()
-        if (major, minor) < (4, 19) {
-            return
-                "Linux \(major).\(minor) has no metadata-only copy-up in overlayfs (metacopy, Linux 4.19 or later is needed)"
-        }
+        if let why = imageUnsupportedReason() { return why }
         let probe = FileName("xattr-probe")
         try? store.directory.unlink(probe)
         defer { try? store.directory.unlink(probe) }

@@ -2,12 +2,11 @@ import Dispatch
 import HashifySystem
 import Synchronization
 
-/// Hashes the files of a metadata layer being built on several threads and
-/// gives each stub its redirect when its digest is known, so that walking
-/// and making stubs (one thread) overlaps reading (as many as the disk
-/// serves). A stub gets its attributes from the copier at once; its redirect
-/// arrives later, which moves only its ctime. `finish` waits for every file
-/// and throws the first error: the generation is switched to only after that.
+/// Hashes the files of a generation being described on several threads and
+/// finds or makes the object of each, so that walking the tree (one thread)
+/// overlaps reading (as many as the disk serves). Each file's redirect is
+/// kept under the key it was queued with (`results`); `finish` waits for
+/// every file and throws the first error: the generation is written only after that.
 final class StubFiller: @unchecked Sendable {
     /// What the filler counted, merged into the guest's report at the end.
     struct Counts {
@@ -34,13 +33,9 @@ final class StubFiller: @unchecked Sendable {
     /// The objects this filler made (a conversion that fails removes them again).
     private let made = Mutex<Set<[UInt8]>>([])
     var objectsMade: Set<[UInt8]> { made.withLock { $0 } }
-    /// For files queued without a stub (`fill(nil, …, key:)`): the redirect of
-    /// each, and whether the file's own inode became the object.
+    /// For each file queued (by its key): its redirect, and whether the file's own inode became the object.
     private let resolved = Mutex<[Int: (redirect: [UInt8], isObject: Bool)]>([:])
     var results: [Int: (redirect: [UInt8], isObject: Bool)] { resolved.withLock { $0 } }
-    /// How many stubs the filler gave each redirect.
-    private let given = Mutex<[[UInt8]: Int]>([:])
-    var redirectCounts: [[UInt8]: Int] { given.withLock { $0 } }
 
     /// `threads` files are read at once (each holds its source, its stub and a 1 MiB buffer).
     init(objects: DataObjects, threads: Int) {
@@ -51,11 +46,10 @@ final class StubFiller: @unchecked Sendable {
 
     deinit { group.wait() }
 
-    /// Queues `file` (open) whose stub `stub` is made: it is hashed (under a
-    /// read lease when `lease`), its object found or made (the source inode
-    /// linked when `linkSource`), and the stub given the object's redirect.
-    /// Without a stub, the redirect is kept under `key` (`results`).
-    func fill(_ stub: OpenFile?, from file: TreeCopier.SourceFile, lease: Bool, linkSource: Bool, key: Int = 0) {
+    /// Queues `file` (open): it is hashed (under a read lease when `lease`),
+    /// its object found or made (the source inode linked when `linkSource`),
+    /// and the object's redirect kept under `key` (`results`).
+    func fill(_ file: TreeCopier.SourceFile, lease: Bool, linkSource: Bool, key: Int) {
         if state.withLock({ $0.error != nil }) { return }
         let (handle, stat, path) = (file.handle, file.stat, file.path)
         slots.wait()
@@ -87,13 +81,7 @@ final class StubFiller: @unchecked Sendable {
                     }
                     return (r, linkSource)
                 }
-                if let stub {
-                    try stub.setExtendedAttribute(
-                        ExtendedAttribute(name: Array("trusted.overlay.redirect".utf8), value: redirect))
-                    given.withLock { $0[redirect, default: 0] += 1 }
-                } else {
-                    resolved.withLock { $0[key] = (redirect, isObject) }
-                }
+                resolved.withLock { $0[key] = (redirect, isObject) }
                 state.withLock {
                     $0.counts.objectsCreated += counts.objectsCreated
                     $0.counts.filesSharingObjects += counts.filesSharingObjects

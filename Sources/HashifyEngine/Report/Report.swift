@@ -114,7 +114,7 @@ public struct UnifyReport: Sendable, Codable {
     /// kept files whole, or has files whose data object is missing), or a guest claimed by two stores.
     public var exitStatus: Int32 {
         totals.errors > 0 || !guestsOfTwoStores.isEmpty
-            || overlayGuests.contains { $0.action == .leftAsItWas || $0.filesKeptWhole > 0 || $0.filesWithoutData > 0 }
+            || overlayGuests.contains { $0.action == .leftAsItWas || $0.filesWithoutData > 0 }
             ? 1 : 0
     }
     /// Guests another store claimed while this run unified them (two runs with different stores at
