@@ -93,8 +93,13 @@ struct PreviousFormatTests {
         let s = Scratch("prevformat")
         let store = s.sub("store")
         let (a, b) = (s.sub("guests/a"), s.sub("guests/b"))
-        try makeRichGuest(a, index: 0)
-        try makeRichGuest(b, index: 1)
+        // (Not the rich guest: cp cannot copy its path deeper than PATH_MAX out of the image.)
+        for (i, g) in [a, b].enumerated() {
+            makeGuest(g, index: i, files: 30)
+            link("\(g)/usr/lib/lib3.so", "\(g)/usr/share/lib3-again")
+            writeFile(
+                "\(g)/etc/acl", pseudoRandom(900, seed: 11), mode: 0o640, gid: 42, xattrs: [("user.note", [1, 2])])
+        }
         writeFile("\(b)/ab/own", "a directory named like the objects' directories\n")
         settle()
         let before = [a, b].map(guestManifest)
