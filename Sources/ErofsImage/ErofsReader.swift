@@ -189,6 +189,16 @@ public final class ErofsReader {
         let dataOffset = position + UInt64(headerSize + xattrSize)
         let data = DataMap(layout: layout, size: size, u: u, dataOffset: dataOffset)
 
+        let (kind, entries) = try readKind(mode: mode, size: size, u: u, data: data, nid: nid)
+        let node = ErofsNode(
+            kind, permissions: mode & 0o7777, uid: uid, gid: gid, modificationTime: mtime, xattrs: xattrs)
+        return Inode(node: node, entries: entries)
+    }
+
+    /// What an inode is, from its mode, size, union field and data (a directory's entries read too).
+    private func readKind(mode: UInt16, size: UInt64, u: UInt32, data: DataMap, nid: UInt64) throws -> (
+        ErofsNode.Kind, [(name: [UInt8], nid: UInt64)]
+    ) {
         let kind: ErofsNode.Kind
         var entries: [(name: [UInt8], nid: UInt64)] = []
         switch mode & 0o170000 {
@@ -212,9 +222,7 @@ public final class ErofsReader {
         case 0o140000: kind = .socket
         default: throw ErofsImageError.corruptImage("nid \(nid): bad mode \(String(mode, radix: 8))")
         }
-        let node = ErofsNode(
-            kind, permissions: mode & 0o7777, uid: uid, gid: gid, modificationTime: mtime, xattrs: xattrs)
-        return Inode(node: node, entries: entries)
+        return (kind, entries)
     }
 
     private func readXattrs(at offset: UInt64, size: Int, nid: UInt64) throws -> [ExtendedAttribute] {

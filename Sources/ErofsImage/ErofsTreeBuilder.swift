@@ -51,39 +51,54 @@ extension ErofsTree {
                         try Self.node(.directory([]), st, xattrs: try sub.extendedAttributes()), as: name.bytes, in: id)
                     pending.append((sub, child, childPath))
                 case 0o100000:
-                    let file = try directory.openFileForReading(name)
-                    let fileStat = try file.stat()
-                    guard fileStat.inode == st.inode && fileStat.device == st.device else {
-                        throw ErofsImageError.invalidTree("\(escapedPath(childPath)) changed while it was read")
-                    }
-                    var xattrs = try file.extendedAttributes()
-                    let content: ErofsFileContent
-                    switch try rule(childPath, fileStat, file) {
-                    case .inline:
-                        content = .inline(try file.readAll())
-                    case .external(let added):
-                        content = .external(size: fileStat.size)
-                        xattrs.removeAll { x in added.contains { $0.name == x.name } }
-                        xattrs += added
-                    }
-                    child = add(try Self.node(.file(content), fileStat, xattrs: xattrs), as: name.bytes, in: id)
+                    child = add(
+                        try Self.regularFile(name, in: directory, st, path: childPath, rule: rule), as: name.bytes,
+                        in: id)
                 default:
-                    let kind: ErofsNode.Kind
-                    switch st.fileType {
-                    case 0o120000: kind = .symlink(try directory.readLink(name))
-                    case 0o020000: kind = .characterDevice(rdev: st.deviceNumber)
-                    case 0o060000: kind = .blockDevice(rdev: st.deviceNumber)
-                    case 0o010000: kind = .fifo
-                    case 0o140000: kind = .socket
-                    default:
-                        throw ErofsImageError.invalidTree("\(escapedPath(childPath)) has an unknown file type")
-                    }
-                    let xattrs = try extendedAttributes(in: directory, of: name)
-                    child = add(try Self.node(kind, st, xattrs: xattrs), as: name.bytes, in: id)
+                    child = add(try Self.special(name, in: directory, st, path: childPath), as: name.bytes, in: id)
                 }
                 if !st.isDirectory && st.linkCount > 1 { links[[st.device, st.inode]] = child }
             }
         }
+    }
+
+    /// The node of a regular file: its content inline or external, as `rule` decides.
+    private static func regularFile(
+        _ name: FileName, in directory: Directory, _ st: FileStat, path: [UInt8],
+        rule: (_ path: [UInt8], _ stat: FileStat, _ file: OpenFile) throws -> ErofsFilePlacement
+    ) throws -> ErofsNode {
+        let file = try directory.openFileForReading(name)
+        let fileStat = try file.stat()
+        guard fileStat.inode == st.inode && fileStat.device == st.device else {
+            throw ErofsImageError.invalidTree("\(escapedPath(path)) changed while it was read")
+        }
+        var xattrs = try file.extendedAttributes()
+        let content: ErofsFileContent
+        switch try rule(path, fileStat, file) {
+        case .inline:
+            content = .inline(try file.readAll())
+        case .external(let added):
+            content = .external(size: fileStat.size)
+            xattrs.removeAll { x in added.contains { $0.name == x.name } }
+            xattrs += added
+        }
+        return try node(.file(content), fileStat, xattrs: xattrs)
+    }
+
+    /// The node of a symlink, device, FIFO or socket.
+    private static func special(_ name: FileName, in directory: Directory, _ st: FileStat, path: [UInt8]) throws
+        -> ErofsNode
+    {
+        let kind: ErofsNode.Kind
+        switch st.fileType {
+        case 0o120000: kind = .symlink(try directory.readLink(name))
+        case 0o020000: kind = .characterDevice(rdev: st.deviceNumber)
+        case 0o060000: kind = .blockDevice(rdev: st.deviceNumber)
+        case 0o010000: kind = .fifo
+        case 0o140000: kind = .socket
+        default: throw ErofsImageError.invalidTree("\(escapedPath(path)) has an unknown file type")
+        }
+        return try node(kind, st, xattrs: try extendedAttributes(in: directory, of: name))
     }
 
     private static func node(_ kind: ErofsNode.Kind, _ st: FileStat, xattrs: [ExtendedAttribute]) throws -> ErofsNode {

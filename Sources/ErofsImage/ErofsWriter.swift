@@ -528,6 +528,29 @@ private struct Plan {
         meta.put(x.value, at: offset + 4 + x.suffix.count)
     }
 
+    /// Writes an inode's xattr body (filter, shared references, its own
+    /// entries) at `start`; returns where its inline data goes.
+    func writeXattrBody(of inode: Inode, into meta: inout [UInt8], at start: Int) -> Int {
+        guard inode.xattrSize > 0 else { return start }
+        var x = start
+        var present: UInt32 = 0
+        for stored in inode.sharedXattrs.map({ shared[$0] }) + inode.ownXattrs {
+            present |= 1 << (XXH32.hash(stored.suffix, seed: Erofs.xattrFilterSeed &+ UInt32(stored.index)) & 31)
+        }
+        meta.put32(~present, at: x)
+        meta[x + 4] = UInt8(inode.sharedXattrs.count)
+        x += Erofs.xattrBodyHeaderSize
+        for s in inode.sharedXattrs {
+            meta.put32(UInt32((sharedStart % Erofs.blockSize + sharedOffsets[s]) / 4), at: x)
+            x += 4
+        }
+        for own in inode.ownXattrs {
+            writeXattr(own, into: &meta, at: x)
+            x += own.entrySize
+        }
+        return x
+    }
+
     func writeInode(_ i: Int, into meta: inout [UInt8]) {
         let inode = inodes[i]
         let node = tree.nodes[inode.node]
@@ -561,24 +584,7 @@ private struct Plan {
             meta.put32(node.modificationTime.nanoseconds, at: p + 40)
             meta.put32(inode.nlink, at: p + 44)
         }
-        var x = p + inode.headerSize
-        if inode.xattrSize > 0 {
-            var present: UInt32 = 0
-            for stored in inode.sharedXattrs.map({ shared[$0] }) + inode.ownXattrs {
-                present |= 1 << (XXH32.hash(stored.suffix, seed: Erofs.xattrFilterSeed &+ UInt32(stored.index)) & 31)
-            }
-            meta.put32(~present, at: x)
-            meta[x + 4] = UInt8(inode.sharedXattrs.count)
-            x += Erofs.xattrBodyHeaderSize
-            for s in inode.sharedXattrs {
-                meta.put32(UInt32((sharedStart % Erofs.blockSize + sharedOffsets[s]) / 4), at: x)
-                x += 4
-            }
-            for own in inode.ownXattrs {
-                writeXattr(own, into: &meta, at: x)
-                x += own.entrySize
-            }
-        }
+        let x = writeXattrBody(of: inode, into: &meta, at: p + inode.headerSize)
         guard inode.tailSize > 0 else { return }
         switch node.kind {
         case .directory:
