@@ -195,6 +195,12 @@ public final class Directory: @unchecked Sendable {
     /// One extended attribute of this directory, or nil when it has none of that name.
     public func extendedAttribute(_ name: String) -> [UInt8]? { extendedAttributeOf(descriptor: fd, name) }
 
+    /// One extended attribute: nil only when the directory has none of that
+    /// name (ENODATA); any other failure throws.
+    public func presentExtendedAttribute(_ name: String) throws -> [UInt8]? {
+        try presentExtendedAttributeOf(descriptor: fd, name)
+    }
+
     /// Sets one extended attribute of this directory (`fsetxattr`).
     public func setExtendedAttribute(_ a: ExtendedAttribute) throws { try setExtendedAttributeOf(descriptor: fd, a) }
 

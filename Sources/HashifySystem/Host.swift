@@ -149,5 +149,7 @@ public func attachLoopDevice(_ file: OpenFile) throws -> (path: String, device: 
     var buffer = [CChar](repeating: 0, count: 64)
     let fd = hashify_loop_attach(file.fd, &buffer, buffer.count)
     if fd < 0 { throw Errno(rawValue: errno) }
-    return (String(cString: buffer), OpenFile(adopting: fd))
+    return (
+        String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), OpenFile(adopting: fd)
+    )
 }

@@ -193,6 +193,13 @@ public final class OpenFile: @unchecked Sendable {
     /// One extended attribute, or nil when the file has none of that name.
     public func extendedAttribute(_ name: String) -> [UInt8]? { extendedAttributeOf(descriptor: fd, name) }
 
+    /// One extended attribute: nil only when the file has none of that name
+    /// (ENODATA); any other failure (EIO, say) throws, so that a read error
+    /// is never taken for an absent attribute.
+    public func presentExtendedAttribute(_ name: String) throws -> [UInt8]? {
+        try presentExtendedAttributeOf(descriptor: fd, name)
+    }
+
     /// Sets one extended attribute (`fsetxattr`).
     public func setExtendedAttribute(_ a: ExtendedAttribute) throws { try setExtendedAttributeOf(descriptor: fd, a) }
 
@@ -215,6 +222,24 @@ func extendedAttributeOf(descriptor fd: Int32, _ name: String) -> [UInt8]? {
     var value = [UInt8](repeating: 0, count: 4096)
     let n = value.withUnsafeMutableBytes { hashify_fgetxattr(fd, name, $0.baseAddress, $0.count) }
     return n < 0 ? nil : Array(value[0..<n])
+}
+
+/// `fgetxattr` of one name: nil on ENODATA, the value (of any size), or the error.
+func presentExtendedAttributeOf(descriptor fd: Int32, _ name: String) throws -> [UInt8]? {
+    while true {
+        let size = hashify_fgetxattr(fd, name, nil, 0)
+        if size < 0 {
+            if errno == ENODATA { return nil }
+            if errno == EINTR { continue }
+            throw Errno(rawValue: errno)
+        }
+        var value = [UInt8](repeating: 0, count: max(size, 1))
+        let n = value.withUnsafeMutableBytes { hashify_fgetxattr(fd, name, $0.baseAddress, $0.count) }
+        if n >= 0 { return Array(value[0..<n]) }
+        if errno == ENODATA { return nil }
+        // ERANGE: it grew meanwhile; EINTR: again.
+        if errno != ERANGE && errno != EINTR { throw Errno(rawValue: errno) }
+    }
 }
 
 /// `fsetxattr` on an open descriptor.

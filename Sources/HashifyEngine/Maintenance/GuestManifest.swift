@@ -119,13 +119,14 @@ public enum ManifestCommand {
             throw InputError("\(root): not an active overlay guest")
         }
         let gen = try record.generation(state.generation)
-        let (_, perGuest) = try Overlay.references(in: store)
+        // Other guests' records only count guests: one that cannot be read is left out of the counts.
+        let (_, perGuest, _) = try Overlay.references(in: store, everyRecord: false)
         var guestsOfObject: [[UInt8]: Int] = [:]
         for (_, _, scan) in perGuest { for r in scan.referenced { guestsOfObject[r, default: 0] += 1 } }
         let context = try Overlay.FoldContext.root(of: gen, reuse: false)
         let build = { (merged: Directory) throws in
             try list(merged, into: &report, context: context) { name, st, context in
-                guard let r = (context as? Overlay.FoldContext)?.unchangedRedirect(name, size: st.size) else {
+                guard let r = try? (context as? Overlay.FoldContext)?.unchangedRedirect(name, size: st.size) else {
                     return ("private", 1)
                 }
                 return ("shared", guestsOfObject[r] ?? 1)
@@ -173,7 +174,7 @@ public enum ManifestCommand {
                 path: [0x2f] + item.path, stat: st, xattrs: (try? extendedAttributes(in: dir, of: name)) ?? [])
             var step = TreeTraversal<AnyObject?>.Step.next
             if st.isDirectory {
-                if !item.isMountPoint { step = .enter((ctx as? Overlay.FoldContext)?.child(name)) }
+                if !item.isMountPoint { step = .enter(try? (ctx as? Overlay.FoldContext)?.child(name)) }
             } else if st.isSymlink {
                 e.target = (try? dir.readLink(name)).map(escapedPath)
             } else if st.isRegular {

@@ -15,6 +15,8 @@ extension Overlay {
     ///    store, is removed (its data lives on in the objects).
     public static func convert(_ options: OverlayOptions) throws -> OverlayReport {
         let started = MonotonicInstant.now()
+        // Before anything is made (the store among it).
+        if let why = OverlayMount.imageUnsupportedReason() { throw InputError(why) }
         var s = try session(options, createRecords: true)
         if let why = OverlayMount.unsupportedReason(store: s.store) { throw InputError(why) }
         let storeDevice = try s.store.directory.stat().device

@@ -67,10 +67,10 @@ enum DataLayerHiding {
                 }
                 let dir = try layer.openDirectory(hex)
                 lowest = dir
-                if Overlay.FoldContext.endsLookup(dir) { break }
+                if (try? Overlay.FoldContext.endsLookup(dir)) != false { break }
             }
             if let lowest {
-                if !Overlay.FoldContext.endsLookup(lowest) {
+                if (try? Overlay.FoldContext.endsLookup(lowest)) != true {
                     try lowest.setExtendedAttribute(ExtendedAttribute(name: Array(opaque.utf8), value: [0x79]))
                 }
             } else if !hidden {

@@ -69,7 +69,7 @@ extension Overlay {
         for layer in old.layers { before.merge(try LayerReferences.ensure(layer), uniquingKeysWith: +) }
         // What the guest set immutable or append-only through its mount (its root's flag too).
         let protected: [(path: [UInt8], flag: [UInt8])] =
-            (old.upper.extendedAttribute("trusted.overlay.protattr").map { [([], $0)] } ?? [])
+            (try old.upper.presentExtendedAttribute("trusted.overlay.protattr").map { [([], $0)] } ?? [])
             + (try protectedEntries(in: old.upper))
         state.phase = .folding
         try guest.writeState(state)
@@ -83,7 +83,8 @@ extension Overlay {
             // Nothing of a fold that failed before its switch is published:
             // the objects it made go, the guest keeps its generation.
             _ = try? recover(guest)
-            throw error
+            if error is InputError { throw error }
+            throw FoldFailed(root: root, generation: state.generation, underlying: error)
         }
         if !old.isImage { result.notes.append("generation of an earlier version made an image") }
         result.root = root.string
@@ -92,12 +93,27 @@ extension Overlay {
         state.phase = .active
         state.generation += 1
         try guest.writeState(state)
-        try guest.removeGenerations(except: state.generation)
+        do { try guest.removeGenerations(except: state.generation) } catch {
+            // Switched: the guest is the new generation; the next command removes the old one.
+            result.notes.append(
+                "generation \(state.generation - 1) could not be removed yet (\(error)); the next command removes it")
+        }
         // The objects only the fold's guest referenced and no longer does go now (gc would find them too).
         let after = LayerReferences.read(try guest.generation(state.generation).imageLayer) ?? [:]
         try removeObjects(Set(before.keys.filter { (after[$0] ?? 0) == 0 }), session: s, into: &result)
         result.seconds = elapsed(since: started)
         return result
+    }
+
+    /// A fold that failed on an error of the system (not of its input): names
+    /// the guest and the generation it keeps.
+    struct FoldFailed: Error, CustomStringConvertible {
+        var root: FilePath
+        var generation: Int
+        var underlying: any Error
+        var description: String {
+            "\(root): fold failed, the guest keeps generation \(generation) as it was: \(underlying)"
+        }
     }
 
     /// What a fold does instead of folding (nil: it folds): a mounted guest
@@ -152,7 +168,8 @@ extension Overlay {
         let isLive = OverlayMount.isMounted(old, at: live)
         if source !== guest, old.isImage, !hasCopyUps(old) {
             for name in [
-                GuestImage.fileName, LayerReferences.fileName(GuestImage.layerName), OverlayGuest.escapedMarker,
+                GuestImage.fileName, GuestImage.digestName, LayerReferences.fileName(GuestImage.layerName),
+                OverlayGuest.escapedMarker,
             ]
             where (try? old.directory.stat(name)) != nil {
                 try old.directory.link(name, to: next, as: name)

@@ -108,7 +108,7 @@ final class GenerationBuilder {
         if st.isDirectory {
             let id = tree.add(
                 node(.directory([]), st, try extendedAttributes(in: dir, of: name)), as: name.bytes, in: place.node)
-            return .enter(Place(node: id, context: place.context?.child(name)))
+            return .enter(Place(node: id, context: try place.context?.child(name)))
         }
         if st.linkCount > 1, let existing = links[[st.device, st.inode]] {
             tree.link(existing, as: name.bytes, in: place.node)
@@ -162,7 +162,7 @@ final class GenerationBuilder {
         stubs += 1
         var stub = node(.file(.external(size: st.size)), st, attributes)
         stub.xattrs.append(ExtendedAttribute(name: TreeCopier.metacopyName, value: []))
-        if let r = place.context?.unchangedRedirect(name, size: st.size), filler.isLive(r) {
+        if let r = try place.context?.unchangedRedirect(name, size: st.size), filler.isLive(r) {
             filesUnchanged += 1
             stub.xattrs.append(ExtendedAttribute(name: GuestImage.redirectName, value: r))
             return tree.add(stub, as: name.bytes, in: place.node)

@@ -1,3 +1,4 @@
+import Crypto
 import ErofsImage
 import HashifySystem
 import SystemPackage
@@ -17,6 +18,8 @@ import SystemPackage
 /// serves both layouts.
 enum GuestImage {
     static let fileName = FileName("meta.erofs")
+    /// Beside the image: the SHA-256 of its bytes (hex), written with it and checked before it is mounted or read.
+    static let digestName = FileName("meta.erofs.sha256")
     static let layerName = "meta.erofs"
     static let redirectName = Array("trusted.overlay.redirect".utf8)
     static let opaqueName = Array("trusted.overlay.opaque".utf8)
@@ -90,12 +93,12 @@ enum GuestImage {
     /// renamed), and its reference list. Returns the counts.
     @discardableResult
     static func write(_ tree: ErofsTree, into generation: Directory, number: Int) throws -> LayerReferences.Counts {
-        try generation.writeAtomically(fileName, mode: 0o644) { file in
-            // A UUID of its own: overlayfs' index records the lower layer's UUID in each origin.
-            let uuid = (0..<16).map { _ in UInt8.random(in: 0...255) }
-            _ = try ErofsWriter.write(
-                tree, to: file, options: ErofsWriter.Options(uuid: uuid, volumeName: Array("hashify".utf8)))
-        }
+        // A UUID of its own: overlayfs' index records the lower layer's UUID in each origin.
+        let uuid = (0..<16).map { _ in UInt8.random(in: 0...255) }
+        let bytes = try ErofsWriter.image(
+            of: tree, options: ErofsWriter.Options(uuid: uuid, volumeName: Array("hashify".utf8)))
+        try generation.writeAtomically(bytes, as: fileName, mode: 0o644)
+        try generation.writeAtomically(Array((digest(bytes) + "\n").utf8), as: digestName, mode: 0o644)
         let counts = references(of: tree)
         try LayerReferences.write(
             counts,
@@ -107,15 +110,34 @@ enum GuestImage {
 
     /// Reads generation `gen`'s image back into its description.
     static func read(_ gen: OverlayGuest.Generation) throws -> ErofsTree {
-        try read(in: gen.directory)
+        try read(in: gen.directory, path: gen.path)
     }
 
-    /// Reads the image in a generation directory.
-    static func read(in generation: Directory) throws -> ErofsTree {
-        let file = try generation.openFileForReading(fileName)
+    /// Reads the image in a generation directory (at `path`, for messages), checked against its digest.
+    static func read(in generation: Directory, path: FilePath) throws -> ErofsTree {
+        let file = try checked(in: generation, path: path)
         do { return try ErofsReader.read(from: file) } catch {
-            throw InputError("\(generation): its metadata image cannot be read (\(error))")
+            throw InputError("\(path.appending(layerName)): the metadata image cannot be read (\(error))")
         }
+    }
+
+    static func digest(_ bytes: [UInt8]) -> String { hexString(Array(SHA256.hash(data: bytes))) }
+
+    /// The image of a generation directory, open, once its bytes match the
+    /// digest written with it: a truncated, edited or replaced image is
+    /// refused (never mounted or read), and so is one without its digest.
+    static func checked(in generation: Directory, path: FilePath) throws -> OpenFile {
+        let file = try generation.openFileForReading(fileName)
+        let recorded = try? generation.openFileForReading(digestName).readAll(limit: 256)
+        guard let bytes = recorded, bytes.last == 0x0a,
+            String(decoding: bytes.dropLast(), as: UTF8.self) == digest(try file.readAll())
+        else {
+            throw InputError(
+                "\(path.appending(layerName)): the metadata image does not match the SHA-256 written with it (damaged, truncated or replaced); nothing of it is used"
+            )
+        }
+        try file.rewind()
+        return file
     }
 
     /// Whether generation directory `generation` holds an image (a generation of this version).

@@ -192,7 +192,9 @@ final class OverlayGuest {
         }
         let state = State(phase: p, generation: g, rootInode: inode)
         // Every phase but these has its generation built and in place.
-        if ![.converting, .plain].contains(p), !generationNumbers().contains(g) {
+        let listed: [Int]
+        do { listed = try listedGenerations() } catch { throw damaged("its generations cannot be listed: \(error)") }
+        if ![.converting, .plain].contains(p), !listed.contains(g) {
             throw damaged("state names generation \(g), which the record does not hold")
         }
         return state
@@ -207,8 +209,11 @@ final class OverlayGuest {
     }
 
     /// The generations the record holds (gN directories).
-    func generationNumbers() -> [Int] {
-        ((try? directory.entryNames()) ?? []).compactMap { name -> Int? in
+    func generationNumbers() -> [Int] { (try? listedGenerations()) ?? [] }
+
+    /// The generations the record holds; a listing that fails throws.
+    func listedGenerations() throws -> [Int] {
+        try directory.entryNames().compactMap { name -> Int? in
             let s = String(decoding: name.bytes, as: UTF8.self)
             guard s.hasPrefix("g"), let n = Int(s.dropFirst()), "g\(n)" == s else { return nil }
             return n
@@ -340,13 +345,20 @@ final class OverlayGuest {
 
     /// Opens generation `n`.
     func generation(_ n: Int) throws -> Generation {
-        let g = try directory.openDirectory(Self.generationName(n))
         let base = path.appending("g\(n)")
-        return Generation(
-            number: n, directory: g, layers: try layerReferences(n).map(layer),
-            upper: try g.openDirectory(FileName("upper")),
-            work: try g.openDirectory(FileName("work")),
-            upperPath: base.appending("upper"), workPath: base.appending("work"), path: base)
+        do {
+            let g = try directory.openDirectory(Self.generationName(n))
+            return Generation(
+                number: n, directory: g, layers: try layerReferences(n).map(layer),
+                upper: try g.openDirectory(FileName("upper")),
+                work: try g.openDirectory(FileName("work")),
+                upperPath: base.appending("upper"), workPath: base.appending("work"), path: base)
+        } catch let e as InputError {
+            throw e
+        } catch {
+            // A missing or unreadable image, layer, upper or work directory: named, never a bare errno.
+            throw damaged("generation \(n) cannot be opened whole: \(error)")
+        }
     }
 
     /// Removes every generation but `keep` (and the scratch trees named in

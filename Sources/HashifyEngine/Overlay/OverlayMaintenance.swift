@@ -66,7 +66,7 @@ extension Overlay {
         mutating func scan(_ layer: OverlayGuest.Layer) {
             guard layer.isImage else { return scan(layer.directory!) }
             do {
-                let tree = try GuestImage.read(in: layer.holder)
+                let tree = try GuestImage.read(in: layer.holder, path: layer.path.removingLastComponent())
                 var seen = Set<ErofsTree.NodeID>()
                 tree.forEachPath { _, id in
                     entries += 1
@@ -113,49 +113,68 @@ extension Overlay {
     /// stacks). Throws when a layer could not be read whole (then what it
     /// references is not known: nothing may be collected).
     static func references(in store: Store, everyRecord: Bool = true) throws -> (
-        Set<[UInt8]>, [(OverlayGuest, OverlayGuest.State?, LayerScan)]
+        Set<[UInt8]>, [(OverlayGuest, OverlayGuest.State?, LayerScan)], problems: [String]
     ) {
         var all = Set<[UInt8]>()
         var perGuest: [(OverlayGuest, OverlayGuest.State?, LayerScan)] = []
-        // What removes objects needs every record; a report shows the ones it can read.
+        var problems: [String] = []
+        // What removes objects needs every record; a report shows the ones it can read (and names the others).
         if everyRecord { try OverlayGuest.requireReadableRecords(in: store) }
         for g in OverlayGuest.all(in: store) {
-            let state = try? g.readState()
-            let inForce = state.flatMap { try? g.layerReferences($0.generation) } ?? []
-            var current = LayerScan()
-            for n in g.generationNumbers() {
-                do { _ = try g.directory.openDirectory(OverlayGuest.generationName(n)) } catch {
-                    throw InputError("\(g.rootPath): its overlay generation \(n) cannot be read (\(error))")
+            do {
+                let (referenced, current) = try references(of: g)
+                all.formUnion(referenced)
+                perGuest.append((g, try? g.readState(), current))
+            } catch {
+                if everyRecord { throw error }
+                problems.append("\(error)")
+            }
+        }
+        return (all, perGuest, problems)
+    }
+
+    /// What one record's layers reference (every generation's, to be safe),
+    /// and its scan of the generation in force. Throws when a layer could not be read whole.
+    static func references(of g: OverlayGuest) throws -> (Set<[UInt8]>, LayerScan) {
+        var all = Set<[UInt8]>()
+        let state = try? g.readState()
+        let inForce = state.flatMap { try? g.layerReferences($0.generation) } ?? []
+        // The generation in force's layers must all be there: one missing is a damaged record, not "nothing referenced".
+        for ref in inForce where (try? g.layer(ref)) == nil {
+            throw g.damaged("generation \(state?.generation ?? 0) lacks its metadata \(ref)")
+        }
+        var current = LayerScan()
+        for n in g.generationNumbers() {
+            do { _ = try g.directory.openDirectory(OverlayGuest.generationName(n)) } catch {
+                throw InputError("\(g.rootPath): its overlay generation \(n) cannot be read (\(error))")
+            }
+            for sub in [GuestImage.layerName, "meta", "upper"] {
+                let layer: OverlayGuest.Layer
+                do { layer = try g.layer("g\(n)/\(sub)") } catch Errno.noSuchFileOrDirectory {
+                    continue
+                } catch {
+                    throw InputError(
+                        "\(g.rootPath): a layer of its overlay generation \(n) cannot be read (\(error))")
                 }
-                for sub in [GuestImage.layerName, "meta", "upper"] {
-                    let layer: OverlayGuest.Layer
-                    do { layer = try g.layer("g\(n)/\(sub)") } catch Errno.noSuchFileOrDirectory {
-                        continue
-                    } catch {
-                        throw InputError(
-                            "\(g.rootPath): a layer of its overlay generation \(n) cannot be read (\(error))")
-                    }
-                    var scan = LayerScan()
-                    scan.scan(layer)
-                    if let failure = scan.failure {
-                        throw InputError(
-                            "\(g.rootPath): a layer of its overlay generation \(n) could not be read whole: \(failure)")
-                    }
-                    all.formUnion(scan.referenced)
-                    if n == state?.generation, sub == "upper" {
-                        current.allocatedBytes = scan.allocatedBytes
-                        current.entries = scan.entries
-                    } else if inForce.contains("g\(n)/\(sub)") {
-                        current.counts.merge(scan.counts, uniquingKeysWith: +)
-                        current.stubs += scan.stubs
-                        current.stubBytes += scan.stubBytes
-                        current.layers += 1
-                    }
+                var scan = LayerScan()
+                scan.scan(layer)
+                if let failure = scan.failure {
+                    throw InputError(
+                        "\(g.rootPath): a layer of its overlay generation \(n) could not be read whole: \(failure)")
+                }
+                all.formUnion(scan.referenced)
+                if n == state?.generation, sub == "upper" {
+                    current.allocatedBytes = scan.allocatedBytes
+                    current.entries = scan.entries
+                } else if inForce.contains("g\(n)/\(sub)") {
+                    current.counts.merge(scan.counts, uniquingKeysWith: +)
+                    current.stubs += scan.stubs
+                    current.stubBytes += scan.stubBytes
+                    current.layers += 1
                 }
             }
-            perGuest.append((g, state, current))
         }
-        return (all, perGuest)
+        return (all, current)
     }
 
     /// The files of every overlay guest (its generation in force) whose stubs
@@ -179,7 +198,10 @@ extension Overlay {
     static func stubs(in layer: OverlayGuest.Layer, naming redirects: Set<[UInt8]>) throws -> [(
         path: [UInt8], redirect: [UInt8], size: UInt64
     )] {
-        if layer.isImage { return GuestImage.stubs(in: try GuestImage.read(in: layer.holder), naming: redirects) }
+        if layer.isImage {
+            return GuestImage.stubs(
+                in: try GuestImage.read(in: layer.holder, path: layer.path.removingLastComponent()), naming: redirects)
+        }
         return try stubs(in: layer.directory!, naming: redirects)
     }
 
@@ -269,12 +291,13 @@ extension Overlay {
     public static func status(store: Store) -> OverlayStatus? {
         let referenced: Set<[UInt8]>
         let guests: [(OverlayGuest, OverlayGuest.State?, LayerScan)]
-        do { (referenced, guests) = try references(in: store, everyRecord: false) } catch {
+        var problems: [String] = []
+        do { (referenced, guests, problems) = try references(in: store, everyRecord: false) } catch {
             var out = OverlayStatus()
             out.warnings.append("\(error)")
             return out
         }
-        let unreadable = OverlayGuest.records(in: store).unreadable
+        let unreadable = OverlayGuest.records(in: store).unreadable + problems
         guard !guests.isEmpty || !unreadable.isEmpty, let objects = try? store.dataObjects() else { return nil }
         var out = OverlayStatus()
         out.warnings += unreadable.map { "\($0): no data object is removed until it is repaired" }
@@ -294,7 +317,8 @@ extension Overlay {
         for o in (try? objects.list()) ?? [] {
             out.dataObjects += 1
             out.dataBytes += o.stat.allocatedBytes
-            if !referenced.contains(o.redirect) {
+            // While a record cannot be read, what it references is unknown: nothing counts as unreferenced.
+            if unreadable.isEmpty && !referenced.contains(o.redirect) {
                 out.unreferencedDataObjects += 1
                 out.unreferencedDataBytes += o.stat.allocatedBytes
             }

@@ -95,10 +95,19 @@ enum OverlayMount {
     /// loop device attached read-only with autoclear (detached when unmounted).
     static func mountImage(_ g: OverlayGuest.Generation, at path: FilePath) throws {
         let record = try Directory.open(path: path.removingLastComponent())
-        do { try record.makeDirectory(FileName(imageMountName), mode: 0o700) } catch Errno.fileExists {}
-        let target = try Directory.open(path: path)
-        if isMountPoint(target) { try detachFilesystem(path) }
-        let image = try g.directory.openFileForReading(GuestImage.fileName)
+        let name = FileName(imageMountName)
+        do { try record.makeDirectory(name, mode: 0o700) } catch Errno.fileExists {}
+        // Opened without following a symlink: the image is mounted on the record's own directory or nowhere.
+        var target: Directory
+        do { target = try record.openDirectory(name) } catch {
+            throw InputError("\(path): not a directory of hashify's (\(error)); remove it")
+        }
+        if isMountPoint(target) {
+            // An image a killed run left mounted: detached, and the directory itself opened again.
+            try detachFilesystem(path)
+            target = try record.openDirectory(name)
+        }
+        let image = try GuestImage.checked(in: g.directory, path: g.path)
         do {
             try mountFilesystem(
                 source: "/proc/self/fd/\(image.fd)", target: target.procPath, type: "erofs", readOnly: true,

@@ -67,29 +67,36 @@ extension Overlay {
                 upper: gen.upper, layers: gen.layers.compactMap(\.directory), image: nil, node: nil, reuse: false)
         }
 
-        static func endsLookup(_ dir: Directory) -> Bool {
-            dir.extendedAttribute("trusted.overlay.opaque") != nil
-                || dir.extendedAttribute("trusted.overlay.redirect") != nil
+        /// Whether a directory ends the lookup of what is below it (opaque, or
+        /// renamed: redirected). A read error throws: it is never taken for "no".
+        static func endsLookup(_ dir: Directory) throws -> Bool {
+            try dir.presentExtendedAttribute("trusted.overlay.opaque") != nil
+                || dir.presentExtendedAttribute("trusted.overlay.redirect") != nil
         }
 
         /// The child context. Below an opaque or redirected directory the
         /// layers under it at the same path are not what the guest sees, so
-        /// nothing below is taken from them unread.
-        func child(_ name: FileName) -> FoldContext {
-            let u = try? upper?.openDirectory(name)
-            if let u, Self.endsLookup(u) {
-                return FoldContext(upper: u, layers: [], image: nil, node: nil, reuse: false)
+        /// nothing below is taken from them unread. An error reading the
+        /// upper layer throws (the fold then publishes nothing).
+        func child(_ name: FileName) throws -> FoldContext {
+            var u: Directory?
+            if let upper {
+                do { u = try upper.openDirectory(name) } catch Errno.noSuchFileOrDirectory {
+                    u = nil
+                } catch Errno.notDirectory, Errno.tooManySymbolicLinkLevels {
+                    // The upper holds something else under this name (a whiteout, a file, a symlink).
+                    return FoldContext(upper: nil, layers: [], image: nil, node: nil, reuse: false)
+                }
             }
-            if upper != nil, u == nil, (try? upper?.stat(name)) != nil {
-                // The upper holds something else under this name (a whiteout, a file).
-                return FoldContext(upper: nil, layers: [], image: nil, node: nil, reuse: false)
+            if let u, try Self.endsLookup(u) {
+                return FoldContext(upper: u, layers: [], image: nil, node: nil, reuse: false)
             }
             var below: [Directory] = []
             for layer in layers {
                 let d: Directory
                 do { d = try layer.openDirectory(name) } catch Errno.noSuchFileOrDirectory { continue } catch { break }
                 below.append(d)
-                if Self.endsLookup(d) { break }
+                if (try? Self.endsLookup(d)) != false { break }
             }
             let n = node.flatMap { image?.child($0, name.bytes) }.flatMap {
                 image?.tree[$0].isDirectory == true ? $0 : nil
@@ -122,11 +129,11 @@ extension Overlay {
         /// rename moved; the layer below holds a stub of an object of that
         /// size under the name, and the stub is no hard link (overlayfs keeps
         /// copied-up hard links in its index, not under each name).
-        func unchangedRedirect(_ name: FileName, size: UInt64) -> [UInt8]? {
+        func unchangedRedirect(_ name: FileName, size: UInt64) throws -> [UInt8]? {
             if !upperLacks(name) {
-                guard let f = try? upper?.openFileForReading(name),
-                    f.extendedAttribute("trusted.overlay.metacopy") != nil,
-                    f.extendedAttribute("trusted.overlay.redirect") == nil
+                guard let f = try upper?.openFileForReading(name),
+                    try f.presentExtendedAttribute("trusted.overlay.metacopy") != nil,
+                    try f.presentExtendedAttribute("trusted.overlay.redirect") == nil
                 else { return nil }
             }
             if let image, let node {

@@ -40,7 +40,7 @@ struct StoreObjects {
         var entries = try store.listObjects().map { Entry(kind: .hardlink($0), stat: $0.stat) }
         let hasData = (try? store.directory.stat(DataObjects.indexName)) != nil || !OverlayGuest.all(in: store).isEmpty
         guard hasData, let data = try? store.dataObjects() else { return (entries, []) }
-        let (referenced, _) = try Overlay.references(in: store)
+        let (referenced, _, _) = try Overlay.references(in: store)
         for o in try data.list() {
             entries.append(Entry(kind: .data(redirect: o.redirect, digest: o.digest), stat: o.stat))
         }
