@@ -24,10 +24,10 @@ func fillExtendedAttributes(_ path: String) -> Int {
 
 /// Overwrites the start of a file in place (no truncation, no new inode): what
 /// `dd conv=notrunc` does, and what a guest's root may do to any file it can open.
-func overwriteInPlace(_ path: String, _ bytes: [UInt8]) {
+func overwriteInPlace(_ path: String, _ bytes: [UInt8], at offset: off_t = 0) {
     let fd = open(path, O_WRONLY | O_CLOEXEC)
     precondition(fd >= 0, "open \(path): \(errno)")
-    bytes.withUnsafeBytes { _ = pwrite(fd, $0.baseAddress, $0.count, 0) }
+    bytes.withUnsafeBytes { _ = pwrite(fd, $0.baseAddress, $0.count, offset) }
     close(fd)
 }
 
@@ -575,5 +575,86 @@ extension IsolationTests {
         #expect(FileManager.default.contents(atPath: "\(o)/usr/lib/copied") == Data(copied))
         #expect(FileManager.default.contents(atPath: "\(o)/usr/lib/own") == nil, "that file's only copy is gone")
         #expect(overlay(["umount", "-q", o], store: store).status == 0)
+    }
+}
+
+extension IsolationTests {
+    @Test(
+        "an image truncated or edited by hand is refused in one line (never mounted or read); the other guest mounts; verify names it; gc removes nothing; the image put back, all is well"
+    )
+    func damagedImageRefused() throws {
+        let s = Scratch("isoimage")
+        let (store, a, b) = twoGuests(s)
+        let bBefore = guestManifest(b)
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+        guard let recordA = overlayRecord(store, root: a) else {
+            Issue.record("no record of \(a)")
+            return
+        }
+        let image = "\(recordA)/g1/meta.erofs"
+        let saved = s.sub("saved.erofs")
+        #expect(run(["/bin/cp", "-a", image, saved]).status == 0)
+        for damage in ["truncate", "edit"] {
+            if damage == "truncate" {
+                #expect(run(["/usr/bin/truncate", "-s", "5000", image]).status == 0)
+            } else {
+                #expect(run(["/bin/cp", saved, image]).status == 0)
+                overwriteInPlace(image, Array("/ff/ffffffffffff".utf8), at: 2000)
+            }
+            let mount = overlay(["mount", a], store: store)
+            #expect(mount.status == 2, "\(damage): \(mount.out) \(mount.err)")
+            #expect(mount.err.contains("does not match the SHA-256"), "\(mount.err)")
+            #expect(mount.err.split(separator: "\n").count == 1, "one line: \(mount.err)")
+            #expect(!isOverlayMount(a))
+            #expect(overlay(["mount", "-q", b], store: store).status == 0, "the other guest mounts")
+            #expect(guestManifest(b) == bBefore)
+            #expect(overlay(["umount", "-q", b], store: store).status == 0)
+            let verify = hashify(["verify", "--json", "--store", store])
+            #expect(verify.status == 1, "\(verify.out)")
+            #expect((jsonReport(verify.out)["damagedImages"] as? [String] ?? []).count == 1, "\(verify.out)")
+            let objects = dataObjectNames(store).count
+            #expect(hashify(["gc", "-q", "--store", store]).status == 2, "gc refuses while a record is unknown")
+            #expect(dataObjectNames(store).count == objects)
+        }
+        #expect(run(["/bin/cp", saved, image]).status == 0)
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        #expect(overlay(["mount", "-q", a, b], store: store).status == 0)
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+    }
+}
+
+extension IsolationTests {
+    @Test(
+        "an xattr read that fails during a fold (EIO injected on each fgetxattr in turn) fails the fold or leaves the guest's view exactly as it was: a renamed directory is never taken for the old one"
+    )
+    func xattrReadErrorInFold() throws {
+        let s = Scratch("isoxattr")
+        let (store, a, _) = twoGuests(s)
+        for i in 0..<6 {
+            writeFile("\(a)/usr/share/d\(i)/file", pseudoRandom(3000, seed: UInt64(900 + i)))
+        }
+        settle()
+        #expect(overlay(["umount", "-q", a], store: store).status == 0)
+        #expect(overlay(["fold", "-q", a], store: store).status == 0)
+        #expect(overlay(["mount", "-q", a], store: store).status == 0)
+        var failed = 0
+        for n in 1...24 {
+            // Directories swapped by renames (overlayfs records each move with a redirect xattr).
+            let (x, y) = ("\(a)/usr/share/d\(n % 6)", "\(a)/usr/share/d\((n + 1) % 6)")
+            #expect(rename(x, "\(x)-moving") == 0 && rename(y, x) == 0 && rename("\(x)-moving", y) == 0)
+            settle()
+            let expected = guestManifest(a)
+            #expect(overlay(["umount", "-q", a], store: store).status == 0)
+            let fold = hashifyFailing(
+                "fgetxattr", "error=EIO:when=\(n)", ["overlay", "fold", "-q", "--store", store, a])
+            if fold.status != 0 {
+                failed += 1
+                #expect(fold.status == 1, "\(n): \(fold.err)")
+            }
+            #expect(overlay(["mount", "-q", a], store: store).status == 0)
+            #expect(guestManifest(a) == expected, "EIO on fgetxattr #\(n): \(manifestDiff(expected, guestManifest(a)))")
+        }
+        #expect(failed > 0, "some injected read failed a fold")
+        #expect(overlay(["umount", "-q", a], store: store).status == 0)
     }
 }

@@ -214,11 +214,16 @@ public struct VerifyReport: Sendable, Codable {
     /// Overlay mode's data objects re-hashed, and those damaged or missing.
     public var dataObjectsChecked = 0
     public var damagedDataObjects: [Overlay.DamagedObject] = []
+    /// Overlay guests' images (of their generation in force) that do not match the SHA-256 written
+    /// with them, cannot be read, or whose reference list says other than they hold: each names the
+    /// guest and the image. Such a guest is refused (not mounted or folded) until it is restored.
+    public var damagedImages: [String] = []
     public var pathsSplit = 0
     public var skipped: [UnifyReport.SkippedPath] = []
     /// 0 every object intact; 1 damage found (repaired or not) or errors.
     public var exitStatus: Int32 {
-        damaged.isEmpty && damagedDataObjects.isEmpty && skipped.allSatisfy { !$0.error } ? 0 : 1
+        damaged.isEmpty && damagedDataObjects.isEmpty && damagedImages.isEmpty && skipped.allSatisfy { !$0.error }
+            ? 0 : 1
     }
 }
 
@@ -254,6 +259,7 @@ public enum VerifyCommand {
             }
         }
         report.damagedDataObjects.sort { $0.object < $1.object }
+        report.damagedImages = Overlay.damagedImages(in: store)
         // A damaged data object is never given to another stub: its record leaves the data index
         // (the stubs that name it still read it; the report names them for an operator to repair).
         let changed = checks.compactMap { c -> [UInt8]? in

@@ -215,14 +215,18 @@ extension Overlay {
     static let objectsJournalName = FileName("objects-journal")
 
     /// Records the objects a conversion made of the guest's own inodes (after
-    /// its switch: the old tree at `plain` is no guest's any more) and
-    /// removes the journal. An inode that changed since it was hashed is not
+    /// its switch: the old tree at `plain` is no guest's any more), or a fold
+    /// of its old upper layer's files (`plain` is that layer), and removes
+    /// the journal. An inode that changed since it was hashed is not
     /// recorded; each stub naming it is given an object of what the old tree
     /// holds at its path now (the image written again), so the guest sees
     /// its file as it is.
-    static func commitConvertedObjects(_ gen: OverlayGuest.Generation, plain: Directory, objects: DataObjects) throws {
+    static func commitConvertedObjects(
+        _ gen: OverlayGuest.Generation, plain: Directory, objects: DataObjects,
+        journal: FileName = objectsJournalName
+    ) throws {
         let bytes: [UInt8]
-        do { bytes = try gen.directory.openFileForReading(objectsJournalName).readAll() } catch Errno
+        do { bytes = try gen.directory.openFileForReading(journal).readAll() } catch Errno
             .noSuchFileOrDirectory
         {
             return
@@ -244,7 +248,7 @@ extension Overlay {
             try GuestImage.write(tree, into: gen.directory, number: gen.number)
         }
         try gen.directory.sync()
-        try gen.directory.unlink(objectsJournalName)
+        try gen.directory.unlink(journal)
     }
 
     /// The data object (found, or made as a copy) of the file at `path` in `tree`.

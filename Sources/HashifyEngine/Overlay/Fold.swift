@@ -93,6 +93,10 @@ extension Overlay {
         state.phase = .active
         state.generation += 1
         try guest.writeState(state)
+        // The objects made of the old upper layer's files are recorded now that no guest writes it.
+        try commitConvertedObjects(
+            try guest.generation(state.generation), plain: old.upper, objects: s.objects,
+            journal: foldObjectsJournalName)
         do { try guest.removeGenerations(except: state.generation) } catch {
             // Switched: the guest is the new generation; the next command removes the old one.
             result.notes.append(
@@ -104,6 +108,10 @@ extension Overlay {
         result.seconds = elapsed(since: started)
         return result
     }
+
+    /// In a generation a fold made: the objects made of the old upper
+    /// layer's own files, recorded after the switch (`DataObjects.Reservation`).
+    static let foldObjectsJournalName = FileName("fold-objects-journal")
 
     /// A fold that failed on an error of the system (not of its input): names
     /// the guest and the generation it keeps.
@@ -183,11 +191,17 @@ extension Overlay {
         let filler = StubFiller(objects: s.objects, threads: fillThreads)
         let builder = GenerationBuilder(filler: filler, lease: false) { _ in false }
         builder.skipVanished = isLive
+        builder.linkUpperFiles = source === guest && !isLive
         do {
             let context = try FoldContext.root(of: old, reuse: !isLive)
             let build = { (merged: Directory) throws in
                 merge(try builder.build(merged, context: context), into: &result)
                 try GuestImage.write(builder.tree, into: next, number: number)
+                // The objects made of the upper layer's own files are recorded only after the switch.
+                let reserved = s.objects.reservations
+                if !reserved.isEmpty {
+                    try next.writeAtomically(reserved.flatMap(\.journalLine), as: foldObjectsJournalName)
+                }
                 let gen = try guest.generation(number)
                 try copyRootAttributes(from: merged, to: gen.upper)
                 try gen.markEscapedAttributes(builder.escapedAttributes)
@@ -195,6 +209,7 @@ extension Overlay {
             if isLive { try build(live) } else { try withPrivateMount(source, old, session: s, build) }
             try s.objects.sync()
         } catch {
+            s.objects.abandonReservations()
             _ = try? s.objects.remove(filler.objectsMade)
             throw error
         }

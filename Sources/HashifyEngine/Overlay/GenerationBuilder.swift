@@ -22,6 +22,10 @@ final class GenerationBuilder {
     let linkSource: (TreeCopier.SourceFile) -> Bool
     /// Entries that vanish while being read are left out (a live source).
     var skipVanished = false
+    /// A fold of its own stopped guest: a file the upper layer holds whole
+    /// becomes the data object itself (linked, reserved until the switch
+    /// makes the upper layer no guest's), nothing copied.
+    var linkUpperFiles = false
     private(set) var vanished = 0
     /// Counts for the guest's report.
     private(set) var stubs = 0
@@ -169,11 +173,41 @@ final class GenerationBuilder {
         }
         filesHashed += 1
         let id = tree.add(stub, as: name.bytes, in: place.node)
-        let file = TreeCopier.SourceFile(
-            directory: dir, name: name, stat: st, handle: handle, path: entry.path, attributes: attributes)
-        filler.fill(file, lease: lease, linkSource: linkSource(file), key: id)
+        if linkUpperFiles, let upper = place.context?.upper,
+            let (own, ownStat) = try Self.linkableUpperFile(name, in: upper, matching: st)
+        {
+            let file = TreeCopier.SourceFile(
+                directory: upper, name: name, stat: ownStat, handle: own, path: entry.path, attributes: attributes)
+            filler.fill(file, lease: false, linkSource: true, key: id)
+        } else {
+            let file = TreeCopier.SourceFile(
+                directory: dir, name: name, stat: st, handle: handle, path: entry.path, attributes: attributes)
+            filler.fill(file, lease: lease, linkSource: linkSource(file), key: id)
+        }
         pending.append(id)
         return id
+    }
+
+    /// The upper layer's own file under `name` when the merged file `st` is
+    /// it whole: a regular file of one link, of the same size and mtime,
+    /// carrying no `trusted.overlay.*` xattr (neither overlayfs' own nor a
+    /// guest's escaped one: an object must carry none). Its inode may then
+    /// become the data object once the fold's switch has made the upper
+    /// layer no guest's. A read error throws.
+    static func linkableUpperFile(_ name: FileName, in upper: Directory, matching st: FileStat) throws -> (
+        OpenFile, FileStat
+    )? {
+        let file: OpenFile
+        do { file = try upper.openFileForReading(name) } catch Errno.noSuchFileOrDirectory, Errno
+            .tooManySymbolicLinkLevels, Errno.isDirectory
+        {
+            return nil
+        }
+        let own = try file.stat()
+        guard own.isRegular, own.linkCount == 1, own.size == st.size, own.modificationTime == st.modificationTime,
+            try !file.extendedAttributes().contains(where: { $0.name.starts(with: TreeCopier.overlayPrefix) })
+        else { return nil }
+        return (file, own)
     }
 
     /// Takes node `old` of the old generation's description (a whole subtree

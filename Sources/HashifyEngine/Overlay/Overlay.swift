@@ -204,6 +204,7 @@ public enum Overlay {
         case .folding:
             // The next generation's objects made of the guest's files were never recorded: they go.
             abandonJournaledObjects(guest, generation: state.generation + 1, journal: foldJournalName)
+            abandonJournaledObjects(guest, generation: state.generation + 1, journal: foldObjectsJournalName)
             state.phase = .active
             try guest.writeState(state)
         case .exporting:
@@ -234,6 +235,15 @@ public enum Overlay {
             try commitConvertedObjects(
                 gen, plain: try scratch.openDirectory(plain), objects: try guest.store.dataObjects())
         }
+        // A fold killed after its switch: the old upper layer's files it made objects of, recorded now.
+        if state.phase == .active, let gen = try? guest.generation(state.generation),
+            (try? gen.directory.stat(foldObjectsJournalName)) != nil
+        {
+            let old = try guest.directory.openDirectory(OverlayGuest.generationName(state.generation - 1))
+            try commitConvertedObjects(
+                gen, plain: try old.openDirectory(FileName("upper")), objects: try guest.store.dataObjects(),
+                journal: foldObjectsJournalName)
+        }
         try guest.removeGenerations(except: state.generation)
         if state.phase == .active {
             try finishStackedFold(try guest.generation(state.generation)) { try? guest.store.dataObjects() }
@@ -253,7 +263,7 @@ public enum Overlay {
         for g in guests {
             for n in g.generationNumbers() {
                 guard let gen = try? g.directory.openDirectory(OverlayGuest.generationName(n)) else { return }
-                for journal in [objectsJournalName, foldJournalName] {
+                for journal in [objectsJournalName, foldJournalName, foldObjectsJournalName] {
                     let bytes: [UInt8]
                     do { bytes = try gen.openFileForReading(journal).readAll() } catch Errno.noSuchFileOrDirectory {
                         continue

@@ -332,6 +332,29 @@ extension Overlay {
         return out
     }
 
+    /// `verify` of overlay guests' images: each generation in force's image
+    /// checked against its SHA-256 and read whole, and its reference list
+    /// (when whole) against what it holds. One line per damaged image.
+    static func damagedImages(in store: Store) -> [String] {
+        var out: [String] = []
+        for g in OverlayGuest.all(in: store) {
+            guard let state = try? g.readState(), state.phase != .plain else { continue }
+            do {
+                let gen = try g.generation(state.generation)
+                guard gen.isImage else { continue }
+                let held = GuestImage.references(of: try GuestImage.read(gen))
+                if let listed = LayerReferences.read(gen.imageLayer), listed != held {
+                    out.append(
+                        "\(g.rootPath): the reference list of \(gen.path.appending(GuestImage.layerName)) names other objects than the image holds"
+                    )
+                }
+            } catch {
+                out.append("\(g.rootPath): \(error)")
+            }
+        }
+        return out.sorted()
+    }
+
     /// One overlay guest's line of `status`, and what it warns of.
     static func guestStatus(
         _ g: OverlayGuest, _ state: OverlayGuest.State, _ scan: LayerScan, objects: DataObjects, held: Set<[UInt8]>

@@ -161,7 +161,10 @@ extension VerifyReport: TextReport {
                 out += "LOST      … \(d.filesLost.count - 10) more (-v lists them)\n"
             }
         }
-        if r.damaged.isEmpty && r.damagedDataObjects.isEmpty { out += "ok        every object matches its name\n" }
+        for image in r.damagedImages { out += "DAMAGED   \(image)\n" }
+        if r.damaged.isEmpty && r.damagedDataObjects.isEmpty && r.damagedImages.isEmpty {
+            out += "ok        every object matches its name\n"
+        }
         for d in r.damaged {
             let what = [d.contentChanged ? "content" : nil, d.metadataChanged ? "metadata" : nil].compactMap { $0 }
                 .joined(separator: " and ")

@@ -36,11 +36,13 @@ struct StoreObjects {
 
     /// Every object of both kinds, with the redirects overlay guests
     /// reference (for the data objects: what keeps them).
-    func list() throws -> (entries: [Entry], referencedData: Set<[UInt8]>) {
+    /// `everyRecord`: what removes objects needs every overlay record read
+    /// whole (else it throws); `verify` checks what it can and reports the rest.
+    func list(everyRecord: Bool = true) throws -> (entries: [Entry], referencedData: Set<[UInt8]>) {
         var entries = try store.listObjects().map { Entry(kind: .hardlink($0), stat: $0.stat) }
         let hasData = (try? store.directory.stat(DataObjects.indexName)) != nil || !OverlayGuest.all(in: store).isEmpty
         guard hasData, let data = try? store.dataObjects() else { return (entries, []) }
-        let (referenced, _, _) = try Overlay.references(in: store)
+        let (referenced, _, _) = try Overlay.references(in: store, everyRecord: everyRecord)
         for o in try data.list() {
             entries.append(Entry(kind: .data(redirect: o.redirect, digest: o.digest), stat: o.stat))
         }
@@ -147,7 +149,7 @@ struct StoreObjects {
     /// says; also reports the data objects stubs reference that are missing.
     /// Calls `checked` with the bytes read of each object that was read.
     func verify(buffer: UnsafeMutableRawBufferPointer, checked: (Entry, UInt64) -> Void) throws -> [Check] {
-        let (entries, referencedData) = try list()
+        let (entries, referencedData) = try list(everyRecord: false)
         var problems: [Check] = []
         for e in entries {
             var c = Check(kind: e.kind)
