@@ -78,6 +78,18 @@ struct IsolationTests {
         return (store, a, b)
     }
 
+    /// Two guests (`twoGuests`), their manifests, then both unmounted; with A's record (nil, recorded as an issue, without one).
+    func unmountedPair(_ s: Scratch) -> (store: String, a: String, b: String, recordA: String, before: [String])? {
+        let (store, a, b) = twoGuests(s)
+        let before = [a, b].map(guestManifest)
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+        guard let record = overlayRecord(store, root: a) else {
+            Issue.record("no record of \(a)")
+            return nil
+        }
+        return (store, a, b, record, before)
+    }
+
     @Test(
         "a fold that fails (an injected EIO on fchown) publishes nothing a guest can still write, nor does one of a file with a full xattr space: B never reads what A writes afterwards",
         arguments: ["xattrs", "eio-first-fchown", "eio-every-fchown", "one-unify-run"])
@@ -214,14 +226,8 @@ struct IsolationTests {
 
     @Test("a guest record the store cannot read keeps every object: gc and folds remove nothing and say why")
     func unreadableRecordKeepsObjects() throws {
-        let s = Scratch("isorecord")
-        let (store, a, b) = twoGuests(s)
-        let aBefore = guestManifest(a)
-        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
-        guard let record = overlayRecord(store, root: a) else {
-            Issue.record("no record of \(a)")
-            return
-        }
+        guard let (store, a, b, record, before) = unmountedPair(Scratch("isorecord")) else { return }
+        let aBefore = before[0]
         // One trailing newline: the record no longer names its guest.
         let f = FileHandle(forWritingAtPath: "\(record)/root")!
         f.seekToEndOfFile()
@@ -584,13 +590,8 @@ extension IsolationTests {
     )
     func damagedImageRefused() throws {
         let s = Scratch("isoimage")
-        let (store, a, b) = twoGuests(s)
-        let bBefore = guestManifest(b)
-        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
-        guard let recordA = overlayRecord(store, root: a) else {
-            Issue.record("no record of \(a)")
-            return
-        }
+        guard let (store, a, b, recordA, before) = unmountedPair(s) else { return }
+        let bBefore = before[1]
         let image = "\(recordA)/g1/meta.erofs"
         let saved = s.sub("saved.erofs")
         #expect(run(["/bin/cp", "-a", image, saved]).status == 0)
