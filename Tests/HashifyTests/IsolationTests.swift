@@ -226,7 +226,8 @@ struct IsolationTests {
 
     @Test("a guest record the store cannot read keeps every object: gc and folds remove nothing and say why")
     func unreadableRecordKeepsObjects() throws {
-        guard let (store, a, b, record, before) = unmountedPair(Scratch("isorecord")) else { return }
+        let s = Scratch("isorecord")  // kept: the scratch directory goes when it does
+        guard let (store, a, b, record, before) = unmountedPair(s) else { return }
         let aBefore = before[0]
         // One trailing newline: the record no longer names its guest.
         let f = FileHandle(forWritingAtPath: "\(record)/root")!
