@@ -67,6 +67,31 @@ public final class ErofsReader {
         try ErofsReader(file: file).readTree()
     }
 
+    /// The node at a slash-separated path below the root ("" is the root),
+    /// reading only the inodes on the way (a directory's entries are not
+    /// filled in); nil when the path names nothing. Directories read are
+    /// kept for the next lookups.
+    public func node(atPath path: [UInt8]) throws -> ErofsNode? {
+        var nid = rootNid
+        for part in path.split(separator: UInt8(ascii: "/")) {
+            let entries: [(name: [UInt8], nid: UInt64)]
+            if let known = directories[nid] {
+                entries = known
+            } else {
+                let inode = try readInode(nid)
+                guard inode.node.isDirectory else { return nil }
+                entries = inode.entries
+                directories[nid] = entries
+            }
+            guard let e = entries.first(where: { $0.name.elementsEqual(part) }) else { return nil }
+            nid = e.nid
+        }
+        return try readInode(nid).node
+    }
+
+    /// Directories `node(atPath:)` has read, by nid.
+    private var directories: [UInt64: [(name: [UInt8], nid: UInt64)]] = [:]
+
     /// The whole tree, in `ErofsTree.canonicalized()` form.
     public func readTree() throws -> ErofsTree {
         var nodeOf: [UInt64: ErofsTree.NodeID] = [rootNid: 0]

@@ -369,6 +369,24 @@ struct ErofsImageTests {
                 + "\(summary.metadataBytes) bytes of metadata, \(summary.imageBytes) bytes in all")
     }
 
+    @Test("a path looked up in the image (reading only the inodes on the way) is the tree's node at that path")
+    func lookupByPath() throws {
+        let s = Scratch("erofslookup")
+        let tree = richErofsTree().canonicalized()
+        _ = try writeErofsImage(tree, to: s.sub("rich.img"))
+        let dir = try Directory.open(path: FilePath(s.path))
+        let reader = try ErofsReader(file: try dir.openFileForReading(FileName("rich.img")))
+        var paths: [([UInt8], ErofsTree.NodeID)] = []
+        tree.forEachPath { path, id in paths.append((path, id)) }
+        for (path, id) in paths {
+            var expected = tree[id]
+            if expected.isDirectory { expected.kind = .directory([]) }
+            #expect(try reader.node(atPath: path) == expected, "\(String(decoding: path, as: UTF8.self))")
+        }
+        #expect(paths.count > 10)
+        #expect(try reader.node(atPath: Array("no/such/path".utf8)) == nil)
+    }
+
     @Test("a description the format cannot hold is refused with a reason")
     func invalidTrees() throws {
         var linkedDirectory = ErofsTree(root: .directory())

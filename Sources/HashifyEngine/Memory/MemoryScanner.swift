@@ -30,8 +30,9 @@ public enum MemoryScanner {
         /// generation in force), and the overlay's device.
         /// An overlay guest's metadata layers, top first.
         var layers: [Directory] = []
-        /// The generation's image, for a guest of this version (then `layers` is empty).
-        var image: Overlay.OldImage?
+        /// The generation's image, for a guest of this version (then `layers` is empty): read
+        /// path by path as mappings ask (a whole image parsed per guest would cost more than the scan).
+        var image: ErofsReader?
         var upper: Directory?
         var overlayDevice: UInt64?
         /// A plain guest whose root is not trusted (why): unify leaves it unlinked.
@@ -407,7 +408,11 @@ public enum MemoryScanner {
             {
                 g.overlayDevice = st.device
                 g.layers = gen.layers.compactMap(\.directory)
-                if gen.isImage { g.image = (try? GuestImage.read(gen)).map(Overlay.OldImage.init) }
+                if gen.isImage {
+                    g.image = (try? GuestImage.checked(in: gen.directory, path: gen.path)).flatMap {
+                        try? ErofsReader(file: $0)
+                    }
+                }
                 g.upper = gen.upper
             }
             let isOverlayGuest =
@@ -472,12 +477,8 @@ public enum MemoryScanner {
             var p = path[...]
             let prefix = Array(guest.canonical.string.utf8)
             if p.count > prefix.count, p.starts(with: prefix), p[prefix.count] == 0x2f { p = p[prefix.count...] }
-            var id = ErofsTree.rootID
-            for part in p.split(separator: 0x2f) {
-                guard let next = image.child(id, Array(part)) else { return nil }
-                id = next
-            }
-            guard let redirect = GuestImage.redirect(of: image.tree[id]), let object = try? objects.stat(redirect)
+            guard let node = try? image.node(atPath: Array(p)), let redirect = GuestImage.redirect(of: node),
+                let object = try? objects.stat(redirect)
             else {
                 return nil
             }
