@@ -262,8 +262,11 @@ public final class DataObjects: @unchecked Sendable {
             if linkSource {
                 let reserved = try reservedDirectory()
                 let temp = Self.reservedName(redirect)
-                try? reserved.unlink(temp)
-                try source.link(into: reserved, as: temp)
+                do { try source.link(into: reserved, as: temp) } catch Errno.fileExists {
+                    // A killed run's name (sessions remove those first): replaced.
+                    try reserved.unlink(temp)
+                    try source.link(into: reserved, as: temp)
+                }
                 let st = try reserved.stat(temp)
                 self.reserved[digest] = Reservation(
                     redirect: redirect, digest: digest, inode: st.inode, size: st.size,
@@ -290,9 +293,15 @@ public final class DataObjects: @unchecked Sendable {
     }
 
     func reservedDirectory() throws -> Directory {
+        if let d = reservedHandle { return d }
         do { try storeDirectory.makeDirectory(Self.reservedDirectoryName, mode: 0o700) } catch Errno.fileExists {}
-        return try storeDirectory.openDirectory(Self.reservedDirectoryName)
+        let d = try storeDirectory.openDirectory(Self.reservedDirectoryName)
+        reservedHandle = d
+        return d
     }
+
+    /// `STORE/reserved`, opened once (each object a conversion links in goes there first).
+    private var reservedHandle: Directory?
 
     /// Removes what killed runs reserved and no journal will record: every
     /// name in `STORE/reserved` but those `keeping` names (the reservations
