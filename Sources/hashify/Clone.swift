@@ -10,8 +10,9 @@ struct CloneCommand: ParsableCommand {
         discussion: """
             Hardlink mode: files of SRC that are store objects are linked, everything else (dpkg \
             conffiles and the default-excluded mutable trees among it) is copied with every \
-            attribute; guest-local hard links are kept. An overlay guest gets a new metadata layer \
-            over the same data objects and an empty upper layer, and is mounted. DST must not exist; \
+            attribute; guest-local hard links are kept. An overlay guest shares its source's image (or, when \
+            the source has copy-ups, gets one of its own) over the same data objects and an empty \
+            upper layer, and is mounted. DST must not exist; \
             the clone is built under a temporary name and appears in one step, so a killed clone \
             leaves nothing under DST's name. --lxc NAME also writes LXCPATH/NAME/config from the \
             source container's, with the new name and rootfs and without its MAC addresses \

@@ -140,13 +140,13 @@ struct Demo: ParsableCommand {
         }
         mounted = true
         emit(report, output: output)
-        // The guests' trees now live in the store: data objects, metadata layers, upper layers.
+        // The guests' trees now live in the store: data objects, metadata images, upper layers.
         let after = try DiskUsage.measure([store])
         let saved = before.bytes - min(before.bytes, after.bytes)
         say(
             """
             disk use: \(formatBytes(before.bytes)) as plain copies, \(formatBytes(after.bytes)) in the store \
-            (data objects and metadata layers; hardlink mode: \(formatBytes(hardlinkBytes))) — \
+            (data objects and metadata images; hardlink mode: \(formatBytes(hardlinkBytes))) — \
             \(formatBytes(saved)) saved
             """)
         if let plainPss {

@@ -9,15 +9,15 @@ struct OverlayCommand: ParsableCommand {
         abstract: "Copy-on-write guests: each guest an overlay of its own metadata over shared data objects.",
         discussion: """
             In overlay mode a guest sees its complete tree through an overlayfs mount: a metadata \
-            layer of stubs (each file's mode, owner, times and xattrs) over the store's data objects, \
-            one per distinct content. Reads of equal files share one inode and one page-cache copy; \
+            image of stubs (an EROFS image written once: each file's mode, owner, times and xattrs) \
+            over the store's data objects, one per distinct content. Reads of equal files share one inode and one page-cache copy; \
             any write, chmod, chown or setxattr copies the file up into that guest's own upper \
             directory, so no guest can change another's files. `hashify unify` folds what a guest's \
             updates wrote back into sharing while the guest is unmounted (stopped).
 
-            Needs root, Linux 4.19 or later (metacopy; data-only layers, Linux 6.5+, are used where \
-            the kernel has them, else the store's data is an ordinary lower layer the metadata layer \
-            hides) and trusted xattrs on the store's filesystem; guests and store on one filesystem \
+            Needs root, Linux 5.15 or later with EROFS (data-only layers, Linux 6.5+, are used where \
+            the kernel has them, else the store's data is an ordinary lower layer the image hides) \
+            and trusted xattrs on the store's filesystem; guests and store on one filesystem \
             (or, for btrfs subvolume guests, one btrfs filesystem: objects are then reflinks).
             """,
         subcommands: [Convert.self, Mount.self, Umount.self, Fold.self, Export.self])
@@ -48,7 +48,7 @@ struct OverlayCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Turn stopped plain guests into overlay guests and mount them.",
             discussion: """
-                The guest's files become stubs in a metadata layer and data objects in the store \
+                The guest's files become stubs in a metadata image and data objects in the store \
                 (its own inodes, linked: no data is copied, except for files that are also linked \
                 from outside the guest). ROOT stays as the mount point. Killed at any moment, the \
                 guest is afterwards either the plain directory it was or fully converted; the next \
@@ -71,7 +71,7 @@ struct OverlayCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Mount overlay guests on their roots (as a container's pre-start hook does).",
             discussion:
-                "Options: the guest's metadata layer over the store's data as a data-only layer (lowerdir=META::DATA) where the kernel has them, else as an ordinary lower layer (META:DATA); metacopy=on, redirect_dir=on, index=on. status shows which."
+                "The guest's image is mounted read-only (file-backed on Linux 6.12+, else through a loop device with autoclear) and detached once the overlay holds it. Options: the image over the store's data as a data-only layer (lowerdir=IMAGE::DATA) where the kernel has them, else as an ordinary lower layer (IMAGE:DATA); metacopy=on, redirect_dir=on, index=on. status shows which."
         )
         @OptionGroup var target: Target
         @OptionGroup var output: OutputOptions
@@ -97,14 +97,17 @@ struct OverlayCommand: ParsableCommand {
             abstract: "Fold unmounted overlay guests' copy-ups back into sharing (what unify does for them).",
             discussion: """
                 Files the guest's updates wrote into its upper layer are hashed and become stubs of \
-                shared objects; the guest sees exactly what it saw. The upper layer becomes the top \
-                metadata layer of a new generation (reading only what the guest changed), which is \
-                switched to in one step, so a killed fold leaves the previous one in force. Past \
-                16 stacked layers, or with --compact, the generation is built whole as one layer. \
-                A mounted guest is left for its next start. Plain guests are refused (unify them).
+                shared objects; the guest sees exactly what it saw. The next generation's image is \
+                written from the old one and what the upper layer changed (what the guest did not \
+                touch is taken unread) and switched to in one step, so a killed or failed fold \
+                leaves the previous one in force. A mounted guest is left for its next start. \
+                Plain guests are refused (unify them).
                 """)
         @OptionGroup var target: Target
-        @Flag(help: "Build each guest's metadata layer whole again, as one layer (even with nothing to fold).")
+        @Flag(
+            help:
+                "Make a guest converted by an earlier version (directory layers) an image even with nothing to fold."
+        )
         var compact = false
         @OptionGroup var output: OutputOptions
         func run() throws {

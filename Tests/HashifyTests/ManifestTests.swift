@@ -91,12 +91,12 @@ struct ManifestTests {
         #expect(e["/usr/lib/lib4.so"]?["digest"] as? String == sha256("\(roots[0])/usr/lib/lib4.so"))
         #expect(
             e["/usr/lib/lib5.so"]?["sharing"] as? String == "shared" && e["/usr/lib/lib5.so"]?["guests"] as? Int == 2)
-        #expect(e["/etc/tiny"]?["sharing"] as? String == "private", "small files stay whole in the metadata layer")
+        #expect(e["/etc/tiny"]?["sharing"] as? String == "private", "small files stay whole in the metadata image")
         #expect(overlay(["umount"] + roots, store: store).status == 0)
         let unmounted = hashify(["manifest", "--json", "--store", store, roots[1]])
         #expect(unmounted.status == 0, "\(unmounted.err)")
         e = manifestEntries(unmounted.out)
-        // g0 copied it up, but its metadata layer references the object until its next fold: counted.
+        // g0 copied it up, but its image references the object until its next fold: counted.
         #expect(
             e["/usr/lib/lib4.so"]?["sharing"] as? String == "shared" && e["/usr/lib/lib4.so"]?["guests"] as? Int == 2)
         #expect(e["/usr/lib/lib5.so"]?["guests"] as? Int == 2)

@@ -10,7 +10,7 @@ public struct OverlayOptions: Sendable {
     public var mount = true
     /// `export`: where the plain copy goes (nil: back in place of the guest).
     public var destination: FilePath?
-    /// `fold`: build each guest's metadata layer whole again (one layer), whatever its stack holds.
+    /// `fold`: make a guest of an earlier version (directory layers) an image even with nothing to fold.
     public var compact = false
     public init(roots: [FilePath]) { self.roots = roots }
 }
@@ -68,7 +68,7 @@ public struct OverlayReport: Sendable, Codable {
         /// converted, mounted, unmounted, folded, exported, or what was left alone and why.
         public var action: Action
         public var stubs = 0
-        /// Files kept whole in the metadata layer (empty, or too small to be worth an object).
+        /// Files kept whole in the metadata image (empty, or too small to be worth an object).
         public var inlineFiles = 0
         public var objectsCreated = 0
         /// Regular files whose content an existing object already held.
@@ -114,7 +114,7 @@ public struct OverlayReport: Sendable, Codable {
 }
 
 /// Overlay mode: each guest an overlayfs mount whose lower layers are a
-/// per-guest metadata layer of stubs over the store's shared data objects, so
+/// per-guest metadata image of stubs over the store's shared data objects, so
 /// that any write, chmod or chown copies up into that guest's upper layer
 /// alone (copy-on-write), while reads of equal files share one inode and one
 /// page-cache copy. DESIGN.md ("Overlay") has the measured facts.
@@ -123,7 +123,7 @@ public struct OverlayReport: Sendable, Codable {
 /// (`OverlayGuest.Phase`); `recover` brings a guest a killed run left between
 /// two steps to the nearest safe state before anything else is done.
 public enum Overlay {
-    /// Files up to this size stay whole in the metadata layer (as composefs does).
+    /// Files up to this size stay whole in the metadata image (as composefs does).
     static let inlineLimit: UInt64 = 64
 
     /// The guests, checked, and the store, locked.
@@ -339,7 +339,7 @@ public enum Overlay {
         result.bytesCopied += c.bytesCopied
     }
 
-    /// Threads that read files while a metadata layer is built.
+    /// Threads that read files while a generation is described.
     static let fillThreads = 8
 
     /// Gives the upper root the guest root's attributes (overlayfs shows the
