@@ -6,21 +6,22 @@ extension Overlay {
     /// Whether overlayfs' index of a generation holds copy-ups (of hard-linked
     /// lower files; names beginning with "#" are its own temporaries).
     static func indexHoldsCopyUps(_ gen: OverlayGuest.Generation) -> Bool {
-        guard let index = try? gen.work.openDirectory(FileName("index")) else { return false }
-        guard let names = try? index.entryNames() else { return true }
+        guard let names = indexEntries(gen) else { return true }
         return names.contains { $0.bytes.first != 0x23 }
+    }
+
+    /// The entries of overlayfs' index of a generation: none when it has no
+    /// index, nil when it cannot be listed.
+    static func indexEntries(_ gen: OverlayGuest.Generation) -> [FileName]? {
+        guard let index = try? gen.work.openDirectory(FileName("index")) else { return [] }
+        return try? index.entryNames()
     }
 
     /// Whether a generation's upper layer holds anything but its root (and
     /// overlayfs' index nothing): then there is nothing to fold.
     static func hasCopyUps(_ gen: OverlayGuest.Generation) -> Bool {
         if let names = try? gen.upper.entryNames(), !names.isEmpty { return true }
-        if let index = try? gen.work.openDirectory(FileName("index")), let names = try? index.entryNames(),
-            !names.isEmpty
-        {
-            return true
-        }
-        return false
+        return !(indexEntries(gen) ?? []).isEmpty
     }
 
     /// Whether an overlay of `gen` is alive somewhere this process cannot

@@ -67,7 +67,7 @@ final class GenerationBuilder {
         let counts = try filler.finish()
         let results = filler.results
         for id in pending {
-            guard let r = results[id]?.redirect else { throw InputError("a file's data object was not found") }
+            guard let r = results[id] else { throw InputError("a file's data object was not found") }
             tree[id].xattrs.append(ExtendedAttribute(name: GuestImage.redirectName, value: r))
         }
         pending = []

@@ -33,16 +33,23 @@ enum GuestImage {
         return r
     }
 
-    /// How many stubs of the description redirect to each data object.
-    static func references(of tree: ErofsTree) -> LayerReferences.Counts {
+    /// What the description's stubs reference: how many stubs (a hard-linked
+    /// one once) redirect to each data object, and the stubs and bytes in all.
+    static func stubSummary(of tree: ErofsTree) -> (counts: LayerReferences.Counts, stubs: Int, bytes: UInt64) {
         var counts: LayerReferences.Counts = [:]
-        var seen = Set<ErofsTree.NodeID>()
-        tree.forEachPath { _, id in
-            guard seen.insert(id).inserted, let r = redirect(of: tree[id]) else { return }
+        var (stubs, bytes) = (0, UInt64(0))
+        // Every node of a description is reached from the root (the builder and the reader make no others).
+        for node in tree.nodes {
+            guard let r = redirect(of: node) else { continue }
             counts[r, default: 0] += 1
+            stubs += 1
+            bytes += node.size
         }
-        return counts
+        return (counts, stubs, bytes)
     }
+
+    /// How many stubs of the description redirect to each data object.
+    static func references(of tree: ErofsTree) -> LayerReferences.Counts { stubSummary(of: tree).counts }
 
     /// The stubs of the description (each path of a hard-linked one) whose object is one of `redirects`.
     static func stubs(in tree: ErofsTree, naming redirects: Set<[UInt8]>) -> [(

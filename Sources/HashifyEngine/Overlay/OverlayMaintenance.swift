@@ -67,14 +67,11 @@ extension Overlay {
             guard layer.isImage else { return scan(layer.directory!) }
             do {
                 let tree = try GuestImage.read(in: layer.holder, path: layer.path.removingLastComponent())
-                var seen = Set<ErofsTree.NodeID>()
-                tree.forEachPath { _, id in
-                    entries += 1
-                    guard seen.insert(id).inserted, let r = GuestImage.redirect(of: tree[id]) else { return }
-                    counts[r, default: 0] += 1
-                    stubs += 1
-                    stubBytes += tree[id].size
-                }
+                let summary = GuestImage.stubSummary(of: tree)
+                counts.merge(summary.counts, uniquingKeysWith: +)
+                stubs += summary.stubs
+                stubBytes += summary.bytes
+                entries += tree.nodes.count - 1
                 allocatedBytes += (try layer.holder.stat(GuestImage.fileName)).allocatedBytes
             } catch {
                 failure = "\(error)"

@@ -33,9 +33,9 @@ final class StubFiller: @unchecked Sendable {
     /// The objects this filler made (a conversion that fails removes them again).
     private let made = Mutex<Set<[UInt8]>>([])
     var objectsMade: Set<[UInt8]> { made.withLock { $0 } }
-    /// For each file queued (by its key): its redirect, and whether the file's own inode became the object.
-    private let resolved = Mutex<[Int: (redirect: [UInt8], isObject: Bool)]>([:])
-    var results: [Int: (redirect: [UInt8], isObject: Bool)] { resolved.withLock { $0 } }
+    /// For each file queued (by its key): its object's redirect.
+    private let resolved = Mutex<[Int: [UInt8]]>([:])
+    var results: [Int: [UInt8]] { resolved.withLock { $0 } }
 
     /// `threads` files are read at once (each holds its source, its stub and a 1 MiB buffer).
     init(objects: DataObjects, threads: Int) {
@@ -66,10 +66,10 @@ final class StubFiller: @unchecked Sendable {
                     handle, stat: stat, path: path, buffer: buffer.bytes, lease: lease)
                 try? f.rewind()
                 var counts = Counts()
-                let (redirect, isObject): ([UInt8], Bool) = try objectLock.withLock { _ in
+                let redirect: [UInt8] = try objectLock.withLock { _ in
                     if let r = objects.redirect(for: digest) {
                         counts.filesSharingObjects += 1
-                        return (r, false)
+                        return r
                     }
                     let r = try objects.publish(f, digest: digest, size: stat.size, linkSource: linkSource)
                     made.withLock { _ = $0.insert(r) }
@@ -79,9 +79,9 @@ final class StubFiller: @unchecked Sendable {
                     } else {
                         counts.bytesCopied += stat.allocatedBytes
                     }
-                    return (r, linkSource)
+                    return r
                 }
-                resolved.withLock { $0[key] = (redirect, isObject) }
+                resolved.withLock { $0[key] = redirect }
                 state.withLock {
                     $0.counts.objectsCreated += counts.objectsCreated
                     $0.counts.filesSharingObjects += counts.filesSharingObjects
