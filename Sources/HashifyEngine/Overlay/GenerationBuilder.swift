@@ -153,7 +153,10 @@ final class GenerationBuilder {
     private func regularFile(_ entry: TreeTraversal<Place>.Entry, in place: Place) throws -> ErofsTree.NodeID {
         let (dir, name, st) = (entry.directory, entry.name, entry.stat)
         let handle = try dir.openFileForReading(name)
-        guard try handle.stat().inode == st.inode else { throw Errno.noSuchFileOrDirectory }
+        // A file replaced since it was stat'd: vanished (the filler would find it changed).
+        if skipVanished || st.size <= Overlay.inlineLimit, try handle.stat().inode != st.inode {
+            throw Errno.noSuchFileOrDirectory
+        }
         let attributes = try handle.extendedAttributes()
         if st.size <= Overlay.inlineLimit {
             inlineFiles += 1

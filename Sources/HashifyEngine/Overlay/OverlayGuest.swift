@@ -373,18 +373,22 @@ final class OverlayGuest {
                 var used = Set(kept.filter { $0.hasPrefix("\(s)/") }.map { String($0.dropFirst(s.count + 1)) })
                 used.formUnion(used.map { $0 + ".refs" })
                 if used.isEmpty {
-                    try directory.removeTree(name)
+                    try ParallelTreeRemoval.remove(name, in: directory)
                     continue
                 }
                 let g = try directory.openDirectory(name)
                 for sub in try g.entryNames() where !used.contains(String(decoding: sub.bytes, as: UTF8.self)) {
-                    try g.removeTree(sub)
+                    try ParallelTreeRemoval.remove(sub, in: g)
                 }
             }
-            if scratch.contains(s) { try directory.removeTree(name) }
+            if scratch.contains(s) {
+                try ParallelTreeRemoval.remove(name, in: directory)
+            }
         }
         for kind in scratch {
-            if let (dir, name) = try? besideRoot(kind), (try? dir.stat(name)) != nil { try dir.removeTree(name) }
+            if let (dir, name) = try? besideRoot(kind), (try? dir.stat(name)) != nil {
+                try ParallelTreeRemoval.remove(name, in: dir)
+            }
         }
     }
 

@@ -42,6 +42,9 @@ public final class DataObjects: @unchecked Sendable {
     /// that fails or is killed leaves nothing any guest reads.
     private var reserved: [ContentDigest: Reservation] = [:]
     private var reservedNames: [[UInt8]: ContentDigest] = [:]
+    /// Objects whose file this process has seen in place or put there (not
+    /// looked up again: the store lock keeps other removers out).
+    private var present = Set<[UInt8]>()
 
     /// An object made of a guest's own inode, not yet recorded: its redirect,
     /// digest, and the inode's state once linked (checked again by `commit`).
@@ -210,8 +213,10 @@ public final class DataObjects: @unchecked Sendable {
     public func redirect(for digest: ContentDigest) -> [UInt8]? {
         if let r = reserved[digest] { return r.redirect }
         guard let r = redirects[digest] else { return nil }
+        if present.contains(r) { return r }
         let (p, n) = Self.split(r)
         guard let st = try? prefixDirectory(p).stat(n), st.isRegular else { return nil }
+        present.insert(r)
         return r
     }
 
@@ -422,6 +427,7 @@ public final class DataObjects: @unchecked Sendable {
     /// them, but no new stub is given one (a rebuilt index leaves them out too).
     func forget(_ damaged: Set<[UInt8]>) throws {
         for r in damaged {
+            present.remove(r)
             if let d = digests[r] { redirects[d] = nil }
             digests[r] = nil
         }
@@ -475,6 +481,7 @@ public final class DataObjects: @unchecked Sendable {
             let (p, n) = Self.split(r)
             do { try prefixDirectory(p).unlink(n) } catch Errno.noSuchFileOrDirectory {} catch { continue }
             removed.insert(r)
+            present.remove(r)
             if let d = digests[r] { redirects[d] = nil }
             digests[r] = nil
         }
