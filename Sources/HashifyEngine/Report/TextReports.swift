@@ -139,11 +139,15 @@ extension StatusReport: TextReport {
 extension VerifyReport: TextReport {
     public func humanReadable(verbose: Bool) -> String {
         let r = self
-        var out =
-            "hashify verify — store \(r.store)\nchecked   \(r.objectsChecked) objects, \(formatBytes(r.bytesRead)) read\n"
-        if r.dataObjectsChecked > 0 || !r.damagedDataObjects.isEmpty {
-            out += "checked   \(r.dataObjectsChecked) data objects (overlay mode)\n"
+        // Each mode's objects named when the store has them (an overlay-only store: no "0 objects" line).
+        let overlay = r.dataObjectsChecked > 0 || !r.damagedDataObjects.isEmpty
+        var checked: [String] = []
+        if r.objectsChecked > 0 || !overlay {
+            checked.append("\(r.objectsChecked) objects" + (overlay ? " (hardlink mode)" : ""))
         }
+        if overlay { checked.append("\(r.dataObjectsChecked) data objects (overlay mode)") }
+        var out =
+            "hashify verify — store \(r.store)\nchecked   \(checked.joined(separator: " and ")), \(formatBytes(r.bytesRead)) read\n"
         for d in r.damagedDataObjects {
             out +=
                 "DAMAGED   data\(d.object): "
