@@ -217,11 +217,9 @@ func extendedAttributesOf(descriptor fd: Int32) throws -> [ExtendedAttribute] {
         get: { name, buf, size in hashify_fgetxattr(fd, name, buf, size) })
 }
 
-/// One extended attribute of an open descriptor (values up to 4 KiB), or nil.
+/// One extended attribute of an open descriptor, or nil (absent, or not readable).
 func extendedAttributeOf(descriptor fd: Int32, _ name: String) -> [UInt8]? {
-    var value = [UInt8](repeating: 0, count: 4096)
-    let n = value.withUnsafeMutableBytes { hashify_fgetxattr(fd, name, $0.baseAddress, $0.count) }
-    return n < 0 ? nil : Array(value[0..<n])
+    (try? presentExtendedAttributeOf(descriptor: fd, name)) ?? nil
 }
 
 /// `fgetxattr` of one name: nil on ENODATA, the value (of any size), or the error.

@@ -212,18 +212,22 @@ public final class DataObjects: @unchecked Sendable {
     /// exists (or one this process reserved for the guest it is converting or folding).
     public func redirect(for digest: ContentDigest) -> [UInt8]? {
         if let r = reserved[digest] { return r.redirect }
-        guard let r = redirects[digest] else { return nil }
-        if present.contains(r) { return r }
-        let (p, n) = Self.split(r)
-        guard let st = try? prefixDirectory(p).stat(n), st.isRegular else { return nil }
-        present.insert(r)
+        guard let r = redirects[digest], isInPlace(r) else { return nil }
         return r
     }
 
     /// True when the redirect names a recorded object whose file exists.
     public func isLive(_ redirect: [UInt8]) -> Bool {
-        guard digests[redirect] != nil else { return false }
-        return (try? stat(redirect))?.isRegular ?? false
+        digests[redirect] != nil && isInPlace(redirect)
+    }
+
+    /// Whether the object's file is a regular file in the data directory
+    /// (looked up once per process: `present`).
+    private func isInPlace(_ redirect: [UInt8]) -> Bool {
+        if present.contains(redirect) { return true }
+        guard (try? stat(redirect))?.isRegular == true else { return false }
+        present.insert(redirect)
+        return true
     }
 
     /// Opens the object behind a redirect.
