@@ -110,6 +110,19 @@ public final class Directory: @unchecked Sendable {
         return FileStat(s)
     }
 
+    /// The attributes of what `name` leads to, a symlink (or a /proc magic
+    /// link, an open file's) followed: opened `O_PATH` (nothing read, a
+    /// FIFO not waited on), then `fstat`.
+    public func statFollowing(_ name: FileName) throws -> FileStat {
+        let fd = try name.withCString { n in
+            try retrying { hashify_openat(self.fd, n, HASHIFY_O_PATH | HASHIFY_O_CLOEXEC, 0) }
+        }
+        defer { close(fd) }
+        var s = hashify_stat()
+        _ = try retrying { hashify_fstatx(fd, &s) }
+        return FileStat(s)
+    }
+
     /// The directory's own attributes (`statx(fd, "", AT_EMPTY_PATH)`).
     public func stat() throws -> FileStat {
         var s = hashify_stat()

@@ -272,6 +272,25 @@ struct OverlayTests {
         #expect(um.status == 2 && um.err.contains("\(q.processIdentifier)"), "\(um.err)")
         #expect(ex.status == 2, "\(ex.err)")
         #expect(isOverlayMount(g))
+        // A process outside the guest holding one of its files open (nothing else: its cwd is elsewhere) is named too.
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: "/bin/sh")
+        holder.arguments = ["-c", "exec 3<\"$1\"; exec sleep 30", "sh", "\(g)/etc/secret"]
+        try holder.run()
+        var opened = false
+        for _ in 0..<100 where !opened {
+            opened =
+                run(["/bin/sh", "-c", "ls -l /proc/\(holder.processIdentifier)/fd | grep -q etc/secret"]).status == 0
+            if !opened { usleep(50_000) }
+        }
+        let held = overlay(["umount", g], store: store)
+        kill(holder.processIdentifier, SIGKILL)
+        holder.waitUntilExit()
+        #expect(opened)
+        #expect(
+            held.status == 2 && held.err.contains("in use by") && held.err.contains("\(holder.processIdentifier)"),
+            "\(held.err)")
+        #expect(isOverlayMount(g))
         #expect(manifest([g], links: true) == before)
         // Converting again is a no-op.
         let again = overlay(["convert", g], store: store)

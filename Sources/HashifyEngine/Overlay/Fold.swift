@@ -65,15 +65,23 @@ extension Overlay {
             }
             return result
         }
-        // What the old layers reference, known before they go.
         var before: LayerReferences.Counts = [:]
-        for layer in old.layers { before.merge(try LayerReferences.ensure(layer), uniquingKeysWith: +) }
-        // What the guest set immutable or append-only through its mount (its root's flag too).
-        let protected: [(path: [UInt8], flag: [UInt8])] =
-            (try old.upper.presentExtendedAttribute("trusted.overlay.protattr").map { [([], $0)] } ?? [])
-            + (try protectedEntries(in: old.upper))
-        state.phase = .folding
-        try guest.writeState(state)
+        let protected: [(path: [UInt8], flag: [UInt8])]
+        do {
+            // What the old layers reference, known before they go.
+            for layer in old.layers { before.merge(try LayerReferences.ensure(layer), uniquingKeysWith: +) }
+            // What the guest set immutable or append-only through its mount (its root's flag too).
+            protected =
+                (try old.upper.presentExtendedAttribute("trusted.overlay.protattr").map { [([], $0)] } ?? [])
+                + (try protectedEntries(in: old.upper))
+            state.phase = .folding
+            try guest.writeState(state)
+        } catch let error as InputError {
+            throw error
+        } catch {
+            // Nothing changed yet (a state not written stays the old one): named with the guest.
+            throw FoldFailed(root: root, generation: state.generation, underlying: error)
+        }
         do {
             result = try buildGeneration(
                 state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)

@@ -44,9 +44,29 @@ public enum ProcessScanner {
         return result.sorted { $0.pid < $1.pid }
     }
 
+    /// Whether the process of `/proc/PID` (`pdir`) has a file open below the
+    /// path `prefix`, or (`device` given: a mounted guest's own device) any
+    /// file of that device, wherever its mount namespace puts it.
+    static func holdsFileOpen(_ pdir: Directory, below prefix: [UInt8], device: UInt64?) -> Bool {
+        guard let fds = try? pdir.openDirectory(FileName("fd")), let names = try? fds.entryNames() else { return false }
+        for n in names {
+            if let target = try? fds.readLink(n),
+                target.count > prefix.count && target.starts(with: prefix) && target[prefix.count] == 0x2f
+            {
+                return true
+            }
+            // The open file itself (the link followed; nothing is opened).
+            if let device, let st = try? fds.statFollowing(n), st.device == device {
+                return true
+            }
+        }
+        return false
+    }
+
     /// Processes whose root or working directory is the directory `root`
-    /// (canonical path `path`, attributes `stat`) or below it: by device and
-    /// inode (containers in their own mount namespace), by the overlay's own
+    /// (canonical path `path`, attributes `stat`) or below it, or (a mounted
+    /// guest, unless `rootOnly`) that hold a file of it open: by device and inode
+    /// (containers in their own mount namespace), by the overlay's own
     /// device when the guest is mounted, and by path.
     public static func processesUsing(
         root path: FilePath, stat: FileStat, ownDevice: Bool, rootOnly: Bool = false
@@ -72,6 +92,10 @@ public enum ProcessScanner {
                 {
                     inside = true
                 }
+            }
+            // A mounted guest's unmount fails on any open file of it (EBUSY): those holders are named too.
+            if !inside && !rootOnly && ownDevice {
+                inside = holdsFileOpen(pdir, below: prefix, device: stat.device)
             }
             if !inside { continue }
             let comm = (try? pdir.openFileForReading(FileName("comm")).readAll()) ?? []
