@@ -5,12 +5,6 @@ import Testing
 import Glibc
 #endif
 
-/// hashify with a list of stores of its own (`STATE_DIRECTORY` in `state`): a test that damages
-/// that list must not damage the one the suite's other tests use at the same time.
-private func hashify(state: String, _ args: [String]) -> (status: Int32, out: String, err: String) {
-    run(["/usr/bin/env", "STATE_DIRECTORY=\(state)", hashifyBinary] + args)
-}
-
 /// Which store a guest belongs to, against a guest's root and a careless admin: what no guest
 /// can write decides it, and what cannot be read is refused, never acted on.
 @Suite("one store per guest, against a guest's root and damaged lists", .serialized)

@@ -75,6 +75,13 @@ func hashify(_ args: [String]) -> (status: Int32, out: String, err: String) {
     return r
 }
 
+/// hashify with a list of stores of its own (`STATE_DIRECTORY` in `state`): a test that damages
+/// that list, or a list of guests of a store it names, must not damage what the suite's other
+/// tests, running at the same time, read (every unify reads the lists of guests of the stores listed).
+func hashify(state: String, _ args: [String]) -> (status: Int32, out: String, err: String) {
+    run(["/usr/bin/env", "STATE_DIRECTORY=\(state)", hashifyBinary] + args)
+}
+
 /// Images fsck.erofs has accepted already (path, inode, size, mtime).
 private let checkedImages = Mutex<Set<String>>([])
 

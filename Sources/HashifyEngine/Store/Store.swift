@@ -259,16 +259,30 @@ public final class Store: @unchecked Sendable {
 
     /// The guests the store remembers, or why its list cannot be read whole
     /// (not a regular file, larger than 1 MiB, an entry that is no absolute path).
-    func readGuests() throws -> [FilePath] {
+    func readGuests() throws -> [FilePath] { try Self.readGuests(in: directory, at: path) }
+
+    /// The list of guests of the store open as `directory` at `path`; a list
+    /// removed while it is read counts as none.
+    private static func readGuests(in directory: Directory, at path: FilePath) throws -> [FilePath] {
         guard let st = try? directory.stat(FileName("guests")) else { return [] }
         let damaged = { (why: String) in
             InputError(
-                "\(self.path.appending("guests")): the store's list of guests cannot be read (\(why)); which guests belong to this store cannot be told: repair it"
+                "\(path.appending("guests")): the store's list of guests cannot be read (\(why)); which guests belong to this store cannot be told: repair it"
             )
         }
         guard st.isRegular else { throw damaged("not a regular file") }
-        guard let data = try? directory.openFileForReading(FileName("guests")).readAll(limit: 1 << 20) else {
-            throw damaged("unreadable, or larger than 1 MiB")
+        let data: [UInt8]
+        do {
+            guard let read = try directory.openFileForReading(FileName("guests")).readAll(limit: 1 << 20) else {
+                throw damaged("larger than 1 MiB")
+            }
+            data = read
+        } catch Errno.noSuchFileOrDirectory {
+            return []
+        } catch let error as InputError {
+            throw error
+        } catch {
+            throw damaged("unreadable: \(error)")
         }
         return try data.split(separator: 0).map { entry in
             guard entry.first == 0x2f, !entry.contains(where: { $0 < 0x20 || $0 == 0x7f }),
@@ -282,7 +296,28 @@ public final class Store: @unchecked Sendable {
     /// it with this store, or it is one of the store's overlay guests. Throws
     /// when its list of guests cannot be read.
     func knowsAny(of canonicalRoots: [FilePath]) throws -> Bool {
-        let remembered = Set(try readGuests())
+        try Self.knowsAny(in: directory, at: path, of: canonicalRoots)
+    }
+
+    /// Whether the store at `path` has a record of one of `canonicalRoots`,
+    /// read without opening it as a store (nothing is made in it); nil when
+    /// there is no store there, or it was removed while it was read.
+    static func knowsAny(at path: FilePath, of canonicalRoots: [FilePath]) throws -> Bool? {
+        do {
+            let dir = try Directory.open(path: path)
+            guard isStore(dir) else { return nil }
+            return try knowsAny(in: dir, at: path, of: canonicalRoots)
+        } catch Errno.noSuchFileOrDirectory {
+            return nil
+        } catch Errno.notDirectory {
+            return nil
+        }
+    }
+
+    private static func knowsAny(in directory: Directory, at path: FilePath, of canonicalRoots: [FilePath]) throws
+        -> Bool
+    {
+        let remembered = Set(try readGuests(in: directory, at: path))
         let overlay = try? directory.openDirectory(FileName("overlay"))
         return canonicalRoots.contains { r in
             remembered.contains(r) || (try? overlay?.stat(FileName(OverlayGuest.id(for: r)))) != nil

@@ -49,7 +49,7 @@ enum StoreRegistry {
                 let text = String(validating: line, as: UTF8.self)
             else { return damaged("a line that is not an absolute path") }
             let store = FilePath(text)
-            if (try? Store.open(at: store, create: false)) ?? nil != nil { out.append(store) }
+            if let dir = try? Directory.open(path: store), Store.isStore(dir) { out.append(store) }
         }
         return .success(out)
     }
@@ -77,9 +77,8 @@ enum StoreRegistry {
     /// The listed stores whose list of guests names `root` (canonical).
     static func stores(knowing root: FilePath, unlessItIs target: FilePath? = nil) throws -> [FilePath] {
         var out: [FilePath] = []
-        for store in try read().get() {
-            guard let s = try Store.open(at: store, create: false) else { continue }
-            if try RootValidation.knows(s, root, at: store, unlessItIs: target) { out.append(store) }
+        for store in try read().get() where try RootValidation.knows(root, at: store, unlessItIs: target) {
+            out.append(store)
         }
         return out
     }

@@ -81,9 +81,7 @@ public enum RootValidation {
         var dir = common
         while true {
             let candidate = dir.appending(".hashify")
-            if let store = try? Store.open(at: candidate, create: false), (try? store.knowsAny(of: canon)) == true {
-                return candidate
-            }
+            if (try? Store.knowsAny(at: candidate, of: canon)) == true { return candidate }
             let up = dir.removingLastComponent()
             if up == dir || up.isEmpty { break }
             dir = up
@@ -108,11 +106,7 @@ public enum RootValidation {
         var dir = c.removingLastComponent()
         while true {
             let candidate = dir.appending(".hashify")
-            if let store = try? Store.open(at: candidate, create: false),
-                try Self.knows(store, c, at: candidate, unlessItIs: target)
-            {
-                found.append(canonical(candidate) ?? candidate)
-            }
+            if try Self.knows(c, at: candidate, unlessItIs: target) { found.append(canonical(candidate) ?? candidate) }
             let up = dir.removingLastComponent()
             if up == dir || up.isEmpty { break }
             dir = up
@@ -130,9 +124,9 @@ public enum RootValidation {
     }
 
     /// Whether `store` knows the guest; a list that cannot be read throws, but for the store `target`.
-    static func knows(_ store: Store, _ root: FilePath, at path: FilePath, unlessItIs target: FilePath?) throws -> Bool
-    {
-        do { return try store.knowsAny(of: [root]) } catch {
+    /// No store at `path` (or one removed while it is read) knows nothing.
+    static func knows(_ root: FilePath, at path: FilePath, unlessItIs target: FilePath?) throws -> Bool {
+        do { return try Store.knowsAny(at: path, of: [root]) ?? false } catch {
             if let target, (canonical(path) ?? path) == target { return false }
             throw error
         }
