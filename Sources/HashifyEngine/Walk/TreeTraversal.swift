@@ -74,6 +74,11 @@ struct TreeTraversal<Context> {
     var skipVanished = false
     /// Called with an entry that vanished (in its parent's context).
     var onVanished: ((FileName, Context) -> Void)?
+    /// Asked first with each name (in its directory's context): true when the
+    /// caller knows the entry without reading it (it is then not stat'ed,
+    /// visited or entered). Through an overlay mount a stat is a lookup in
+    /// every layer, most of a fold's reading.
+    var takeUnread: ((FileName, Context) throws -> Bool)?
     private(set) var vanished = 0
 
     private struct Frame {
@@ -109,6 +114,7 @@ struct TreeTraversal<Context> {
             stack[top].next += 1
             let path = frame.path.isEmpty ? name.bytes : frame.path + [0x2f] + name.bytes
             do {
+                if let takeUnread, try takeUnread(name, frame.context) { continue }
                 let st = try frame.directory.stat(name)
                 let isMountPoint = st.isDirectory && !boundary.contains(st)
                 if isMountPoint {
