@@ -47,9 +47,10 @@ extension Overlay {
     /// before leaves the old generation in force and publishes nothing. A
     /// mounted guest is left for its next start. A generation of an earlier
     /// version (directory layers) becomes an image at its next fold, or with `compact`.
-    static func fold(_ guest: OverlayGuest, root: FilePath, session s: Session, dryRun: Bool, compact: Bool = false)
-        throws -> OverlayReport.Guest
-    {
+    static func fold(
+        _ guest: OverlayGuest, root: FilePath, session s: Session, dryRun: Bool, compact: Bool = false,
+        retirer: GenerationRetirer
+    ) throws -> OverlayReport.Guest {
         let started = MonotonicInstant.now()
         guard var state = dryRun ? try guest.readState() : try recover(guest), state.phase == .active else {
             return OverlayReport.Guest(root: root.string, action: .notAnOverlayGuest)
@@ -106,14 +107,10 @@ extension Overlay {
         try commitConvertedObjects(
             try guest.generation(state.generation), plain: old.upper, objects: s.objects,
             journal: foldObjectsJournalName)
-        do { try guest.removeGenerations(except: state.generation) } catch {
-            // Switched: the guest is the new generation; the next command removes the old one.
-            result.notes.append(
-                "generation \(state.generation - 1) could not be removed yet (\(error)); the next command removes it")
-        }
-        // The objects only the fold's guest referenced and no longer does go now (gc would find them too).
+        // Switched: the guest is the new generation. The old one goes while the next guest folds, then the
+        // objects only the fold's guest referenced and no longer does (gc would find them too).
         let after = LayerReferences.read(try guest.generation(state.generation).imageLayer) ?? [:]
-        try removeObjects(Set(before.keys.filter { (after[$0] ?? 0) == 0 }), session: s, into: &result)
+        retirer.retire(guest, keeping: state.generation, candidates: Set(before.keys.filter { (after[$0] ?? 0) == 0 }))
         result.seconds = elapsed(since: started)
         return result
     }
@@ -245,11 +242,23 @@ extension Overlay {
         let s = try session(options, createRecords: false)
         for g in s.guests { _ = try activeGuest(g) }
         var report = OverlayReport(command: "overlay fold", store: s.store.path.string)
-        for g in s.guests {
-            var result = try fold(g.record!, root: g.root, session: s, dryRun: false, compact: options.compact)
-            noteMissingData(g.record!, objects: s.objects, in: &result)
-            report.guests.append(result)
+        let retirer = GenerationRetirer()
+        var folded: [OverlayGuest] = []
+        do {
+            // A root given twice is folded once (its old generation may still be going).
+            for g in s.guests where !folded.contains(where: { $0.id == g.record!.id }) {
+                var result = try fold(
+                    g.record!, root: g.root, session: s, dryRun: false, compact: options.compact, retirer: retirer)
+                noteMissingData(g.record!, objects: s.objects, in: &result)
+                report.guests.append(result)
+                folded.append(g.record!)
+            }
+        } catch {
+            _ = retirer.finish(session: s)
+            throw error
         }
+        let outcomes = retirer.finish(session: s)
+        for (i, g) in folded.enumerated() { outcomes[ObjectIdentifier(g)]?.apply(to: &report.guests[i]) }
         report.seconds = elapsed(since: started)
         return report
     }
@@ -260,13 +269,17 @@ extension Overlay {
         let s = Session(store: store, objects: try store.dataObjects(), dataPath: dataPath, guests: [])
         if !dryRun { removeAbandonedReservations(store: store, objects: s.objects) }
         var out: [OverlayReport.Guest] = []
+        var folded: [(index: Int, guest: OverlayGuest)] = []
+        let retirer = GenerationRetirer()
         for r in roots {
             guard let c = RootValidation.canonical(r),
-                let g = try OverlayGuest.open(store: store, canonicalRoot: c, create: false)
+                let g = try OverlayGuest.open(store: store, canonicalRoot: c, create: false),
+                !folded.contains(where: { $0.guest.id == g.id })
             else { continue }
             do {
-                var result = try fold(g, root: c, session: s, dryRun: dryRun)
+                var result = try fold(g, root: c, session: s, dryRun: dryRun, retirer: retirer)
                 noteMissingData(g, objects: s.objects, in: &result)
+                folded.append((out.count, g))
                 out.append(result)
             } catch {
                 var failed = OverlayReport.Guest(root: c.string, action: .leftAsItWas)
@@ -274,6 +287,8 @@ extension Overlay {
                 out.append(failed)
             }
         }
+        let outcomes = retirer.finish(session: s)
+        for (i, g) in folded { outcomes[ObjectIdentifier(g)]?.apply(to: &out[i]) }
         return out
     }
 

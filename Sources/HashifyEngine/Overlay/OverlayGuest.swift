@@ -19,7 +19,7 @@ import SystemPackage
 /// `state` is replaced atomically (write, fsync, rename): each rename is one
 /// step of a conversion, fold or export, so a run killed at any instant
 /// leaves a state from which `recover` finishes or undoes the work.
-final class OverlayGuest {
+final class OverlayGuest: Sendable {
     /// What the guest is doing; see `Overlay.recover` for what each phase means after a kill.
     enum Phase: String {
         /// Generation `generation` is being built from the plain tree at ROOT.
