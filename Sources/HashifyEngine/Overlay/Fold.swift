@@ -245,8 +245,7 @@ extension Overlay {
         let retirer = GenerationRetirer()
         var folded: [OverlayGuest] = []
         do {
-            // A root given twice is folded once (its old generation may still be going).
-            for g in s.guests where !folded.contains(where: { $0.id == g.record!.id }) {
+            for g in s.guests {
                 var result = try fold(
                     g.record!, root: g.root, session: s, dryRun: false, compact: options.compact, retirer: retirer)
                 noteMissingData(g.record!, objects: s.objects, in: &result)
@@ -274,6 +273,7 @@ extension Overlay {
         for r in roots {
             guard let c = RootValidation.canonical(r),
                 let g = try OverlayGuest.open(store: store, canonicalRoot: c, create: false),
+                // A root given twice (unify takes repeats) is folded once: its old generation may still be going.
                 !folded.contains(where: { $0.guest.id == g.id })
             else { continue }
             do {

@@ -87,17 +87,19 @@ final class GenerationBuilder {
         tree[ErofsTree.rootID] = node(.directory([]), rootStat, try source.extendedAttributes())
         var traversal = TreeTraversal<Place>()
         traversal.skipVanished = skipVanished
+        func counted() {
+            entries += 1
+            onEntry?(entries)
+        }
         // What the upper layer does not touch is the old description's, taken without a lookup in the merged view.
         traversal.takeUnread = { [self] name, place in
             guard let old = place.context?.unchangedNode(name) else { return false }
-            entries += 1
-            onEntry?(entries)
+            counted()
             adopt(old.id, from: old.image, as: name.bytes, in: place.node)
             return true
         }
         try traversal.run(source, context: Place(node: ErofsTree.rootID, context: context)) { entry, place in
-            entries += 1
-            onEntry?(entries)
+            counted()
             return try read(entry, in: place)
         }
         vanished = traversal.vanished

@@ -5,9 +5,8 @@ import SystemPackage
 
 /// Removes a tree as `Directory.removeTree(_:keeping:)` does, with the
 /// non-directories unlinked by several threads: one thread walks the tree
-/// (depth first, a directory open only while it or a batch of its names is
-/// being worked on) and hands out batches of names; the emptied directories
-/// are then removed as `removeTree` does. Returns whether anything was kept
+/// (`TreeTraversal`) and hands out batches of one directory's names; the
+/// emptied directories are then removed as `removeTree` does. Returns whether anything was kept
 /// (the directories holding a kept name stay too).
 enum ParallelTreeRemoval {
     /// Names unlinked at once.
@@ -26,8 +25,7 @@ enum ParallelTreeRemoval {
         if st.isDirectory {
             let unlinker = BatchUnlinker(threads: threads)
             do {
-                let dir = try parent.openDirectory(name)
-                try unlinkFiles(below: dir, mount: try dir.stat().mountID, keeping: keep, unlinker)
+                try unlinkFiles(below: try parent.openDirectory(name), keeping: keep, unlinker)
             } catch {
                 _ = try? unlinker.finish()
                 throw error
@@ -37,25 +35,30 @@ enum ParallelTreeRemoval {
         return try parent.removeTree(name, keeping: keep)
     }
 
-    /// Hands every non-directory below `dir` that `keep` does not pick to `unlinker`.
-    private static func unlinkFiles(
-        below dir: Directory, mount: UInt64, keeping keep: (FileStat) -> Bool, _ unlinker: BatchUnlinker
-    ) throws {
+    /// Hands every non-directory below `dir` that `keep` does not pick to
+    /// `unlinker`, in batches of one directory's names (`TreeTraversal`: an
+    /// explicit stack, whatever the depth; a mount inside fails the removal).
+    private static func unlinkFiles(below dir: Directory, keeping keep: (FileStat) -> Bool, _ unlinker: BatchUnlinker)
+        throws
+    {
         var batch: [FileName] = []
-        for entry in try dir.entryNames() {
-            let st = try dir.stat(entry)
-            if st.isDirectory {
-                if st.mountID != mount { throw Errno.resourceBusy }
-                try unlinkFiles(below: try dir.openDirectory(entry), mount: mount, keeping: keep, unlinker)
-            } else if !keep(st) {
-                batch.append(entry)
-                if batch.count == batchSize {
-                    unlinker.unlink(batch, in: dir)
-                    batch = []
-                }
-            }
+        var batchDirectory = dir
+        func flush() {
+            if !batch.isEmpty { unlinker.unlink(batch, in: batchDirectory) }
+            batch = []
         }
-        if !batch.isEmpty { unlinker.unlink(batch, in: dir) }
+        var traversal = TreeTraversal<Void>()
+        try traversal.run(dir, context: ()) { entry, _ in
+            if entry.stat.isDirectory { return .enter(()) }
+            if keep(entry.stat) { return .next }
+            if entry.directory !== batchDirectory || batch.count == batchSize {
+                flush()
+                batchDirectory = entry.directory
+            }
+            batch.append(entry.name)
+            return .next
+        }
+        flush()
     }
 }
 

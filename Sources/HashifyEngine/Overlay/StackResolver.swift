@@ -104,9 +104,10 @@ extension Overlay {
             return FoldContext(upper: u, layers: below, image: n == nil ? nil : image, node: n, reuse: reuse)
         }
 
-        /// The names in the upper directory, listed once (nil: not listed yet, or it could not be).
-        private var upperNames: Set<[UInt8]>?
-        private var upperListed = false
+        /// The names in the upper directory, listed at the first question (nil:
+        /// not a stopped guest's, or it could not be listed).
+        private lazy var upperNames: Set<[UInt8]>? =
+            reuse ? (try? upper?.entryNames())?.map { Set($0.map(\.bytes)) } : nil
 
         /// Whether the upper layer surely holds nothing under `name` (no upper
         /// directory here, or no entry of that name; an error counts as holding).
@@ -114,10 +115,6 @@ extension Overlay {
         /// upper directory is listed once; else each name is looked up as it is asked.
         private func upperLacks(_ name: FileName) -> Bool {
             guard let upper else { return true }
-            if reuse && !upperListed {
-                upperListed = true
-                upperNames = (try? upper.entryNames()).map { Set($0.map(\.bytes)) }
-            }
             if let upperNames { return !upperNames.contains(name.bytes) }
             do {
                 _ = try upper.stat(name)
