@@ -66,23 +66,7 @@ extension Overlay {
             }
             return result
         }
-        var before: LayerReferences.Counts = [:]
-        let protected: [(path: [UInt8], flag: [UInt8])]
-        do {
-            // What the old layers reference, known before they go.
-            for layer in old.layers { before.merge(try LayerReferences.ensure(layer), uniquingKeysWith: +) }
-            // What the guest set immutable or append-only through its mount (its root's flag too).
-            protected =
-                (try old.upper.presentExtendedAttribute("trusted.overlay.protattr").map { [([], $0)] } ?? [])
-                + (try protectedEntries(in: old.upper))
-            state.phase = .folding
-            try guest.writeState(state)
-        } catch let error as InputError {
-            throw error
-        } catch {
-            // Nothing changed yet (a state not written stays the old one): named with the guest.
-            throw FoldFailed(root: root, generation: state.generation, underlying: error)
-        }
+        let (before, protected) = try beginFold(guest, old, state: &state, root: root)
         do {
             result = try buildGeneration(
                 state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
@@ -113,6 +97,30 @@ extension Overlay {
         retirer.retire(guest, keeping: state.generation, candidates: Set(before.keys.filter { (after[$0] ?? 0) == 0 }))
         result.seconds = elapsed(since: started)
         return result
+    }
+
+    /// The fold's first step, which changes nothing the guest sees: what the
+    /// old layers reference and what the guest set immutable or append-only
+    /// through its mount (its root's flag too) are read before they go, then
+    /// the state says `folding`. Fails named with the guest.
+    static func beginFold(
+        _ guest: OverlayGuest, _ old: OverlayGuest.Generation, state: inout OverlayGuest.State, root: FilePath
+    ) throws -> (before: LayerReferences.Counts, protected: [(path: [UInt8], flag: [UInt8])]) {
+        do {
+            var before: LayerReferences.Counts = [:]
+            for layer in old.layers { before.merge(try LayerReferences.ensure(layer), uniquingKeysWith: +) }
+            let protected =
+                (try old.upper.presentExtendedAttribute("trusted.overlay.protattr").map { [([], $0)] } ?? [])
+                + (try protectedEntries(in: old.upper))
+            state.phase = .folding
+            try guest.writeState(state)
+            return (before, protected)
+        } catch let error as InputError {
+            throw error
+        } catch {
+            // Nothing changed yet (a state not written stays the old one).
+            throw FoldFailed(root: root, generation: state.generation, underlying: error)
+        }
     }
 
     /// In a generation a fold made: the objects made of the old upper
@@ -159,80 +167,6 @@ extension Overlay {
         let removed = try s.objects.remove(unused)
         result.objectsRemoved = removed.count
         result.objectsRemovedBytes = removed.reduce(0) { $0 + (bytes[$1] ?? 0) }
-    }
-
-    /// Builds generation `number` of `guest` from what `source`'s generation
-    /// `generation` shows (read through its mount, or a private read-only
-    /// one): what its upper layer does not touch is taken from its
-    /// description unread, the rest is read and hashed, and the description
-    /// is written as the new generation's image. For a fold, `source` is the
-    /// guest itself; for a clone, the guest cloned: a clone of a generation
-    /// with nothing to fold shares its image (a hard link: one file, one
-    /// page-cache copy for both until one folds). The objects made for a
-    /// build that fails are removed again.
-    static func buildGeneration(
-        _ number: Int, of guest: OverlayGuest, from source: OverlayGuest, generation: Int,
-        session s: Session
-    ) throws -> OverlayReport.Guest {
-        var result = OverlayReport.Guest(root: guest.rootPath.string, action: .built)
-        if let why = OverlayMount.imageUnsupportedReason() { throw InputError(why) }
-        let old = try source.generation(generation)
-        let next = try guest.makeGeneration(number)
-        let live = try Directory.open(path: source.rootPath)
-        let isLive = OverlayMount.isMounted(old, at: live)
-        if source !== guest, old.isImage, !hasCopyUps(old) {
-            for name in [
-                GuestImage.fileName, GuestImage.digestName, LayerReferences.fileName(GuestImage.layerName),
-                OverlayGuest.escapedMarker,
-            ]
-            where (try? old.directory.stat(name)) != nil {
-                try old.directory.link(name, to: next, as: name)
-            }
-            try copyLayerRootAttributes(
-                from: old.upper, stat: try old.upper.stat(), to: try next.openDirectory(FileName("upper")))
-            try next.sync()
-            result.filesUnchanged = (LayerReferences.read(old.imageLayer) ?? [:]).values.reduce(0, +)
-            return result
-        }
-        let filler = StubFiller(objects: s.objects, threads: fillThreads)
-        let builder = GenerationBuilder(filler: filler, lease: false) { _ in false }
-        builder.skipVanished = isLive
-        builder.linkUpperFiles = source === guest && !isLive
-        do {
-            let context = try FoldContext.root(of: old, reuse: !isLive)
-            let build = { (merged: Directory) throws in
-                merge(try builder.build(merged, context: context), into: &result)
-                try GuestImage.write(builder.tree, into: next, number: number)
-                // The objects made of the upper layer's own files are recorded only after the switch.
-                let reserved = s.objects.reservations
-                if !reserved.isEmpty {
-                    try next.writeAtomically(reserved.flatMap(\.journalLine), as: foldObjectsJournalName)
-                }
-                let gen = try guest.generation(number)
-                try copyRootAttributes(from: merged, to: gen.upper)
-                try gen.markEscapedAttributes(builder.escapedAttributes)
-            }
-            if isLive { try build(live) } else { try withPrivateMount(source, old, session: s, build) }
-            try s.objects.sync()
-        } catch {
-            s.objects.abandonReservations()
-            _ = try? s.objects.remove(filler.objectsMade)
-            throw error
-        }
-        result.stubs = builder.stubs
-        result.inlineFiles = builder.inlineFiles
-        result.filesUnchanged = builder.filesUnchanged
-        result.filesHashed = builder.filesHashed
-        return result
-    }
-
-    /// Gives a new upper root the old upper root's owner, mode, mtime and
-    /// xattrs but overlayfs' own (what the guest's root shows).
-    static func copyLayerRootAttributes(from old: Directory, stat st: FileStat, to upper: Directory) throws {
-        try upper.changeOwner(uid: st.uid, gid: st.gid)
-        try upper.changeMode(st.mode)
-        for a in try old.extendedAttributes() where !isOverlayOwn(a.name) { try upper.setExtendedAttribute(a) }
-        try upper.setModificationTime(st.modificationTime)
     }
 
     /// `hashify overlay fold`: the fold alone, for overlay guests only (what a
