@@ -1,3 +1,5 @@
+import HashifySystem
+
 /// The parts of the EROFS on-disk format (Linux `fs/erofs/erofs_fs.h`,
 /// `Documentation/filesystems/erofs.rst`) that the writer and the reader
 /// share. All integers on disk are little-endian.
@@ -212,3 +214,7 @@ enum XXH32 {
         return h
     }
 }
+
+/// Whether `a` sorts before `b` byte by byte (a prefix first), as EROFS orders directory entries.
+@inline(__always)
+func bytesPrecede(_ a: [UInt8], _ b: [UInt8]) -> Bool { compareBytes(a, b) < 0 }

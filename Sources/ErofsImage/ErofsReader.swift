@@ -8,7 +8,9 @@ import HashifySystem
 /// A regular file whose every chunk is a hole comes back as
 /// `.external(size:)`; any other regular file as `.inline` with its content.
 public final class ErofsReader {
-    private let file: OpenFile
+    private let file: OpenFile?
+    /// The whole image when it was given in memory (then no block is read from a file).
+    private let whole: [UInt8]?
     /// The image's block size in bytes.
     public let blockSize: Int
     /// The root directory's nid (its inode's 32-byte slot number).
@@ -25,11 +27,29 @@ public final class ErofsReader {
     private var cache: [UInt64: [UInt8]] = [:]
 
     /// Reads and checks the superblock of the image in `file`.
-    public init(file: OpenFile) throws {
+    public convenience init(file: OpenFile) throws {
+        try self.init(file: file, whole: nil)
+    }
+
+    /// Checks the superblock of the image `bytes` (the whole image, in memory).
+    public convenience init(image bytes: [UInt8]) throws {
+        try self.init(file: nil, whole: bytes)
+    }
+
+    private init(file: OpenFile?, whole: [UInt8]?) throws {
         self.file = file
-        imageBytes = try file.stat().size
+        self.whole = whole
+        imageBytes = try whole.map { UInt64($0.count) } ?? file!.stat().size
         var probe = [UInt8](repeating: 0, count: Erofs.superblockSize)
-        let got = try probe.withUnsafeMutableBytes { try file.read(into: $0, at: UInt64(Erofs.superblockOffset)) }
+        let got: Int
+        if let whole {
+            got = min(Erofs.superblockSize, max(0, whole.count - Erofs.superblockOffset))
+            if got > 0 {
+                probe.replaceSubrange(0..<got, with: whole[Erofs.superblockOffset..<(Erofs.superblockOffset + got)])
+            }
+        } else {
+            got = try probe.withUnsafeMutableBytes { try file!.read(into: $0, at: UInt64(Erofs.superblockOffset)) }
+        }
         guard got == Erofs.superblockSize, probe.le32(0) == Erofs.magic else {
             throw ErofsImageError.corruptImage("no EROFS superblock at offset 1024")
         }
@@ -67,6 +87,11 @@ public final class ErofsReader {
         try ErofsReader(file: file).readTree()
     }
 
+    /// The tree of the image `bytes` (the whole image, in memory).
+    public static func read(image bytes: [UInt8]) throws -> ErofsTree {
+        try ErofsReader(image: bytes).readTree()
+    }
+
     /// The node at a slash-separated path below the root ("" is the root),
     /// reading only the inodes on the way (a directory's entries are not
     /// filled in); nil when the path names nothing. Directories read are
@@ -92,33 +117,46 @@ public final class ErofsReader {
     /// Directories `node(atPath:)` has read, by nid.
     private var directories: [UInt64: [(name: [UInt8], nid: UInt64)]] = [:]
 
-    /// The whole tree, in `ErofsTree.canonicalized()` form.
+    /// The whole tree, in `ErofsTree.canonicalized()` form: nodes numbered
+    /// as a depth-first walk in name order first reaches them, read in that order.
     public func readTree() throws -> ErofsTree {
         var nodeOf: [UInt64: ErofsTree.NodeID] = [rootNid: 0]
         let root = try readInode(rootNid)
         guard root.node.isDirectory else { throw ErofsImageError.corruptImage("the root is not a directory") }
         var nodes: [ErofsNode] = [root.node]
-        var pending: [(ErofsTree.NodeID, [(name: [UInt8], nid: UInt64)])] = [(0, root.entries)]
-        while let (directory, list) = pending.popLast() {
-            var entries: [ErofsEntry] = []
-            for (name, nid) in list {
-                if let existing = nodeOf[nid] {
-                    guard !nodes[existing].isDirectory else {
-                        throw ErofsImageError.corruptImage("directory nid \(nid) is named twice")
-                    }
-                    entries.append(ErofsEntry(name: name, node: existing))
-                    continue
-                }
-                let inode = try readInode(nid)
-                let id = nodes.count
-                nodeOf[nid] = id
-                nodes.append(inode.node)
-                entries.append(ErofsEntry(name: name, node: id))
-                if inode.node.isDirectory { pending.append((id, inode.entries)) }
+        // The directories being read, innermost last: each one's entries still to number (next last), and those numbered.
+        var open: [(directory: ErofsTree.NodeID, rest: [(name: [UInt8], nid: UInt64)], entries: [ErofsEntry])] = [
+            (0, Self.inNameOrder(root.entries).reversed(), [])
+        ]
+        while let top = open.indices.last {
+            guard let (name, nid) = open[top].rest.popLast() else {
+                let done = open.removeLast()
+                nodes[done.directory].kind = .directory(done.entries)
+                continue
             }
-            nodes[directory].kind = .directory(entries)
+            if let existing = nodeOf[nid] {
+                guard !nodes[existing].isDirectory else {
+                    throw ErofsImageError.corruptImage("directory nid \(nid) is named twice")
+                }
+                open[top].entries.append(ErofsEntry(name: name, node: existing))
+                continue
+            }
+            let inode = try readInode(nid)
+            let id = nodes.count
+            nodeOf[nid] = id
+            nodes.append(inode.node)
+            open[top].entries.append(ErofsEntry(name: name, node: id))
+            if inode.node.isDirectory {
+                open.append((id, Self.inNameOrder(inode.entries).reversed(), []))
+            }
         }
-        return ErofsTree(nodes: nodes).canonicalized()
+        return ErofsTree(nodes: nodes)
+    }
+
+    /// A directory's entries sorted by name (an image's are already: EROFS looks names up by bisection).
+    private static func inNameOrder(_ entries: [(name: [UInt8], nid: UInt64)]) -> [(name: [UInt8], nid: UInt64)] {
+        if zip(entries, entries.dropFirst()).allSatisfy({ !bytesPrecede($1.name, $0.name) }) { return entries }
+        return entries.sorted { bytesPrecede($0.name, $1.name) }
     }
 
     // MARK: bytes
@@ -131,6 +169,7 @@ public final class ErofsReader {
         else {
             throw ErofsImageError.corruptImage("a read of \(count) bytes at \(offset) passes the end of the image")
         }
+        if let whole { return Array(whole[Int(offset)..<Int(offset) + count]) }
         var out: [UInt8] = []
         out.reserveCapacity(count)
         var at = offset
@@ -154,7 +193,7 @@ public final class ErofsReader {
         var done = 0
         while done < blockSize {
             let n = try block.withUnsafeMutableBytes {
-                try file.read(
+                try file!.read(
                     into: UnsafeMutableRawBufferPointer(rebasing: $0[done...]),
                     at: number * UInt64(blockSize) + UInt64(done))
             }
@@ -274,7 +313,8 @@ public final class ErofsReader {
             result.append(try decodeXattr(body[at..<end], nid: nid))
             at = roundUp(end, 4)
         }
-        return result.sorted { $0.name.lexicographicallyPrecedes($1.name) }
+        if zip(result, result.dropFirst()).allSatisfy({ !bytesPrecede($1.name, $0.name) }) { return result }
+        return result.sorted { bytesPrecede($0.name, $1.name) }
     }
 
     private func decodeXattr(_ entry: ArraySlice<UInt8>, nid: UInt64) throws -> ExtendedAttribute {

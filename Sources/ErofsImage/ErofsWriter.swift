@@ -141,6 +141,20 @@ private struct StoredXattr: Hashable {
     var suffix: [UInt8]
     var value: [UInt8]
     var entrySize: Int { Erofs.xattrEntrySize(suffixLength: suffix.count, valueLength: value.count) }
+    /// The bit of the name filter this xattr's name sets.
+    var filterBit: UInt32 { 1 << (XXH32.hash(suffix, seed: Erofs.xattrFilterSeed &+ UInt32(index)) & 31) }
+
+    static func == (a: StoredXattr, b: StoredXattr) -> Bool {
+        a.index == b.index && a.suffix == b.suffix && a.value == b.value
+    }
+
+    // The bytes hashed whole (an array of bytes hashes them one by one).
+    func hash(into hasher: inout Hasher) {
+        hasher.combine(index)
+        hasher.combine(suffix.count)
+        suffix.withUnsafeBytes { hasher.combine(bytes: $0) }
+        value.withUnsafeBytes { hasher.combine(bytes: $0) }
+    }
 }
 
 /// The layout of every inode, computed before a byte is written.
@@ -176,6 +190,7 @@ private struct Plan {
     var inodes: [Inode] = []
     var shared: [StoredXattr] = []
     var sharedOffsets: [Int] = []
+    var sharedFilterBits: [UInt32] = []
     var epoch = Timestamp(seconds: 0, nanoseconds: 0)
     var inodesEnd = 0
     var sharedStart = 0
@@ -221,9 +236,10 @@ private struct Plan {
             let dot = Array(".".utf8)
             let dotdot = Array("..".utf8)
             var entries: [(name: [UInt8], inode: Int)] = [(dot, current), (dotdot, -2)]
+            entries.reserveCapacity(list.count + 2)
             var subdirectories: UInt32 = 0
             // In name order: the image depends on the tree's shape, not on how it was built.
-            for entry in list.sorted(by: { $0.name.lexicographicallyPrecedes($1.name) }) {
+            for entry in list.sorted(by: { bytesPrecede($0.name, $1.name) }) {
                 try checkName(entry.name)
                 guard tree.nodes.indices.contains(entry.node) else {
                     throw ErofsImageError.invalidTree("entry \(escapedPath(entry.name)) names no node (\(entry.node))")
@@ -241,13 +257,13 @@ private struct Plan {
                     index = inodes.count
                     inodeOf[entry.node] = index
                     inodes.append(Inode(node: entry.node))
-                    if child.isDirectory { parents[index] = current }
+                    parents.append(child.isDirectory ? current : -1)
                 }
                 inodes[index].nlink += 1
                 entries.append((entry.name, index))
             }
-            entries[1].inode = parents[current] ?? current
-            entries.sort { $0.name.lexicographicallyPrecedes($1.name) }
+            entries[1].inode = parents[current] < 0 ? current : parents[current]
+            entries.sort { bytesPrecede($0.name, $1.name) }
             for i in 1..<entries.count where entries[i].name == entries[i - 1].name {
                 throw ErofsImageError.invalidTree("two entries named \(escapedPath(entries[i].name)) in one directory")
             }
@@ -256,7 +272,8 @@ private struct Plan {
         }
     }
 
-    private var parents: [Int: Int] = [:]
+    /// Each inode's parent directory when it is a directory (-1 for the root and non-directories).
+    private var parents: [Int] = [-1]
 
     func checkName(_ name: [UInt8]) throws {
         guard !name.isEmpty, name.count <= Erofs.maxNameLength, !name.contains(0), !name.contains(0x2f),
@@ -275,9 +292,14 @@ private struct Plan {
         var stored: [[StoredXattr]] = []
         var uses: [StoredXattr: Int] = [:]
         stored.reserveCapacity(inodes.count)
-        for inode in inodes {
-            let attrs = tree.nodes[inode.node].xattrs.sorted { $0.name.lexicographicallyPrecedes($1.name) }
+        uses.reserveCapacity(inodes.count)
+        for n in inodes.indices {
+            var attrs = tree.nodes[inodes[n].node].xattrs
+            if !zip(attrs, attrs.dropFirst()).allSatisfy({ !bytesPrecede($1.name, $0.name) }) {
+                attrs.sort { bytesPrecede($0.name, $1.name) }
+            }
             var list: [StoredXattr] = []
+            list.reserveCapacity(attrs.count)
             for (i, a) in attrs.enumerated() {
                 if i > 0 && attrs[i - 1].name == a.name {
                     throw ErofsImageError.invalidTree("two xattrs named \(escapedPath(a.name)) on one node")
@@ -303,6 +325,7 @@ private struct Plan {
         var offset = 0
         for (i, x) in shared.enumerated() {
             sharedIndex[x] = i
+            sharedFilterBits.append(x.filterBit)
             sharedOffsets.append(offset)
             offset += x.entrySize
         }
@@ -330,7 +353,7 @@ private struct Plan {
     /// their compact inodes then carry.
     mutating func chooseEpoch() {
         var counts: [Timestamp: Int] = [:]
-        for inode in inodes { counts[tree.nodes[inode.node].modificationTime, default: 0] += 1 }
+        for i in inodes.indices { counts[tree.nodes[inodes[i].node].modificationTime, default: 0] += 1 }
         epoch = counts.max { a, b in a.value != b.value ? a.value < b.value : a.key > b.key }?.key ?? epoch
     }
 
@@ -534,9 +557,8 @@ private struct Plan {
         guard inode.xattrSize > 0 else { return start }
         var x = start
         var present: UInt32 = 0
-        for stored in inode.sharedXattrs.map({ shared[$0] }) + inode.ownXattrs {
-            present |= 1 << (XXH32.hash(stored.suffix, seed: Erofs.xattrFilterSeed &+ UInt32(stored.index)) & 31)
-        }
+        for s in inode.sharedXattrs { present |= sharedFilterBits[s] }
+        for own in inode.ownXattrs { present |= own.filterBit }
         meta.put32(~present, at: x)
         meta[x + 4] = UInt8(inode.sharedXattrs.count)
         x += Erofs.xattrBodyHeaderSize

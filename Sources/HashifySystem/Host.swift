@@ -67,6 +67,17 @@ public func nameLength(_ cName: UnsafePointer<CChar>) -> Int { strlen(cName) }
 /// Whether `count` bytes at `a` and `b` are equal. The corresponding C function is `memcmp()`.
 public func bytesEqual(_ a: UnsafeRawPointer, _ b: UnsafeRawPointer, count: Int) -> Bool { memcmp(a, b, count) == 0 }
 
+/// How `a` sorts against `b` byte by byte, a prefix first: negative, zero or
+/// positive (`lexicographicallyPrecedes` by `memcmp()`, without a call per byte).
+public func compareBytes(_ a: [UInt8], _ b: [UInt8]) -> Int {
+    let n = min(a.count, b.count)
+    let c =
+        n == 0
+        ? 0
+        : a.withUnsafeBufferPointer { pa in b.withUnsafeBufferPointer { memcmp(pa.baseAddress!, $0.baseAddress!, n) } }
+    return c != 0 ? Int(c) : a.count - b.count
+}
+
 /// `count` bytes from the kernel's random source. The corresponding C function is `getrandom()`.
 public func randomBytes(_ count: Int) -> [UInt8] {
     var bytes = [UInt8](repeating: 0, count: count)

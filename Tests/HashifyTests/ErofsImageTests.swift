@@ -315,9 +315,19 @@ func writeErofsImage(_ tree: ErofsTree, to path: String, options: ErofsWriter.Op
     return try ErofsWriter.write(tree, to: file, options: options)
 }
 
+/// Reads an image both ways (positioned reads on the file, and whole in
+/// memory as the fold reads it) and expects the same outcome of each.
 func readErofsImage(_ path: String) throws -> ErofsTree {
     let dir = try Directory.open(path: FilePath((path as NSString).deletingLastPathComponent))
-    return try ErofsReader.read(from: dir.openFileForReading(FileName((path as NSString).lastPathComponent)))
+    let name = FileName((path as NSString).lastPathComponent)
+    let fromFile = Result { try ErofsReader.read(from: dir.openFileForReading(name)) }
+    let inMemory = Result { try ErofsReader.read(image: dir.openFileForReading(name).readAll()) }
+    switch (fromFile, inMemory) {
+    case (.success(let a), .success(let b)): #expect(a == b, "\(path): read in memory differs")
+    case (.failure(let a), .failure(let b)): #expect("\(a)" == "\(b)", "\(path): refused differently in memory")
+    default: Issue.record("\(path): read from the file \(fromFile), in memory \(inMemory)")
+    }
+    return try fromFile.get()
 }
 
 let hasFsckErofs = FileManager.default.isExecutableFile(atPath: "/usr/bin/fsck.erofs")

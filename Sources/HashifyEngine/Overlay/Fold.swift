@@ -72,10 +72,11 @@ extension Overlay {
                 state.generation + 1, of: guest, from: guest, generation: state.generation, session: s)
             // Overlayfs keeps those flags on the upper layer only: they go to the new one.
             result.protectedEntries = try carryProtectedAttributes(
-                protected, from: old.upper, to: try guest.generation(state.generation + 1).upper)
+                try protected.value(), from: old.upper, to: try guest.generation(state.generation + 1).upper)
         } catch {
             // Nothing of a fold that failed before its switch is published:
             // the objects it made go, the guest keeps its generation.
+            _ = try? protected.value()
             _ = try? recover(guest)
             if error is InputError { throw error }
             throw FoldFailed(root: root, generation: state.generation, underlying: error)
@@ -100,18 +101,21 @@ extension Overlay {
     }
 
     /// The fold's first step, which changes nothing the guest sees: what the
-    /// old layers reference and what the guest set immutable or append-only
-    /// through its mount (its root's flag too) are read before they go, then
-    /// the state says `folding`. Fails named with the guest.
+    /// old layers reference is read before they go, then the state says
+    /// `folding`. What the guest set immutable or append-only through its
+    /// mount (its root's flag too) is read from the old upper layer on
+    /// another thread (its own descriptor) while the fold builds: the walk of
+    /// a large upper layer then overlaps the build's. Fails named with the guest.
     static func beginFold(
         _ guest: OverlayGuest, _ old: OverlayGuest.Generation, state: inout OverlayGuest.State, root: FilePath
-    ) throws -> (before: LayerReferences.Counts, protected: [(path: [UInt8], flag: [UInt8])]) {
+    ) throws -> (before: LayerReferences.Counts, protected: BackgroundResult<[(path: [UInt8], flag: [UInt8])]>) {
         do {
             var before: LayerReferences.Counts = [:]
             for layer in old.layers { before.merge(try LayerReferences.ensure(layer), uniquingKeysWith: +) }
-            let protected =
-                (try old.upper.presentExtendedAttribute("trusted.overlay.protattr").map { [([], $0)] } ?? [])
-                + (try protectedEntries(in: old.upper))
+            let rootFlag: [(path: [UInt8], flag: [UInt8])] =
+                try old.upper.presentExtendedAttribute("trusted.overlay.protattr").map { [([], $0)] } ?? []
+            let upper = try old.upper.openDirectory(FileName("."))
+            let protected = BackgroundResult { rootFlag + (try protectedEntries(in: upper)) }
             state.phase = .folding
             try guest.writeState(state)
             return (before, protected)

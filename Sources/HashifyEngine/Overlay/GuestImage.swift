@@ -122,8 +122,8 @@ enum GuestImage {
 
     /// Reads the image in a generation directory (at `path`, for messages), checked against its digest.
     static func read(in generation: Directory, path: FilePath) throws -> ErofsTree {
-        let file = try checked(in: generation, path: path)
-        do { return try ErofsReader.read(from: file) } catch {
+        let (_, bytes) = try checkedImage(in: generation, path: path)
+        do { return try ErofsReader.read(image: bytes) } catch {
             throw InputError("\(path.appending(layerName)): the metadata image cannot be read (\(error))")
         }
     }
@@ -134,17 +134,24 @@ enum GuestImage {
     /// digest written with it: a truncated, edited or replaced image is
     /// refused (never mounted or read), and so is one without its digest.
     static func checked(in generation: Directory, path: FilePath) throws -> OpenFile {
+        let (file, _) = try checkedImage(in: generation, path: path)
+        try file.rewind()
+        return file
+    }
+
+    /// The image of a generation directory, open and read whole, once its bytes match the digest written with it.
+    static func checkedImage(in generation: Directory, path: FilePath) throws -> (file: OpenFile, bytes: [UInt8]) {
         let file = try generation.openFileForReading(fileName)
         let recorded = try? generation.openFileForReading(digestName).readAll(limit: 256)
+        let image = try file.readAll()
         guard let bytes = recorded, bytes.last == 0x0a,
-            String(decoding: bytes.dropLast(), as: UTF8.self) == digest(try file.readAll())
+            String(decoding: bytes.dropLast(), as: UTF8.self) == digest(image)
         else {
             throw InputError(
                 "\(path.appending(layerName)): the metadata image does not match the SHA-256 written with it (damaged, truncated or replaced); nothing of it is used"
             )
         }
-        try file.rewind()
-        return file
+        return (file, image)
     }
 
     /// Whether generation directory `generation` holds an image (a generation of this version).

@@ -8,7 +8,6 @@ extension Overlay {
     final class OldImage {
         let tree: ErofsTree
         let linkCounts: [Int]
-        private var children: [ErofsTree.NodeID: [[UInt8]: ErofsTree.NodeID]] = [:]
 
         init(_ tree: ErofsTree) {
             self.tree = tree
@@ -19,13 +18,18 @@ extension Overlay {
             linkCounts = counts
         }
 
-        /// The node named `name` in the directory `dir`, or nil.
+        /// The node named `name` in the directory `dir`, or nil: found by
+        /// bisection, the tree being the reader's (entries in name order).
         func child(_ dir: ErofsTree.NodeID, _ name: [UInt8]) -> ErofsTree.NodeID? {
-            if let known = children[dir] { return known[name] }
-            var byName: [[UInt8]: ErofsTree.NodeID] = [:]
-            for e in tree.entries(of: dir) { byName[e.name] = e.node }
-            children[dir] = byName
-            return byName[name]
+            guard case .directory(let entries) = tree[dir].kind else { return nil }
+            var (low, high) = (0, entries.count)
+            while low < high {
+                let mid = (low + high) / 2
+                let order = compareBytes(entries[mid].name, name)
+                if order == 0 { return entries[mid].node }
+                if order < 0 { low = mid + 1 } else { high = mid }
+            }
+            return nil
         }
     }
 
