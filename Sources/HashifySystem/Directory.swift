@@ -308,16 +308,38 @@ public final class Directory: @unchecked Sendable {
 
     /// Removes everything below this directory as `removeContents()`, but the non-directories
     /// `keep` picks (and the directories that hold them). Returns whether
-    /// anything was kept.
+    /// anything was kept. Iterative (an explicit stack of the directories
+    /// being emptied): a tree as deep as descriptors allow needs no deeper call stack.
     public func removeContents(keeping keep: (FileStat) -> Bool) throws -> Bool {
-        let mount = try stat().mountID
-        var kept = false
-        for name in try entryNames() {
-            let st = try stat(name)
-            if st.isDirectory && st.mountID != mount { throw Errno.resourceBusy }
-            if try remove(name, st, keeping: keep) { kept = true }
+        // Each directory being emptied: its descriptor, its mount, the names still to remove (next last),
+        // its name in the one below it in the stack, and whether something below it is kept.
+        var open: [(directory: Directory, mount: UInt64, names: [FileName], name: FileName?, kept: Bool)] = [
+            (self, try stat().mountID, try entryNames().reversed(), nil, false)
+        ]
+        while let top = open.indices.last {
+            guard let name = open[top].names.popLast() else {
+                let done = open.removeLast()
+                guard let doneName = done.name else { return done.kept }
+                if done.kept {
+                    open[top - 1].kept = true
+                } else {
+                    try open[top - 1].directory.unlink(doneName, isDirectory: true)
+                }
+                continue
+            }
+            let dir = open[top].directory
+            let st = try dir.stat(name)
+            if st.isDirectory {
+                if st.mountID != open[top].mount { throw Errno.resourceBusy }
+                let child = try dir.openDirectory(name)
+                open.append((child, st.mountID, try child.entryNames().reversed(), name, false))
+            } else if keep(st) {
+                open[top].kept = true
+            } else {
+                try dir.unlink(name)
+            }
         }
-        return kept
+        return false
     }
 
     /// Removes `name` and, when it is a directory, everything below it but
@@ -326,11 +348,6 @@ public final class Directory: @unchecked Sendable {
     public func removeTree(_ name: FileName, keeping keep: (FileStat) -> Bool) throws -> Bool {
         let st: FileStat
         do { st = try stat(name) } catch Errno.noSuchFileOrDirectory { return false }
-        return try remove(name, st, keeping: keep)
-    }
-
-    /// Removes the entry `name` (of attributes `st`) as `removeTree` does.
-    private func remove(_ name: FileName, _ st: FileStat, keeping keep: (FileStat) -> Bool) throws -> Bool {
         if st.isDirectory {
             if try openDirectory(name).removeContents(keeping: keep) { return true }
             try unlink(name, isDirectory: true)

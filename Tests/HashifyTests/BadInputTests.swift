@@ -1,3 +1,4 @@
+import CHashifyShim
 import Foundation
 import HashifyEngine
 import HashifySystem
@@ -231,6 +232,60 @@ struct BadInputTests {
         #expect(totals(r.out)["pathsLinked"] as? Int == 1)
         #expect(try deepest[0].stat(FileName("bottom")).inode == (try deepest[1].stat(FileName("bottom"))).inode)
         #expect(manifest(roots) == before)
+    }
+
+    @Test(
+        "a tree thousands of directories deep is removed on a thread of 128 KiB stack; a file the removal keeps stays with the directories above it, nothing else"
+    )
+    func deepTreeRemoval() throws {
+        // The removal holds a descriptor per level: as deep as this process may open, up to 12,000.
+        let depth = min(12_000, Int(hashify_raise_fd_limit()) - 1_000)
+        guard depth >= 3_000 else {
+            print("skipped: this process may open only \(depth + 1_000) files")
+            return
+        }
+        let s = Scratch("deep-removal")
+        let top = try Directory.open(path: .init(s.path))
+        /// A chain of `depth` directories "d" below `t`, a file at each level ("keep" at the middle one); its inode.
+        func makeChain() throws -> UInt64 {
+            try top.makeDirectory(FileName("t"), mode: 0o755)
+            var dir = try top.openDirectory(FileName("t"))
+            var kept: UInt64 = 0
+            for level in 0..<depth {
+                try dir.makeDirectory(FileName("d"), mode: 0o755)
+                dir = try dir.openDirectory(FileName("d"))
+                let name = FileName(level == depth / 2 ? "keep" : "f")
+                try dir.createFile(name, mode: 0o644).write([UInt8(level & 0xff)])
+                if level == depth / 2 { kept = try dir.stat(name).inode }
+            }
+            return kept
+        }
+        /// `removeTree` on a thread whose stack a recursion of a frame or two per level would overflow many times.
+        func removeOnSmallStack(keeping keep: @escaping @Sendable (FileStat) -> Bool) throws -> Bool {
+            let done = DispatchSemaphore(value: 0)
+            nonisolated(unsafe) var result: Result<Bool, any Error> = .success(false)
+            let thread = Thread {
+                result = Result { try top.removeTree(FileName("t"), keeping: keep) }
+                done.signal()
+            }
+            thread.stackSize = 128 << 10
+            thread.start()
+            done.wait()
+            return try result.get()
+        }
+        _ = try makeChain()
+        #expect(try removeOnSmallStack(keeping: { _ in false }) == false)
+        #expect((try? top.stat(FileName("t"))) == nil, "the whole tree is gone")
+
+        let keptInode = try makeChain()
+        #expect(try removeOnSmallStack(keeping: { $0.inode == keptInode }) == true)
+        var dir = try top.openDirectory(FileName("t"))
+        for _ in 0...(depth / 2) {
+            #expect(try dir.entryNames().map(\.bytes) == [Array("d".utf8)])
+            dir = try dir.openDirectory(FileName("d"))
+        }
+        #expect(try dir.entryNames().map(\.bytes) == [Array("keep".utf8)], "the kept file alone at its level, nothing below")
+        #expect(try dir.stat(FileName("keep")).inode == keptInode)
     }
 
     @Test("an unreadable file is a reported skip (exit 1); everything else is unified")
