@@ -443,11 +443,18 @@ public final class ErofsReader {
                 guard from >= first, from <= to, from < to || k + 1 == count, to <= block.count else {
                     throw ErofsImageError.corruptImage("nid \(nid): bad dirent name offset")
                 }
-                if k + 1 == count {
-                    to = block[(s + from)..<(s + to)].firstIndex(of: 0).map { $0 - s } ?? to
+                if k + 1 == count, let end = block[(s + from)..<(s + to)].firstIndex(of: 0) {
+                    // The last name of a block ends at the block's zero padding: zeros only after it.
+                    guard block[end..<(s + to)].allSatisfy({ $0 == 0 }) else {
+                        throw ErofsImageError.corruptImage("nid \(nid): an entry name holds a slash or a NUL")
+                    }
+                    to = end - s
                 }
                 let name = Array(block[(s + from)..<(s + to)])
                 guard !name.isEmpty else { throw ErofsImageError.corruptImage("nid \(nid): empty name") }
+                guard !name.contains(0x2f), !name.contains(0) else {
+                    throw ErofsImageError.corruptImage("nid \(nid): an entry name holds a slash or a NUL")
+                }
                 if name == [0x2e] || name == [0x2e, 0x2e] { continue }
                 result.append((name, child))
             }

@@ -284,7 +284,9 @@ struct BadInputTests {
             #expect(try dir.entryNames().map(\.bytes) == [Array("d".utf8)])
             dir = try dir.openDirectory(FileName("d"))
         }
-        #expect(try dir.entryNames().map(\.bytes) == [Array("keep".utf8)], "the kept file alone at its level, nothing below")
+        #expect(
+            try dir.entryNames().map(\.bytes) == [Array("keep".utf8)], "the kept file alone at its level, nothing below"
+        )
         #expect(try dir.stat(FileName("keep")).inode == keptInode)
     }
 

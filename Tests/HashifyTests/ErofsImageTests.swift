@@ -704,6 +704,22 @@ extension ErofsImageTests {
 }
 
 extension ErofsImageTests {
+    @Test("an entry name holding a slash or a NUL is a damaged image, refused as one by the reader")
+    func slashOrNulInName() throws {
+        let s = Scratch("erofs-names")
+        var tree = ErofsTree(root: .directory())
+        tree.add(ErofsNode(.file(.inline(b("x"))), permissions: 0o644), as: b("aqz"), in: ErofsTree.rootID)
+        let image = try ErofsWriter.image(of: tree, options: .init(checksum: false))
+        let at = try #require(image.indices.first { image[$0...].starts(with: b("aqz")) })
+        for byte: UInt8 in [0x2f, 0] {
+            var damaged = image
+            damaged[at + 1] = byte
+            try Data(damaged).write(to: URL(fileURLWithPath: s.sub("bad.img")))
+            let error = #expect(throws: ErofsImageError.self) { try readErofsImage(s.sub("bad.img")) }
+            #expect("\(error.map { "\($0)" } ?? "")".hasSuffix("an entry name holds a slash or a NUL"))
+        }
+    }
+
     @Test("a corrupt image is an error, never a crash: 2,000 single-byte flips of the metadata, each read whole")
     func corruptImagesThrow() throws {
         let s = Scratch("erofs-fuzz")
