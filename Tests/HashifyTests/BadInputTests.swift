@@ -290,6 +290,19 @@ struct BadInputTests {
         #expect(try dir.stat(FileName("keep")).inode == keptInode)
     }
 
+    @Test(
+        "an error naming a path thousands of directories deep stays one readable line: its beginning and end, what was left out"
+    )
+    func longErrorElided() throws {
+        let root = "/nonexistent/" + String(repeating: "a/", count: 3_000) + "end"
+        let r = hashify(["unify", "--store", Scratch("long-error").sub("store"), root])
+        #expect(r.status == 2)
+        #expect(r.err.hasPrefix("hashify: /nonexistent/a/a/"))
+        #expect(r.err.contains("characters left out)…"))
+        #expect(r.err.hasSuffix("/a/end: cannot open: File name too long\n"), "the failure itself is kept")
+        #expect(r.err.count < 2_200 && r.err.split(separator: "\n").count == 1, "\(r.err.count) characters")
+    }
+
     @Test("an unreadable file is a reported skip (exit 1); everything else is unified")
     func unreadableFile() throws {
         guard isRoot else {
