@@ -218,3 +218,10 @@ enum XXH32 {
 /// Whether `a` sorts before `b` byte by byte (a prefix first), as EROFS orders directory entries.
 @inline(__always)
 func bytesPrecede(_ a: [UInt8], _ b: [UInt8]) -> Bool { compareBytes(a, b) < 0 }
+
+/// `items` in the byte order of their names: as given when they are in it
+/// already (an image's entries and xattrs, a description read back), else sorted.
+func inByteOrder<T>(_ items: [T], by name: (T) -> [UInt8]) -> [T] {
+    if zip(items, items.dropFirst()).allSatisfy({ !bytesPrecede(name($1), name($0)) }) { return items }
+    return items.sorted { bytesPrecede(name($0), name($1)) }
+}

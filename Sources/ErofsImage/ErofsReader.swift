@@ -8,9 +8,12 @@ import HashifySystem
 /// A regular file whose every chunk is a hole comes back as
 /// `.external(size:)`; any other regular file as `.inline` with its content.
 public final class ErofsReader {
-    private let file: OpenFile?
-    /// The whole image when it was given in memory (then no block is read from a file).
-    private let whole: [UInt8]?
+    /// Where the image's bytes are: read from a file block by block, or the whole image in memory.
+    private enum Source {
+        case file(OpenFile)
+        case memory([UInt8])
+    }
+    private let source: Source
     /// The image's block size in bytes.
     public let blockSize: Int
     /// The root directory's nid (its inode's 32-byte slot number).
@@ -28,27 +31,28 @@ public final class ErofsReader {
 
     /// Reads and checks the superblock of the image in `file`.
     public convenience init(file: OpenFile) throws {
-        try self.init(file: file, whole: nil)
+        try self.init(.file(file))
     }
 
     /// Checks the superblock of the image `bytes` (the whole image, in memory).
     public convenience init(image bytes: [UInt8]) throws {
-        try self.init(file: nil, whole: bytes)
+        try self.init(.memory(bytes))
     }
 
-    private init(file: OpenFile?, whole: [UInt8]?) throws {
-        self.file = file
-        self.whole = whole
-        imageBytes = try whole.map { UInt64($0.count) } ?? file!.stat().size
+    private init(_ source: Source) throws {
+        self.source = source
         var probe = [UInt8](repeating: 0, count: Erofs.superblockSize)
         let got: Int
-        if let whole {
+        switch source {
+        case .file(let file):
+            imageBytes = try file.stat().size
+            got = try probe.withUnsafeMutableBytes { try file.read(into: $0, at: UInt64(Erofs.superblockOffset)) }
+        case .memory(let whole):
+            imageBytes = UInt64(whole.count)
             got = min(Erofs.superblockSize, max(0, whole.count - Erofs.superblockOffset))
             if got > 0 {
                 probe.replaceSubrange(0..<got, with: whole[Erofs.superblockOffset..<(Erofs.superblockOffset + got)])
             }
-        } else {
-            got = try probe.withUnsafeMutableBytes { try file!.read(into: $0, at: UInt64(Erofs.superblockOffset)) }
         }
         guard got == Erofs.superblockSize, probe.le32(0) == Erofs.magic else {
             throw ErofsImageError.corruptImage("no EROFS superblock at offset 1024")
@@ -126,7 +130,7 @@ public final class ErofsReader {
         var nodes: [ErofsNode] = [root.node]
         // The directories being read, innermost last: each one's entries still to number (next last), and those numbered.
         var open: [(directory: ErofsTree.NodeID, rest: [(name: [UInt8], nid: UInt64)], entries: [ErofsEntry])] = [
-            (0, Self.inNameOrder(root.entries).reversed(), [])
+            (0, inByteOrder(root.entries, by: \.name).reversed(), [])
         ]
         while let top = open.indices.last {
             guard let (name, nid) = open[top].rest.popLast() else {
@@ -147,21 +151,15 @@ public final class ErofsReader {
             nodes.append(inode.node)
             open[top].entries.append(ErofsEntry(name: name, node: id))
             if inode.node.isDirectory {
-                open.append((id, Self.inNameOrder(inode.entries).reversed(), []))
+                open.append((id, inByteOrder(inode.entries, by: \.name).reversed(), []))
             }
         }
         return ErofsTree(nodes: nodes)
     }
 
-    /// A directory's entries sorted by name (an image's are already: EROFS looks names up by bisection).
-    private static func inNameOrder(_ entries: [(name: [UInt8], nid: UInt64)]) -> [(name: [UInt8], nid: UInt64)] {
-        if zip(entries, entries.dropFirst()).allSatisfy({ !bytesPrecede($1.name, $0.name) }) { return entries }
-        return entries.sorted { bytesPrecede($0.name, $1.name) }
-    }
-
     // MARK: bytes
 
-    /// `count` bytes at `offset`, through a cache of whole blocks.
+    /// `count` bytes at `offset`: from the image in memory, or through a cache of whole blocks of the file.
     private func bytes(at offset: UInt64, count: Int) throws -> [UInt8] {
         guard count > 0 else { return [] }
         guard offset.addingReportingOverflow(UInt64(count)).overflow == false,
@@ -169,7 +167,11 @@ public final class ErofsReader {
         else {
             throw ErofsImageError.corruptImage("a read of \(count) bytes at \(offset) passes the end of the image")
         }
-        if let whole { return Array(whole[Int(offset)..<Int(offset) + count]) }
+        let file: OpenFile
+        switch source {
+        case .memory(let whole): return Array(whole[Int(offset)..<Int(offset) + count])
+        case .file(let f): file = f
+        }
         var out: [UInt8] = []
         out.reserveCapacity(count)
         var at = offset
@@ -177,7 +179,7 @@ public final class ErofsReader {
         let bs = UInt64(blockSize)
         while at < end {
             let blockNumber = at / bs
-            let block = try cachedBlock(blockNumber)
+            let block = try cachedBlock(blockNumber, of: file)
             let from = Int(at - blockNumber * bs)
             let to = Int(min(end - blockNumber * bs, UInt64(block.count)))
             guard to > from else { throw ErofsImageError.corruptImage("a short read at \(at)") }
@@ -187,13 +189,13 @@ public final class ErofsReader {
         return out
     }
 
-    private func cachedBlock(_ number: UInt64) throws -> [UInt8] {
+    private func cachedBlock(_ number: UInt64, of file: OpenFile) throws -> [UInt8] {
         if let b = cache[number] { return b }
         var block = [UInt8](repeating: 0, count: blockSize)
         var done = 0
         while done < blockSize {
             let n = try block.withUnsafeMutableBytes {
-                try file!.read(
+                try file.read(
                     into: UnsafeMutableRawBufferPointer(rebasing: $0[done...]),
                     at: number * UInt64(blockSize) + UInt64(done))
             }
@@ -313,8 +315,7 @@ public final class ErofsReader {
             result.append(try decodeXattr(body[at..<end], nid: nid))
             at = roundUp(end, 4)
         }
-        if zip(result, result.dropFirst()).allSatisfy({ !bytesPrecede($1.name, $0.name) }) { return result }
-        return result.sorted { bytesPrecede($0.name, $1.name) }
+        return inByteOrder(result, by: \.name)
     }
 
     private func decodeXattr(_ entry: ArraySlice<UInt8>, nid: UInt64) throws -> ExtendedAttribute {

@@ -144,10 +144,6 @@ private struct StoredXattr: Hashable {
     /// The bit of the name filter this xattr's name sets.
     var filterBit: UInt32 { 1 << (XXH32.hash(suffix, seed: Erofs.xattrFilterSeed &+ UInt32(index)) & 31) }
 
-    static func == (a: StoredXattr, b: StoredXattr) -> Bool {
-        a.index == b.index && a.suffix == b.suffix && a.value == b.value
-    }
-
     // The bytes hashed whole (an array of bytes hashes them one by one).
     func hash(into hasher: inout Hasher) {
         hasher.combine(index)
@@ -239,7 +235,7 @@ private struct Plan {
             entries.reserveCapacity(list.count + 2)
             var subdirectories: UInt32 = 0
             // In name order: the image depends on the tree's shape, not on how it was built.
-            for entry in list.sorted(by: { bytesPrecede($0.name, $1.name) }) {
+            for entry in inByteOrder(list, by: \.name) {
                 try checkName(entry.name)
                 guard tree.nodes.indices.contains(entry.node) else {
                     throw ErofsImageError.invalidTree("entry \(escapedPath(entry.name)) names no node (\(entry.node))")
@@ -294,10 +290,7 @@ private struct Plan {
         stored.reserveCapacity(inodes.count)
         uses.reserveCapacity(inodes.count)
         for n in inodes.indices {
-            var attrs = tree.nodes[inodes[n].node].xattrs
-            if !zip(attrs, attrs.dropFirst()).allSatisfy({ !bytesPrecede($1.name, $0.name) }) {
-                attrs.sort { bytesPrecede($0.name, $1.name) }
-            }
+            let attrs = inByteOrder(tree.nodes[inodes[n].node].xattrs, by: \.name)
             var list: [StoredXattr] = []
             list.reserveCapacity(attrs.count)
             for (i, a) in attrs.enumerated() {

@@ -159,20 +159,6 @@ extension Overlay {
         return try upperStillInUse(guest, old, session: s) ? .inUseElsewhere : nil
     }
 
-    /// Removes the data objects among `candidates` no guest references any
-    /// more, counting them in `result`.
-    static func removeObjects(_ candidates: Set<[UInt8]>, session s: Session, into result: inout OverlayReport.Guest)
-        throws
-    {
-        let unused = LayerReferences.unreferenced(candidates, store: s.store)
-        guard !unused.isEmpty else { return }
-        var bytes: [[UInt8]: UInt64] = [:]
-        for r in unused { bytes[r] = (try? s.objects.stat(r))?.allocatedBytes ?? 0 }
-        let removed = try s.objects.remove(unused)
-        result.objectsRemoved = removed.count
-        result.objectsRemovedBytes = removed.reduce(0) { $0 + (bytes[$1] ?? 0) }
-    }
-
     /// `hashify overlay fold`: the fold alone, for overlay guests only (what a
     /// container's start hook runs; `unify` does it too, beside hardlink mode).
     public static func fold(_ options: OverlayOptions) throws -> OverlayReport {

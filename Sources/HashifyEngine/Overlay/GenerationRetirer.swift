@@ -57,22 +57,41 @@ final class GenerationRetirer: @unchecked Sendable {
 
     /// Waits for every removal, then removes the objects no guest references
     /// any more; the outcome of each guest retired (`ObjectIdentifier` of its
-    /// record). An object that cannot be removed is left for `gc`, and said.
+    /// record). Whether an object is unused is proven once for all the folds'
+    /// candidates (every guest's reference lists read once, however many
+    /// guests folded); an object is counted for the first guest whose fold
+    /// left it. An object that cannot be removed is left for `gc`, and said.
     func finish(session s: Overlay.Session) -> [ObjectIdentifier: Outcome] {
         group.wait()
         let failed = failures.withLock { $0 }
+        var removed: [[UInt8]: UInt64] = [:]
+        var removal: (unused: Set<[UInt8]>, error: any Error)?
+        let unused = LayerReferences.unreferenced(
+            retired.reduce(into: Set()) { $0.formUnion($1.candidates) }, store: s.store)
+        if !unused.isEmpty {
+            var bytes: [[UInt8]: UInt64] = [:]
+            for r in unused { bytes[r] = (try? s.objects.stat(r))?.allocatedBytes ?? 0 }
+            do {
+                for r in try s.objects.remove(unused) { removed[r] = bytes[r] ?? 0 }
+            } catch {
+                removal = (unused, error)
+            }
+        }
+        var counted = Set<[UInt8]>()
         var out: [ObjectIdentifier: Outcome] = [:]
         for (i, r) in retired.enumerated() {
             var outcome = Outcome(note: failed[i])
-            var result = OverlayReport.Guest(root: r.guest.rootPath.string, action: .folded)
-            do { try Overlay.removeObjects(r.candidates, session: s, into: &result) } catch {
+            for object in r.candidates where removed[object] != nil && counted.insert(object).inserted {
+                outcome.objectsRemoved += 1
+                outcome.objectsRemovedBytes += removed[object]!
+            }
+            if let removal, !r.candidates.isDisjoint(with: removal.unused) {
                 outcome.note = [
-                    outcome.note, "objects its fold left unused could not be removed (\(error)); gc removes them",
+                    outcome.note,
+                    "objects its fold left unused could not be removed (\(removal.error)); gc removes them",
                 ]
                 .compactMap { $0 }.joined(separator: "; ")
             }
-            outcome.objectsRemoved = result.objectsRemoved
-            outcome.objectsRemovedBytes = result.objectsRemovedBytes
             out[ObjectIdentifier(r.guest)] = outcome
         }
         retired = []
