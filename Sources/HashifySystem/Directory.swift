@@ -360,14 +360,17 @@ public final class Directory: @unchecked Sendable {
     }
 
     /// Calls body for each entry but "." and "..", with the raw NUL-terminated
-    /// name, its `d_type` and `d_ino`. Reads with `getdents64(2)`.
+    /// name, its `d_type` and `d_ino`. Reads with `getdents64(2)` from a
+    /// descriptor of its own (`openat(fd, ".")`): a directory's position is
+    /// shared by every reader of one open file description, so two threads
+    /// listing one `Directory` at once would each miss entries.
     public func forEachEntry(_ body: (UnsafePointer<CChar>, UInt8, UInt64) throws -> Void) throws {
+        let own = try openDirectory(cName: ".")
         let size = 64 * 1024
         let buf = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
         defer { buf.deallocate() }
-        _ = lseek(fd, 0, SEEK_SET)
         while true {
-            let n = try retrying { hashify_getdents64(self.fd, buf, size) }
+            let n = try retrying { hashify_getdents64(own.fd, buf, size) }
             if n == 0 { return }
             var off = 0
             while off < n {

@@ -2,6 +2,8 @@ import CHashifyShim
 import Foundation
 import HashifyEngine
 import HashifySystem
+import Synchronization
+import SystemPackage
 import Testing
 
 #if canImport(Glibc)
@@ -288,6 +290,22 @@ struct BadInputTests {
             try dir.entryNames().map(\.bytes) == [Array("keep".utf8)], "the kept file alone at its level, nothing below"
         )
         #expect(try dir.stat(FileName("keep")).inode == keptInode)
+    }
+
+    @Test("two threads listing one directory at once each see every entry (a listing has a position of its own)")
+    func concurrentListings() throws {
+        let s = Scratch("listings")
+        let names = Set((0..<3000).map { "entry-\($0)" })  // more than one getdents64 buffer
+        for n in names { writeFile(s.sub("dir/\(n)"), "") }
+        let dir = try Directory.open(path: FilePath(s.sub("dir")))
+        let short = Mutex(0)
+        DispatchQueue.concurrentPerform(iterations: 4) { _ in
+            for _ in 0..<50 {
+                let seen = Set(((try? dir.entryNames()) ?? []).map { String(decoding: $0.bytes, as: UTF8.self) })
+                if seen != names { short.withLock { $0 += 1 } }
+            }
+        }
+        #expect(short.withLock { $0 } == 0, "listings that missed entries")
     }
 
     @Test(
