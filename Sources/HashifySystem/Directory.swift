@@ -316,7 +316,9 @@ public final class Directory: @unchecked Sendable {
         var open: [(directory: Directory, mount: UInt64, names: [FileName], name: FileName?, kept: Bool)] = [
             (self, try stat().mountID, try entryNames().reversed(), nil, false)
         ]
-        while let top = open.indices.last {
+        // The loop ends when this directory is done: it returns then.
+        while true {
+            let top = open.count - 1
             guard let name = open[top].names.popLast() else {
                 let done = open.removeLast()
                 guard let doneName = done.name else { return done.kept }
@@ -339,7 +341,6 @@ public final class Directory: @unchecked Sendable {
                 try dir.unlink(name)
             }
         }
-        return false
     }
 
     /// Removes `name` and, when it is a directory, everything below it but

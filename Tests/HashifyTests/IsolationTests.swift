@@ -482,6 +482,10 @@ extension IsolationTests {
         #expect(overlay(["umount", "-q", b], store: store).status == 0)
         let dropFold = overlay(["fold", "--json", b], store: store)
         #expect(firstGuestReport(dropFold.out)["objectsRemoved"] as? Int == 0, "\(dropFold.out)")
+        #expect(
+            (firstGuestReport(dropFold.out)["notes"] as? [String] ?? []).contains {
+                $0.contains("1 object its fold left unused could not be removed")
+            }, "the fold says what it left: \(dropFold.out)")
         let gc = hashify(["gc", "--json", "--store", store])
         #expect(gc.status == 1, "it says what it could not remove: \(gc.out)")
         #expect(jsonReport(gc.out)["dataObjectsRemoved"] as? Int == 0, "\(gc.out)")

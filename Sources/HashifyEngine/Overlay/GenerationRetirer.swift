@@ -64,31 +64,39 @@ final class GenerationRetirer: @unchecked Sendable {
     func finish(session s: Overlay.Session) -> [ObjectIdentifier: Outcome] {
         group.wait()
         let failed = failures.withLock { $0 }
-        var removed: [[UInt8]: UInt64] = [:]
-        var removal: (unused: Set<[UInt8]>, error: any Error)?
         let unused = LayerReferences.unreferenced(
             retired.reduce(into: Set()) { $0.formUnion($1.candidates) }, store: s.store)
+        // Each object removed, with the bytes it held; why the rest of `unused` stays (an unlink refused, say).
+        var removed: [[UInt8]: UInt64] = [:]
+        var why = "an unlink refused; gc names it"
         if !unused.isEmpty {
             var bytes: [[UInt8]: UInt64] = [:]
             for r in unused { bytes[r] = (try? s.objects.stat(r))?.allocatedBytes ?? 0 }
             do {
                 for r in try s.objects.remove(unused) { removed[r] = bytes[r] ?? 0 }
             } catch {
-                removal = (unused, error)
+                why = "\(error)"
             }
         }
         var counted = Set<[UInt8]>()
         var out: [ObjectIdentifier: Outcome] = [:]
         for (i, r) in retired.enumerated() {
             var outcome = Outcome(note: failed[i])
-            for object in r.candidates where removed[object] != nil && counted.insert(object).inserted {
-                outcome.objectsRemoved += 1
-                outcome.objectsRemovedBytes += removed[object]!
+            var stuck = 0
+            for object in r.candidates where unused.contains(object) {
+                guard let bytes = removed[object] else {
+                    stuck += 1
+                    continue
+                }
+                if counted.insert(object).inserted {
+                    outcome.objectsRemoved += 1
+                    outcome.objectsRemovedBytes += bytes
+                }
             }
-            if let removal, !r.candidates.isDisjoint(with: removal.unused) {
+            if stuck > 0 {
                 outcome.note = [
                     outcome.note,
-                    "objects its fold left unused could not be removed (\(removal.error)); gc removes them",
+                    "\(stuck) object\(stuck == 1 ? "" : "s") its fold left unused could not be removed (\(why)), left for gc",
                 ]
                 .compactMap { $0 }.joined(separator: "; ")
             }
