@@ -65,15 +65,6 @@ func fail(_ message: String, status: Int32 = 2) -> Never {
     exit(status)
 }
 
-/// A message of at most about 2,000 characters: a longer one (a path
-/// thousands of directories deep) keeps its beginning and its end, which
-/// name the guest and the failure, and says how much was left out.
-func elided(_ message: String, keeping edge: Int = 1_000) -> String {
-    guard message.count > 2 * edge + 100 else { return message }
-    let left = message.count - 2 * edge
-    return "\(message.prefix(edge))…(\(left) characters left out)…\(message.suffix(edge))"
-}
-
 func printError(_ s: String) {
     var line = s
     if !line.hasSuffix("\n") { line += "\n" }

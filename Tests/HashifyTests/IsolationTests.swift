@@ -186,6 +186,43 @@ struct IsolationTests {
     }
 
     @Test(
+        "a guest whose fold fails (its root made a tree deeper than the descriptors the fold may open) keeps its generation; the other guests of the command still fold, and the report names each"
+    )
+    func oneFailedFoldReportsAll() throws {
+        let s = Scratch("isofail")
+        let (store, a, b) = twoGuests(s)
+        writeFile("\(a)/etc/changed", "a copy-up\n")
+        // Made through the mount; no descriptor stays open in it (the unmount below needs none).
+        do {
+            var deep = try Directory.open(path: FilePath(b))
+            for _ in 0..<400 {
+                try deep.makeDirectory(FileName("d"), mode: 0o755)
+                deep = try deep.openDirectory(FileName("d"))
+            }
+        }
+        settle()
+        let (aBefore, bBefore) = (guestManifest(a), guestManifest(b))
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+        // B first: before, its failure ended the command and A was not folded.
+        let fold = run([
+            "/usr/bin/prlimit", "--nofile=250:250", hashifyBinary, "overlay", "fold", "--json", "--store", store, b, a,
+        ])
+        #expect(fold.status == 1, "\(fold.out) \(fold.err)")
+        let guests = jsonReport(fold.out)["guests"] as? [[String: Any]] ?? []
+        #expect(guests.count == 2, "\(fold.out) \(fold.err)")
+        #expect(guests.first?["action"] as? String == "left as it was", "\(fold.out)")
+        #expect(
+            (guests.first?["notes"] as? [String] ?? []).contains { $0.contains("the guest keeps generation 1") },
+            "\(fold.out)")
+        #expect(guests.last?["action"] as? String == "folded", "\(fold.out)")
+        #expect(overlay(["mount", "-q", a, b], store: store).status == 0)
+        #expect(guestManifest(a) == aBefore, "\(manifestDiff(aBefore, guestManifest(a)))")
+        #expect(guestManifest(b) == bBefore, "\(manifestDiff(bBefore, guestManifest(b)))")
+        #expect(hashify(["verify", "-q", "--store", store]).status == 0)
+        #expect(overlay(["umount", "-q", a, b], store: store).status == 0)
+    }
+
+    @Test(
         "a guest unmounted lazily while a process keeps a file open for writing is not folded until the process is gone; the other guest never reads its writes"
     )
     func lazyUnmountIsNotFolded() throws {

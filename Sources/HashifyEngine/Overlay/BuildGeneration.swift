@@ -49,7 +49,7 @@ extension Overlay {
             try s.objects.sync()
         } catch {
             s.objects.abandonReservations()
-            _ = try? s.objects.remove(filler.objectsMade)
+            s.objects.remove(filler.objectsMade)
             throw error
         }
         result.stubs = builder.stubs

@@ -160,7 +160,7 @@ extension Overlay {
             // (the guest's own inodes, linked: they would keep its link counts raised).
             s.objects.abandonReservations()
             _ = try? recover(guest)
-            _ = try? s.objects.remove(filler.objectsMade)
+            s.objects.remove(filler.objectsMade)
             throw error
         }
 

@@ -167,21 +167,30 @@ extension Overlay {
         for g in s.guests { _ = try activeGuest(g) }
         var report = OverlayReport(command: "overlay fold", store: s.store.path.string)
         let retirer = GenerationRetirer()
-        var folded: [OverlayGuest] = []
+        var folded: [(index: Int, guest: OverlayGuest)] = []
         do {
             for g in s.guests {
-                var result = try fold(
-                    g.record!, root: g.root, session: s, dryRun: false, compact: options.compact, retirer: retirer)
+                var result: OverlayReport.Guest
+                do {
+                    result = try fold(
+                        g.record!, root: g.root, session: s, dryRun: false, compact: options.compact, retirer: retirer)
+                } catch let failed as FoldFailed {
+                    // The guest keeps its generation; the others still fold, and the report says each.
+                    result = OverlayReport.Guest(root: g.root.string, action: .leftAsItWas)
+                    result.notes.append(elided("\(failed)"))
+                    report.guests.append(result)
+                    continue
+                }
                 noteMissingData(g.record!, objects: s.objects, in: &result)
+                folded.append((report.guests.count, g.record!))
                 report.guests.append(result)
-                folded.append(g.record!)
             }
         } catch {
             _ = retirer.finish(session: s)
             throw error
         }
         let outcomes = retirer.finish(session: s)
-        for (i, g) in folded.enumerated() { outcomes[ObjectIdentifier(g)]?.apply(to: &report.guests[i]) }
+        for (i, g) in folded { outcomes[ObjectIdentifier(g)]?.apply(to: &report.guests[i]) }
         report.seconds = elapsed(since: started)
         return report
     }
@@ -207,7 +216,7 @@ extension Overlay {
                 out.append(result)
             } catch {
                 var failed = OverlayReport.Guest(root: c.string, action: .leftAsItWas)
-                failed.notes.append("fold failed: \(error)")
+                failed.notes.append(elided("fold failed: \(error)"))
                 out.append(failed)
             }
         }

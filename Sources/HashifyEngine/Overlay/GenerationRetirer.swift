@@ -66,26 +66,23 @@ final class GenerationRetirer: @unchecked Sendable {
         let failed = failures.withLock { $0 }
         let unused = LayerReferences.unreferenced(
             retired.reduce(into: Set()) { $0.formUnion($1.candidates) }, store: s.store)
-        // Each object removed, with the bytes it held; why the rest of `unused` stays (an unlink refused, say).
+        // Each object removed, with the bytes it held; the rest of `unused` stays (an unlink refused).
         var removed: [[UInt8]: UInt64] = [:]
-        var why = "an unlink refused; gc names it"
+        var removal = DataObjects.Removal()
         if !unused.isEmpty {
             var bytes: [[UInt8]: UInt64] = [:]
             for r in unused { bytes[r] = (try? s.objects.stat(r))?.allocatedBytes ?? 0 }
-            do {
-                for r in try s.objects.remove(unused) { removed[r] = bytes[r] ?? 0 }
-            } catch {
-                why = "\(error)"
-            }
+            removal = s.objects.remove(unused)
+            for r in removal.removed { removed[r] = bytes[r] ?? 0 }
         }
         var counted = Set<[UInt8]>()
         var out: [ObjectIdentifier: Outcome] = [:]
         for (i, r) in retired.enumerated() {
             var outcome = Outcome(note: failed[i])
-            var stuck = 0
+            var stuck: [any Error] = []
             for object in r.candidates where unused.contains(object) {
                 guard let bytes = removed[object] else {
-                    stuck += 1
+                    if let error = removal.refused[object] { stuck.append(error) }
                     continue
                 }
                 if counted.insert(object).inserted {
@@ -93,13 +90,17 @@ final class GenerationRetirer: @unchecked Sendable {
                     outcome.objectsRemovedBytes += bytes
                 }
             }
-            if stuck > 0 {
-                outcome.note = [
-                    outcome.note,
-                    "\(stuck) object\(stuck == 1 ? "" : "s") its fold left unused could not be removed (\(why)), left for gc",
-                ]
-                .compactMap { $0 }.joined(separator: "; ")
+            var notes = [outcome.note].compactMap { $0 }
+            if let first = stuck.first {
+                notes.append(
+                    "\(stuck.count) object\(stuck.count == 1 ? "" : "s") its fold left unused could not be removed (\(first)), left for gc"
+                )
             }
+            if let error = removal.indexError, !r.candidates.isDisjoint(with: removal.removed) {
+                notes.append(
+                    "the data index could not be rewritten without the objects removed (\(error)); gc rewrites it")
+            }
+            outcome.note = notes.isEmpty ? nil : notes.joined(separator: "; ")
             out[ObjectIdentifier(r.guest)] = outcome
         }
         retired = []

@@ -254,3 +254,12 @@ extension String {
     /// Left-aligned in a column of width w (never truncated).
     public func rightPadded(_ w: Int) -> String { count >= w ? self : self + String(repeating: " ", count: w - count) }
 }
+
+/// A message of at most about 2,000 characters: a longer one (a path
+/// thousands of directories deep) keeps its beginning and its end, which
+/// name the guest and the failure, and says how much was left out.
+public func elided(_ message: String, keeping edge: Int = 1_000) -> String {
+    guard message.count > 2 * edge + 100 else { return message }
+    let left = message.count - 2 * edge
+    return "\(message.prefix(edge))…(\(left) characters left out)…\(message.suffix(edge))"
+}

@@ -475,22 +475,36 @@ public final class DataObjects: @unchecked Sendable {
     }
     private var held: Set<[UInt8]>?
 
+    /// What `remove` did: the objects removed, each one that stays with why
+    /// (an unlink refused: immutable, say), and a failure to rewrite the index.
+    public struct Removal {
+        public var removed = Set<[UInt8]>()
+        public var refused: [[UInt8]: any Error] = [:]
+        public var indexError: (any Error)?
+
+        public init(removed: Set<[UInt8]> = []) { self.removed = removed }
+    }
+
     /// Removes the objects behind `redirects` and rewrites the index without
-    /// them; returns those removed (one that cannot be, immutable say, stays
-    /// with its record, and is not counted).
+    /// them. One that cannot be removed stays with its record and is in
+    /// `refused`; an index that cannot be rewritten keeps records of removed
+    /// objects (a missing object is made again when its content comes back).
     @discardableResult
-    public func remove(_ unused: Set<[UInt8]>) throws -> Set<[UInt8]> {
-        var removed = Set<[UInt8]>()
+    public func remove(_ unused: Set<[UInt8]>) -> Removal {
+        var out = Removal()
         for r in unused {
             let (p, n) = Self.split(r)
-            do { try prefixDirectory(p).unlink(n) } catch Errno.noSuchFileOrDirectory {} catch { continue }
-            removed.insert(r)
+            do { try prefixDirectory(p).unlink(n) } catch Errno.noSuchFileOrDirectory {} catch {
+                out.refused[r] = error
+                continue
+            }
+            out.removed.insert(r)
             present.remove(r)
             if let d = digests[r] { redirects[d] = nil }
             digests[r] = nil
         }
-        try writeIndex()
-        return removed
+        do { try writeIndex() } catch { out.indexError = error }
+        return out
     }
 
     /// Makes the objects and their records durable (before a generation

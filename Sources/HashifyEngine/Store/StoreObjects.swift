@@ -90,12 +90,15 @@ struct StoreObjects {
             }
         }
         // Only what was removed is counted (an immutable object stays, with its record).
-        let removed =
-            dryRun || unusedData.isEmpty ? Set(unusedData.keys) : try store.dataObjects().remove(Set(unusedData.keys))
-        out.dataObjects = removed.count
-        out.dataBytes = removed.reduce(0) { $0 + (unusedData[$1] ?? 0) }
-        for r in unusedData.keys where !removed.contains(r) {
-            out.notRemoved.append("data\(escapedPath(r)): could not be removed")
+        var removal = DataObjects.Removal(removed: Set(unusedData.keys))
+        if !dryRun && !unusedData.isEmpty {
+            removal = try store.dataObjects().remove(Set(unusedData.keys))
+            if let error = removal.indexError { throw error }
+        }
+        out.dataObjects = removal.removed.count
+        out.dataBytes = removal.removed.reduce(0) { $0 + (unusedData[$1] ?? 0) }
+        for (r, error) in removal.refused.sorted(by: { $0.key.lexicographicallyPrecedes($1.key) }) {
+            out.notRemoved.append("data\(escapedPath(r)): could not be removed (\(error))")
         }
         if !dryRun {
             try ContentIndex.remove(out.dropped, in: store)
